@@ -1,0 +1,282 @@
+"""Typed, validated configuration: dataclasses, YAML loading and dotted ``key=value`` overrides.
+
+Every default lives here, each with a one-line doc (``doc`` in the field's metadata). A YAML file lists
+only what it changes. Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
+whose message names the key, the bad value and what is allowed; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class UserError(Exception):
+    """A problem the user must fix (bad config, missing data, damaged file): one line, ready to print.
+
+    The CLI prints it as ``error: ...`` and exits 2, without a traceback.
+    """
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value, key or file is wrong; the message names the key and what is allowed."""
+
+
+def _f(default: Any, doc: str, **checks: Any) -> Any:
+    """A dataclass field with its doc and range checks (``gt``, ``ge``, ``le``, ``lt``) as metadata."""
+    return field(default=default, metadata={"doc": doc, **checks})
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["mnist", "fashion_mnist"] = _f("mnist", "which dataset to train on")
+    root: str | None = _f(None, "data directory; null = $PIPELINE_DATA_ROOT, else ~/.cache/gan-pipeline/data")
+    limit: int | None = _f(None, "train on the first N training images only; null = all", ge=1)
+
+
+@dataclass
+class ModelConfig:
+    latent_dim: int = _f(100, "size of the generator's noise vector", ge=1)
+    g_channels: int = _f(64, "generator width: channels of its last hidden layer", ge=1)
+    d_channels: int = _f(64, "discriminator width: channels of its first layer", ge=1)
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = _f(2e-4, "generator Adam learning rate", gt=0.0)
+    lr_d: float = _f(2e-4, "discriminator Adam learning rate", gt=0.0)
+    beta1: float = _f(0.5, "Adam beta1 (both networks)", ge=0.0, lt=1.0)
+    beta2: float = _f(0.999, "Adam beta2 (both networks)", ge=0.0, lt=1.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(5, "passes over the (limited) training set", ge=1)
+    batch_size: int = _f(128, "global batch size: split evenly across workers", ge=1)
+    seed: int = _f(0, "seed for weights, shuffling and noise; same seed, same run", ge=0)
+    g_fresh_noise: bool = _f(
+        True, "generator step draws fresh noise (true) or reuses the D step's fakes (false, one G forward)"
+    )
+    checkpoint_dir: str | None = _f(
+        None, "in-process runs: where checkpoints go; null = <project>/runs/checkpoints/<dataset>"
+    )
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = _f(1, "data-parallel workers (Ray Train)", ge=1)
+    cpus_per_worker: int = _f(1, "CPUs reserved per worker; also its torch thread count", ge=1)
+    use_gpu: Literal["auto", "true", "false"] = _f("auto", "auto = use GPUs when the cluster has them")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = _f(None, "MLflow tracking URI; $MLFLOW_TRACKING_URI wins; null = <project>/mlflow.db")
+    experiment: str = _f("gan-pipeline", "MLflow experiment name")
+    log_every: int = _f(50, "log per-step losses every N global steps", ge=1)
+
+
+@dataclass
+class PipelineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"data.dataset": "mnist", ...}``: every leaf under its dotted key."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Building and validating
+
+
+def _describe(tp: Any) -> str:
+    """What a field accepts, in words, for error messages."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        allowed = typing.get_args(tp)
+        # YAML reads `true`/`false` as booleans; tri-state options spell them as strings.
+        canon = str(value).lower() if isinstance(value, bool) else value
+        if canon in allowed:
+            return canon
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML reads `1e-3` (no dot) as a string; accept what float() reads, nothing else.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(tp)}")
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    for name, test, words in (
+        ("gt", lambda v, b: v > b, "> {}"),
+        ("ge", lambda v, b: v >= b, ">= {}"),
+        ("lt", lambda v, b: v < b, "< {}"),
+        ("le", lambda v, b: v <= b, "<= {}"),
+    ):
+        if name in meta and not test(value, meta[name]):
+            raise ConfigError(f"{key}: {value!r} is out of range; must be {words.format(meta[name])}")
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{name}.{key}: unknown key; {name} has: {', '.join(known)}")
+    values = {}
+    for key, value in raw.items():
+        dotted = f"{name}.{key}"
+        coerced = _coerce(dotted, value, hints[key])
+        _check_range(dotted, coerced, known[key].metadata)
+        values[key] = coerced
+    return cls(**values)
+
+
+def build_config(raw: dict[str, Any]) -> PipelineConfig:
+    """Validate a nested dict (as read from YAML) into a PipelineConfig."""
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"config: expected a mapping of sections at the top level, got {type(raw).__name__}"
+        )
+    sections = {f.name: f for f in dataclasses.fields(PipelineConfig)}
+    for key in raw:
+        if key not in sections:
+            raise ConfigError(f"{key}: unknown section; sections are: {', '.join(sections)}")
+    hints = typing.get_type_hints(PipelineConfig)
+    cfg = PipelineConfig(**{name: _build_section(name, hints[name], raw.get(name)) for name in sections})
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: PipelineConfig) -> None:
+    if cfg.train.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} does not split evenly across scaling.num_workers="
+            f"{cfg.scaling.num_workers}; use a multiple of {cfg.scaling.num_workers}"
+        )
+    if cfg.data.limit is not None and cfg.data.limit < cfg.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
+            f"(data.limit={cfg.data.limit}); lower train.batch_size or raise data.limit"
+        )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr_g=1e-3"`` -> (["optim", "lr_g"], 0.001). Values are read as YAML scalars."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set optim.lr_g=1e-3")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"config file {str(p)!r} not found; pass an existing YAML file, e.g. configs/mnist.yaml"
+        )
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {str(p)!r}: malformed YAML{where}: {problem}; fix the file") from None
+    return raw if raw is not None else {}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: typing.Iterable[str] = ()
+) -> PipelineConfig:
+    """Defaults, then the YAML file (if any), then each ``section.key=value`` override, validated once."""
+    raw = read_yaml(path) if path is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top level")
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        target = raw.setdefault(section, {})
+        if target is None:
+            target = raw[section] = {}
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {target!r}")
+        target[key] = value
+    return build_config(raw)
+
+
+def describe_fields() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every config key, in declaration order (for docs and `config keys`)."""
+    rows = []
+    defaults = PipelineConfig()
+    for section in dataclasses.fields(PipelineConfig):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            rows.append(
+                (
+                    f"{section.name}.{f.name}",
+                    getattr(getattr(defaults, section.name), f.name),
+                    f.metadata["doc"],
+                )
+            )
+    return rows

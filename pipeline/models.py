@@ -1,0 +1,69 @@
+"""DCGAN generator and discriminator for 28x28 single-channel images."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+IMAGE_SIZE = 28
+
+
+class Generator(nn.Module):
+    """Latent vector (B, latent_dim) -> image (B, 1, 28, 28) in [-1, 1]: 1x1 -> 7x7 -> 14x14 -> 28x28."""
+
+    def __init__(self, latent_dim: int, channels: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+        c = channels
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(latent_dim, c * 4, 7, 1, 0, bias=False),
+            nn.BatchNorm2d(c * 4),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(c * 4, c * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(c * 2),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(c * 2, 1, 4, 2, 1, bias=False),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(z.shape[0], self.latent_dim, 1, 1))
+
+
+class Discriminator(nn.Module):
+    """Image (B, 1, 28, 28) -> one logit per image (B,): 28x28 -> 14x14 -> 7x7 -> 1x1."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(
+            nn.Conv2d(1, c, 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(c, c * 2, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(c * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(c * 2, 1, 7, 1, 0, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten()
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN init (Radford et al.): conv weights ~ N(0, 0.02); BatchNorm scale ~ N(1, 0.02), shift 0."""
+    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build_models(cfg: ModelConfig) -> tuple[Generator, Discriminator]:
+    """Fresh, initialised G and D (seed the RNG first for reproducible weights)."""
+    generator = Generator(cfg.latent_dim, cfg.g_channels)
+    discriminator = Discriminator(cfg.d_channels)
+    generator.apply(init_weights)
+    discriminator.apply(init_weights)
+    return generator, discriminator

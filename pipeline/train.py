@@ -1,0 +1,260 @@
+"""`train_gan`: the DCGAN training loop. It knows nothing of Ray or MLflow.
+
+Per batch (the seed's algorithm): the discriminator on real images (target 1) and on generated,
+detached ones (target 0) with binary cross-entropy on logits; then the generator on generated images
+with target 1; one Adam per network. The distributed adapter supplies a :class:`Runtime` (rank, world,
+device, DDP wrapping); run in-process, the defaults describe one CPU process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from pipeline.config import PipelineConfig
+from pipeline.data import Split, to_model_range
+from pipeline.models import Generator, build_models
+from pipeline.tracking import NullTracker, Tracker
+
+NUM_GRID_SAMPLES = 64  # an 8x8 grid from fixed noise
+
+
+def _identity(module: nn.Module) -> nn.Module:
+    return module
+
+
+def _local_mean(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
+@dataclass
+class Runtime:
+    """Where this process trains and how it talks to the others (defaults: one CPU process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # Wraps G and D for data parallelism (DDP); the identity when alone.
+    wrap_model: Callable[[nn.Module], nn.Module] = _identity
+    # Averages a tensor over all workers (epoch metrics); the identity when alone.
+    mean_over_workers: Callable[[torch.Tensor], torch.Tensor] = _local_mean
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# report(epoch_metrics, checkpoint_state): called once per epoch by every worker, in step;
+# checkpoint_state is the dict to save on rank 0 and None elsewhere.
+EpochReport = Callable[[dict[str, float], dict[str, Any] | None], None]
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    generator: Generator  # unwrapped, on the training device
+    metrics: dict[str, float]  # the last epoch's
+    epoch: int  # epochs completed
+    step: int  # optimizer steps completed
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under a DDP wrapper."""
+    return getattr(module, "module", module)
+
+
+def epoch_noise_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """Noise depends only on (seed, epoch, rank), so resuming at an epoch boundary is exact."""
+    value = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(value)
+
+
+def fixed_noise(cfg: PipelineConfig, device: torch.device) -> torch.Tensor:
+    """The same 64 latent vectors for every sample grid of a run."""
+    gen = torch.Generator(device="cpu").manual_seed(cfg.train.seed + 12345)
+    return torch.randn(NUM_GRID_SAMPLES, cfg.model.latent_dim, generator=gen).to(device)
+
+
+@torch.no_grad()
+def sample_images(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Generate in eval mode (BatchNorm running statistics) as uint8 (N, 28, 28) on the CPU."""
+    was_training = generator.training
+    generator.eval()
+    try:
+        out = generator(z)
+    finally:
+        generator.train(was_training)
+    return out.squeeze(1).add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    return num_images // batch_size
+
+
+def train_gan(
+    cfg: PipelineConfig,
+    data: Split,
+    *,
+    runtime: Runtime | None = None,
+    tracker: Tracker | None = None,
+    report: EpochReport | None = None,
+    on_step: StepCallback | None = None,
+    resume: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train G and D for ``cfg.train.epochs`` epochs (continuing from ``resume``, a checkpoint dict)."""
+    rt = runtime or Runtime()
+    tracker = tracker or NullTracker()
+    device = rt.device
+    world = rt.world_size
+    local_batch = cfg.train.batch_size // world
+    num_steps = steps_per_epoch(len(data), cfg.train.batch_size)
+    if num_steps < 1:
+        raise ValueError(f"batch size {cfg.train.batch_size} exceeds the {len(data)} training images")
+
+    # Same initial weights on every worker (DDP also broadcasts rank 0's at wrap time).
+    torch.manual_seed(cfg.train.seed)
+    generator, discriminator = build_models(cfg.model)
+    generator.to(device)
+    discriminator.to(device)
+    opt_g = torch.optim.Adam(
+        generator.parameters(), lr=cfg.optim.lr_g, betas=(cfg.optim.beta1, cfg.optim.beta2)
+    )
+    opt_d = torch.optim.Adam(
+        discriminator.parameters(), lr=cfg.optim.lr_d, betas=(cfg.optim.beta1, cfg.optim.beta2)
+    )
+    start_epoch, step = 0, 0
+    if resume is not None:
+        generator.load_state_dict(resume["generator"])
+        discriminator.load_state_dict(resume["discriminator"])
+        opt_g.load_state_dict(resume["opt_g"])
+        opt_d.load_state_dict(resume["opt_d"])
+        start_epoch, step = int(resume["epoch"]), int(resume["step"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        if rt.is_main and start_epoch < cfg.train.epochs:
+            log(f"resuming from epoch {start_epoch} (step {step})")
+    gen_ddp = rt.wrap_model(generator)
+    disc_ddp = rt.wrap_model(discriminator)
+    # no_sync: D's gradients from the generator step are thrown away, and its real-batch gradients are
+    # reduced together with the fake-batch ones: neither needs an all-reduce of its own.
+    d_no_sync = getattr(disc_ddp, "no_sync", contextlib.nullcontext)
+
+    images = data.images.to(device)
+    sampler = DistributedSampler(
+        range(len(data)), num_replicas=world, rank=rt.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+    )
+    ones = torch.ones(local_batch, device=device)
+    zeros = torch.zeros(local_batch, device=device)
+    latent = cfg.model.latent_dim
+    metrics: dict[str, float] = {}
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        gen_ddp.train()
+        disc_ddp.train()
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=device)
+        noise_rng = epoch_noise_generator(cfg.train.seed, epoch, rt.rank, device)
+        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss_d, loss_g, d_real, d_fake
+        started = time.perf_counter()
+        for i in range(num_steps):
+            real = to_model_range(images[order[i * local_batch : (i + 1) * local_batch]])
+
+            # Discriminator: real -> 1, fake -> 0. Backward after each forward keeps BatchNorm buffers
+            # consistent under DDP; the first backward skips the all-reduce, the second reduces the sum.
+            opt_d.zero_grad(set_to_none=True)
+            z = torch.randn(local_batch, latent, device=device, generator=noise_rng)
+            if cfg.train.g_fresh_noise:
+                with torch.no_grad():
+                    fake = gen_ddp(z)
+            else:
+                fake = gen_ddp(z)
+            with d_no_sync():
+                real_logits = disc_ddp(real)
+                loss_real = F.binary_cross_entropy_with_logits(real_logits, ones)
+                loss_real.backward()
+            fake_logits = disc_ddp(fake.detach())
+            loss_fake = F.binary_cross_entropy_with_logits(fake_logits, zeros)
+            loss_fake.backward()
+            opt_d.step()
+
+            # Generator: its fakes labelled real.
+            opt_g.zero_grad(set_to_none=True)
+            if cfg.train.g_fresh_noise:
+                z = torch.randn(local_batch, latent, device=device, generator=noise_rng)
+                fake = gen_ddp(z)
+            with d_no_sync():
+                loss_g = F.binary_cross_entropy_with_logits(disc_ddp(fake), ones)
+                loss_g.backward()
+            opt_g.step()
+            step += 1
+
+            with torch.no_grad():
+                values = torch.stack(
+                    [
+                        (loss_real + loss_fake).detach(),
+                        loss_g.detach(),
+                        torch.sigmoid(real_logits).mean(),
+                        torch.sigmoid(fake_logits).mean(),
+                    ]
+                ).double()
+                sums += values
+            if on_step is not None or step % cfg.tracking.log_every == 0:
+                step_metrics = dict(
+                    zip(("loss_d", "loss_g", "d_real", "d_fake"), values.tolist(), strict=True)
+                )
+                if on_step is not None:
+                    on_step(step, step_metrics)
+                if step % cfg.tracking.log_every == 0:
+                    tracker.log_metrics(step_metrics, step=step)
+
+        elapsed = time.perf_counter() - started
+        means = rt.mean_over_workers(sums / num_steps).tolist()
+        metrics = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), means, strict=True))
+        metrics.update(
+            epoch=epoch + 1,
+            step=step,
+            epoch_time_s=elapsed,
+            images_per_s=num_steps * cfg.train.batch_size / elapsed,
+        )
+        if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
+            raise FloatingPointError(
+                f"losses diverged at epoch {epoch + 1}: "
+                f"loss_d={metrics['loss_d']}, loss_g={metrics['loss_g']}"
+            )
+        if rt.is_main:
+            log(
+                f"epoch {epoch + 1}/{cfg.train.epochs}  loss_d={metrics['loss_d']:.4f}  "
+                f"loss_g={metrics['loss_g']:.4f}  D(x)={metrics['d_real']:.3f}  "
+                f"D(G(z))={metrics['d_fake']:.3f}  {metrics['images_per_s']:.0f} img/s  ({elapsed:.1f}s)"
+            )
+            tracker.log_metrics({"epoch_time_s": elapsed, "images_per_s": metrics["images_per_s"]}, step=step)
+            tracker.log_image_grid(
+                sample_images(generator, fixed_noise(cfg, device)), f"samples/epoch_{epoch + 1:03d}.png"
+            )
+        if report is not None:
+            state = None
+            if rt.is_main:
+                state = {
+                    "generator": generator.state_dict(),
+                    "discriminator": discriminator.state_dict(),
+                    "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "rng": {"torch": torch.get_rng_state()},
+                    "config": cfg.to_dict(),
+                }
+            report(metrics, state)
+
+    return TrainResult(
+        generator=generator, metrics=metrics, epoch=max(start_epoch, cfg.train.epochs), step=step
+    )

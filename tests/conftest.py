@@ -1,0 +1,42 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+@pytest.fixture
+def smoke_cfg():
+    from pipeline.config import load_config
+
+    return load_config(CONFIGS / "smoke.yaml")
+
+
+@pytest.fixture
+def fake_split():
+    """256 random 28x28 uint8 'images' with labels: enough to exercise the loop without real data."""
+    import torch
+
+    from pipeline.data import Split
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, 10, (256,), generator=gen)
+    return Split(images, labels)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in the repo, as a user would run it."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )

@@ -1,0 +1,92 @@
+import pytest
+
+from pipeline.config import ConfigError, PipelineConfig, describe_fields, load_config
+from tests.conftest import CONFIGS, run_cli
+
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_mnist_config_is_the_seed_dcgan():
+    cfg = load_config(CONFIGS / "mnist.yaml")
+    assert cfg.data.dataset == "mnist"
+    assert cfg.model.latent_dim == 100
+    assert (cfg.optim.lr_g, cfg.optim.lr_d, cfg.optim.beta1, cfg.optim.beta2) == (2e-4, 2e-4, 0.5, 0.999)
+    assert cfg.train.batch_size == 128
+
+
+def test_overrides_are_typed_and_win():
+    cfg = load_config(CONFIGS / "mnist.yaml", ["optim.lr_g=1e-3", "data.limit=1000", "scaling.use_gpu=false"])
+    assert cfg.optim.lr_g == pytest.approx(1e-3)
+    assert cfg.data.limit == 1000
+    assert cfg.scaling.use_gpu == "false"
+    assert load_config(None, ["data.limit=null"]).data.limit is None
+
+
+def test_every_field_has_a_doc():
+    rows = describe_fields()
+    assert {"data.dataset", "optim.lr_g", "scaling.use_gpu", "train.seed"} <= {key for key, _, _ in rows}
+    assert all(doc.strip() for _, _, doc in rows)
+
+
+@pytest.mark.parametrize(
+    "override, key, words",
+    [
+        ("optim.lr_gen=1e-3", "optim.lr_gen", "unknown key"),
+        ("optimizer.lr_g=1e-3", "optimizer", "unknown section"),
+        ("optim.lr_g=fast", "optim.lr_g", "expected a number"),
+        ("train.epochs=2.5", "train.epochs", "expected an integer"),
+        ("train.epochs=true", "train.epochs", "expected an integer"),
+        ("optim.lr_g=0", "optim.lr_g", "must be > 0"),
+        ("optim.lr_d=-1e-4", "optim.lr_d", "must be > 0"),
+        ("model.latent_dim=0", "model.latent_dim", "must be >= 1"),
+        ("train.batch_size=0", "train.batch_size", "must be >= 1"),
+        ("train.epochs=0", "train.epochs", "must be >= 1"),
+        ("data.dataset=cifar10", "data.dataset", "one of mnist, fashion_mnist"),
+        ("scaling.use_gpu=maybe", "scaling.use_gpu", "one of auto, true, false"),
+        ("data.limit=100", "train.batch_size", "larger than the training set"),
+    ],
+)
+def test_bad_values_raise_naming_the_key(override, key, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "mnist.yaml", [override])
+    message = str(info.value)
+    assert message.startswith(key) and words in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--set", "optim.lr_g=0"], "optim.lr_g: 0.0 is out of range; must be > 0.0"),
+        (["--set", "optim.nope=1"], "optim.nope: unknown key"),
+        (
+            ["--set", "data.dataset=svhn"],
+            "data.dataset: 'svhn' is not valid; expected one of mnist, fashion_mnist",
+        ),
+        (["--set", "lr=1"], "expected section.key=value"),
+    ],
+)
+def test_cli_bad_config_exits_2_with_one_line(args, words):
+    result = run_cli("train", "--config", "configs/mnist.yaml", *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+    assert "training on" not in result.stdout  # stopped before any work
+
+
+def test_cli_missing_and_malformed_files(tmp_path):
+    missing = run_cli("train", "--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr_g: [1e-3\n")
+    malformed = run_cli("train", "--config", str(bad))
+    assert malformed.returncode == 2 and "malformed YAML at line" in malformed.stderr
+    assert "Traceback" not in malformed.stderr
