@@ -12,15 +12,13 @@ import time
 from pathlib import Path
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import ConfigError, PipelineConfig, UserError, describe_fields, load_config
+from pipeline.config import ConfigError, UserError, describe_fields, load_config
 
 EXIT_USAGE = 2
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", "-c", help="YAML config file (e.g. configs/mnist.yaml); defaults if omitted"
-    )
+    parser.add_argument("--config", "-c", help="YAML config file (e.g. configs/mnist.yaml); defaults if omitted")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -41,19 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
     prep.add_argument("--root", help="data directory (default: $PIPELINE_DATA_ROOT or the per-user cache)")
 
-    train = sub.add_parser("train", help="train one GAN")
+    train = sub.add_parser("train", help="train one GAN on Ray Train, tracked in MLflow")
     _add_config_args(train)
-    train.add_argument(
-        "--resume",
-        metavar="DIR",
-        help="continue the checkpoint in DIR (a run directory or its checkpoint.pt)",
-    )
+    group = train.add_mutually_exclusive_group()
+    group.add_argument("--name", help="run name under train.storage_path (default: <dataset>-<date>-<time>)")
+    group.add_argument("--resume", metavar="NAME", help="continue the run NAME from its last checkpoint")
+
+    sample = sub.add_parser("sample", help="generate images with a run's logged generator")
+    sample.add_argument("--run-id", required=True, help="MLflow run id (printed at the end of `train`)")
+    sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    sample.add_argument("--out", required=True, help="output .npz: key `images`, uint8 (N, 28, 28)")
+    sample.add_argument("--grid", help="also write a PNG grid of the samples")
+    sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    sample.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
 
     cfg = sub.add_parser("config", help="show the resolved config, or every key with its default and meaning")
     _add_config_args(cfg)
-    cfg.add_argument(
-        "--keys", action="store_true", help="list every config key, its default and what it means"
-    )
+    cfg.add_argument("--keys", action="store_true", help="list every config key, its default and what it means")
     return parser
 
 
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_config(args)
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "sample":
+            return _cmd_sample(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -93,57 +97,53 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_dir(cfg: PipelineConfig, resume: str | None) -> tuple[Path, dict | None]:
-    """Where an in-process run writes, and the checkpoint it continues (if any). Never overwrites a run."""
-    from pipeline import checkpoint
-
-    if resume:
-        path = Path(resume).expanduser().resolve()
-        state = checkpoint.load(path)
-        return (path if path.is_dir() else path.parent), state
-    if cfg.train.checkpoint_dir:
-        run_dir = Path(cfg.train.checkpoint_dir).expanduser().resolve()
-        if (run_dir / checkpoint.FILENAME).exists():
-            raise ConfigError(
-                f"train.checkpoint_dir: {str(run_dir)!r} already holds a checkpoint; pass --resume {run_dir} "
-                "to continue it, or choose another directory"
-            )
-    else:
-        run_dir = PROJECT_ROOT / "runs" / f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return run_dir, None
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    run_dir, state = _run_dir(cfg, args.resume)
-    _check_writable(run_dir)
+    from pipeline.distributed import run_training, ui_command
 
-    import torch
-
-    from pipeline import checkpoint
-    from pipeline.data import load
-    from pipeline.tracking import DirectoryTracker
-    from pipeline.train import train_gan
-
-    torch.set_num_threads(cfg.scaling.cpus_per_worker * cfg.scaling.num_workers)
-    data = load(cfg.data)
+    name = args.resume or args.name or f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    outcome = run_training(cfg, name, resume=bool(args.resume))
+    metrics = outcome.metrics
     print(
-        f"training on {len(data)} {cfg.data.dataset} images, {cfg.train.epochs} epoch(s); run dir {run_dir}"
+        f"done: run {outcome.name!r}, {metrics.get('epoch', '?')} epoch(s), loss_d={metrics.get('loss_d', 0):.4f} "
+        f"loss_g={metrics.get('loss_g', 0):.4f}"
     )
-
-    def report(metrics: dict, ckpt: dict | None) -> None:
-        if ckpt is not None:
-            checkpoint.save(run_dir / checkpoint.FILENAME, ckpt)
-
-    result = train_gan(cfg, data, tracker=DirectoryTracker(str(run_dir)), report=report, resume=state)
-    print(f"done: {result.epoch} epoch(s), {result.step} steps; checkpoint {run_dir / checkpoint.FILENAME}")
+    print(f"MLflow run id: {outcome.mlflow_run_id}")
+    print(f"checkpoint:    {outcome.checkpoint_dir}")
+    print(f"MLflow UI:     {ui_command(outcome.tracking_uri)}")
     return 0
 
 
-def _check_writable(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot create run directory {str(directory)!r} ({exc.strerror}); choose another"
-        ) from None
+def _cmd_sample(args: argparse.Namespace) -> int:
+    if args.num < 1:
+        raise ConfigError(f"--num: {args.num} must be >= 1")
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ConfigError(f"--out: {args.out!r} must end in .npz")
+    from pipeline.tracking import load_generator, resolve_tracking_uri, save_image_grid
+
+    uri = args.tracking_uri or resolve_tracking_uri(None, PROJECT_ROOT)
+    generator, latent_dim = load_generator(uri, args.run_id)
+    images = generate(generator, latent_dim, args.num, args.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import numpy as np
+
+    np.savez_compressed(out, images=images.numpy())
+    print(f"wrote {args.num} samples {tuple(images.shape)} uint8 to {out}")
+    if args.grid:
+        save_image_grid(images[:64], args.grid)
+        print(f"wrote grid of {min(args.num, 64)} to {args.grid}")
+    return 0
+
+
+def generate(generator, latent: int, num: int, seed: int, batch: int = 500):
+    """``num`` uint8 (N, 28, 28) images from a loaded generator, noise seeded by ``seed``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, num, batch):
+            z = torch.randn(min(batch, num - start), latent, generator=gen)
+            chunks.append(generator(z).squeeze(1).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(chunks)

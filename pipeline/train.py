@@ -126,12 +126,8 @@ def train_gan(
     generator, discriminator = build_models(cfg.model)
     generator.to(device)
     discriminator.to(device)
-    opt_g = torch.optim.Adam(
-        generator.parameters(), lr=cfg.optim.lr_g, betas=(cfg.optim.beta1, cfg.optim.beta2)
-    )
-    opt_d = torch.optim.Adam(
-        discriminator.parameters(), lr=cfg.optim.lr_d, betas=(cfg.optim.beta1, cfg.optim.beta2)
-    )
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.lr_d, betas=(cfg.optim.beta1, cfg.optim.beta2))
     start_epoch, step = 0, 0
     if resume is not None:
         generator.load_state_dict(resume["generator"])
@@ -208,9 +204,7 @@ def train_gan(
                 ).double()
                 sums += values
             if on_step is not None or step % cfg.tracking.log_every == 0:
-                step_metrics = dict(
-                    zip(("loss_d", "loss_g", "d_real", "d_fake"), values.tolist(), strict=True)
-                )
+                step_metrics = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), values.tolist(), strict=True))
                 if on_step is not None:
                     on_step(step, step_metrics)
                 if step % cfg.tracking.log_every == 0:
@@ -227,8 +221,7 @@ def train_gan(
         )
         if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
             raise FloatingPointError(
-                f"losses diverged at epoch {epoch + 1}: "
-                f"loss_d={metrics['loss_d']}, loss_g={metrics['loss_g']}"
+                f"losses diverged at epoch {epoch + 1}: loss_d={metrics['loss_d']}, loss_g={metrics['loss_g']}"
             )
         if rt.is_main:
             log(
@@ -254,7 +247,7 @@ def train_gan(
                     "config": cfg.to_dict(),
                 }
             report(metrics, state)
+        # Only now is this epoch's checkpoint safe: a restart resumes after these steps, never before.
+        tracker.flush()
 
-    return TrainResult(
-        generator=generator, metrics=metrics, epoch=max(start_epoch, cfg.train.epochs), step=step
-    )
+    return TrainResult(generator=generator, metrics=metrics, epoch=max(start_epoch, cfg.train.epochs), step=step)

@@ -17,8 +17,7 @@ def fabricated_mirror(n_train=6, n_valid=3, n_test=4, seed=0) -> tuple[bytes, di
     """A small pickle in the mirror's layout: float32 pixels k/256, int64 labels, protocol 2."""
     rng = np.random.default_rng(seed)
     pixels = {
-        k: rng.integers(0, 256, size=(n, 784))
-        for k, n in (("train", n_train), ("valid", n_valid), ("test", n_test))
+        k: rng.integers(0, 256, size=(n, 784)) for k, n in (("train", n_train), ("valid", n_valid), ("test", n_test))
     }
     labels = {k: rng.integers(0, 10, size=len(v)).astype(np.int64) for k, v in pixels.items()}
     parts = tuple((pixels[k].astype(np.float32) / 256.0, labels[k]) for k in ("train", "valid", "test"))

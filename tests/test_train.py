@@ -42,9 +42,7 @@ def test_resume_is_exact(smoke_cfg, fake_split, tmp_path, fresh):
     straight_states = []
     straight = train_gan(cfg, fake_split, report=lambda m, s: straight_states.append(s), log=quiet)
 
-    first = load_config(
-        CONFIGS / "smoke.yaml", ["train.epochs=1", f"train.g_fresh_noise={str(fresh).lower()}"]
-    )
+    first = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1", f"train.g_fresh_noise={str(fresh).lower()}"])
     path = tmp_path / checkpoint.FILENAME
     train_gan(first, fake_split, report=lambda m, s: checkpoint.save(path, s), log=quiet)
     resumed_states = []
@@ -55,9 +53,7 @@ def test_resume_is_exact(smoke_cfg, fake_split, tmp_path, fresh):
     for key in ("generator", "discriminator"):
         a, b = straight_states[-1][key], resumed_states[-1][key]
         assert all(torch.equal(a[k], b[k]) for k in a), key
-    assert straight_states[-1]["opt_g"]["state"][0]["exp_avg"].equal(
-        resumed_states[-1]["opt_g"]["state"][0]["exp_avg"]
-    )
+    assert straight_states[-1]["opt_g"]["state"][0]["exp_avg"].equal(resumed_states[-1]["opt_g"]["state"][0]["exp_avg"])
 
 
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path, smoke_cfg, fake_split):
@@ -97,9 +93,7 @@ def test_cli_train_and_resume_on_real_mnist(tmp_path):
     assert "epoch 1/1" in first.stdout and (run_dir / "samples" / "epoch_001.png").is_file()
     again = run_cli("train", "-c", "configs/smoke.yaml", "--set", f"train.checkpoint_dir={run_dir}")
     assert again.returncode == 2 and "already holds a checkpoint" in again.stderr  # nothing overwritten
-    resumed = run_cli(
-        "train", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", "--resume", str(run_dir)
-    )
+    resumed = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from epoch 1" in resumed.stdout and "epoch 2/2" in resumed.stdout
     assert checkpoint.load(run_dir)["epoch"] == 2

@@ -1,0 +1,294 @@
+"""Ray Train adapter: runs `train_gan` data-parallel on N workers and ties the run to one MLflow run.
+
+The driver creates (or, on resume, reuses) the MLflow run and passes its id down; rank 0 logs into it,
+every other worker gets a no-op tracker. Each epoch every worker calls ``ray.train.report`` (a barrier);
+rank 0 attaches the checkpoint. After a worker failure Ray restarts the group from the last checkpoint
+and logging continues in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import PROJECT_ROOT, checkpoint
+from pipeline.config import ConfigError, PipelineConfig, build_config
+from pipeline.tracking import (
+    MLflowTracker,
+    NullTracker,
+    check_tracking_uri,
+    environment_tags,
+    flat_params,
+    resolve_tracking_uri,
+    start_run,
+)
+
+RUN_INFO = "mlflow_run.json"  # beside Ray's own files in <storage_path>/<name>/
+
+
+def storage_root(cfg: PipelineConfig) -> Path:
+    """Absolute storage path (a relative one would follow the working directory, lost under job submit)."""
+    return Path(cfg.train.storage_path).expanduser().resolve() if cfg.train.storage_path else PROJECT_ROOT / "runs"
+
+
+def check_local_resources(cfg: PipelineConfig) -> None:
+    """Without a cluster, refuse a request this machine can never satisfy (Ray would wait forever)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    want_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    have_cpus = os.cpu_count() or 1
+    if want_cpus > have_cpus:
+        raise ConfigError(
+            f"scaling.num_workers: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU need "
+            f"{want_cpus} CPUs but this machine has {have_cpus}; lower scaling.num_workers or "
+            "scaling.cpus_per_worker, or set RAY_ADDRESS to a cluster"
+        )
+    if cfg.scaling.use_gpu == "true" and torch.cuda.device_count() < cfg.scaling.num_workers:
+        raise ConfigError(
+            f"scaling.use_gpu: true with {cfg.scaling.num_workers} workers needs that many GPUs; this machine "
+            f"has {torch.cuda.device_count()}; set scaling.use_gpu=auto or false, or RAY_ADDRESS to a cluster"
+        )
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a fresh local Ray (never a stale one)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", log_to_driver=True)
+
+
+def use_gpu(cfg: PipelineConfig) -> bool:
+    """``auto``: GPUs when the cluster has them (call after init_ray)."""
+    if cfg.scaling.use_gpu != "auto":
+        return cfg.scaling.use_gpu == "true"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The per-worker function
+
+
+def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: load data, resume if Ray hands us a checkpoint, train, report."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.data import load
+    from pipeline.train import Runtime, train_gan
+
+    cfg = build_config(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    is_main = rank == 0
+
+    data = load(cfg.data, progress=print if context.get_local_rank() == 0 else (lambda _: None))
+    resume = None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as directory:
+            resume = checkpoint.load(Path(directory) / checkpoint.FILENAME)
+
+    run_id = loop_config.get("mlflow_run_id")
+    tracker = MLflowTracker(loop_config["tracking_uri"], run_id) if is_main and run_id else NullTracker()
+
+    def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint.save(Path(tmp) / checkpoint.FILENAME, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    runtime = Runtime(
+        rank=rank,
+        world_size=world,
+        device=device,
+        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=device),
+        mean_over_workers=_all_reduce_mean if world > 1 else (lambda t: t),
+    )
+    train_gan(cfg, data, runtime=runtime, tracker=tracker, report=report, resume=resume, log=print)
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver side
+
+
+@dataclass
+class TrainOutcome:
+    name: str
+    run_dir: Path  # <storage_path>/<name>: Ray's run directory, with RUN_INFO beside it
+    mlflow_run_id: str
+    tracking_uri: str
+    metrics: dict[str, Any]  # the last reported epoch's
+    checkpoint_dir: Path | None
+
+
+def build_trainer(
+    cfg: PipelineConfig,
+    name: str,
+    loop_config: dict[str, Any],
+    callbacks: Sequence[Any] = (),
+    gpu: bool = False,
+) -> Any:
+    """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_root(cfg)),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
+            # Ray Train's print patch tees to stdout *and* its logger when stdout is wrapped: lines twice.
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def prepare_run(
+    cfg: PipelineConfig,
+    name: str,
+    resume: bool,
+    *,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> tuple[Path, str, str]:
+    """Check the store, then create the MLflow run (or find the one a resumed run had): (run_dir, uri, id).
+
+    Everything here is cheap and happens before Ray starts, so bad input fails fast.
+    """
+    uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
+    run_dir = storage_root(cfg) / name
+    info = read_run_info(run_dir)
+    if resume and info is None:
+        raise ConfigError(
+            f"--resume {name}: nothing to resume, no run {name!r} under {storage_root(cfg)}; "
+            "check the name (ls that directory) or drop --resume to start a new run"
+        )
+    if not resume and run_dir.exists():
+        raise ConfigError(
+            f"run {name!r} already exists under {storage_root(cfg)}; pass --resume {name} to continue it, "
+            "or choose another --name"
+        )
+    check_tracking_uri(uri)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"train.storage_path: cannot create {str(run_dir)!r} ({exc.strerror}); choose a writable directory"
+        ) from None
+    if info is not None:
+        return run_dir, info["tracking_uri"], info["mlflow_run_id"]
+    tags = {"ray_train_run": name, **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = start_run(uri, cfg.tracking.experiment, name, tags)
+    (run_dir / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri, "name": name}))
+    return run_dir, uri, run_id
+
+
+def run_training(
+    cfg: PipelineConfig,
+    name: str,
+    *,
+    resume: bool = False,
+    parent_run_id: str | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: Callable[[str], None] = print,
+) -> TrainOutcome:
+    """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model."""
+    check_local_resources(cfg)
+    run_dir, uri, run_id = prepare_run(cfg, name, resume, parent_run_id=parent_run_id)
+    init_ray()
+    gpu = use_gpu(cfg)
+    tracker = MLflowTracker(uri, run_id)
+    if resume:
+        tracker.client.update_run(run_id, status="RUNNING")
+    tracker.log_params(flat_params(cfg))
+    tracker.set_tags(
+        {
+            **environment_tags(),
+            "world_size": str(cfg.scaling.num_workers),
+            "device": "cuda" if gpu else "cpu",
+            "status": "running",
+        }
+    )
+    progress(
+        f"[train] run {name!r}: {cfg.scaling.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, MLflow run {run_id}"
+    )
+    loop_config = {"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri}
+    trainer = build_trainer(cfg, name, loop_config, callbacks, gpu)
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.set_tags({"status": "failed"})
+        tracker.end("FAILED")
+        raise
+    return finish_run(cfg, tracker, name, run_dir, result)
+
+
+def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: Path, result: Any) -> TrainOutcome:
+    """Loss curve, last checkpoint and the generator model into the MLflow run; close it."""
+    from pipeline.models import Generator
+
+    checkpoint_dir = None
+    with tempfile.TemporaryDirectory() as tmp:
+        curve = os.path.join(tmp, "loss_curve.png")
+        tracker.save_loss_curve(curve)
+        tracker.log_artifact(curve)
+        if result.checkpoint is not None:
+            checkpoint_dir = Path(result.checkpoint.path)
+            state = checkpoint.load(checkpoint_dir / checkpoint.FILENAME)
+            tracker.log_artifact(str(checkpoint_dir / checkpoint.FILENAME), "checkpoints")
+            generator = Generator(cfg.model.latent_dim, cfg.model.g_channels)
+            generator.load_state_dict(state["generator"])
+            tracker.log_generator(generator, cfg.model.latent_dim)
+    tracker.set_tags({"status": "finished"})
+    tracker.end("FINISHED")
+    return TrainOutcome(name, run_dir, tracker.run_id, tracker.uri, dict(result.metrics or {}), checkpoint_dir)
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store (bound to 127.0.0.1)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"

@@ -1,0 +1,64 @@
+import time
+
+import pytest
+import torch
+
+from pipeline import PROJECT_ROOT
+from pipeline.config import PipelineConfig
+from pipeline.tracking import (
+    MLflowTracker,
+    TrackingError,
+    check_tracking_uri,
+    flat_params,
+    resolve_tracking_uri,
+    start_run,
+)
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, PROJECT_ROOT) == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    assert resolve_tracking_uri("http://127.0.0.1:5000", PROJECT_ROOT) == "http://127.0.0.1:5000"
+    monkeypatch.chdir(tmp_path)
+    # Relative sqlite paths are made absolute at once: a job's working directory is temporary.
+    assert resolve_tracking_uri("sqlite:///rel.db", PROJECT_ROOT) == f"sqlite:///{tmp_path / 'rel.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000")
+    assert resolve_tracking_uri("sqlite:///x.db", PROJECT_ROOT) == "http://10.0.0.1:5000"
+
+
+def test_params_are_flat_unique_and_free_of_tracking_settings():
+    params = flat_params(PipelineConfig())
+    assert {"lr_g", "lr_d", "latent_dim", "batch_size", "num_workers", "epochs", "dataset", "seed"} <= set(params)
+    assert {"g_channels", "d_channels", "beta1", "beta2", "use_gpu"} <= set(params)
+    assert "uri" not in params and "experiment" not in params  # a URI may carry credentials
+    leaves = [
+        k
+        for section in ("data", "model", "optim", "train", "scaling")
+        for k in getattr(PipelineConfig(), section).__dict__
+    ]
+    assert len(leaves) == len(set(leaves)), "two sections share a key name: flat params would collide"
+
+
+def test_unreachable_server_fails_fast_with_a_hint():
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match="unreachable.*mlflow server"):
+        check_tracking_uri("http://127.0.0.1:9/", timeout_s=3)
+    assert time.monotonic() - started < 10
+
+
+def test_buffered_metrics_reach_the_run_only_on_flush(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "unit", "r1")
+    tracker = MLflowTracker(uri, run_id)
+    tracker.log_params({"lr_g": 0.001, "epochs": 2})
+    tracker.log_metrics({"loss_d": 1.5, "loss_g": 0.5}, step=10)
+    assert tracker.metric_history("loss_d") == []  # not yet: the epoch's checkpoint is not safe
+    tracker.flush()
+    assert tracker.metric_history("loss_d") == [(10, 1.5)]
+    tracker.log_params({"lr_g": 0.001, "epochs": 3})  # as on resume with more epochs
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["epochs"] == "2" and run.data.tags["resumed_with.epochs"] == "3"
+    tracker.log_image_grid(torch.zeros(4, 28, 28, dtype=torch.uint8), "samples/epoch_001.png")
+    assert [a.path for a in tracker.client.list_artifacts(run_id, "samples")] == ["samples/epoch_001.png"]
+    # Artifacts live beside the store, at an absolute path, whatever the working directory.
+    assert (tmp_path / "mlartifacts").is_dir()
