@@ -64,6 +64,11 @@ class TrainConfig:
     g_fresh_noise: bool = _f(
         True, "generator step draws fresh noise (true) or reuses the D step's fakes (false, one G forward)"
     )
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", "bf16 = bfloat16 autocast for forward passes (GPUs; slow on most CPUs)"
+    )
+    channels_last: bool = _f(False, "NHWC memory layout for images and conv weights")
+    compile: bool = _f(False, "torch.compile G and D (first steps pay the compilation)")
     storage_path: str | None = _f(
         None, "where Ray Train keeps runs and checkpoints; null = <project>/runs; shared storage on a cluster"
     )

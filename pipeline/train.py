@@ -9,6 +9,7 @@ device, DDP wrapping); run in-process, the defaults describe one CPU process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,8 +139,16 @@ def train_gan(
         torch.set_rng_state(resume["rng"]["torch"])
         if rt.is_main and start_epoch < cfg.train.epochs:
             log(f"resuming from epoch {start_epoch} (step {step})")
-    gen_ddp = rt.wrap_model(generator)
-    disc_ddp = rt.wrap_model(discriminator)
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    generator.to(memory_format=layout)
+    discriminator.to(memory_format=layout)
+    # Compile the inner modules and wrap those: checkpoints keep the plain modules' state_dict keys.
+    compiled = torch.compile if cfg.train.compile else _identity
+    gen_ddp = rt.wrap_model(compiled(generator))
+    disc_ddp = rt.wrap_model(compiled(discriminator))
+    autocast = functools.partial(
+        torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"
+    )
     # no_sync: D's gradients from the generator step are thrown away, and its real-batch gradients are
     # reduced together with the fake-batch ones: neither needs an all-reduce of its own.
     d_no_sync = getattr(disc_ddp, "no_sync", contextlib.nullcontext)
@@ -163,22 +172,22 @@ def train_gan(
         started = time.perf_counter()
         for i in range(num_steps):
             real = to_model_range(images[order[i * local_batch : (i + 1) * local_batch]])
+            real = real.contiguous(memory_format=layout)
 
             # Discriminator: real -> 1, fake -> 0. Backward after each forward keeps BatchNorm buffers
             # consistent under DDP; the first backward skips the all-reduce, the second reduces the sum.
             opt_d.zero_grad(set_to_none=True)
             z = torch.randn(local_batch, latent, device=device, generator=noise_rng)
-            if cfg.train.g_fresh_noise:
-                with torch.no_grad():
-                    fake = gen_ddp(z)
-            else:
+            with autocast(), torch.set_grad_enabled(not cfg.train.g_fresh_noise):
                 fake = gen_ddp(z)
             with d_no_sync():
-                real_logits = disc_ddp(real)
-                loss_real = F.binary_cross_entropy_with_logits(real_logits, ones)
+                with autocast():
+                    real_logits = disc_ddp(real)
+                    loss_real = F.binary_cross_entropy_with_logits(real_logits, ones)
                 loss_real.backward()
-            fake_logits = disc_ddp(fake.detach())
-            loss_fake = F.binary_cross_entropy_with_logits(fake_logits, zeros)
+            with autocast():
+                fake_logits = disc_ddp(fake.detach())
+                loss_fake = F.binary_cross_entropy_with_logits(fake_logits, zeros)
             loss_fake.backward()
             opt_d.step()
 
@@ -186,9 +195,11 @@ def train_gan(
             opt_g.zero_grad(set_to_none=True)
             if cfg.train.g_fresh_noise:
                 z = torch.randn(local_batch, latent, device=device, generator=noise_rng)
-                fake = gen_ddp(z)
+                with autocast():
+                    fake = gen_ddp(z)
             with d_no_sync():
-                loss_g = F.binary_cross_entropy_with_logits(disc_ddp(fake), ones)
+                with autocast():
+                    loss_g = F.binary_cross_entropy_with_logits(disc_ddp(fake), ones)
                 loss_g.backward()
             opt_g.step()
             step += 1
