@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--name", help="run name under train.storage_path (default: <dataset>-<date>-<time>)")
     group.add_argument("--resume", metavar="NAME", help="continue the run NAME from its last checkpoint")
 
+    tune = sub.add_parser("tune", help="Ray Tune sweep over tune.search_space, trials as MLflow child runs")
+    _add_config_args(tune)
+    tune.add_argument("--resume", action="store_true", help="finish the interrupted sweep tune.name (or --name)")
+    tune.add_argument("--name", help="sweep name (overrides tune.name)")
+
     sample = sub.add_parser("sample", help="generate images with a run's logged generator")
     sample.add_argument("--run-id", required=True, help="MLflow run id (printed at the end of `train`)")
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
@@ -52,6 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--grid", help="also write a PNG grid of the samples")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sample.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
+
+    evaluate = sub.add_parser("evaluate", help="FID and Inception Score (the project's evaluator)")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--real", action="store_true", help="the real-data reference for --dataset")
+    source.add_argument("--run-id", help="score the generator logged in this MLflow run")
+    source.add_argument("--samples", help="score a .npz written by `sample` (key `images`, uint8 (N, 28, 28))")
+    evaluate.add_argument(
+        "--dataset",
+        default="mnist",
+        choices=["mnist", "fashion_mnist"],
+        help="default mnist; a run's own with --run-id",
+    )
+    evaluate.add_argument("--root", help="data directory (default: $PIPELINE_DATA_ROOT or the per-user cache)")
+    evaluate.add_argument("--num", type=int, default=10_000, help="samples to generate with --run-id")
+    evaluate.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
 
     cfg = sub.add_parser("config", help="show the resolved config, or every key with its default and meaning")
     _add_config_args(cfg)
@@ -68,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_config(args)
         if args.command == "train":
             return _cmd_train(args)
+        if args.command == "tune":
+            return _cmd_tune(args)
         if args.command == "sample":
             return _cmd_sample(args)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -114,17 +138,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from pipeline.distributed import ui_command
+    from pipeline.tune import default_sweep_name, format_table, run_sweep
+
+    name = args.name or cfg.tune.name
+    if args.resume and not name:
+        raise ConfigError("--resume: which sweep? pass --name NAME (or set tune.name) of the sweep to finish")
+    name = name or default_sweep_name(cfg)
+    started = time.perf_counter()
+    outcome = run_sweep(cfg, name, resume=args.resume)
+    print(f"\nsweep {name!r}: {len(outcome.rows)} trials in {time.perf_counter() - started:.0f}s")
+    print(format_table(outcome, list(cfg.tune.search_space)))
+    if outcome.best is not None:
+        print(
+            f"best trial {outcome.best['trial_id']}: FID {outcome.best['fid']:.3f}, "
+            f"IS {outcome.best['inception_score']:.3f}, MLflow run {outcome.best['run_id']}"
+        )
+    print(f"MLflow parent run id: {outcome.parent_run_id}")
+    print(f"MLflow UI:            {ui_command(outcome.tracking_uri)}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise ConfigError(f"--num: {args.num} must be >= 1")
     out = Path(args.out)
     if out.suffix != ".npz":
         raise ConfigError(f"--out: {args.out!r} must end in .npz")
+    import torch
+
     from pipeline.tracking import load_generator, resolve_tracking_uri, save_image_grid
+    from pipeline.train import generate_images
 
     uri = args.tracking_uri or resolve_tracking_uri(None, PROJECT_ROOT)
-    generator, latent_dim = load_generator(uri, args.run_id)
-    images = generate(generator, latent_dim, args.num, args.seed)
+    generator, params = load_generator(uri, args.run_id)
+    images = generate_images(generator, args.num, int(params["latent_dim"]), args.seed, torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np
 
@@ -136,14 +186,57 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def generate(generator, latent: int, num: int, seed: int, batch: int = 500):
-    """``num`` uint8 (N, 28, 28) images from a loaded generator, noise seeded by ``seed``."""
-    import torch
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.config import DataConfig
 
-    gen = torch.Generator().manual_seed(seed)
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, num, batch):
-            z = torch.randn(min(batch, num - start), latent, generator=gen)
-            chunks.append(generator(z).squeeze(1).add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(chunks)
+    data_cfg = DataConfig(dataset=args.dataset, root=args.root)
+    if args.real:
+        from pipeline.metrics import real_reference
+
+        ref = real_reference(data_cfg)
+        print(f"{args.dataset} real-data reference (evaluator test accuracy {ref['evaluator_test_accuracy']:.4f}):")
+        print(f"  FID, 10,000 training images vs the test split: {ref['fid_train_vs_test']:.3f}")
+        print(
+            f"  Inception Score of the test split:             {ref['inception_score_test']:.3f} "
+            f"+- {ref['inception_score_test_std']:.3f}"
+        )
+        return 0
+    if args.samples:
+        import numpy as np
+        import torch
+
+        path = Path(args.samples)
+        if not path.is_file():
+            raise ConfigError(f"--samples: {args.samples!r} not found")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                images = archive["images"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"--samples: {args.samples!r} is not an .npz with an `images` array ({exc})") from None
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise ConfigError(
+                f"--samples: `images` must be uint8 of shape (N, 28, 28), got {images.dtype} {images.shape}"
+            )
+        images = torch.from_numpy(images)
+        label = str(path)
+    else:
+        if args.num < 2:
+            raise ConfigError(f"--num: {args.num} must be >= 2")
+        import torch
+
+        from pipeline.tracking import load_generator, resolve_tracking_uri
+        from pipeline.train import generate_images
+
+        uri = args.tracking_uri or resolve_tracking_uri(None, PROJECT_ROOT)
+        generator, params = load_generator(uri, args.run_id)
+        images = generate_images(generator, args.num, int(params["latent_dim"]), 0, torch.device("cpu"))
+        label = f"run {args.run_id}"
+        data_cfg = DataConfig(dataset=params.get("dataset", args.dataset), root=args.root)
+    from pipeline.metrics import get_evaluator
+
+    scores = get_evaluator(data_cfg).score(images)
+    print(
+        f"{label}: {len(images)} images  FID={scores['fid']:.3f}  "
+        f"IS={scores['inception_score']:.3f} +- {scores['inception_score_std']:.3f}  ({args.dataset} evaluator)"
+    )
+    return 0

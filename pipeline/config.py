@@ -31,6 +31,8 @@ class ConfigError(UserError, ValueError):
 
 def _f(default: Any, doc: str, **checks: Any) -> Any:
     """A dataclass field with its doc and range checks (``gt``, ``ge``, ``le``, ``lt``) as metadata."""
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc, **checks})
     return field(default=default, metadata={"doc": doc, **checks})
 
 
@@ -64,8 +66,15 @@ class TrainConfig:
     g_fresh_noise: bool = _f(
         True, "generator step draws fresh noise (true) or reuses the D step's fakes (false, one G forward)"
     )
+    ema_decay: float = _f(
+        0.0,
+        "exponential moving average of G's weights for sampling and evaluation; 0 = off, e.g. 0.999",
+        ge=0.0,
+        lt=1.0,
+    )
+    real_label: float = _f(1.0, "D's target for real images; 0.9 = one-sided label smoothing", gt=0.0, le=1.0)
     precision: Literal["fp32", "bf16"] = _f(
-        "fp32", "bf16 = bfloat16 autocast for forward passes (GPUs; slow on most CPUs)"
+        "fp32", "bf16 = bfloat16 autocast for forward passes (GPUs; CPUs with AVX512-BF16 or AMX)"
     )
     channels_last: bool = _f(False, "NHWC memory layout for images and conv weights")
     compile: bool = _f(False, "torch.compile G and D (first steps pay the compilation)")
@@ -77,10 +86,33 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_epochs: int = _f(1, "compute FID and Inception Score every N epochs (and after the last); 0 = never", ge=0)
+    num_samples: int = _f(10_000, "generated images scored per evaluation", ge=2)
+
+
+@dataclass
 class ScalingConfig:
     num_workers: int = _f(1, "data-parallel workers (Ray Train)", ge=1)
-    cpus_per_worker: int = _f(1, "CPUs reserved per worker; also its torch thread count", ge=1)
+    cpus_per_worker: int | None = _f(
+        None, "CPUs per worker, also its torch threads; null = local CPUs / num_workers (1 on a cluster)", ge=1
+    )
     use_gpu: Literal["auto", "true", "false"] = _f("auto", "auto = use GPUs when the cluster has them")
+
+
+@dataclass
+class TuneConfig:
+    name: str | None = _f(None, "sweep name: its directory under train.storage_path; null = <dataset>-sweep-<time>")
+    num_samples: int = _f(4, "trials to sample (with grid axes: repeats of the whole grid)", ge=1)
+    metric: Literal["fid", "inception_score"] = _f("fid", "what the sweep optimises and ASHA compares")
+    mode: Literal["min", "max"] = _f("min", "min for fid, max for inception_score")
+    search_alg: Literal["random", "optuna"] = _f("random", "random sampling, or Optuna's TPE")
+    grace_period: int = _f(1, "ASHA: epochs every trial runs before it may be stopped", ge=1)
+    reduction_factor: int = _f(2, "ASHA: the best 1/N of trials go on at each rung", ge=2)
+    max_concurrent_trials: int | None = _f(None, "null = what the cluster's CPUs/GPUs allow for one trial", ge=1)
+    search_space: dict[str, Any] = _f(
+        {}, "dotted key -> {uniform|loguniform|randint: [low, high]} or {choice|grid: [values]}"
+    )
 
 
 @dataclass
@@ -96,7 +128,9 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,7 +192,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str and isinstance(value, str):
+    elif tp is str and isinstance(value, str) or origin is dict and isinstance(value, dict):
         return value
     raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(tp)}")
 
@@ -206,6 +240,8 @@ def build_config(raw: dict[str, Any]) -> PipelineConfig:
     hints = typing.get_type_hints(PipelineConfig)
     cfg = PipelineConfig(**{name: _build_section(name, hints[name], raw.get(name)) for name in sections})
     _cross_checks(cfg)
+    if cfg.tune.search_space:
+        _check_search_space(cfg)
     return cfg
 
 
@@ -220,6 +256,52 @@ def _cross_checks(cfg: PipelineConfig) -> None:
             f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
             f"(data.limit={cfg.data.limit}); lower train.batch_size or raise data.limit"
         )
+
+
+SEARCH_KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None, "grid": None}
+NOT_SEARCHABLE = ("tune", "tracking")
+
+
+def _with_value(cfg: PipelineConfig, dotted: str, value: Any) -> PipelineConfig:
+    raw = cfg.to_dict()
+    section, key = dotted.split(".")
+    raw[section][key] = value
+    raw["tune"]["search_space"] = {}
+    return build_config(raw)
+
+
+def _check_search_space(cfg: PipelineConfig) -> None:
+    """Every searched key exists and is searchable; every spec is well formed and its values valid."""
+    space = cfg.tune.search_space
+    known = cfg.flat()
+    for dotted, spec in space.items():
+        where = f"tune.search_space.{dotted}"
+        if dotted not in known or dotted.split(".")[0] in NOT_SEARCHABLE:
+            raise ConfigError(f"{where}: not a searchable config key; use a dotted key such as optim.lr_g")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+            raise ConfigError(
+                f"{where}: {spec!r} is not a search spec; use one of {{{', '.join(SEARCH_KINDS)}: ...}}, "
+                "e.g. {loguniform: [1.0e-5, 1.0e-2]}"
+            )
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {args!r}")
+        if SEARCH_KINDS[kind] == 2:
+            if len(args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+                raise ConfigError(f"{where}.{kind}: expected [low, high] numbers, got {args!r}")
+            if not args[0] < args[1]:
+                raise ConfigError(f"{where}.{kind}: low {args[0]} must be below high {args[1]}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise ConfigError(f"{where}.loguniform: low {args[0]} must be > 0")
+            if kind == "randint" and not all(isinstance(a, int) for a in args):
+                raise ConfigError(f"{where}.randint: bounds must be integers, got {args!r}")
+        if kind == "grid" and cfg.tune.search_alg == "optuna":
+            raise ConfigError(f"{where}.grid: grid axes need tune.search_alg=random (Optuna samples, it cannot grid)")
+        for value in args:
+            try:
+                _with_value(cfg, dotted, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.{kind}: value {value!r} is invalid ({exc})") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

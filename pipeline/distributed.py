@@ -8,6 +8,7 @@ and logging continues in the same MLflow run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -36,6 +37,14 @@ RUN_INFO = "mlflow_run.json"  # beside Ray's own files in <storage_path>/<name>/
 def storage_root(cfg: PipelineConfig) -> Path:
     """Absolute storage path (a relative one would follow the working directory, lost under job submit)."""
     return Path(cfg.train.storage_path).expanduser().resolve() if cfg.train.storage_path else PROJECT_ROOT / "runs"
+
+
+def resolve_scaling(cfg: PipelineConfig) -> PipelineConfig:
+    """Fill in ``scaling.cpus_per_worker`` when null: this machine's CPUs shared by the workers, 1 on a cluster."""
+    if cfg.scaling.cpus_per_worker is not None:
+        return cfg
+    cpus = 1 if os.environ.get("RAY_ADDRESS") else max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
+    return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=cpus))
 
 
 def check_local_resources(cfg: PipelineConfig) -> None:
@@ -131,7 +140,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=device),
         mean_over_workers=_all_reduce_mean if world > 1 else (lambda t: t),
     )
-    train_gan(cfg, data, runtime=runtime, tracker=tracker, report=report, resume=resume, log=print)
+    evaluator = None
+    if is_main and cfg.eval.every_epochs:
+        from pipeline.metrics import get_evaluator
+
+        evaluator = get_evaluator(cfg.data)
+    train_gan(cfg, data, runtime=runtime, tracker=tracker, report=report, resume=resume, evaluator=evaluator, log=print)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,7 +165,8 @@ class TrainOutcome:
 def build_trainer(
     cfg: PipelineConfig,
     name: str,
-    loop_config: dict[str, Any],
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
     callbacks: Sequence[Any] = (),
     gpu: bool = False,
 ) -> Any:
@@ -159,9 +174,10 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    cfg = resolve_scaling(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=gpu,
@@ -170,13 +186,33 @@ def build_trainer(
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_root(cfg)),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=checkpoint_config(cfg, CheckpointConfig),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),
             # Ray Train's print patch tees to stdout *and* its logger when stdout is wrapped: lines twice.
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}},
         ),
     )
+
+
+def checkpoint_config(cfg: PipelineConfig, cls: type) -> Any:
+    """Keep the latest checkpoint and, when every epoch is evaluated, the best ones by FID beside it."""
+    if cfg.eval.every_epochs == 1:
+        return cls(
+            num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="fid", checkpoint_score_order="min"
+        )
+    return cls(num_to_keep=cfg.train.keep_checkpoints)
+
+
+def prepare_inputs(cfg: PipelineConfig, progress: Callable[[str], None] = print) -> None:
+    """Data and (if evaluating) the evaluator, made ready on this node before any worker starts."""
+    from pipeline.data import prepare, resolve_root
+
+    prepare(cfg.data.dataset, resolve_root(cfg.data), progress)
+    if cfg.eval.every_epochs:
+        from pipeline.metrics import get_evaluator
+
+        get_evaluator(cfg.data, progress)
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any] | None:
@@ -232,12 +268,15 @@ def run_training(
     *,
     resume: bool = False,
     parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
     callbacks: Sequence[Any] = (),
     progress: Callable[[str], None] = print,
 ) -> TrainOutcome:
     """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model."""
+    cfg = resolve_scaling(cfg)
     check_local_resources(cfg)
-    run_dir, uri, run_id = prepare_run(cfg, name, resume, parent_run_id=parent_run_id)
+    run_dir, uri, run_id = prepare_run(cfg, name, resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
+    prepare_inputs(cfg, progress)
     init_ray()
     gpu = use_gpu(cfg)
     tracker = MLflowTracker(uri, run_id)
@@ -255,8 +294,7 @@ def run_training(
     progress(
         f"[train] run {name!r}: {cfg.scaling.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, MLflow run {run_id}"
     )
-    loop_config = {"config": cfg.to_dict(), "mlflow_run_id": run_id, "tracking_uri": uri}
-    trainer = build_trainer(cfg, name, loop_config, callbacks, gpu)
+    trainer = build_trainer(cfg, name, run_id, uri, callbacks, gpu)
     try:
         result = trainer.fit()
     except Exception:
@@ -269,6 +307,7 @@ def run_training(
 def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: Path, result: Any) -> TrainOutcome:
     """Loss curve, last checkpoint and the generator model into the MLflow run; close it."""
     from pipeline.models import Generator
+    from pipeline.train import sampling_weights
 
     checkpoint_dir = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -280,8 +319,11 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
             state = checkpoint.load(checkpoint_dir / checkpoint.FILENAME)
             tracker.log_artifact(str(checkpoint_dir / checkpoint.FILENAME), "checkpoints")
             generator = Generator(cfg.model.latent_dim, cfg.model.g_channels)
-            generator.load_state_dict(state["generator"])
+            generator.load_state_dict(sampling_weights(state))
             tracker.log_generator(generator, cfg.model.latent_dim)
+    fids = [value for _, value in tracker.metric_history("fid")]
+    if fids:
+        tracker.log_metrics({"best_fid": min(fids)}, step=int((result.metrics or {}).get("step", 0)))
     tracker.set_tags({"status": "finished"})
     tracker.end("FINISHED")
     return TrainOutcome(name, run_dir, tracker.run_id, tracker.uri, dict(result.metrics or {}), checkpoint_dir)

@@ -61,7 +61,7 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
 # MLflow
 
 # Config sections whose keys become run parameters; `tracking` is left out (its URI may hold credentials).
-PARAM_SECTIONS = ("data", "model", "optim", "train", "scaling")
+PARAM_SECTIONS = ("data", "model", "optim", "train", "eval", "scaling")
 
 
 def resolve_tracking_uri(cfg_uri: str | None, project_root: Path) -> str:
@@ -175,8 +175,10 @@ class MLflowTracker:
     """Logs into one existing MLflow run (by id).
 
     Step metrics are buffered and written by :meth:`flush`, which the trainer calls after each epoch's
-    checkpoint is safe: a worker restarted from that checkpoint logs the lost steps again exactly once,
-    so metric histories never hold a step twice.
+    checkpoint is saved. A run restarted from an earlier checkpoint than the one its metrics reached
+    (the driver killed between the two) recomputes steps that are already logged; resuming is exact, so
+    their values are the same, and a step already in a metric's history is not written again: metric
+    histories never hold a step twice.
     """
 
     def __init__(self, uri: str, run_id: str):
@@ -184,6 +186,7 @@ class MLflowTracker:
         self.run_id = run_id
         self.client = _client(uri)
         self._pending: list[Any] = []
+        self._logged_through: dict[str, int] = {}  # metric key -> last step already in the run
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log parameters; MLflow params are immutable, so a value changed on resume becomes a tag."""
@@ -203,9 +206,17 @@ class MLflowTracker:
         self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
     def flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[:1000], self._pending[1000:]
-            self.client.log_batch(self.run_id, metrics=batch)
+        fresh = []
+        for metric in self._pending:
+            if metric.key not in self._logged_through:
+                history = self.client.get_metric_history(self.run_id, metric.key)
+                self._logged_through[metric.key] = max((m.step for m in history), default=-1)
+            if metric.step > self._logged_through[metric.key]:
+                fresh.append(metric)
+                self._logged_through[metric.key] = metric.step
+        self._pending = []
+        for i in range(0, len(fresh), 1000):
+            self.client.log_batch(self.run_id, metrics=fresh[i : i + 1000])
 
     def log_image_grid(self, images: torch.Tensor, artifact_path: str) -> None:
         directory, _, name = artifact_path.rpartition("/")
@@ -260,8 +271,8 @@ class MLflowTracker:
         plt.close(fig)
 
 
-def load_generator(uri: str, run_id: str) -> tuple[torch.nn.Module, int]:
-    """The ``generator`` model logged in run ``run_id`` and its latent size; a clear error if missing."""
+def load_generator(uri: str, run_id: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The ``generator`` model logged in run ``run_id`` and the run's params; a clear error if missing."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -280,4 +291,4 @@ def load_generator(uri: str, run_id: str) -> tuple[torch.nn.Module, int]:
         raise TrackingError(
             f"run {run_id} has no loadable 'generator' model ({str(exc).splitlines()[0]}); did that training finish?"
         ) from None
-    return model, int(run.data.params["latent_dim"])
+    return model, dict(run.data.params)

@@ -9,6 +9,7 @@ device, DDP wrapping); run in-process, the defaults describe one CPU process.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch.utils.data import DistributedSampler
 
 from pipeline.config import PipelineConfig
 from pipeline.data import Split, to_model_range
+from pipeline.metrics import Evaluator
 from pipeline.models import Generator, build_models
 from pipeline.tracking import NullTracker, Tracker
 
@@ -60,9 +62,28 @@ EpochReport = Callable[[dict[str, float], dict[str, Any] | None], None]
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
+class EmaGenerator:
+    """An exponential moving average of G's weights; BatchNorm statistics are copied from G.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so the average does not
+    drag the random initial weights along for thousands of steps.
+    """
+
+    def __init__(self, generator: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(generator).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, generator: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.model.parameters()), list(generator.parameters()), 1.0 - decay)
+        for mine, theirs in zip(self.model.buffers(), generator.buffers(), strict=True):
+            mine.copy_(theirs)
+
+
 @dataclass
 class TrainResult:
-    generator: Generator  # unwrapped, on the training device
+    generator: Generator  # unwrapped, on the training device; the EMA copy when train.ema_decay > 0
     metrics: dict[str, float]  # the last epoch's
     epoch: int  # epochs completed
     step: int  # optimizer steps completed
@@ -97,6 +118,23 @@ def sample_images(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return out.squeeze(1).add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
+def generate_images(
+    generator: nn.Module, num: int, latent_dim: int, seed: int, device: torch.device, batch: int = 1000
+) -> torch.Tensor:
+    """``num`` uint8 images from noise seeded by ``seed`` (the same noise at every evaluation of a run)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + 54321)
+    chunks = []
+    for start in range(0, num, batch):
+        z = torch.randn(min(batch, num - start), latent_dim, generator=gen).to(device)
+        chunks.append(sample_images(generator, z))
+    return torch.cat(chunks)
+
+
+def sampling_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """From a checkpoint, the generator weights to sample with: the EMA copy if the run kept one."""
+    return state.get("generator_ema") or state["generator"]
+
+
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return num_images // batch_size
 
@@ -110,9 +148,14 @@ def train_gan(
     report: EpochReport | None = None,
     on_step: StepCallback | None = None,
     resume: dict[str, Any] | None = None,
+    evaluator: Evaluator | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train G and D for ``cfg.train.epochs`` epochs (continuing from ``resume``, a checkpoint dict)."""
+    """Train G and D for ``cfg.train.epochs`` epochs (continuing from ``resume``, a checkpoint dict).
+
+    ``evaluator`` (rank 0 only) scores ``cfg.eval.num_samples`` generated images every
+    ``cfg.eval.every_epochs`` epochs and after the last; ``fid`` and ``inception_score`` join the report.
+    """
     rt = runtime or Runtime()
     tracker = tracker or NullTracker()
     device = rt.device
@@ -129,10 +172,14 @@ def train_gan(
     discriminator.to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g, betas=(cfg.optim.beta1, cfg.optim.beta2))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.lr_d, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    # The EMA copy of G (if on) is what samples, evaluations and the logged model use.
+    ema = EmaGenerator(generator, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     start_epoch, step = 0, 0
     if resume is not None:
         generator.load_state_dict(resume["generator"])
         discriminator.load_state_dict(resume["discriminator"])
+        if ema is not None:
+            ema.model.load_state_dict(resume.get("generator_ema") or resume["generator"])
         opt_g.load_state_dict(resume["opt_g"])
         opt_d.load_state_dict(resume["opt_d"])
         start_epoch, step = int(resume["epoch"]), int(resume["step"])
@@ -158,7 +205,9 @@ def train_gan(
         range(len(data)), num_replicas=world, rank=rt.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
     )
     ones = torch.ones(local_batch, device=device)
+    real_targets = torch.full((local_batch,), cfg.train.real_label, device=device)
     zeros = torch.zeros(local_batch, device=device)
+    sampler_g = ema.model if ema is not None else generator
     latent = cfg.model.latent_dim
     metrics: dict[str, float] = {}
 
@@ -183,7 +232,7 @@ def train_gan(
             with d_no_sync():
                 with autocast():
                     real_logits = disc_ddp(real)
-                    loss_real = F.binary_cross_entropy_with_logits(real_logits, ones)
+                    loss_real = F.binary_cross_entropy_with_logits(real_logits, real_targets)
                 loss_real.backward()
             with autocast():
                 fake_logits = disc_ddp(fake.detach())
@@ -203,6 +252,8 @@ def train_gan(
                 loss_g.backward()
             opt_g.step()
             step += 1
+            if ema is not None:
+                ema.update(generator, step)
 
             with torch.no_grad():
                 values = torch.stack(
@@ -230,6 +281,13 @@ def train_gan(
             epoch_time_s=elapsed,
             images_per_s=num_steps * cfg.train.batch_size / elapsed,
         )
+        is_last = epoch + 1 == cfg.train.epochs
+        every = cfg.eval.every_epochs
+        if evaluator is not None and every and ((epoch + 1) % every == 0 or is_last):
+            eval_started = time.perf_counter()
+            samples = generate_images(sampler_g, cfg.eval.num_samples, cfg.model.latent_dim, cfg.train.seed, device)
+            metrics.update(evaluator.score(samples))
+            metrics["eval_time_s"] = time.perf_counter() - eval_started
         if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
             raise FloatingPointError(
                 f"losses diverged at epoch {epoch + 1}: loss_d={metrics['loss_d']}, loss_g={metrics['loss_g']}"
@@ -239,16 +297,23 @@ def train_gan(
                 f"epoch {epoch + 1}/{cfg.train.epochs}  loss_d={metrics['loss_d']:.4f}  "
                 f"loss_g={metrics['loss_g']:.4f}  D(x)={metrics['d_real']:.3f}  "
                 f"D(G(z))={metrics['d_fake']:.3f}  {metrics['images_per_s']:.0f} img/s  ({elapsed:.1f}s)"
+                + (
+                    f"  FID={metrics['fid']:.2f}  IS={metrics['inception_score']:.2f} ({metrics['eval_time_s']:.1f}s)"
+                    if "fid" in metrics
+                    else ""
+                )
             )
-            tracker.log_metrics({"epoch_time_s": elapsed, "images_per_s": metrics["images_per_s"]}, step=step)
+            epoch_keys = ("epoch_time_s", "images_per_s", "fid", "inception_score", "eval_time_s")
+            tracker.log_metrics({k: metrics[k] for k in epoch_keys if k in metrics}, step=step)
             tracker.log_image_grid(
-                sample_images(generator, fixed_noise(cfg, device)), f"samples/epoch_{epoch + 1:03d}.png"
+                sample_images(sampler_g, fixed_noise(cfg, device)), f"samples/epoch_{epoch + 1:03d}.png"
             )
         if report is not None:
             state = None
             if rt.is_main:
                 state = {
                     "generator": generator.state_dict(),
+                    "generator_ema": ema.model.state_dict() if ema is not None else None,
                     "discriminator": discriminator.state_dict(),
                     "opt_g": opt_g.state_dict(),
                     "opt_d": opt_d.state_dict(),
@@ -261,4 +326,4 @@ def train_gan(
         # Only now is this epoch's checkpoint safe: a restart resumes after these steps, never before.
         tracker.flush()
 
-    return TrainResult(generator=generator, metrics=metrics, epoch=max(start_epoch, cfg.train.epochs), step=step)
+    return TrainResult(generator=sampler_g, metrics=metrics, epoch=max(start_epoch, cfg.train.epochs), step=step)

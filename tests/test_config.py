@@ -90,3 +90,55 @@ def test_cli_missing_and_malformed_files(tmp_path):
     malformed = run_cli("train", "--config", str(bad))
     assert malformed.returncode == 2 and "malformed YAML at line" in malformed.stderr
     assert "Traceback" not in malformed.stderr
+
+
+def test_search_space_accepts_the_documented_forms():
+    cfg = load_config(
+        CONFIGS / "smoke.yaml",
+        [
+            "tune.search_space={optim.lr_g: {loguniform: [1.0e-5, 1.0e-2]}, model.latent_dim: {choice: [8, 16]},"
+            " optim.beta1: {uniform: [0.0, 0.9]}, train.seed: {grid: [0, 1]}, model.g_channels: {randint: [4, 8]}}"
+        ],
+    )
+    assert set(cfg.tune.search_space) == {
+        "optim.lr_g",
+        "model.latent_dim",
+        "optim.beta1",
+        "train.seed",
+        "model.g_channels",
+    }
+
+
+@pytest.mark.parametrize(
+    "space, words",
+    [
+        ("{optim.lr_gen: {loguniform: [1.0e-5, 1.0e-2]}}", "not a searchable config key"),
+        ("{tune.num_samples: {choice: [1, 2]}}", "not a searchable config key"),
+        ("{optim.lr_g: {logarithmic: [1.0e-5, 1.0e-2]}}", "is not a search spec"),
+        ("{optim.lr_g: 0.001}", "is not a search spec"),
+        ("{optim.lr_g: {loguniform: [1.0e-2, 1.0e-5]}}", "must be below high"),
+        ("{optim.lr_g: {loguniform: [0, 1.0e-2]}}", "must be > 0"),
+        ("{optim.lr_g: {uniform: [1.0e-5]}}", "expected [low, high]"),
+        ("{model.latent_dim: {choice: []}}", "expected a non-empty list"),
+        ("{model.latent_dim: {choice: [16, 0]}}", "value 0 is invalid (model.latent_dim: 0 is out of range"),
+        ("{data.dataset: {choice: [mnist, cifar]}}", "value 'cifar' is invalid"),
+    ],
+)
+def test_malformed_search_space_is_a_clean_error(space, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "smoke.yaml", [f"tune.search_space={space}"])
+    assert str(info.value).startswith("tune.search_space") and words in str(info.value)
+
+
+def test_grid_needs_random_search():
+    with pytest.raises(ConfigError, match="grid axes need tune.search_alg=random"):
+        load_config(
+            CONFIGS / "smoke.yaml", ["tune.search_alg=optuna", "tune.search_space={train.seed: {grid: [0, 1]}}"]
+        )
+
+
+def test_cli_tune_with_malformed_space_exits_2():
+    result = run_cli(
+        "tune", "-c", "configs/smoke.yaml", "--set", "tune.search_space={optim.lr_g: {loguniform: [1, 0]}}"
+    )
+    assert result.returncode == 2 and "must be below high" in result.stderr and "Traceback" not in result.stderr

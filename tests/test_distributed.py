@@ -63,6 +63,10 @@ def test_two_workers_then_resume_then_sample(store, tmp_path):
     for key in ("loss_d", "loss_g", "d_real", "d_fake"):
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(2, 17, 2)), key
     assert [m.step for m in client.get_metric_history(run_id, "images_per_s")] == [8, 16]
+    fids = [m.value for m in client.get_metric_history(run_id, "fid")]
+    assert len(fids) == 2 and all(f > 0 for f in fids)
+    assert [m.step for m in client.get_metric_history(run_id, "inception_score")] == [8, 16]
+    assert client.get_metric_history(run_id, "best_fid")[-1].value == min(fids)
     assert len(client.get_metric_history(run_id, "epoch_time_s")) == 2
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"loss_curve.png", "samples", "checkpoints"} <= artifacts
@@ -144,11 +148,13 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
     )
     init_ray()
     try:
-        result = build_trainer(cfg, "dp-step", {"config": cfg.to_dict(), "tracking_uri": ""}).fit()
+        result = build_trainer(cfg, "dp-step").fit()
     finally:
         ray.shutdown()
     trained = checkpoint.load(f"{result.checkpoint.path}/{checkpoint.FILENAME}")
     assert trained["step"] == 1
+    # Quality metrics travel in Ray Train's reported results (what Tune optimises).
+    assert result.metrics["fid"] > 0 and 1 <= result.metrics["inception_score"] <= 10
 
     data = load(cfg.data)
     torch.manual_seed(cfg.train.seed)

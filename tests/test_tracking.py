@@ -33,7 +33,7 @@ def test_params_are_flat_unique_and_free_of_tracking_settings():
     assert "uri" not in params and "experiment" not in params  # a URI may carry credentials
     leaves = [
         k
-        for section in ("data", "model", "optim", "train", "scaling")
+        for section in ("data", "model", "optim", "train", "eval", "scaling")
         for k in getattr(PipelineConfig(), section).__dict__
     ]
     assert len(leaves) == len(set(leaves)), "two sections share a key name: flat params would collide"
@@ -62,3 +62,18 @@ def test_buffered_metrics_reach_the_run_only_on_flush(tmp_path):
     assert [a.path for a in tracker.client.list_artifacts(run_id, "samples")] == ["samples/epoch_001.png"]
     # Artifacts live beside the store, at an absolute path, whatever the working directory.
     assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_a_step_already_logged_is_not_written_again(tmp_path):
+    """A restart from an older checkpoint recomputes logged steps: the history must not hold them twice."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "unit", "r2")
+    first = MLflowTracker(uri, run_id)
+    for step in (2, 4, 6):
+        first.log_metrics({"loss_d": float(step)}, step=step)
+    first.flush()
+    restarted = MLflowTracker(uri, run_id)  # a new worker, resumed from the checkpoint at step 2
+    for step in (4, 6, 8):
+        restarted.log_metrics({"loss_d": float(step)}, step=step)
+    restarted.flush()
+    assert restarted.metric_history("loss_d") == [(2, 2.0), (4, 4.0), (6, 6.0), (8, 8.0)]

@@ -1,0 +1,367 @@
+"""Ray Tune sweep: search space from YAML, ASHA early stopping, one MLflow child run per trial.
+
+Each trial is a *trial driver function* (the Ray 2.60 way): it builds a TorchTrainer for its point of the
+search space, named ``<sweep>-<trial id>`` so that a restored sweep continues the same Train run, and
+calls ``fit()`` with ``TuneReportCallback`` forwarding every epoch's metrics to Tune. The sweep has one
+MLflow parent run; when it ends the parent gets the best trial's figures, parameters and samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import PROJECT_ROOT
+from pipeline.config import ConfigError, PipelineConfig, build_config
+from pipeline.distributed import (
+    check_local_resources,
+    init_ray,
+    prepare_inputs,
+    read_run_info,
+    run_training,
+    storage_root,
+)
+from pipeline.tracking import MLflowTracker, check_tracking_uri, resolve_tracking_uri, start_run
+
+SWEEP_INFO = "sweep.json"  # beside Tune's own files in <storage_path>/<sweep name>/
+
+
+def search_space(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """``tune.search_space`` as a nested Ray Tune param space: {"optim": {"lr_g": tune.loguniform(...)}}."""
+    from ray import tune
+
+    makers: dict[str, Callable[[list[Any]], Any]] = {
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(a[0], a[1] + 1),  # inclusive high, like the YAML reads
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    space: dict[str, dict[str, Any]] = {}
+    for dotted, spec in cfg.tune.search_space.items():
+        section, key = dotted.split(".")
+        kind, args = next(iter(spec.items()))
+        space.setdefault(section, {})[key] = makers[kind](args)
+    return space
+
+
+def trial_config(base: dict[str, Any], point: dict[str, dict[str, Any]]) -> PipelineConfig:
+    """The base config with one point of the search space applied (validated like any config)."""
+    raw = json.loads(json.dumps(base))
+    for section, values in point.items():
+        raw[section].update(values)
+    raw["tune"]["search_space"] = {}
+    return build_config(raw)
+
+
+def flat_point(point: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in point.items() for key, value in values.items()}
+
+
+def _trial_driver(point: dict[str, dict[str, Any]], *, base: dict[str, Any], sweep: str, parent_run_id: str) -> None:
+    """One trial: a Ray Train run (data-parallel, checkpointed) whose metrics Tune receives each epoch."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(base, point)
+    trial_id = ray.tune.get_context().get_trial_id()
+    name = f"{sweep}-{trial_id}"
+    # A restored sweep finds the Train run (and its MLflow child run) of a continuing trial by name.
+    resume = read_run_info(storage_root(cfg) / name) is not None
+    run_training(
+        cfg,
+        name,
+        resume=resume,
+        parent_run_id=parent_run_id,
+        extra_tags={"sweep": sweep, "trial_id": trial_id},
+        callbacks=[TuneReportCallback()],
+        progress=lambda msg: print(f"[{trial_id}] {msg}"),
+    )
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    rows: list[dict[str, Any]]  # one per trial, best first
+    best: dict[str, Any] | None
+
+
+def _default_concurrency(cfg: PipelineConfig, gpu: bool) -> int:
+    import ray
+
+    resources = ray.cluster_resources()
+    per_trial_cpus = cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker or 1)
+    fits = int(resources.get("CPU", 1) // per_trial_cpus)
+    if gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // cfg.scaling.num_workers))
+    return max(1, fits)
+
+
+def _check_sweep(cfg: PipelineConfig) -> None:
+    if not cfg.tune.search_space:
+        raise ConfigError(
+            "tune.search_space: empty; give at least one key, e.g. optim.lr_g: {loguniform: [1.0e-5, 1.0e-2]}"
+        )
+    if cfg.eval.every_epochs != 1:
+        raise ConfigError(
+            f"eval.every_epochs: {cfg.eval.every_epochs}; a sweep on {cfg.tune.metric} needs it every epoch "
+            "(ASHA compares trials at each epoch); set eval.every_epochs=1"
+        )
+    expected_mode = "min" if cfg.tune.metric == "fid" else "max"
+    if cfg.tune.mode != expected_mode:
+        raise ConfigError(f"tune.mode: {cfg.tune.mode} with tune.metric={cfg.tune.metric}; use {expected_mode}")
+
+
+def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=print) -> SweepOutcome:
+    """Run (or, with ``resume``, finish) the sweep ``name``; return its trials table."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    _check_sweep(cfg)
+    sweep_dir = storage_root(cfg) / name
+    info_path = sweep_dir / SWEEP_INFO
+    if resume and not info_path.is_file():
+        raise ConfigError(
+            f"--resume {name}: nothing to resume, no sweep {name!r} under {storage_root(cfg)}; "
+            "check the name or drop --resume"
+        )
+    if not resume and sweep_dir.exists():
+        raise ConfigError(
+            f"sweep {name!r} already exists under {storage_root(cfg)}; pass --resume {name} or a new name"
+        )
+    uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
+    check_tracking_uri(uri)
+    if cfg.scaling.cpus_per_worker is None:
+        # Trials share the machine: one CPU per worker unless the config says otherwise.
+        cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=1))
+    check_local_resources(cfg)
+    prepare_inputs(cfg, progress)
+
+    if resume:
+        info = json.loads(info_path.read_text())
+        parent_run_id, uri = info["parent_run_id"], info["tracking_uri"]
+    else:
+        sweep_dir.mkdir(parents=True)
+        parent_run_id = start_run(
+            uri,
+            cfg.tracking.experiment,
+            name,
+            {"sweep": name, "search_space": json.dumps(cfg.tune.search_space, sort_keys=True), "kind": "sweep"},
+        )
+        info_path.write_text(json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri, "name": name}))
+    parent = MLflowTracker(uri, parent_run_id)
+    if resume:
+        parent.client.update_run(parent_run_id, status="RUNNING")
+
+    init_ray()
+    from pipeline.distributed import use_gpu
+
+    gpu = use_gpu(cfg)
+    concurrency = cfg.tune.max_concurrent_trials or _default_concurrency(cfg, gpu)
+    progress(
+        f"[tune] sweep {name!r}: {cfg.tune.num_samples} sample(s) of {len(cfg.tune.search_space)} searched key(s), "
+        f"up to {concurrency} at once, ASHA on {cfg.tune.metric} ({cfg.tune.mode}); MLflow parent run {parent_run_id}"
+    )
+    driver = functools.partial(_trial_driver, base=cfg.to_dict(), sweep=name, parent_run_id=parent_run_id)
+    # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.
+    trainable = ray.tune.with_resources(driver, {"CPU": 0, "memory": 1})
+    if resume:
+        tuner = ray.tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        search_alg = None
+        if cfg.tune.search_alg == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=cfg.train.seed)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=ray.tune.TuneConfig(
+                metric=cfg.tune.metric,
+                mode=cfg.tune.mode,
+                scheduler=ASHAScheduler(
+                    time_attr="epoch",  # our own counter: survives a restored trial
+                    # Past the last epoch: a trial that completes ends by itself, so its driver gets to
+                    # log the final model (ASHA stops a trial *at* max_t, killing its driver).
+                    max_t=cfg.train.epochs + 1,
+                    grace_period=cfg.tune.grace_period,
+                    reduction_factor=cfg.tune.reduction_factor,
+                ),
+                search_alg=search_alg,
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=concurrency,
+            ),
+            run_config=ray.tune.RunConfig(name=name, storage_path=str(storage_root(cfg))),
+        )
+    results = tuner.fit()
+    return summarise(cfg, name, parent, results)
+
+
+def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: Any) -> SweepOutcome:
+    """Tag each child run with how its trial ended; give the parent the best trial's figures and plots."""
+    client = parent.client
+    children = {
+        run.data.tags.get("trial_id"): run
+        for run in client.search_runs(
+            [client.get_run(parent.run_id).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
+        )
+    }
+    searched = list(cfg.tune.search_space)
+    rows = []
+    for result in results:
+        found = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(result.path or ""))
+        trial_id = (result.metrics or {}).get("trial_id") or (found.group(1) if found else None)
+        child = children.get(trial_id)
+        metrics = result.metrics or {}
+        epochs_done = int(metrics.get("epoch", 0))
+        if result.error is not None:
+            status = "failed"
+        elif epochs_done < cfg.train.epochs:
+            status = "early_stopped"
+        else:
+            status = "finished"
+        point = flat_point({k: v for k, v in (result.config or {}).items() if isinstance(v, dict)})
+        row = {
+            "trial_id": trial_id,
+            "run_id": child.info.run_id if child else None,
+            "status": status,
+            "epochs": epochs_done,
+            "fid": metrics.get("fid"),
+            "inception_score": metrics.get("inception_score"),
+            **{key: point.get(key) for key in searched},
+        }
+        rows.append(row)
+        if child is None:
+            continue
+        if status == "finished" and child.info.status == "RUNNING":
+            # Stopped by a rung at its very last epoch: training is complete, the final logging is not.
+            run_name = child.data.tags.get("ray_train_run", "")
+            _finish_later(trial_config(cfg.to_dict(), (result.config or {})), run_name, parent.uri, child.info.run_id)
+        elif status != "finished":
+            client.set_tag(child.info.run_id, "status", status)
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, status="KILLED" if status == "early_stopped" else "FAILED")
+
+    sign = 1 if cfg.tune.mode == "min" else -1
+    scored = [r for r in rows if r[cfg.tune.metric] is not None]
+    scored.sort(key=lambda r: sign * r[cfg.tune.metric])
+    rows = scored + [r for r in rows if r[cfg.tune.metric] is None]
+    best = scored[0] if scored else None
+    if best is not None:
+        _log_best(cfg, parent, best, rows, searched)
+    parent.set_tags({"status": "finished"})
+    parent.end("FINISHED")
+    return SweepOutcome(name, parent.run_id, parent.uri, rows, best)
+
+
+def _finish_later(cfg: PipelineConfig, name: str, uri: str, run_id: str) -> None:
+    from ray.train import Result
+
+    from pipeline.distributed import finish_run
+
+    run_dir = storage_root(cfg) / name
+    finish_run(cfg, MLflowTracker(uri, run_id), name, run_dir, Result.from_path(str(run_dir)))
+
+
+def _log_best(
+    cfg: PipelineConfig, parent: MLflowTracker, best: dict[str, Any], rows: list[dict[str, Any]], searched: list[str]
+) -> None:
+    client = parent.client
+    parent.log_metrics(
+        {"best_fid": best["fid"] or float("nan"), "best_inception_score": best["inception_score"] or float("nan")},
+        step=0,
+    )
+    parent.flush()
+    parent.log_params({f"best_{key.split('.')[1]}": best[key] for key in searched})
+    parent.set_tags({"best_run_id": best["run_id"] or "", "best_trial_id": best["trial_id"] or ""})
+    with tempfile.TemporaryDirectory() as tmp:
+        if best["run_id"]:
+            grids = sorted(a.path for a in client.list_artifacts(best["run_id"], "samples"))
+            if grids:
+                local = client.download_artifacts(best["run_id"], grids[-1], tmp)
+                final = os.path.join(tmp, "best_trial_samples.png")
+                os.replace(local, final)
+                parent.log_artifact(final)
+        _plot_sweep(client, rows, searched, cfg.tune.metric, tmp)
+        for plot in sorted(Path(tmp).glob("*.png")):
+            if plot.name != "best_trial_samples.png":
+                parent.log_artifact(str(plot), "plots")
+
+
+def _plot_sweep(client: Any, rows: list[dict[str, Any]], searched: list[str], metric: str, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key in searched:
+        points = [(r[key], r[metric]) for r in rows if r[metric] is not None and r[key] is not None]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([p[0] for p in points], [p[1] for p in points])
+        if key.startswith("optim.lr") and all(isinstance(p[0], int | float) and p[0] > 0 for p in points):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"final {metric}")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"{metric}_vs_{key.replace('.', '_')}.png"), dpi=100)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        if r["run_id"]:
+            history = sorted((m.step, m.value) for m in client.get_metric_history(r["run_id"], metric))
+            if history:
+                ax.plot(
+                    [s for s, _ in history],
+                    [v for _, v in history],
+                    marker="o",
+                    label=f"{r['trial_id']} ({r['status']})",
+                )
+    ax.set_xlabel("global step")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{metric}_curves.png"), dpi=100)
+    plt.close(fig)
+
+
+def format_table(outcome: SweepOutcome, searched: list[str]) -> str:
+    """The trials as a markdown table, best first."""
+    head = ["trial", *searched, "epochs", "FID", "IS", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.3f}"
+        return str(value)
+
+    for r in outcome.rows:
+        cells = [
+            r["trial_id"],
+            *(fmt(r[k]) for k in searched),
+            str(r["epochs"]),
+            fmt(r["fid"]),
+            fmt(r["inception_score"]),
+            r["status"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def default_sweep_name(cfg: PipelineConfig) -> str:
+    return cfg.tune.name or f"{cfg.data.dataset}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
