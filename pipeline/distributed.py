@@ -9,7 +9,6 @@ and logging continues in the same MLflow run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,17 +25,29 @@ from pipeline.tracking import (
     NullTracker,
     check_tracking_uri,
     environment_tags,
+    find_run,
     flat_params,
     resolve_tracking_uri,
     start_run,
 )
 
-RUN_INFO = "mlflow_run.json"  # beside Ray's own files in <storage_path>/<name>/
+
+def storage_root(cfg: PipelineConfig) -> str:
+    """Where Ray keeps runs: a URI (``s3://...``) as given, a local path made absolute (a relative one would
+    follow the working directory, which `ray job submit` throws away)."""
+    path = cfg.train.storage_path
+    if path and "://" in path:
+        return path.rstrip("/")
+    return str(Path(path).expanduser().resolve() if path else PROJECT_ROOT / "runs")
 
 
-def storage_root(cfg: PipelineConfig) -> Path:
-    """Absolute storage path (a relative one would follow the working directory, lost under job submit)."""
-    return Path(cfg.train.storage_path).expanduser().resolve() if cfg.train.storage_path else PROJECT_ROOT / "runs"
+def run_location(cfg: PipelineConfig, name: str) -> str:
+    return f"{storage_root(cfg)}/{name}"
+
+
+def local_dir(location: str) -> Path | None:
+    """The local directory of a storage location; None for remote storage (s3://, gs://, ...)."""
+    return None if "://" in location else Path(location)
 
 
 def resolve_scaling(cfg: PipelineConfig) -> PipelineConfig:
@@ -124,6 +135,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     run_id = loop_config.get("mlflow_run_id")
     tracker = MLflowTracker(loop_config["tracking_uri"], run_id) if is_main and run_id else NullTracker()
+    evaluator = None
+    if is_main and cfg.eval.every_epochs and loop_config.get("evaluator") is not None:
+        from pipeline.metrics import Evaluator
+
+        evaluator = Evaluator.from_payload(loop_config["evaluator"])
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if state is None:
@@ -140,11 +156,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=device),
         mean_over_workers=_all_reduce_mean if world > 1 else (lambda t: t),
     )
-    evaluator = None
-    if is_main and cfg.eval.every_epochs:
-        from pipeline.metrics import get_evaluator
-
-        evaluator = get_evaluator(cfg.data)
     train_gan(cfg, data, runtime=runtime, tracker=tracker, report=report, resume=resume, evaluator=evaluator, log=print)
 
 
@@ -155,11 +166,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 @dataclass
 class TrainOutcome:
     name: str
-    run_dir: Path  # <storage_path>/<name>: Ray's run directory, with RUN_INFO beside it
+    run_dir: str  # <storage_path>/<name>: Ray's run directory (a path or a URI)
     mlflow_run_id: str
     tracking_uri: str
     metrics: dict[str, Any]  # the last reported epoch's
-    checkpoint_dir: Path | None
+    checkpoint_dir: str | None
 
 
 def build_trainer(
@@ -169,6 +180,7 @@ def build_trainer(
     tracking_uri: str | None = None,
     callbacks: Sequence[Any] = (),
     gpu: bool = False,
+    evaluator: dict[str, Any] | None = None,
 ) -> Any:
     """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -177,7 +189,12 @@ def build_trainer(
     cfg = resolve_scaling(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": mlflow_run_id,
+            "tracking_uri": tracking_uri,
+            "evaluator": evaluator,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=gpu,
@@ -204,20 +221,23 @@ def checkpoint_config(cfg: PipelineConfig, cls: type) -> Any:
     return cls(num_to_keep=cfg.train.keep_checkpoints)
 
 
-def prepare_inputs(cfg: PipelineConfig, progress: Callable[[str], None] = print) -> None:
-    """Data and (if evaluating) the evaluator, made ready on this node before any worker starts."""
+def prepare_inputs(cfg: PipelineConfig, progress: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Data and (if evaluating) the evaluator, made ready on this node before any worker starts; returns the
+    evaluator's payload for the workers."""
     from pipeline.data import prepare, resolve_root
 
     prepare(cfg.data.dataset, resolve_root(cfg.data), progress)
-    if cfg.eval.every_epochs:
-        from pipeline.metrics import get_evaluator
+    if not cfg.eval.every_epochs:
+        return None
+    from pipeline.metrics import get_evaluator
 
-        get_evaluator(cfg.data, progress)
+    return get_evaluator(cfg.data, progress).payload()
 
 
-def read_run_info(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / RUN_INFO
-    return json.loads(path.read_text()) if path.is_file() else None
+def existing_run(cfg: PipelineConfig, name: str) -> str | None:
+    """The MLflow run of the training run ``name``, if one was started before."""
+    uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
+    return find_run(uri, cfg.tracking.experiment, {"ray_train_run": name})
 
 
 def prepare_run(
@@ -227,39 +247,39 @@ def prepare_run(
     *,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
-) -> tuple[Path, str, str]:
+) -> tuple[str, str, str]:
     """Check the store, then create the MLflow run (or find the one a resumed run had): (run_dir, uri, id).
 
     Everything here is cheap and happens before Ray starts, so bad input fails fast.
     """
     uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
-    run_dir = storage_root(cfg) / name
-    info = read_run_info(run_dir)
-    if resume and info is None:
-        raise ConfigError(
-            f"--resume {name}: nothing to resume, no run {name!r} under {storage_root(cfg)}; "
-            "check the name (ls that directory) or drop --resume to start a new run"
-        )
-    if not resume and run_dir.exists():
-        raise ConfigError(
-            f"run {name!r} already exists under {storage_root(cfg)}; pass --resume {name} to continue it, "
-            "or choose another --name"
-        )
     check_tracking_uri(uri)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+    location = run_location(cfg, name)
+    directory = local_dir(location)
+    previous = find_run(uri, cfg.tracking.experiment, {"ray_train_run": name})
+    if resume and previous is None:
         raise ConfigError(
-            f"train.storage_path: cannot create {str(run_dir)!r} ({exc.strerror}); choose a writable directory"
-        ) from None
-    if info is not None:
-        return run_dir, info["tracking_uri"], info["mlflow_run_id"]
+            f"--resume {name}: nothing to resume, no run {name!r} in the MLflow store {uri}; check the name "
+            "(the MLflow run name) and tracking.uri, or drop --resume to start a new run"
+        )
+    # Ray Train silently restores a run whose directory exists: a *new* run must not find one.
+    if not resume and (previous is not None or (directory is not None and directory.exists())):
+        raise ConfigError(
+            f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
+        )
+    if directory is not None:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"train.storage_path: cannot create {str(directory)!r} ({exc.strerror}); choose a writable directory"
+            ) from None
+    if previous is not None:
+        return location, uri, previous
     tags = {"ray_train_run": name, **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    run_id = start_run(uri, cfg.tracking.experiment, name, tags)
-    (run_dir / RUN_INFO).write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": uri, "name": name}))
-    return run_dir, uri, run_id
+    return location, uri, start_run(uri, cfg.tracking.experiment, name, tags)
 
 
 def run_training(
@@ -276,7 +296,7 @@ def run_training(
     cfg = resolve_scaling(cfg)
     check_local_resources(cfg)
     run_dir, uri, run_id = prepare_run(cfg, name, resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
-    prepare_inputs(cfg, progress)
+    evaluator = prepare_inputs(cfg, progress)
     init_ray()
     gpu = use_gpu(cfg)
     tracker = MLflowTracker(uri, run_id)
@@ -294,7 +314,7 @@ def run_training(
     progress(
         f"[train] run {name!r}: {cfg.scaling.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, MLflow run {run_id}"
     )
-    trainer = build_trainer(cfg, name, run_id, uri, callbacks, gpu)
+    trainer = build_trainer(cfg, name, run_id, uri, callbacks, gpu, evaluator)
     try:
         result = trainer.fit()
     except Exception:
@@ -304,7 +324,7 @@ def run_training(
     return finish_run(cfg, tracker, name, run_dir, result)
 
 
-def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: Path, result: Any) -> TrainOutcome:
+def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: str, result: Any) -> TrainOutcome:
     """Loss curve, last checkpoint and the generator model into the MLflow run; close it."""
     from pipeline.models import Generator
     from pipeline.train import sampling_weights
@@ -315,9 +335,10 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
         tracker.save_loss_curve(curve)
         tracker.log_artifact(curve)
         if result.checkpoint is not None:
-            checkpoint_dir = Path(result.checkpoint.path)
-            state = checkpoint.load(checkpoint_dir / checkpoint.FILENAME)
-            tracker.log_artifact(str(checkpoint_dir / checkpoint.FILENAME), "checkpoints")
+            checkpoint_dir = result.checkpoint.path
+            with result.checkpoint.as_directory() as local:
+                state = checkpoint.load(Path(local) / checkpoint.FILENAME)
+                tracker.log_artifact(str(Path(local) / checkpoint.FILENAME), "checkpoints")
             generator = Generator(cfg.model.latent_dim, cfg.model.g_channels)
             generator.load_state_dict(sampling_weights(state))
             tracker.log_generator(generator, cfg.model.latent_dim)

@@ -119,6 +119,25 @@ class Evaluator:
             probs.append(F.softmax(logits.double(), dim=1))
         return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
+    def payload(self) -> dict:
+        """Everything needed to rebuild this evaluator elsewhere (shipped to every worker of a run, so all
+        trials on all nodes are scored by the very same network)."""
+        return {
+            "weights": self.model.state_dict(),
+            "dataset": self.dataset,
+            "test_accuracy": self.test_accuracy,
+            "test_mu": self.test_mu,
+            "test_sigma": self.test_sigma,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> Evaluator:
+        model = Classifier()
+        model.load_state_dict(payload["weights"])
+        return cls(
+            model.eval(), payload["dataset"], payload["test_accuracy"], payload["test_mu"], payload["test_sigma"]
+        )
+
     def score(self, images: torch.Tensor) -> dict[str, float]:
         """``fid`` against the test split and ``inception_score`` (10 splits) of uint8 images."""
         if len(images) < 2:

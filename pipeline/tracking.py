@@ -6,10 +6,12 @@ calls the same methods everywhere without asking who it is.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -157,6 +159,17 @@ def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
         return exp.experiment_id
 
 
+def find_run(uri: str, experiment: str, tags: dict[str, str]) -> str | None:
+    """The id of the run in ``experiment`` carrying all ``tags`` (how a resumed run finds its MLflow run)."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([exp.experiment_id], filter_string=query, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
     """Create an MLflow run and return its id (the driver does this; workers only log into it)."""
     client = _client(uri)
@@ -239,10 +252,9 @@ class MLflowTracker:
         import mlflow
         import numpy as np
 
-        mlflow.set_tracking_uri(self.uri)
         generator = generator.cpu().eval()
         example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
-        with mlflow.start_run(run_id=self.run_id):
+        with using_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(generator, name="generator", input_example=example)
         return info.model_uri
 
@@ -271,6 +283,29 @@ class MLflowTracker:
         plt.close(fig)
 
 
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's global tracking URI set to ``uri`` for a block, then put back.
+
+    ``mlflow.set_tracking_uri`` also writes $MLFLOW_TRACKING_URI, which every child process would inherit
+    (and which beats ``tracking.uri``): it must not outlive the block.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    before = tracking_utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri = before
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
+
+
 def load_generator(uri: str, run_id: str) -> tuple[torch.nn.Module, dict[str, str]]:
     """The ``generator`` model logged in run ``run_id`` and the run's params; a clear error if missing."""
     import mlflow
@@ -284,9 +319,9 @@ def load_generator(uri: str, run_id: str) -> tuple[torch.nn.Module, dict[str, st
             f"no MLflow run {run_id!r} in {uri}; list runs with `mlflow ui --backend-store-uri {uri}` "
             "or check MLFLOW_TRACKING_URI"
         ) from None
-    mlflow.set_tracking_uri(uri)
     try:
-        model = mlflow.pytorch.load_model(f"runs:/{run_id}/generator", map_location="cpu")
+        with using_tracking_uri(uri):
+            model = mlflow.pytorch.load_model(f"runs:/{run_id}/generator", map_location="cpu")
     except (MlflowException, OSError) as exc:
         raise TrackingError(
             f"run {run_id} has no loadable 'generator' model ({str(exc).splitlines()[0]}); did that training finish?"

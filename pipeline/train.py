@@ -108,13 +108,20 @@ def fixed_noise(cfg: PipelineConfig, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_images(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Generate in eval mode (BatchNorm running statistics) as uint8 (N, 28, 28) on the CPU."""
+    """Generate in eval mode (BatchNorm running statistics) as uint8 (N, 28, 28) on the CPU.
+
+    A generator loaded from MLflow (a torch.export program) was exported in eval mode and refuses
+    mode switches; it is called as it is.
+    """
+    switch = isinstance(generator, Generator)
     was_training = generator.training
-    generator.eval()
+    if switch:
+        generator.eval()
     try:
         out = generator(z)
     finally:
-        generator.train(was_training)
+        if switch:
+            generator.train(was_training)
     return out.squeeze(1).add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
 
 

@@ -24,15 +24,14 @@ from pipeline import PROJECT_ROOT
 from pipeline.config import ConfigError, PipelineConfig, build_config
 from pipeline.distributed import (
     check_local_resources,
+    existing_run,
     init_ray,
+    local_dir,
     prepare_inputs,
-    read_run_info,
+    run_location,
     run_training,
-    storage_root,
 )
-from pipeline.tracking import MLflowTracker, check_tracking_uri, resolve_tracking_uri, start_run
-
-SWEEP_INFO = "sweep.json"  # beside Tune's own files in <storage_path>/<sweep name>/
+from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, resolve_tracking_uri, start_run
 
 
 def search_space(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
@@ -76,7 +75,7 @@ def _trial_driver(point: dict[str, dict[str, Any]], *, base: dict[str, Any], swe
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{sweep}-{trial_id}"
     # A restored sweep finds the Train run (and its MLflow child run) of a continuing trial by name.
-    resume = read_run_info(storage_root(cfg) / name) is not None
+    resume = existing_run(cfg, name) is not None
     run_training(
         cfg,
         name,
@@ -129,37 +128,31 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
     from ray.tune.schedulers import ASHAScheduler
 
     _check_sweep(cfg)
-    sweep_dir = storage_root(cfg) / name
-    info_path = sweep_dir / SWEEP_INFO
-    if resume and not info_path.is_file():
-        raise ConfigError(
-            f"--resume {name}: nothing to resume, no sweep {name!r} under {storage_root(cfg)}; "
-            "check the name or drop --resume"
-        )
-    if not resume and sweep_dir.exists():
-        raise ConfigError(
-            f"sweep {name!r} already exists under {storage_root(cfg)}; pass --resume {name} or a new name"
-        )
+    sweep_dir = run_location(cfg, name)
     uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
     check_tracking_uri(uri)
+    parent_run_id = find_run(uri, cfg.tracking.experiment, {"kind": "sweep", "sweep": name})
+    if resume and (parent_run_id is None or not ray.tune.Tuner.can_restore(sweep_dir)):
+        raise ConfigError(
+            f"--resume {name}: nothing to resume, no sweep {name!r} in {sweep_dir} and the MLflow store {uri}; "
+            "check the name and tracking.uri, or drop --resume"
+        )
+    directory = local_dir(sweep_dir)
+    if not resume and (parent_run_id is not None or (directory is not None and directory.exists())):
+        raise ConfigError(f"sweep {name!r} already exists ({sweep_dir}); pass --resume {name} or choose a new name")
     if cfg.scaling.cpus_per_worker is None:
         # Trials share the machine: one CPU per worker unless the config says otherwise.
         cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=1))
     check_local_resources(cfg)
     prepare_inputs(cfg, progress)
 
-    if resume:
-        info = json.loads(info_path.read_text())
-        parent_run_id, uri = info["parent_run_id"], info["tracking_uri"]
-    else:
-        sweep_dir.mkdir(parents=True)
+    if parent_run_id is None:
         parent_run_id = start_run(
             uri,
             cfg.tracking.experiment,
             name,
             {"sweep": name, "search_space": json.dumps(cfg.tune.search_space, sort_keys=True), "kind": "sweep"},
         )
-        info_path.write_text(json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri, "name": name}))
     parent = MLflowTracker(uri, parent_run_id)
     if resume:
         parent.client.update_run(parent_run_id, status="RUNNING")
@@ -177,7 +170,7 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
     # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.
     trainable = ray.tune.with_resources(driver, {"CPU": 0, "memory": 1})
     if resume:
-        tuner = ray.tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = ray.tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         search_alg = None
         if cfg.tune.search_alg == "optuna":
@@ -202,7 +195,7 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=concurrency,
             ),
-            run_config=ray.tune.RunConfig(name=name, storage_path=str(storage_root(cfg))),
+            run_config=ray.tune.RunConfig(name=name, storage_path=sweep_dir.rsplit("/", 1)[0]),
         )
     results = tuner.fit()
     return summarise(cfg, name, parent, results)
@@ -271,8 +264,8 @@ def _finish_later(cfg: PipelineConfig, name: str, uri: str, run_id: str) -> None
 
     from pipeline.distributed import finish_run
 
-    run_dir = storage_root(cfg) / name
-    finish_run(cfg, MLflowTracker(uri, run_id), name, run_dir, Result.from_path(str(run_dir)))
+    location = run_location(cfg, name)
+    finish_run(cfg, MLflowTracker(uri, run_id), name, location, Result.from_path(location))
 
 
 def _log_best(

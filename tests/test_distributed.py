@@ -75,10 +75,15 @@ def test_two_workers_then_resume_then_sample(store, tmp_path):
         "samples/epoch_002.png",
     }
 
+    import os
+
     import mlflow
 
-    mlflow.set_tracking_uri(store["uri"])
-    generator = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")
+    from pipeline.tracking import using_tracking_uri
+
+    with using_tracking_uri(store["uri"]):
+        generator = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # nothing leaks into later subprocesses
     out = generator(torch.randn(3, 16))
     assert out.shape == (3, 1, 28, 28) and out.abs().max() <= 1
 
@@ -134,7 +139,7 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
     """
     import ray
 
-    from pipeline.distributed import build_trainer, init_ray
+    from pipeline.distributed import build_trainer, init_ray, prepare_inputs
 
     cfg = load_config(
         CONFIGS / "smoke.yaml",
@@ -148,7 +153,7 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
     )
     init_ray()
     try:
-        result = build_trainer(cfg, "dp-step").fit()
+        result = build_trainer(cfg, "dp-step", evaluator=prepare_inputs(cfg)).fit()
     finally:
         ray.shutdown()
     trained = checkpoint.load(f"{result.checkpoint.path}/{checkpoint.FILENAME}")

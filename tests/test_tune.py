@@ -112,6 +112,7 @@ def test_concurrent_trials_lose_no_write_and_a_killed_sweep_resumes(tmp_path):
     try:
         while time.monotonic() < deadline:  # wait until some trial has finished an epoch and its evaluation
             time.sleep(2)
+            assert proc.poll() is None, "the sweep ended before it could be killed"
             if db.exists():
                 try:
                     with sqlite3.connect(db) as conn:
