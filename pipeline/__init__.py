@@ -3,7 +3,12 @@
 Importing the package imports no torch, ray or mlflow; the submodules do, each as it needs.
 """
 
+import time
 from pathlib import Path
+
+# When this process began running pipeline code (`python -m pipeline` imports this first): the start
+# that `bench` measures "command start to first training step" from.
+STARTED_AT = time.time()
 
 __version__ = "0.1.0"
 

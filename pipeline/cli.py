@@ -7,6 +7,7 @@ before any expensive work starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num", type=int, default=10_000, help="samples to generate with --run-id")
     evaluate.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
 
+    bench = sub.add_parser("bench", help="throughput: plain loop, Ray Train 1 and N workers, vs the matmul peak")
+    _add_config_args(bench)
+    bench.add_argument("--quick", action="store_true", help="a shorter run (about 3 minutes), same keys")
+    bench.add_argument("--workers", type=int, help="N for the N-worker run (default: the CPUs)")
+    bench.add_argument("--out", help="write the results as JSON here")
+
     cfg = sub.add_parser("config", help="show the resolved config, or every key with its default and meaning")
     _add_config_args(cfg)
     cfg.add_argument("--keys", action="store_true", help="list every config key, its default and what it means")
@@ -81,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # MLflow announces every table it creates and every run it ends: noise next to our progress lines.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     try:
         if args.command == "data":
             return _cmd_data_prepare(args)
@@ -94,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_sample(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -123,10 +134,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.distributed import run_training, ui_command
+    from pipeline.distributed import RunDiverged, run_training, ui_command
 
     name = args.resume or args.name or f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    outcome = run_training(cfg, name, resume=bool(args.resume))
+    try:
+        outcome = run_training(cfg, name, resume=bool(args.resume))
+    except RunDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     metrics = outcome.metrics
     print(
         f"done: run {outcome.name!r}, {metrics.get('epoch', '?')} epoch(s), loss_d={metrics.get('loss_d', 0):.4f} "
@@ -239,4 +254,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         f"{label}: {len(images)} images  FID={scores['fid']:.3f}  "
         f"IS={scores['inception_score']:.3f} +- {scores['inception_score_std']:.3f}  ({args.dataset} evaluator)"
     )
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import bench, format_table, write_json
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers: {args.workers} must be >= 1")
+    load_config(args.config, args.overrides)  # bad input fails here, before any measurement
+    results = bench(args.config, args.overrides, quick=args.quick, num_workers=args.workers)
+    print(format_table(results))
+    if args.out:
+        write_json(results, args.out)
+        print(f"wrote {args.out}")
     return 0

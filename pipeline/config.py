@@ -245,7 +245,17 @@ def build_config(raw: dict[str, Any]) -> PipelineConfig:
     return cfg
 
 
+TRAIN_IMAGES = {"mnist": 60_000, "fashion_mnist": 60_000}
+
+
 def _cross_checks(cfg: PipelineConfig) -> None:
+    available = TRAIN_IMAGES[cfg.data.dataset]
+    if cfg.data.limit is not None and cfg.data.limit > available:
+        raise ConfigError(f"data.limit: {cfg.data.limit} exceeds the {available} training images; lower it")
+    if cfg.data.limit is None and cfg.train.batch_size > available:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is larger than the {available} training images; lower it"
+        )
     if cfg.train.batch_size % cfg.scaling.num_workers:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} does not split evenly across scaling.num_workers="

@@ -146,6 +146,15 @@ def _check_writable(root: Path) -> None:
         ) from None
 
 
+def check_root(cfg: DataConfig) -> None:
+    """Cheap, early: a dataset that still needs preparing needs a writable data root."""
+    root = resolve_root(cfg)
+    spec = SPECS[cfg.dataset]
+    raw_dir = root / spec.folder / "raw"
+    if not raw_dir.is_dir() or any(not (raw_dir / n).is_file() for n in spec.files):
+        _check_writable(root)
+
+
 def prepare(dataset: str, root: Path, progress: Progress = print) -> Path:
     """Make ``root/<Name>/raw`` hold the four valid IDX files; return that raw directory."""
     spec = SPECS[dataset]

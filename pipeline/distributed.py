@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline import PROJECT_ROOT, checkpoint
-from pipeline.config import ConfigError, PipelineConfig, build_config
+from pipeline.config import ConfigError, PipelineConfig, UserError, build_config
 from pipeline.tracking import (
     MLflowTracker,
     NullTracker,
@@ -83,6 +83,9 @@ def init_ray() -> None:
 
     if ray.is_initialized():
         return
+    # Ray folds log lines that differ only in their numbers into one: that would hide every worker's
+    # and trial's epoch line but the first.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -117,7 +120,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipeline.data import load
-    from pipeline.train import Runtime, train_gan
+    from pipeline.train import DivergedError, Runtime, train_gan
 
     cfg = build_config(loop_config["config"])
     context = ray.train.get_context()
@@ -141,7 +144,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         evaluator = Evaluator.from_payload(loop_config["evaluator"])
 
+    clock = None
+    if loop_config.get("bench"):
+        from pipeline.bench import StepClock
+
+        clock = StepClock()
+    fault = loop_config.get("fault")
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if clock is not None:
+            clock(step, metrics)
+        if fault and rank == fault["rank"] and step == fault["step"] and not os.path.exists(fault["once"]):
+            # An injected fault (PIPELINE_FAULT_AT_STEP): this worker dies as a crashed process would.
+            Path(fault["once"]).touch()
+            print(f"[fault] rank {rank} exits at step {step} (PIPELINE_FAULT_AT_STEP)", flush=True)
+            os._exit(1)
+
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if clock is not None:  # `pipeline bench`: this worker's own step timing
+            bench = loop_config["bench"]
+            metrics = {
+                **metrics,
+                "bench_img_s": clock.images_per_s(cfg.train.batch_size, bench["warmup"], bench["window"]),
+                "bench_first_step_time": clock.times[0],
+            }
         if state is None:
             ray.train.report(metrics)
             return
@@ -156,7 +182,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=device),
         mean_over_workers=_all_reduce_mean if world > 1 else (lambda t: t),
     )
-    train_gan(cfg, data, runtime=runtime, tracker=tracker, report=report, resume=resume, evaluator=evaluator, log=print)
+    try:
+        train_gan(
+            cfg,
+            data,
+            runtime=runtime,
+            tracker=tracker,
+            report=report,
+            on_step=on_step if clock is not None or fault else None,
+            resume=resume,
+            evaluator=evaluator,
+            log=print,
+        )
+    except DivergedError as exc:
+        # Not a crash to retry from the checkpoint: the same steps would diverge again. Every worker
+        # reports it as the run's last result (the worst score, so Tune ranks it last) and returns.
+        if is_main:
+            print(f"[train] {exc}", flush=True)
+            tracker.flush()
+            tracker.set_tags({"status": "diverged", "diverged_epoch": str(exc.epoch)})
+        ray.train.report({"diverged": 1, "epoch": exc.epoch, "fid": float("inf"), "inception_score": 0.0})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,6 +226,8 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
     gpu: bool = False,
     evaluator: dict[str, Any] | None = None,
+    bench: dict[str, int] | None = None,
+    fault: dict[str, Any] | None = None,
 ) -> Any:
     """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -194,6 +241,8 @@ def build_trainer(
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": tracking_uri,
             "evaluator": evaluator,
+            "bench": bench,
+            "fault": fault,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -247,11 +296,17 @@ def prepare_run(
     *,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
-) -> tuple[str, str, str]:
-    """Check the store, then create the MLflow run (or find the one a resumed run had): (run_dir, uri, id).
+    progress: Callable[[str], None] = print,
+) -> tuple[str, str, str, dict[str, Any] | None]:
+    """Check everything, prepare data and evaluator, then create the MLflow run (or find the one a resumed
+    run had): (run location, tracking URI, MLflow run id, evaluator payload).
 
-    Everything here is cheap and happens before Ray starts, so bad input fails fast.
+    Everything here happens before Ray starts, cheap checks first, so bad input fails fast and leaves
+    nothing behind (no MLflow run, no directory).
     """
+    from pipeline.data import check_root
+
+    check_root(cfg.data)
     uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
     check_tracking_uri(uri)
     location = run_location(cfg, name)
@@ -267,6 +322,9 @@ def prepare_run(
         raise ConfigError(
             f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
         )
+    if resume and directory is not None:
+        verify_latest_checkpoint(directory)
+    evaluator = prepare_inputs(cfg, progress)
     if directory is not None:
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -275,11 +333,32 @@ def prepare_run(
                 f"train.storage_path: cannot create {str(directory)!r} ({exc.strerror}); choose a writable directory"
             ) from None
     if previous is not None:
-        return location, uri, previous
+        return location, uri, previous, evaluator
     tags = {"ray_train_run": name, **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    return location, uri, start_run(uri, cfg.tracking.experiment, name, tags)
+    return location, uri, start_run(uri, cfg.tracking.experiment, name, tags), evaluator
+
+
+def verify_latest_checkpoint(directory: Path) -> None:
+    """A resumed run's newest checkpoint must load: refuse a damaged one here, not in a retrying worker."""
+    latest = sorted(p for p in directory.glob("checkpoint_*") if p.is_dir())
+    if latest:
+        checkpoint.load(latest[-1] / checkpoint.FILENAME)
+
+
+def fault_from_env() -> dict[str, Any] | None:
+    """PIPELINE_FAULT_AT_STEP=N [PIPELINE_FAULT_RANK=R] [PIPELINE_FAULT_ONCE=FILE]: rank R dies at step N,
+    once (FILE marks that it happened). For fault-tolerance tests and drills."""
+    step = os.environ.get("PIPELINE_FAULT_AT_STEP")
+    if not step:
+        return None
+    once = os.environ.get("PIPELINE_FAULT_ONCE") or os.path.join(tempfile.gettempdir(), f"pipeline-fault-{step}")
+    return {"step": int(step), "rank": int(os.environ.get("PIPELINE_FAULT_RANK", "0")), "once": once}
+
+
+class RunDiverged(UserError):
+    """The run stopped because its losses diverged (exit code 1: not bad input, a training outcome)."""
 
 
 def run_training(
@@ -295,8 +374,9 @@ def run_training(
     """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model."""
     cfg = resolve_scaling(cfg)
     check_local_resources(cfg)
-    run_dir, uri, run_id = prepare_run(cfg, name, resume, parent_run_id=parent_run_id, extra_tags=extra_tags)
-    evaluator = prepare_inputs(cfg, progress)
+    run_dir, uri, run_id, evaluator = prepare_run(
+        cfg, name, resume, parent_run_id=parent_run_id, extra_tags=extra_tags, progress=progress
+    )
     init_ray()
     gpu = use_gpu(cfg)
     tracker = MLflowTracker(uri, run_id)
@@ -314,13 +394,22 @@ def run_training(
     progress(
         f"[train] run {name!r}: {cfg.scaling.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, MLflow run {run_id}"
     )
-    trainer = build_trainer(cfg, name, run_id, uri, callbacks, gpu, evaluator)
+    trainer = build_trainer(cfg, name, run_id, uri, callbacks, gpu, evaluator, fault=fault_from_env())
     try:
         result = trainer.fit()
     except Exception:
         tracker.set_tags({"status": "failed"})
         tracker.end("FAILED")
         raise
+    # Rank 0 tags a diverged run itself: Ray's result keeps the metrics of the last *checkpointed*
+    # report, and a diverged epoch has no checkpoint.
+    tags = tracker.client.get_run(run_id).data.tags
+    if tags.get("status") == "diverged":
+        tracker.end("FAILED")
+        raise RunDiverged(
+            f"run {name!r} diverged at epoch {tags.get('diverged_epoch', '?')} (NaN or infinite loss) and was "
+            "stopped; lower optim.lr_g / optim.lr_d, or try train.real_label=0.9"
+        )
     return finish_run(cfg, tracker, name, run_dir, result)
 
 

@@ -62,6 +62,17 @@ EpochReport = Callable[[dict[str, float], dict[str, Any] | None], None]
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
+class DivergedError(FloatingPointError):
+    """A loss became NaN or infinite: the run cannot recover by itself (a retry would diverge again)."""
+
+    def __init__(self, epoch: int, loss_d: float, loss_g: float):
+        self.epoch = epoch
+        super().__init__(
+            f"training diverged at epoch {epoch} (loss_d={loss_d}, loss_g={loss_g}); "
+            "lower optim.lr_g / optim.lr_d, or try train.real_label=0.9"
+        )
+
+
 class EmaGenerator:
     """An exponential moving average of G's weights; BatchNorm statistics are copied from G.
 
@@ -288,6 +299,9 @@ def train_gan(
             epoch_time_s=elapsed,
             images_per_s=num_steps * cfg.train.batch_size / elapsed,
         )
+        if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
+            # Every worker sees the same all-reduced means, so all of them stop here, together.
+            raise DivergedError(epoch + 1, metrics["loss_d"], metrics["loss_g"])
         is_last = epoch + 1 == cfg.train.epochs
         every = cfg.eval.every_epochs
         if evaluator is not None and every and ((epoch + 1) % every == 0 or is_last):
@@ -295,10 +309,6 @@ def train_gan(
             samples = generate_images(sampler_g, cfg.eval.num_samples, cfg.model.latent_dim, cfg.train.seed, device)
             metrics.update(evaluator.score(samples))
             metrics["eval_time_s"] = time.perf_counter() - eval_started
-        if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
-            raise FloatingPointError(
-                f"losses diverged at epoch {epoch + 1}: loss_d={metrics['loss_d']}, loss_g={metrics['loss_g']}"
-            )
         if rt.is_main:
             log(
                 f"epoch {epoch + 1}/{cfg.train.epochs}  loss_d={metrics['loss_d']:.4f}  "

@@ -23,6 +23,7 @@ from typing import Any
 from pipeline import PROJECT_ROOT
 from pipeline.config import ConfigError, PipelineConfig, build_config
 from pipeline.distributed import (
+    RunDiverged,
     check_local_resources,
     existing_run,
     init_ray,
@@ -76,15 +77,19 @@ def _trial_driver(point: dict[str, dict[str, Any]], *, base: dict[str, Any], swe
     name = f"{sweep}-{trial_id}"
     # A restored sweep finds the Train run (and its MLflow child run) of a continuing trial by name.
     resume = existing_run(cfg, name) is not None
-    run_training(
-        cfg,
-        name,
-        resume=resume,
-        parent_run_id=parent_run_id,
-        extra_tags={"sweep": sweep, "trial_id": trial_id},
-        callbacks=[TuneReportCallback()],
-        progress=lambda msg: print(f"[{trial_id}] {msg}"),
-    )
+    try:
+        run_training(
+            cfg,
+            name,
+            resume=resume,
+            parent_run_id=parent_run_id,
+            extra_tags={"sweep": sweep, "trial_id": trial_id},
+            callbacks=[TuneReportCallback()],
+            progress=lambda msg: print(f"[{trial_id}] {msg}"),
+        )
+    except RunDiverged as exc:
+        # Tune already has its last result (the worst score); the rest of the sweep goes on.
+        print(f"[{trial_id}] {exc}")
 
 
 @dataclass
@@ -219,7 +224,9 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
         child = children.get(trial_id)
         metrics = result.metrics or {}
         epochs_done = int(metrics.get("epoch", 0))
-        if result.error is not None:
+        if child is not None and child.data.tags.get("status") == "diverged":
+            status = "diverged"
+        elif result.error is not None:
             status = "failed"
         elif epochs_done < cfg.train.epochs:
             status = "early_stopped"
@@ -242,7 +249,7 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
             # Stopped by a rung at its very last epoch: training is complete, the final logging is not.
             run_name = child.data.tags.get("ray_train_run", "")
             _finish_later(trial_config(cfg.to_dict(), (result.config or {})), run_name, parent.uri, child.info.run_id)
-        elif status != "finished":
+        elif status not in ("finished", "diverged"):
             client.set_tag(child.info.run_id, "status", status)
             if child.info.status == "RUNNING":
                 client.set_terminated(child.info.run_id, status="KILLED" if status == "early_stopped" else "FAILED")

@@ -142,3 +142,10 @@ def test_cli_tune_with_malformed_space_exits_2():
         "tune", "-c", "configs/smoke.yaml", "--set", "tune.search_space={optim.lr_g: {loguniform: [1, 0]}}"
     )
     assert result.returncode == 2 and "must be below high" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_readme_documents_every_config_key():
+    """Docs match the code: each key `python -m pipeline config --keys` lists appears in README.md."""
+    readme = (CONFIGS.parent / "README.md").read_text()
+    missing = [key for key, _, _ in describe_fields() if f"`{key}`" not in readme]
+    assert not missing, f"README.md does not document: {missing}"

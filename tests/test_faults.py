@@ -1,0 +1,150 @@
+"""Faults and bad input: the pipeline keeps going, loses nothing, and says clearly what is wrong."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.train import DivergedError, train_gan
+from tests.conftest import CONFIGS, run_cli
+
+
+def _store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return uri, ["--set", f"train.storage_path={tmp_path / 'runs'}", "--set", f"tracking.uri={uri}"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (
+            ["--set", "train.batch_size=100000", "--set", "data.limit=null"],
+            "train.batch_size: 100000 is larger than the 60000 training images",
+        ),
+        (["--set", "scaling.num_workers=64"], "need 64 CPUs but this machine has"),
+        (["--set", "scaling.use_gpu=true"], "scaling.use_gpu: true with 1 workers needs that many GPUs"),
+        (["--set", "data.root=/proc/version/data"], "is not writable"),
+        (["--set", "tracking.uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 is unreachable"),
+        (["--resume", "never-was"], "nothing to resume"),
+    ],
+)
+def test_bad_input_stops_before_ray_with_exit_2(tmp_path, args, words):
+    _, store = _store(tmp_path)
+    result = run_cli("train", "-c", "configs/smoke.yaml", *store, *args, env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert words in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written
+
+
+@pytest.mark.slow
+def test_corrupted_checkpoint_on_resume_is_refused_before_ray(tmp_path):
+    from pipeline import checkpoint
+
+    _, store = _store(tmp_path)
+    first = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=1", *store, "--name", "c")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (latest,) = sorted(p for p in (tmp_path / "runs" / "c").glob("checkpoint_*") if p.is_dir())[-1:]
+    target = latest / checkpoint.FILENAME
+    target.write_bytes(target.read_bytes()[:1000])
+    again = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", *store, "--resume", "c")
+    assert again.returncode == 2 and "corrupted or truncated" in again.stderr and "Traceback" not in again.stderr
+    assert target.stat().st_size == 1000  # left as it was, for the user to inspect
+
+
+# ---------------------------------------------------------------------------------------------- divergence
+
+
+def test_nan_loss_raises_diverged(fake_split):
+    cfg = load_config(CONFIGS / "smoke.yaml", ["optim.lr_d=1.0e+30", "optim.lr_g=1.0e+30", "train.epochs=2"])
+    with pytest.raises(DivergedError, match="diverged at epoch 1"):
+        train_gan(cfg, fake_split, log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_is_tagged_and_stops_cleanly(tmp_path):
+    uri, store = _store(tmp_path)
+    result = run_cli(
+        "train",
+        "-c",
+        "configs/smoke.yaml",
+        "--set",
+        "optim.lr_d=1.0e+30",
+        "--set",
+        "optim.lr_g=1.0e+30",
+        *store,
+        "--name",
+        "nan",
+    )
+    assert result.returncode == 1
+    assert "diverged" in result.stderr and "lower optim.lr_g / optim.lr_d" in result.stderr
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("gan-pipeline").experiment_id])
+    assert run.data.tags["status"] == "diverged" and run.info.status == "FAILED"
+
+
+# ---------------------------------------------------------------------------------------------- a worker dies
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_restarts_from_the_checkpoint(tmp_path):
+    """Rank 1 exits at step 120 (late in epoch 2 of 3): Ray restarts the group from the epoch-1 checkpoint.
+
+    Ray Train's controller registers a reported checkpoint when it next polls the workers (every 2 s by
+    default): the test polls every 0.2 s so that a 4,096-image epoch leaves time to register it.
+    """
+    uri, store = _store(tmp_path)
+    env = {
+        "PIPELINE_FAULT_AT_STEP": "120",
+        "PIPELINE_FAULT_RANK": "1",
+        "PIPELINE_FAULT_ONCE": str(tmp_path / "fault"),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    }
+    secret = "s3cr3t-do-not-log"
+    result = run_cli(
+        "train",
+        "-c",
+        "configs/smoke.yaml",
+        "--set",
+        "scaling.num_workers=2",
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "data.limit=4096",
+        "--set",
+        "tracking.log_every=8",
+        *store,
+        "--name",
+        "fault",
+        env={**env, "AWS_SECRET_ACCESS_KEY": secret},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "fault").exists()  # the fault really fired
+    assert "resuming from epoch 1 (step 64)" in result.stdout + result.stderr
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("gan-pipeline").experiment_id])
+    assert len(runs) == 1  # exactly one MLflow run
+    run_id = runs[0].info.run_id
+    for key in ("loss_d", "loss_g", "fid"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} has a duplicated step: {steps}"
+    # 4,096 images / batch 64 = 64 steps per epoch; losses every 8 steps; 3 epochs, counted right
+    assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == list(range(8, 193, 8))
+    assert [m.step for m in client.get_metric_history(run_id, "fid")] == [64, 128, 192]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    logged = [*run.data.params.values(), *run.data.tags.values()]
+    assert not any(secret in value for value in logged)  # no environment variable reaches MLflow
+
+
+def test_every_torch_load_is_weights_only():
+    """Security: a checkpoint or cached evaluator cannot run code when loaded."""
+    import re
+    from pathlib import Path
+
+    sources = (Path(__file__).resolve().parent.parent / "pipeline").glob("*.py")
+    calls = [(p.name, m.group(0)) for p in sources for m in re.finditer(r"torch\.load\([^)]*\)", p.read_text())]
+    assert calls and all("weights_only=True" in call for _, call in calls), calls

@@ -1,0 +1,227 @@
+"""The three ways in, against the real thing: `ray job submit` to a real Ray head (token auth on) with a
+real MLflow server, and scripts/run_local.sh from a clean checkout. Slow."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = os.path.dirname(sys.executable)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a server we started, by its process group id."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            f"{BIN}/mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", 120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture
+def ray_head():
+    gcs, dashboard = _free_port(), _free_port()
+    # Ray's unix sockets live under --temp-dir, and pytest's tmp_path is too long for a socket path.
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen(
+        [
+            f"{BIN}/ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--num-cpus",
+            "2",
+            "--temp-dir",
+            temp_dir,
+        ],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status = subprocess.run(
+                [f"{BIN}/ray", "job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if status.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray head's job API did not come up")
+        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
+    finally:
+        _stop(proc)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_a_sweep_into_the_mlflow_server(ray_head, mlflow_server, tmp_path):
+    # Without the token, the head refuses: authentication stays on.
+    refused = subprocess.run(
+        [f"{BIN}/ray", "job", "list", "--address", ray_head["address"]],
+        env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0
+
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}
+    started = time.monotonic()
+    job = subprocess.run(
+        [
+            f"{BIN}/ray",
+            "job",
+            "submit",
+            "--address",
+            ray_head["address"],
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "pipeline",
+            "tune",
+            "-c",
+            "configs/smoke.yaml",
+            "--name",
+            "job-sweep",
+            "--set",
+            f"train.storage_path={tmp_path / 'job-runs'}",
+            "--set",
+            "tune.search_space={optim.lr_g: {grid: [2.0e-4, 1.0e-3]}}",
+            "--set",
+            "tune.num_samples=1",
+        ],
+        env=ray_head["env"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    elapsed = time.monotonic() - started
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    assert "succeeded" in job.stdout
+    print(f"ray job submit of the smoke sweep: {elapsed:.0f}s")
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("gan-pipeline")
+    parents = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.sweep = 'job-sweep' and tags.kind = 'sweep'"
+    )
+    assert len(parents) == 1
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"
+    )
+    assert len(children) == 2
+    for child in children:
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [8, 16]
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "samples")} == {
+            "samples/epoch_001.png",
+            "samples/epoch_002.png",
+        }
+    assert "best_fid" in client.get_run(parents[0].info.run_id).data.metrics
+
+
+def test_run_local_from_a_clean_checkout(tmp_path):
+    clone = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    # The clone's own code runs (python -m imports from the working directory); the virtual environment,
+    # minutes to build, is borrowed from this checkout.
+    os.symlink(REPO / ".venv", clone / ".venv")
+    result = subprocess.run(
+        [
+            "bash",
+            "scripts/run_local.sh",
+            "--",
+            "data.limit=512",
+            "model.g_channels=8",
+            "model.d_channels=8",
+            "model.latent_dim=16",
+            "train.epochs=2",
+            "eval.num_samples=500",
+            "tune.num_samples=1",
+            "tune.search_space={optim.lr_g: {grid: [2.0e-4, 1.0e-3]}}",
+            f"train.storage_path={tmp_path / 'runs'}",
+        ],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| trial |" in result.stdout and "mlflow ui --backend-store-uri sqlite:///" in result.stdout
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gan-pipeline").experiment_id])
+    assert sum(r.data.tags.get("kind") == "sweep" for r in runs) == 1 and len(runs) == 3
