@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {data,train,config} ...``. The only module that reads argv.
+"""Command line: ``python -m pipeline {data,train,tune,sample,evaluate,bench,config} ...``; the only argv reader.
 
 User errors (bad config, missing data, damaged checkpoint) print one ``error: ...`` line and exit 2,
 before any expensive work starts.
