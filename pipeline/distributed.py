@@ -180,7 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         world_size=world,
         device=device,
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=device),
-        mean_over_workers=_all_reduce_mean if world > 1 else (lambda t: t),
+        mean_over_workers=_all_reduce_mean,  # Ray Train sets up a process group even for one worker
     )
     try:
         train_gan(

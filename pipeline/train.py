@@ -100,11 +100,6 @@ class TrainResult:
     step: int  # optimizer steps completed
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module under a DDP wrapper."""
-    return getattr(module, "module", module)
-
-
 def epoch_noise_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
     """Noise depends only on (seed, epoch, rank), so resuming at an epoch boundary is exact."""
     value = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
