@@ -29,6 +29,21 @@ class ConfigError(UserError, ValueError):
     """A configuration value, key or file is wrong; the message names the key and what is allowed."""
 
 
+def make_writable_dir(path: Path, error: type[UserError], what: str, fix: str) -> None:
+    """Create ``path`` (with parents) and check a file can be written in it, before any expensive work.
+
+    An OSError becomes ``error`` with one line: "<what> '<path>' is not writable (<reason>); <fix>".
+    """
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise error(f"{what} {str(path)!r} is not writable ({exc.strerror}); {fix}") from None
+
+
 def _f(default: Any, doc: str, **checks: Any) -> Any:
     """A dataclass field with its doc and range checks (``gt``, ``ge``, ``le``, ``lt``) as metadata."""
     if isinstance(default, dict | list):
@@ -48,6 +63,11 @@ class ModelConfig:
     latent_dim: int = _f(100, "size of the generator's noise vector", ge=1)
     g_channels: int = _f(64, "generator width: channels of its last hidden layer", ge=1)
     d_channels: int = _f(64, "discriminator width: channels of its first layer", ge=1)
+    d_norm: Literal["batch", "spectral", "none"] = _f(
+        "batch", "discriminator normalisation: BatchNorm (the seed's), spectral norm on every layer, or none"
+    )
+    d_dropout: float = _f(0.0, "dropout after each hidden discriminator layer; 0 = off, e.g. 0.3", ge=0.0, lt=1.0)
+    d_extra_layers: int = _f(0, "3x3 conv layers the discriminator adds at 7x7 before its last layer", ge=0)
 
 
 @dataclass
@@ -56,6 +76,12 @@ class OptimConfig:
     lr_d: float = _f(2e-4, "discriminator Adam learning rate", gt=0.0)
     beta1: float = _f(0.5, "Adam beta1 (both networks)", ge=0.0, lt=1.0)
     beta2: float = _f(0.999, "Adam beta2 (both networks)", ge=0.0, lt=1.0)
+    lr_final_scale: float = _f(
+        1.0,
+        "both learning rates fall linearly to this fraction of their value by the last step; 1 = constant",
+        ge=0.0,
+        le=1.0,
+    )
 
 
 @dataclass

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from pipeline.config import DataConfig, UserError
+from pipeline.config import DataConfig, UserError, make_writable_dir
 
 Progress = Callable[[str], None]
 
@@ -135,15 +135,7 @@ def problems(spec: DatasetSpec, raw_dir: Path) -> list[str]:
 
 
 def _check_writable(root: Path) -> None:
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root):
-            pass
-    except OSError as exc:
-        raise DataError(
-            f"data root {str(root)!r} is not writable ({exc.strerror}); set data.root or PIPELINE_DATA_ROOT "
-            "to a writable directory"
-        ) from None
+    make_writable_dir(root, DataError, "data root", "set data.root or PIPELINE_DATA_ROOT to a writable directory")
 
 
 def check_root(cfg: DataConfig) -> None:

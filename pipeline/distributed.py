@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline import PROJECT_ROOT, checkpoint
-from pipeline.config import ConfigError, PipelineConfig, UserError, build_config
+from pipeline.config import ConfigError, PipelineConfig, UserError, build_config, make_writable_dir
 from pipeline.tracking import (
     MLflowTracker,
     NullTracker,
@@ -163,9 +163,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if clock is not None:  # `pipeline bench`: this worker's own step timing
             bench = loop_config["bench"]
+            summary = clock.summary(cfg.train.batch_size, bench["warmup"], bench["window"])
             metrics = {
                 **metrics,
-                "bench_img_s": clock.images_per_s(cfg.train.batch_size, bench["warmup"], bench["window"]),
+                **{f"bench_{k}": v for k, v in summary.items()},
                 "bench_first_step_time": clock.times[0],
             }
         if state is None:
@@ -324,14 +325,9 @@ def prepare_run(
         )
     if resume and directory is not None:
         verify_latest_checkpoint(directory)
+    if directory is not None:  # the storage root only: the run's own directory is Ray's to create
+        make_writable_dir(directory.parent, ConfigError, "train.storage_path:", "choose a writable directory")
     evaluator = prepare_inputs(cfg, progress)
-    if directory is not None:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"train.storage_path: cannot create {str(directory)!r} ({exc.strerror}); choose a writable directory"
-            ) from None
     if previous is not None:
         return location, uri, previous, evaluator
     tags = {"ray_train_run": name, **(extra_tags or {})}

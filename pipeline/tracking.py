@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import PipelineConfig, UserError
+from pipeline.config import PipelineConfig, UserError, make_writable_dir
 
 
 class Tracker(Protocol):
@@ -92,13 +92,12 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, with a hint, when the tracking store cannot be reached or created."""
     store = _local_store_dir(uri)
     if store is not None:
-        try:
-            store.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TrackingError(
-                f"MLflow store directory {str(store)!r} cannot be created ({exc.strerror}); "
-                "set tracking.uri or MLFLOW_TRACKING_URI to a writable location"
-            ) from None
+        make_writable_dir(
+            store,
+            TrackingError,
+            "MLflow store directory",
+            "set tracking.uri or MLFLOW_TRACKING_URI to a writable location",
+        )
         return
     if uri.startswith(("http://", "https://")):
         import urllib.error

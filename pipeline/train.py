@@ -223,6 +223,8 @@ def train_gan(
     sampler_g = ema.model if ema is not None else generator
     latent = cfg.model.latent_dim
     metrics: dict[str, float] = {}
+    total_steps = num_steps * cfg.train.epochs
+    base_lrs = [(opt, cfg.optim.lr_g if opt is opt_g else cfg.optim.lr_d) for opt in (opt_g, opt_d)]
 
     for epoch in range(start_epoch, cfg.train.epochs):
         gen_ddp.train()
@@ -238,6 +240,12 @@ def train_gan(
 
             # Discriminator: real -> 1, fake -> 0. Backward after each forward keeps BatchNorm buffers
             # consistent under DDP; the first backward skips the all-reduce, the second reduces the sum.
+            if cfg.optim.lr_final_scale < 1.0:
+                # Linear decay computed from the step alone, so a resumed run follows the same schedule.
+                scale = 1.0 - (1.0 - cfg.optim.lr_final_scale) * step / total_steps
+                for opt, base in base_lrs:
+                    for group in opt.param_groups:
+                        group["lr"] = base * scale
             opt_d.zero_grad(set_to_none=True)
             z = torch.randn(local_batch, latent, device=device, generator=noise_rng)
             with autocast(), torch.set_grad_enabled(not cfg.train.g_fresh_noise):

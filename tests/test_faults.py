@@ -26,6 +26,14 @@ def _store(tmp_path):
         (["--set", "scaling.num_workers=64"], "need 64 CPUs but this machine has"),
         (["--set", "scaling.use_gpu=true"], "scaling.use_gpu: true with 1 workers needs that many GPUs"),
         (["--set", "data.root=/proc/version/data"], "is not writable"),
+        (
+            ["--set", "train.storage_path=/proc/version/runs"],
+            "train.storage_path: '/proc/version/runs' is not writable",
+        ),
+        (
+            ["--set", "tracking.uri=sqlite:////proc/version/m.db"],
+            "MLflow store directory '/proc/version' is not writable",
+        ),
         (["--set", "tracking.uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 is unreachable"),
         (["--resume", "never-was"], "nothing to resume"),
     ],

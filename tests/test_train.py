@@ -105,3 +105,41 @@ def test_compiled_models_train_and_checkpoint_plain_keys(fake_split):
     result = train_gan(cfg, fake_split, report=lambda m, s: states.append(s), log=quiet)
     assert torch.isfinite(torch.tensor(result.metrics["loss_g"]))
     assert not any(k.startswith("_orig_mod") for k in states[-1]["generator"])
+
+
+def test_linear_lr_decay_reaches_the_final_scale(fake_split):
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=2", "optim.lr_final_scale=0.25"])
+    states = []
+    result = train_gan(cfg, fake_split, report=lambda m, s: states.append(s), log=quiet)
+    total = result.step
+    # The lr of the last step: base * (1 - 0.75 * (total - 1) / total); halfway it was about 1 - 0.75 / 2.
+    for key, base in (("opt_g", cfg.optim.lr_g), ("opt_d", cfg.optim.lr_d)):
+        last = states[-1][key]["param_groups"][0]["lr"]
+        middle = states[0][key]["param_groups"][0]["lr"]
+        assert last == pytest.approx(base * (1 - 0.75 * (total - 1) / total))
+        assert middle == pytest.approx(base * (1 - 0.75 * (total // 2 - 1) / total))
+
+
+def test_resume_is_exact_with_spectral_norm_dropout_and_lr_decay(fake_split, tmp_path):
+    """Resuming from epoch 1 of a 2-epoch run (the schedule spans both) ends bit for bit where it would have."""
+    cfg = load_config(
+        CONFIGS / "smoke.yaml",
+        ["train.epochs=2", "model.d_norm=spectral", "model.d_dropout=0.2", "optim.lr_final_scale=0.1"],
+    )
+
+    def save(metrics, state):
+        checkpoint.save(tmp_path / f"epoch{metrics['epoch']}.pt", state)
+
+    train_gan(cfg, fake_split, report=save, log=quiet)
+    straight = checkpoint.load(tmp_path / "epoch2.pt")
+    resumed = []
+    train_gan(
+        cfg,
+        fake_split,
+        resume=checkpoint.load(tmp_path / "epoch1.pt"),
+        report=lambda m, s: resumed.append(s),
+        log=quiet,
+    )
+    for key in ("generator", "discriminator"):
+        a, b = straight[key], resumed[-1][key]
+        assert all(torch.equal(a[k], b[k]) for k in a), key

@@ -1,0 +1,46 @@
+"""`python -m pipeline bench`: a real (quick) run on the smoke model gives every documented key, consistently."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+KEYS = (
+    "plain_img_s",
+    "ray1_img_s",
+    "rayn_img_s",
+    "num_workers_n",
+    "flops_per_img",
+    "peak_gflops",
+    "fraction_of_peak",
+    "eval_s_per_10k",
+    "epoch_s",
+    "start_to_first_step_s",
+)
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_key(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "bench",
+        "--quick",
+        "-c",
+        "configs/smoke.yaml",
+        "--set",
+        f"train.storage_path={tmp_path / 'runs'}",
+        "--out",
+        str(out),
+        env={"RAY_ADDRESS": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert all(r[k] > 0 for k in KEYS), {k: r.get(k) for k in KEYS}
+    assert r["num_workers_n"] == r["cpus"]
+    for label in ("plain", "ray1", "rayn"):
+        assert r[f"{label}_img_s_min"] <= r[f"{label}_img_s"] <= r[f"{label}_img_s_max"]
+    assert r["peak_gflops"] >= r["peak_mm_gflops"] > 0
+    assert r["fraction_of_peak"] == pytest.approx(r["plain_img_s"] * r["flops_per_img"] / 1e9 / r["peak_gflops"])
+    assert r["epoch_s"] == pytest.approx(60_000 / r["rayn_img_s"])
+    assert "| Ray Train, 1 worker |" in result.stdout and "| plain loop, no Ray |" in result.stdout
