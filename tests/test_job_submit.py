@@ -164,6 +164,8 @@ def test_ray_job_submit_runs_a_sweep_into_the_mlflow_server(ray_head, mlflow_ser
             "tune.search_space={optim.lr_g: {grid: [2.0e-4, 1.0e-3]}}",
             "--set",
             "tune.num_samples=1",
+            "--set",
+            "tune.grace_period=3",  # no early stop: with 2 trials ASHA may stop either after epoch 1
         ],
         env=ray_head["env"],
         capture_output=True,
