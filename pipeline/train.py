@@ -224,7 +224,7 @@ def train_gan(
     latent = cfg.model.latent_dim
     metrics: dict[str, float] = {}
     total_steps = num_steps * cfg.train.epochs
-    base_lrs = [(opt, cfg.optim.lr_g if opt is opt_g else cfg.optim.lr_d) for opt in (opt_g, opt_d)]
+    base_lrs = ((opt_g, cfg.optim.lr_g), (opt_d, cfg.optim.lr_d))
 
     for epoch in range(start_epoch, cfg.train.epochs):
         gen_ddp.train()
