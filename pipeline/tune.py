@@ -130,7 +130,6 @@ def _check_sweep(cfg: PipelineConfig) -> None:
 def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=print) -> SweepOutcome:
     """Run (or, with ``resume``, finish) the sweep ``name``; return its trials table."""
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
 
     _check_sweep(cfg)
     sweep_dir = run_location(cfg, name)
@@ -188,14 +187,7 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
             tune_config=ray.tune.TuneConfig(
                 metric=cfg.tune.metric,
                 mode=cfg.tune.mode,
-                scheduler=ASHAScheduler(
-                    time_attr="epoch",  # our own counter: survives a restored trial
-                    # Past the last epoch: a trial that completes ends by itself, so its driver gets to
-                    # log the final model (ASHA stops a trial *at* max_t, killing its driver).
-                    max_t=cfg.train.epochs + 1,
-                    grace_period=cfg.tune.grace_period,
-                    reduction_factor=cfg.tune.reduction_factor,
-                ),
+                scheduler=asha_scheduler(cfg),
                 search_alg=search_alg,
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=concurrency,
@@ -204,6 +196,33 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
         )
     results = tuner.fit()
     return summarise(cfg, name, parent, results)
+
+
+def asha_scheduler(cfg: PipelineConfig) -> Any:
+    """ASHA on our own ``epoch`` counter (it survives a restored trial), never stopping a trial at its final
+    epoch.
+
+    ``max_t`` lies past the last epoch: ASHA stops a trial *at* max_t, killing its driver. A rung can still
+    fall on the last epoch (grace_period 3 of 3 epochs, say); stopping a trial there saves no compute, its
+    training is done, but kills its driver in the middle of the final logging (generator model, last
+    checkpoint). So results of the final epoch pass; ``on_trial_complete`` still records them at the rung.
+    """
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    final_epoch = cfg.train.epochs
+
+    class FinalEpochSafeASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            if result.get("epoch", 0) >= final_epoch:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    return FinalEpochSafeASHA(
+        time_attr="epoch",
+        max_t=final_epoch + 1,
+        grace_period=cfg.tune.grace_period,
+        reduction_factor=cfg.tune.reduction_factor,
+    )
 
 
 def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: Any) -> SweepOutcome:
@@ -245,14 +264,20 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
         rows.append(row)
         if child is None:
             continue
-        if status == "finished" and child.info.status == "RUNNING":
-            # Stopped by a rung at its very last epoch: training is complete, the final logging is not.
+        # Tune's verdict is the one that counts. A driver that Tune stopped may have seen its fit() fail
+        # on the way out and marked its run FAILED; the trial itself did not fail.
+        if status == "finished" and child.info.status != "FINISHED":
+            # Training complete, final logging not (its driver ended first): do that logging here.
             run_name = child.data.tags.get("ray_train_run", "")
             _finish_later(trial_config(cfg.to_dict(), (result.config or {})), run_name, parent.uri, child.info.run_id)
-        elif status not in ("finished", "diverged"):
+        elif status == "early_stopped":
+            client.set_tag(child.info.run_id, "status", status)
+            if child.info.status != "KILLED":
+                client.set_terminated(child.info.run_id, status="KILLED")
+        elif status == "failed":
             client.set_tag(child.info.run_id, "status", status)
             if child.info.status == "RUNNING":
-                client.set_terminated(child.info.run_id, status="KILLED" if status == "early_stopped" else "FAILED")
+                client.set_terminated(child.info.run_id, status="FAILED")
 
     sign = 1 if cfg.tune.mode == "min" else -1
     scored = [r for r in rows if r[cfg.tune.metric] is not None]

@@ -1,12 +1,15 @@
 """Ray Tune sweeps on a real local Ray with a real sqlite MLflow store. Slow: every trial starts a Train run."""
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -85,6 +88,19 @@ def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
     assert {"plots/fid_curves.png", "plots/fid_vs_optim_lr_g.png"} <= plots
 
 
+def _kill_processes_with_env(key: str, value: str) -> None:
+    """SIGKILL every process whose environment has key=value (a crashed driver's Ray, and only it)."""
+    victims = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(key) == value:
+                process.kill()
+                victims.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    psutil.wait_procs(victims, timeout=30)
+
+
 def test_concurrent_trials_lose_no_write_and_a_killed_sweep_resumes(tmp_path):
     """Two trials at once on one sqlite store; the sweep's driver is killed mid-way, then --resume finishes it."""
     uri, args = _sweep_args(
@@ -96,16 +112,21 @@ def test_concurrent_trials_lose_no_write_and_a_killed_sweep_resumes(tmp_path):
         "--set",
         "tune.num_samples=1",
         "--set",
-        "tune.grace_period=3",  # nobody is stopped: every history must be complete
+        "tune.grace_period=3",  # a rung only at the last epoch, where no trial is stopped: every history completes
         "--name",
         "killed",
     )
+    # The sweep's Ray gets a temp dir of its own, so that killing "its" Ray processes below can find
+    # exactly them (every process it starts inherits RAY_TMPDIR) and never touches another Ray on the machine.
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
+    killed_log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 (closed once the sweep is dead)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args],
         cwd=REPO,
         start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=killed_log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "RAY_TMPDIR": ray_tmp},
     )
     db = tmp_path / "mlflow.db"
     deadline = time.monotonic() + 600
@@ -125,7 +146,9 @@ def test_concurrent_trials_lose_no_write_and_a_killed_sweep_resumes(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "stop", "--force"], capture_output=True)
+        killed_log.close()
+    _kill_processes_with_env("RAY_TMPDIR", ray_tmp)  # Ray's daemons run in sessions of their own
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
     resumed = run_cli(*args[:-2], "--name", "killed", "--resume", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -143,7 +166,7 @@ def test_concurrent_trials_lose_no_write_and_a_killed_sweep_resumes(tmp_path):
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss_d")]
         assert steps == list(range(2, 25, 2)), steps
         assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [8, 16, 24]
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED", (child.data.tags, resumed.stdout[-6000:])
 
 
 def test_resume_with_nothing_to_resume_is_a_clean_error(tmp_path):
@@ -152,3 +175,34 @@ def test_resume_with_nothing_to_resume_is_a_clean_error(tmp_path):
     )
     result = run_cli(*args)
     assert result.returncode == 2 and "nothing to resume" in result.stderr and "Traceback" not in result.stderr
+
+
+def _fake_trial(trial_id):
+    from ray.tune.experiment import Trial
+
+    return Trial("fake", trial_id=trial_id, stub=True)
+
+
+@pytest.mark.parametrize("epochs", [2, 4])  # plain ASHA has a rung at both: it would stop "bad" there
+def test_asha_stops_at_a_rung_but_never_at_the_final_epoch(epochs):
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipeline.config import build_config
+    from pipeline.tune import asha_scheduler
+
+    cfg = build_config({"train": {"epochs": epochs}, "tune": {"grace_period": 1, "reduction_factor": 2}})
+    scheduler = asha_scheduler(cfg)
+    scheduler.set_search_properties("fid", "min")
+    good, bad = _fake_trial("good"), _fake_trial("bad")
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    decisions = {}
+    for epoch in range(1, epochs + 1):  # the bad trial is always worse, and always second to report
+        for trial, fid in ((good, 10.0), (bad, 100.0)):
+            decisions[trial.trial_id, epoch] = scheduler.on_trial_result(None, trial, {"epoch": epoch, "fid": fid})
+    # The worse trial is stopped at the first rung (epoch 1)...
+    assert decisions["bad", 1] == TrialScheduler.STOP
+    assert decisions["good", 1] == TrialScheduler.CONTINUE
+    # ... and a trial at its last epoch is never stopped, rung or not (it ends by itself, fully logged).
+    assert decisions["bad", epochs] == TrialScheduler.CONTINUE
+    assert decisions["good", epochs] == TrialScheduler.CONTINUE
