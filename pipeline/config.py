@@ -62,6 +62,7 @@ class DataConfig:
 class ModelConfig:
     latent_dim: int = _f(100, "size of the generator's noise vector", ge=1)
     g_channels: int = _f(64, "generator width: channels of its last hidden layer", ge=1)
+    g_extra_layers: int = _f(0, "3x3 conv layers the generator adds at 14x14 before its last layer", ge=0)
     d_channels: int = _f(64, "discriminator width: channels of its first layer", ge=1)
     d_norm: Literal["batch", "spectral", "none"] = _f(
         "batch", "discriminator normalisation: BatchNorm (the seed's), spectral norm on every layer, or none"

@@ -411,7 +411,7 @@ def run_training(
 
 def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: str, result: Any) -> TrainOutcome:
     """Loss curve, last checkpoint and the generator model into the MLflow run; close it."""
-    from pipeline.models import Generator
+    from pipeline.models import build_generator
     from pipeline.train import sampling_weights
 
     checkpoint_dir = None
@@ -424,7 +424,7 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
             with result.checkpoint.as_directory() as local:
                 state = checkpoint.load(Path(local) / checkpoint.FILENAME)
                 tracker.log_artifact(str(Path(local) / checkpoint.FILENAME), "checkpoints")
-            generator = Generator(cfg.model.latent_dim, cfg.model.g_channels)
+            generator = build_generator(cfg.model)
             generator.load_state_dict(sampling_weights(state))
             tracker.log_generator(generator, cfg.model.latent_dim)
     fids = [value for _, value in tracker.metric_history("fid")]

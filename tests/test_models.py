@@ -71,3 +71,14 @@ def test_deeper_discriminator():
     assert [m.kernel_size for m in convs] == [(4, 4), (4, 4), (3, 3), (3, 3), (7, 7)]
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in discriminator.modules()) == 3
     assert discriminator(torch.randn(3, 1, 28, 28)).shape == (3,)
+
+
+def test_seed_generator_unchanged_by_default_and_deeper_generator():
+    generator, _ = build_models(ModelConfig())
+    kinds = [type(m).__name__ for m in generator.net]
+    assert kinds == ["ConvTranspose2d", "BatchNorm2d", "ReLU"] * 2 + ["ConvTranspose2d", "Tanh"]
+    deeper, _ = build_models(ModelConfig(g_extra_layers=2, g_channels=8))
+    convs = [m for m in deeper.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
+    assert [m.kernel_size for m in convs] == [(7, 7), (4, 4), (3, 3), (3, 3), (4, 4)]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in deeper.modules()) == 4
+    assert deeper(torch.randn(3, 100)).shape == (3, 1, 28, 28)
