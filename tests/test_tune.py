@@ -74,6 +74,10 @@ def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
     assert len(children) == 3
     statuses = sorted(c.data.tags.get("status") for c in children)
     assert statuses.count("early_stopped") >= 1 and "finished" in statuses
+    ends = {"early_stopped": "KILLED", "finished": "FINISHED"}
+    assert all(c.info.status == ends[c.data.tags["status"]] for c in children), [
+        (c.data.tags["status"], c.info.status) for c in children
+    ]
     for child in children:
         assert {"lr_g", "lr_d", "latent_dim", "epochs"} <= set(child.data.params)
         assert child.data.tags["sweep"] == "asha"
