@@ -202,10 +202,10 @@ def asha_scheduler(cfg: PipelineConfig) -> Any:
     """ASHA on our own ``epoch`` counter (it survives a restored trial), never stopping a trial at its final
     epoch.
 
-    ``max_t`` lies past the last epoch: ASHA stops a trial *at* max_t, killing its driver. A rung can still
-    fall on the last epoch (grace_period 3 of 3 epochs, say); stopping a trial there saves no compute, its
-    training is done, but kills its driver in the middle of the final logging (generator model, last
-    checkpoint). So results of the final epoch pass; ``on_trial_complete`` still records them at the rung.
+    Plain ASHA stops a trial at ``max_t`` and may have a rung on the last epoch (grace_period 3 of 3
+    epochs, say). Stopping a trial there saves no compute, its training is done, but kills its driver in
+    the middle of the final logging (generator model, last checkpoint). So results of the final epoch
+    always pass, which covers both; ``on_trial_complete`` still records them at a rung.
     """
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
@@ -219,7 +219,7 @@ def asha_scheduler(cfg: PipelineConfig) -> Any:
 
     return FinalEpochSafeASHA(
         time_attr="epoch",
-        max_t=final_epoch + 1,
+        max_t=final_epoch,
         grace_period=cfg.tune.grace_period,
         reduction_factor=cfg.tune.reduction_factor,
     )
