@@ -166,9 +166,14 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
 
     gpu = use_gpu(cfg)
     concurrency = cfg.tune.max_concurrent_trials or _default_concurrency(cfg, gpu)
+    stopping = (
+        f"ASHA on {cfg.tune.metric} ({cfg.tune.mode}) from epoch {cfg.tune.grace_period}"
+        if cfg.tune.grace_period < cfg.train.epochs
+        else f"no early stopping (tune.grace_period {cfg.tune.grace_period} >= train.epochs {cfg.train.epochs})"
+    )
     progress(
         f"[tune] sweep {name!r}: {cfg.tune.num_samples} sample(s) of {len(cfg.tune.search_space)} searched key(s), "
-        f"up to {concurrency} at once, ASHA on {cfg.tune.metric} ({cfg.tune.mode}); MLflow parent run {parent_run_id}"
+        f"up to {concurrency} at once, {stopping}; MLflow parent run {parent_run_id}"
     )
     driver = functools.partial(_trial_driver, base=cfg.to_dict(), sweep=name, parent_run_id=parent_run_id)
     # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.
@@ -205,7 +210,8 @@ def asha_scheduler(cfg: PipelineConfig) -> Any:
     Plain ASHA stops a trial at ``max_t`` and may have a rung on the last epoch (grace_period 3 of 3
     epochs, say). Stopping a trial there saves no compute, its training is done, but kills its driver in
     the middle of the final logging (generator model, last checkpoint). So results of the final epoch
-    always pass, which covers both; ``on_trial_complete`` still records them at a rung.
+    always pass, which covers both; ``on_trial_complete`` still records them at a rung. A grace period at or
+    past the last epoch means no early stopping at all (ASHA itself refuses ``grace_period > max_t``).
     """
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
@@ -220,7 +226,7 @@ def asha_scheduler(cfg: PipelineConfig) -> Any:
     return FinalEpochSafeASHA(
         time_attr="epoch",
         max_t=final_epoch,
-        grace_period=cfg.tune.grace_period,
+        grace_period=min(cfg.tune.grace_period, final_epoch),
         reduction_factor=cfg.tune.reduction_factor,
     )
 

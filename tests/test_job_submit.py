@@ -81,7 +81,9 @@ def ray_head():
     gcs, dashboard = _free_port(), _free_port()
     # Ray's unix sockets live under --temp-dir, and pytest's tmp_path is too long for a socket path.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # The job's `python` is whatever the head's PATH finds first: make that this interpreter, as an activated
+    # venv would (pytest may be started as .venv/bin/python without activating it).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.Popen(
         [
             f"{BIN}/ray",

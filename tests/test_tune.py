@@ -210,3 +210,21 @@ def test_asha_stops_at_a_rung_but_never_at_the_final_epoch(epochs):
     # ... and a trial at its last epoch is never stopped, rung or not (it ends by itself, fully logged).
     assert decisions["bad", epochs] == TrialScheduler.CONTINUE
     assert decisions["good", epochs] == TrialScheduler.CONTINUE
+
+
+@pytest.mark.parametrize("grace_period", [3, 5])  # equal to, and past, the last epoch (ASHA asserts grace <= max_t)
+def test_a_grace_period_at_or_past_the_last_epoch_means_no_early_stop(grace_period):
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipeline.config import build_config
+    from pipeline.tune import asha_scheduler
+
+    cfg = build_config({"train": {"epochs": 3}, "tune": {"grace_period": grace_period, "reduction_factor": 2}})
+    scheduler = asha_scheduler(cfg)
+    scheduler.set_search_properties("fid", "min")
+    good, bad = _fake_trial("good"), _fake_trial("bad")
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    for epoch in range(1, 4):
+        for trial, fid in ((good, 10.0), (bad, 100.0)):
+            assert scheduler.on_trial_result(None, trial, {"epoch": epoch, "fid": fid}) == TrialScheduler.CONTINUE
