@@ -103,9 +103,15 @@ def bench(
     overrides: list[str] | tuple[str, ...] = (),
     quick: bool = False,
     num_workers: int | None = None,
+    rounds: int | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every measurement; return the results (the JSON that --out writes)."""
+    """Run every measurement; return the results (the JSON that --out writes).
+
+    The loops are timed in ``rounds`` interleaved rounds (Ray 1 worker, Ray N workers, the N workers without
+    gradient sync, the plain loop): on a shared VM the same loop measured minutes apart can differ by 15%,
+    so each ratio is taken within a round, from stages seconds apart, and the median over rounds reported.
+    """
     import ray
 
     from pipeline import STARTED_AT
@@ -117,50 +123,73 @@ def bench(
     command_started = STARTED_AT
     cpus = os.cpu_count() or 1
     workers_n = num_workers or cpus
+    rounds = rounds or (1 if quick else 3)
+    if rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, not {rounds}")
     base = load_config(config or Path(__file__).resolve().parent.parent / "configs" / "mnist.yaml", overrides)
     batch = base.train.batch_size
     warmup, window, windows = (5, 10, 3) if quick else (10, 20, 5)
     steps = warmup + window * windows + 1
     cfg = load_config_from(base, [f"data.limit={steps * batch}", "train.epochs=1", "eval.every_epochs=0"])
-    results: dict[str, Any] = {"config": cfg.to_dict(), "cpus": cpus, "quick": quick}
+    results: dict[str, Any] = {"config": cfg.to_dict(), "cpus": cpus, "quick": quick, "rounds": rounds}
 
-    # (b), (c) Ray Train, 1 and N workers, first: from the command's start to Ray 1's first step is what a
-    # user of `pipeline train` waits (imports, checks, evaluator, Ray, worker group, data). Each worker
-    # times its own steps.
+    # From the command's start to Ray 1's first step (round 1) is what a user of `pipeline train` waits
+    # (imports, checks, evaluator, Ray, worker group, data). Each worker times its own steps.
     evaluator = prepare_inputs(cfg, progress)
     # Bench runs are throw-away: kept apart from real runs unless train.storage_path says where.
     storage = base.train.storage_path or Path.home() / ".cache" / "gan-pipeline" / "bench"
-    init_ray()
-    for label, workers in (("ray1", 1), ("rayn", workers_n)):
-        progress(f"[bench] Ray Train, {workers} worker(s) x {max(1, cpus // workers)} CPU")
-        run_cfg = load_config_from(
-            cfg, [f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={max(1, cpus // workers)}"]
-        )
-        name = f"bench-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-        trainer = build_trainer(
-            load_config_from(run_cfg, [f"train.storage_path={storage}"]),
-            name,
-            evaluator=evaluator,
-            bench={"warmup": warmup, "window": window},
-        )
-        metrics = trainer.fit().metrics
-        results.update({f"{label}_{k}": metrics[f"bench_{k}"] for k in ("img_s", "img_s_min", "img_s_max")})
-        if label == "ray1":
-            results["start_to_first_step_s"] = metrics["bench_first_step_time"] - command_started
+    data = load(cfg.data, progress=progress)
+    # rayn_nosync: the N workers again without DDP's gradient all-reduce (no longer data parallel, so only a
+    # diagnostic): splits the N-worker shortfall into communication and the cost of splitting the batch.
+    stages = (("ray1", 1, True), ("rayn", workers_n, True), ("rayn_nosync", workers_n, False))
+    per_round: list[dict[str, Any]] = []
+    for number in range(1, rounds + 1):
+        measured: dict[str, Any] = {}
+        init_ray()
+        for label, workers, sync in stages:
+            progress(
+                f"[bench] round {number}/{rounds}: Ray Train, {workers} worker(s) x {max(1, cpus // workers)} CPU"
+                + ("" if sync else ", gradients not synchronised (diagnostic)")
+            )
+            run_cfg = load_config_from(
+                cfg,
+                [
+                    f"scaling.num_workers={workers}",
+                    f"scaling.cpus_per_worker={max(1, cpus // workers)}",
+                    f"train.storage_path={storage}",
+                ],
+            )
+            name = f"bench-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+            trainer = build_trainer(
+                run_cfg, name, evaluator=evaluator, bench={"warmup": warmup, "window": window, "no_sync": not sync}
+            )
+            metrics = trainer.fit().metrics
+            measured.update({f"{label}_{k}": metrics[f"bench_{k}"] for k in ("img_s", "img_s_min", "img_s_max")})
+            if label == "ray1" and number == 1:
+                results["start_to_first_step_s"] = metrics["bench_first_step_time"] - command_started
+        ray.shutdown()  # its daemons would share the CPUs with the plain loop
+
+        progress(f"[bench] round {number}/{rounds}: plain loop, {steps} steps of batch {batch}, no Ray")
+        torch.set_num_threads(cpus)
+        clock = StepClock()
+        train_gan(cfg, data, on_step=clock, log=lambda _: None)
+        measured.update({f"plain_{k}": v for k, v in clock.summary(batch, warmup, window).items()})
+        measured["ray1_vs_plain"] = measured["ray1_img_s"] / measured["plain_img_s"]
+        measured["rayn_vs_ray1"] = measured["rayn_img_s"] / measured["ray1_img_s"]
+        measured["rayn_nosync_vs_ray1"] = measured["rayn_nosync_img_s"] / measured["ray1_img_s"]
+        per_round.append(measured)
+    results["per_round"] = per_round
+    for label in ("plain", "ray1", "rayn", "rayn_nosync"):
+        results[f"{label}_img_s"] = statistics.median(r[f"{label}_img_s"] for r in per_round)
+        results[f"{label}_img_s_min"] = min(r[f"{label}_img_s_min"] for r in per_round)
+        results[f"{label}_img_s_max"] = max(r[f"{label}_img_s_max"] for r in per_round)
+    for ratio in ("ray1_vs_plain", "rayn_vs_ray1", "rayn_nosync_vs_ray1"):
+        results[ratio] = statistics.median(r[ratio] for r in per_round)
     results["num_workers_n"] = workers_n
-    ray.shutdown()  # its daemons would share the CPUs with the plain loop
 
     progress(f"[bench] matmul peak ({cpus} threads)")
     results.update(matmul_peak_gflops(cpus))
     results["flops_per_img"] = flops_per_image(cfg)
-
-    # (a) the plain loop, this process, all CPUs
-    progress(f"[bench] plain loop: {steps} steps of batch {batch}, no Ray")
-    torch.set_num_threads(cpus)
-    data = load(cfg.data, progress=progress)
-    clock = StepClock()
-    train_gan(cfg, data, on_step=clock, log=lambda _: None)
-    results.update({f"plain_{k}": v for k, v in clock.summary(batch, warmup, window).items()})
 
     # evaluation of 10,000 samples, as training does it (generate + evaluator features + FID/IS)
     progress("[bench] evaluation of 10,000 samples")
@@ -177,8 +206,6 @@ def bench(
     results["fraction_of_peak"] = achieved / results["peak_gflops"]
     results["fraction_of_mm_peak"] = achieved / results["peak_mm_gflops"]
     results["ray1_fraction_of_peak"] = results["ray1_img_s"] * results["flops_per_img"] / 1e9 / results["peak_gflops"]
-    results["ray1_vs_plain"] = results["ray1_img_s"] / results["plain_img_s"]
-    results["rayn_vs_ray1"] = results["rayn_img_s"] / results["ray1_img_s"]
     results["eval_fraction_of_epoch"] = results["eval_s_per_10k"] / results["epoch_s"]
     return results
 
@@ -195,6 +222,12 @@ def format_table(r: dict[str, Any]) -> str:
             f"{r['ray1_vs_plain']:.2f}x plain; {r['ray1_fraction_of_peak']:.0%} of peak",
         ),
         (f"Ray Train, {r['num_workers_n']} workers", rate("rayn"), f"{r['rayn_vs_ray1']:.2f}x 1 worker"),
+        (
+            f"{r['num_workers_n']} workers, no gradient all-reduce (diagnostic)",
+            rate("rayn_nosync"),
+            f"{r['rayn_nosync_vs_ray1']:.2f}x 1 worker; the {r['num_workers_n']}-worker row's gap to this one is "
+            "communication",
+        ),
         ("model FLOPs per image (train step)", f"{r['flops_per_img'] / 1e6:.0f} MFLOP", ""),
         (
             "fp32 peak (best of torch.mm, 1x1 conv GEMMs)",
@@ -210,7 +243,11 @@ def format_table(r: dict[str, Any]) -> str:
         ("epoch of 60,000 images (N workers)", f"{r['epoch_s']:.0f} s", ""),
         ("command start to first step (Ray, 1 worker)", f"{r['start_to_first_step_s']:.1f} s", ""),
     ]
-    lines = ["| measurement | value (median; slowest-fastest window) | relation |", "|---|---|---|"]
+    lines = [
+        f"| measurement | value (median of {r['rounds']} round(s); slowest-fastest window) | relation (median of "
+        "the rounds' own ratios) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
 

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(bench)
     bench.add_argument("--quick", action="store_true", help="a shorter run (about 3 minutes), same keys")
     bench.add_argument("--workers", type=int, help="N for the N-worker run (default: the CPUs)")
+    bench.add_argument(
+        "--rounds", type=int, help="interleaved rounds of the loops; ratios are medians over them (default 3, quick 1)"
+    )
     bench.add_argument("--out", help="write the results as JSON here")
 
     cfg = sub.add_parser("config", help="show the resolved config, or every key with its default and meaning")
@@ -262,8 +265,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: {args.workers} must be >= 1")
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds: {args.rounds} must be >= 1")
     load_config(args.config, args.overrides)  # bad input fails here, before any measurement
-    results = bench(args.config, args.overrides, quick=args.quick, num_workers=args.workers)
+    results = bench(args.config, args.overrides, quick=args.quick, num_workers=args.workers, rounds=args.rounds)
     print(format_table(results))
     if args.out:
         write_json(results, args.out)

@@ -180,7 +180,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world,
         device=device,
-        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=device),
+        # `pipeline bench` also times N workers without the gradient all-reduce: what communication costs.
+        wrap_model=(lambda m: m)
+        if (loop_config.get("bench") or {}).get("no_sync")
+        else (lambda m: ray.train.torch.prepare_model(m, move_to_device=device)),
         mean_over_workers=_all_reduce_mean,  # Ray Train sets up a process group even for one worker
     )
     try:
@@ -227,7 +230,7 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
     gpu: bool = False,
     evaluator: dict[str, Any] | None = None,
-    bench: dict[str, int] | None = None,
+    bench: dict[str, Any] | None = None,
     fault: dict[str, Any] | None = None,
 ) -> Any:
     """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore)."""

@@ -38,9 +38,19 @@ def test_bench_quick_writes_every_key(tmp_path):
     r = json.loads(out.read_text())
     assert all(r[k] > 0 for k in KEYS), {k: r.get(k) for k in KEYS}
     assert r["num_workers_n"] == r["cpus"]
-    for label in ("plain", "ray1", "rayn"):
+    assert r["rounds"] == len(r["per_round"]) == 1  # --quick: one round
+    for label in ("plain", "ray1", "rayn", "rayn_nosync"):
         assert r[f"{label}_img_s_min"] <= r[f"{label}_img_s"] <= r[f"{label}_img_s_max"]
     assert r["peak_gflops"] >= r["peak_mm_gflops"] > 0
     assert r["fraction_of_peak"] == pytest.approx(r["plain_img_s"] * r["flops_per_img"] / 1e9 / r["peak_gflops"])
     assert r["epoch_s"] == pytest.approx(60_000 / r["rayn_img_s"])
+    assert r["rayn_nosync_vs_ray1"] == pytest.approx(r["rayn_nosync_img_s"] / r["ray1_img_s"])
     assert "| Ray Train, 1 worker |" in result.stdout and "| plain loop, no Ray |" in result.stdout
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--rounds", "0"), ("--workers", "0")])
+def test_bench_refuses_a_bad_count_before_measuring(flag, value):
+    result = run_cli("bench", "--quick", flag, value, timeout=120)
+    assert result.returncode != 0
+    assert f"{flag}: {value} must be >= 1" in result.stderr
+    assert "[bench]" not in result.stdout  # nothing was measured
