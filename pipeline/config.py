@@ -83,6 +83,7 @@ class OptimConfig:
         ge=0.0,
         le=1.0,
     )
+    fused: bool = _f(True, "Adam's fused kernel: one pass over all parameters; false = PyTorch's per-tensor loop")
 
 
 @dataclass
