@@ -123,7 +123,7 @@ def bench(
     command_started = STARTED_AT
     cpus = os.cpu_count() or 1
     workers_n = num_workers or cpus
-    rounds = rounds or (1 if quick else 3)
+    rounds = (1 if quick else 3) if rounds is None else rounds
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1, not {rounds}")
     base = load_config(config or Path(__file__).resolve().parent.parent / "configs" / "mnist.yaml", overrides)
@@ -138,7 +138,7 @@ def bench(
     evaluator = prepare_inputs(cfg, progress)
     # Bench runs are throw-away: kept apart from real runs unless train.storage_path says where.
     storage = base.train.storage_path or Path.home() / ".cache" / "gan-pipeline" / "bench"
-    data = load(cfg.data, progress=progress)
+    data = None  # loaded after round 1's Ray stages: start_to_first_step_s must not include it
     # rayn_nosync: the N workers again without DDP's gradient all-reduce (no longer data parallel, so only a
     # diagnostic): splits the N-worker shortfall into communication and the cost of splitting the batch.
     stages = (("ray1", 1, True), ("rayn", workers_n, True), ("rayn_nosync", workers_n, False))
@@ -171,6 +171,8 @@ def bench(
 
         progress(f"[bench] round {number}/{rounds}: plain loop, {steps} steps of batch {batch}, no Ray")
         torch.set_num_threads(cpus)
+        if data is None:
+            data = load(cfg.data, progress=progress)
         clock = StepClock()
         train_gan(cfg, data, on_step=clock, log=lambda _: None)
         measured.update({f"plain_{k}": v for k, v in clock.summary(batch, warmup, window).items()})
