@@ -101,6 +101,13 @@ class TrainConfig:
         lt=1.0,
     )
     real_label: float = _f(1.0, "D's target for real images; 0.9 = one-sided label smoothing", gt=0.0, le=1.0)
+    top_k_final: float = _f(
+        1.0,
+        "top-k generator training: G learns only from the fakes D rates most real, a share of each batch "
+        "falling linearly from 1 to this by the last step; 1 = off, e.g. 0.5",
+        gt=0.0,
+        le=1.0,
+    )
     precision: Literal["fp32", "bf16"] = _f(
         "fp32", "bf16 = bfloat16 autocast for forward passes (GPUs; CPUs with AVX512-BF16 or AMX)"
     )

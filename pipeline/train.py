@@ -152,6 +152,13 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return num_images // batch_size
 
 
+def most_real(logits: torch.Tensor, share: float) -> torch.Tensor:
+    """Top-k training (Sinha et al. 2020): the ``share`` of D's logits for a batch of fakes that D rates most
+    real, so the generator step drops the gradients of its worst-rated fakes; all of them when share >= 1."""
+    k = max(1, round(len(logits) * share))
+    return logits if k >= len(logits) else torch.topk(logits, k, sorted=False).values
+
+
 def train_gan(
     cfg: PipelineConfig,
     data: Split,
@@ -273,7 +280,11 @@ def train_gan(
                     fake = gen_ddp(z)
             with d_no_sync():
                 with autocast():
-                    loss_g = F.binary_cross_entropy_with_logits(disc_ddp(fake), ones)
+                    fake_logits_g = disc_ddp(fake)
+                    if cfg.train.top_k_final < 1.0:
+                        share = 1.0 - (1.0 - cfg.train.top_k_final) * step / total_steps
+                        fake_logits_g = most_real(fake_logits_g, share)
+                    loss_g = F.binary_cross_entropy_with_logits(fake_logits_g, ones[: len(fake_logits_g)])
                 loss_g.backward()
             opt_g.step()
             step += 1

@@ -31,6 +31,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 VARIANTS = [
     ("fp32", []),
+    ("fp32 per-tensor Adam", ["optim.fused=false"]),
     ("fp32 channels_last", ["train.channels_last=true"]),
     ("bf16", ["train.precision=bf16"]),
     ("fp32 compile", ["train.compile=true"]),

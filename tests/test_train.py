@@ -1,10 +1,11 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline import checkpoint
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config
-from pipeline.train import train_gan
+from pipeline.train import most_real, train_gan
 from tests.conftest import CONFIGS
 
 
@@ -160,3 +161,25 @@ def test_resume_is_exact_with_spectral_norm_dropout_and_lr_decay(fake_split, tmp
     for key in ("generator", "discriminator"):
         a, b = straight[key], resumed[-1][key]
         assert all(torch.equal(a[k], b[k]) for k in a), key
+
+
+def test_top_k_training_keeps_only_the_fakes_d_rates_most_real():
+    logits = torch.tensor([0.3, -2.0, 1.5, -0.1, 0.9, -1.0], requires_grad=True)
+    kept = most_real(logits, 0.5)
+    assert sorted(kept.tolist()) == pytest.approx([0.3, 0.9, 1.5])
+    F.binary_cross_entropy_with_logits(kept, torch.ones(len(kept))).backward()
+    # Only the three best-rated fakes pass a gradient back to G; the others are dropped.
+    assert [g != 0 for g in logits.grad.tolist()] == [True, False, True, False, True, False]
+    assert most_real(logits, 1.0) is logits
+    assert len(most_real(logits, 0.01)) == 1
+
+
+def test_top_k_training_changes_the_generator_step(fake_split):
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1"])
+    plain = train_gan(cfg, fake_split, log=quiet).generator.state_dict()
+    top_cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1", "train.top_k_final=0.25"])
+    top = train_gan(top_cfg, fake_split, log=quiet)
+    assert all(torch.isfinite(torch.tensor(top.metrics[k])) for k in ("loss_d", "loss_g"))
+    trained = top.generator.state_dict()
+    changed = [k for k, v in trained.items() if v.is_floating_point() and not torch.equal(v, plain[k])]
+    assert changed, "top_k_final < 1 trained exactly like top-k off"
