@@ -152,6 +152,12 @@ def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return num_images // batch_size
 
 
+def linear_schedule(final: float, step: int, total_steps: int) -> float:
+    """1 at step 0, falling linearly to ``final`` at ``total_steps``; from the step alone, so a resumed run
+    follows the same schedule."""
+    return 1.0 - (1.0 - final) * step / total_steps
+
+
 def most_real(logits: torch.Tensor, share: float) -> torch.Tensor:
     """Top-k training (Sinha et al. 2020): the ``share`` of D's logits for a batch of fakes that D rates most
     real, so the generator step drops the gradients of its worst-rated fakes; all of them when share >= 1."""
@@ -252,8 +258,7 @@ def train_gan(
             # Discriminator: real -> 1, fake -> 0. Backward after each forward keeps BatchNorm buffers
             # consistent under DDP; the first backward skips the all-reduce, the second reduces the sum.
             if cfg.optim.lr_final_scale < 1.0:
-                # Linear decay computed from the step alone, so a resumed run follows the same schedule.
-                scale = 1.0 - (1.0 - cfg.optim.lr_final_scale) * step / total_steps
+                scale = linear_schedule(cfg.optim.lr_final_scale, step, total_steps)
                 for opt, base in base_lrs:
                     for group in opt.param_groups:
                         group["lr"] = base * scale
@@ -282,7 +287,7 @@ def train_gan(
                 with autocast():
                     fake_logits_g = disc_ddp(fake)
                     if cfg.train.top_k_final < 1.0:
-                        share = 1.0 - (1.0 - cfg.train.top_k_final) * step / total_steps
+                        share = linear_schedule(cfg.train.top_k_final, step, total_steps)
                         fake_logits_g = most_real(fake_logits_g, share)
                     loss_g = F.binary_cross_entropy_with_logits(fake_logits_g, ones[: len(fake_logits_g)])
                 loss_g.backward()

@@ -31,9 +31,14 @@ def fake_split():
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in the repo, as a user would run it."""
+    return run_python("-m", "pipeline", *args, env=env, timeout=timeout)
+
+
+def run_python(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python ARGS` in the repo (this interpreter), output captured."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args],
+        [sys.executable, *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,24 +1,16 @@
 """The two scripts that run on a borrowed GPU machine, run here on the CPU so they cannot rot unnoticed."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
-
-
-def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
-    )
+from tests.conftest import run_python
 
 
 def test_gpu_curve_writes_fid_and_is_per_epoch(tmp_path):
     out = tmp_path / "curve.json"
-    done = run_script("scripts/gpu_curve.py", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", "--out", str(out))
+    done = run_python("scripts/gpu_curve.py", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     curve = json.loads(out.read_text())
     assert [row["epoch"] for row in curve["epochs"]] == [1, 2]
@@ -31,7 +23,7 @@ def test_gpu_curve_writes_fid_and_is_per_epoch(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_runs_every_variant_on_the_cpu(tmp_path):
     out = tmp_path / "check.json"
-    done = run_script("scripts/gpu_check.py", "--allow-cpu", "--limit", "1024", "--epochs", "1", "--out", str(out))
+    done = run_python("scripts/gpu_check.py", "--allow-cpu", "--limit", "1024", "--epochs", "1", "--out", str(out))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["backend"] == ("nccl" if torch.cuda.is_available() else "gloo")
@@ -44,6 +36,6 @@ def test_gpu_check_runs_every_variant_on_the_cpu(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_gpu_check_refuses_a_machine_without_a_gpu_unless_told():
-    done = run_script("scripts/gpu_check.py")
+    done = run_python("scripts/gpu_check.py")
     assert done.returncode == 2
     assert "no CUDA device" in done.stderr and "--allow-cpu" in done.stderr
