@@ -17,32 +17,18 @@ from typing import Any
 
 import torch
 
-from pipeline.config import PipelineConfig, load_config
-
-
-class StepClock:
-    """Wall-clock time of every optimizer step; throughput = median over windows after warm-up."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(self, step: int, metrics: dict[str, float]) -> None:
-        self.times.append(time.time())
-
-    def window_rates(self, images_per_step: int, warmup: int, window: int) -> list[float]:
-        """Images/s of each window of ``window`` steps after the first ``warmup`` steps."""
-        times = self.times[warmup:]
-        rates = [
-            images_per_step * window / (times[i + window] - times[i]) for i in range(0, len(times) - window, window)
-        ]
-        if not rates:
-            raise ValueError(f"too few steps ({len(self.times)}) for warm-up {warmup} and windows of {window}")
-        return rates
-
-    def summary(self, images_per_step: int, warmup: int, window: int) -> dict[str, float]:
-        """Median images/s over the windows, and the slowest and fastest window (how noisy the machine is)."""
-        rates = self.window_rates(images_per_step, warmup, window)
-        return {"img_s": statistics.median(rates), "img_s_min": min(rates), "img_s_max": max(rates)}
+from pipeline.config import PipelineConfig, load_config, with_overrides
+from pipeline.data import Split, load
+from pipeline.distributed import (
+    BenchOptions,
+    StepClock,
+    build_trainer,
+    init_ray,
+    prepare_inputs,
+    resolve_scaling,
+)
+from pipeline.metrics import get_evaluator
+from pipeline.train import generate_images, train_gan
 
 
 def _best_rate(fn: Callable[[], Any], flops: float, repeats: int) -> float:
@@ -77,25 +63,22 @@ def flops_per_image(cfg: PipelineConfig) -> float:
     """Model FLOPs of one training step (D on real and fake, G forward(s), G step), per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.data import Split
-    from pipeline.train import train_gan
-
     batch = cfg.train.batch_size
-    one_step = load_config_from(cfg, [f"data.limit={batch}", "train.epochs=1", "eval.every_epochs=0"])
+    one_step = with_overrides(cfg, {"data.limit": batch, "train.epochs": 1, "eval.every_epochs": 0})
     fake = Split(torch.zeros(batch, 28, 28, dtype=torch.uint8), torch.zeros(batch, dtype=torch.long))
     with FlopCounterMode(display=False) as counter:
         train_gan(one_step, fake, log=lambda _: None)
     return counter.get_total_flops() / batch
 
 
-def load_config_from(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
-    from pipeline.config import build_config, parse_override
-
-    raw = cfg.to_dict()
-    for text in overrides:
-        (section, key), value = parse_override(text)
-        raw[section][key] = value
-    return build_config(raw)
+# rayn_nosync: the N workers again without DDP's gradient all-reduce (no longer data parallel, so only a
+# diagnostic): splits the N-worker shortfall into communication and the cost of splitting the batch.
+LOOPS = ("plain", "ray1", "rayn", "rayn_nosync")
+RATIOS = {
+    "ray1_vs_plain": ("ray1", "plain"),
+    "rayn_vs_ray1": ("rayn", "ray1"),
+    "rayn_nosync_vs_ray1": ("rayn_nosync", "ray1"),
+}
 
 
 def bench(
@@ -115,12 +98,7 @@ def bench(
     import ray
 
     from pipeline import STARTED_AT
-    from pipeline.data import load
-    from pipeline.distributed import build_trainer, init_ray, prepare_inputs
-    from pipeline.metrics import get_evaluator
-    from pipeline.train import generate_images, train_gan
 
-    command_started = STARTED_AT
     cpus = os.cpu_count() or 1
     workers_n = num_workers or cpus
     rounds = (1 if quick else 3) if rounds is None else rounds
@@ -130,43 +108,35 @@ def bench(
     batch = base.train.batch_size
     warmup, window, windows = (5, 10, 3) if quick else (10, 20, 5)
     steps = warmup + window * windows + 1
-    cfg = load_config_from(base, [f"data.limit={steps * batch}", "train.epochs=1", "eval.every_epochs=0"])
+    # Bench runs are throw-away: kept apart from real runs unless train.storage_path says where.
+    storage = str(base.train.storage_path or Path.home() / ".cache" / "gan-pipeline" / "bench")
+    cfg = with_overrides(
+        base, {"data.limit": steps * batch, "train.epochs": 1, "eval.every_epochs": 0, "train.storage_path": storage}
+    )
     results: dict[str, Any] = {"config": cfg.to_dict(), "cpus": cpus, "quick": quick, "rounds": rounds}
 
     # From the command's start to Ray 1's first step (round 1) is what a user of `pipeline train` waits
     # (imports, checks, evaluator, Ray, worker group, data). Each worker times its own steps.
     evaluator = prepare_inputs(cfg, progress)
-    # Bench runs are throw-away: kept apart from real runs unless train.storage_path says where.
-    storage = base.train.storage_path or Path.home() / ".cache" / "gan-pipeline" / "bench"
     data = None  # loaded after round 1's Ray stages: start_to_first_step_s must not include it
-    # rayn_nosync: the N workers again without DDP's gradient all-reduce (no longer data parallel, so only a
-    # diagnostic): splits the N-worker shortfall into communication and the cost of splitting the batch.
-    stages = (("ray1", 1, True), ("rayn", workers_n, True), ("rayn_nosync", workers_n, False))
     per_round: list[dict[str, Any]] = []
     for number in range(1, rounds + 1):
         measured: dict[str, Any] = {}
         init_ray()
-        for label, workers, sync in stages:
+        for label, workers, sync in (("ray1", 1, True), ("rayn", workers_n, True), ("rayn_nosync", workers_n, False)):
+            run_cfg = resolve_scaling(
+                with_overrides(cfg, {"scaling.num_workers": workers, "scaling.cpus_per_worker": None})
+            )
             progress(
-                f"[bench] round {number}/{rounds}: Ray Train, {workers} worker(s) x {max(1, cpus // workers)} CPU"
-                + ("" if sync else ", gradients not synchronised (diagnostic)")
+                f"[bench] round {number}/{rounds}: Ray Train, {workers} worker(s) x {run_cfg.scaling.cpus_per_worker} "
+                "CPU" + ("" if sync else ", gradients not synchronised (diagnostic)")
             )
-            run_cfg = load_config_from(
-                cfg,
-                [
-                    f"scaling.num_workers={workers}",
-                    f"scaling.cpus_per_worker={max(1, cpus // workers)}",
-                    f"train.storage_path={storage}",
-                ],
-            )
+            options = BenchOptions(warmup=warmup, window=window, sync_gradients=sync)
             name = f"bench-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-            trainer = build_trainer(
-                run_cfg, name, evaluator=evaluator, bench={"warmup": warmup, "window": window, "no_sync": not sync}
-            )
-            metrics = trainer.fit().metrics
+            metrics = build_trainer(run_cfg, name, evaluator=evaluator, bench=options).fit().metrics
             measured.update({f"{label}_{k}": metrics[f"bench_{k}"] for k in ("img_s", "img_s_min", "img_s_max")})
             if label == "ray1" and number == 1:
-                results["start_to_first_step_s"] = metrics["bench_first_step_time"] - command_started
+                results["start_to_first_step_s"] = metrics["bench_first_step_time"] - STARTED_AT
         ray.shutdown()  # its daemons would share the CPUs with the plain loop
 
         progress(f"[bench] round {number}/{rounds}: plain loop, {steps} steps of batch {batch}, no Ray")
@@ -176,31 +146,15 @@ def bench(
         clock = StepClock()
         train_gan(cfg, data, on_step=clock, log=lambda _: None)
         measured.update({f"plain_{k}": v for k, v in clock.summary(batch, warmup, window).items()})
-        measured["ray1_vs_plain"] = measured["ray1_img_s"] / measured["plain_img_s"]
-        measured["rayn_vs_ray1"] = measured["rayn_img_s"] / measured["ray1_img_s"]
-        measured["rayn_nosync_vs_ray1"] = measured["rayn_nosync_img_s"] / measured["ray1_img_s"]
+        measured.update({ratio: measured[f"{a}_img_s"] / measured[f"{b}_img_s"] for ratio, (a, b) in RATIOS.items()})
         per_round.append(measured)
-    results["per_round"] = per_round
-    for label in ("plain", "ray1", "rayn", "rayn_nosync"):
-        results[f"{label}_img_s"] = statistics.median(r[f"{label}_img_s"] for r in per_round)
-        results[f"{label}_img_s_min"] = min(r[f"{label}_img_s_min"] for r in per_round)
-        results[f"{label}_img_s_max"] = max(r[f"{label}_img_s_max"] for r in per_round)
-    for ratio in ("ray1_vs_plain", "rayn_vs_ray1", "rayn_nosync_vs_ray1"):
-        results[ratio] = statistics.median(r[ratio] for r in per_round)
-    results["num_workers_n"] = workers_n
+    results.update(per_round=per_round, num_workers_n=workers_n, **medians(per_round))
 
     progress(f"[bench] matmul peak ({cpus} threads)")
     results.update(matmul_peak_gflops(cpus))
     results["flops_per_img"] = flops_per_image(cfg)
-
-    # evaluation of 10,000 samples, as training does it (generate + evaluator features + FID/IS)
     progress("[bench] evaluation of 10,000 samples")
-    torch.set_num_threads(cpus)
-    generator = train_gan(load_config_from(cfg, [f"data.limit={batch}"]), data, log=lambda _: None).generator
-    evaluator_model = get_evaluator(cfg.data, progress)
-    started = time.perf_counter()
-    evaluator_model.score(generate_images(generator, 10_000, cfg.model.latent_dim, 0, torch.device("cpu")))
-    results["eval_s_per_10k"] = time.perf_counter() - started
+    results["eval_s_per_10k"] = evaluation_seconds(cfg, data, cpus, progress)
 
     results["epoch_s"] = 60_000 / results["rayn_img_s"]
     achieved = results["plain_img_s"] * results["flops_per_img"] / 1e9
@@ -210,6 +164,27 @@ def bench(
     results["ray1_fraction_of_peak"] = results["ray1_img_s"] * results["flops_per_img"] / 1e9 / results["peak_gflops"]
     results["eval_fraction_of_epoch"] = results["eval_s_per_10k"] / results["epoch_s"]
     return results
+
+
+def medians(per_round: list[dict[str, Any]]) -> dict[str, float]:
+    """Each loop's median images/s over the rounds with its slowest and fastest window; each ratio's median."""
+    out = {}
+    for label in LOOPS:
+        out[f"{label}_img_s"] = statistics.median(r[f"{label}_img_s"] for r in per_round)
+        out[f"{label}_img_s_min"] = min(r[f"{label}_img_s_min"] for r in per_round)
+        out[f"{label}_img_s_max"] = max(r[f"{label}_img_s_max"] for r in per_round)
+    out.update({ratio: statistics.median(r[ratio] for r in per_round) for ratio in RATIOS})
+    return out
+
+
+def evaluation_seconds(cfg: PipelineConfig, data: Split, cpus: int, progress: Callable[[str], None]) -> float:
+    """Seconds to score 10,000 samples as training does (generate, evaluator features, FID and IS)."""
+    torch.set_num_threads(cpus)
+    generator = train_gan(with_overrides(cfg, {"data.limit": cfg.train.batch_size}), data, log=lambda _: None).generator
+    evaluator = get_evaluator(cfg.data, progress)
+    started = time.perf_counter()
+    evaluator.score(generate_images(generator, 10_000, cfg.model.latent_dim, 0, torch.device("cpu")))
+    return time.perf_counter() - started
 
 
 def format_table(r: dict[str, Any]) -> str:

@@ -130,7 +130,9 @@ class EvalConfig:
 class ScalingConfig:
     num_workers: int = _f(1, "data-parallel workers (Ray Train)", ge=1)
     cpus_per_worker: int | None = _f(
-        None, "CPUs per worker, also its torch threads; null = local CPUs / num_workers (1 on a cluster)", ge=1
+        None,
+        "CPUs per worker, also its torch threads; null = local CPUs / num_workers, 1 in a sweep or on a cluster",
+        ge=1,
     )
     use_gpu: Literal["auto", "true", "false"] = _f("auto", "auto = use GPUs when the cluster has them")
 
@@ -307,14 +309,6 @@ SEARCH_KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None, "gr
 NOT_SEARCHABLE = ("tune", "tracking")
 
 
-def _with_value(cfg: PipelineConfig, dotted: str, value: Any) -> PipelineConfig:
-    raw = cfg.to_dict()
-    section, key = dotted.split(".")
-    raw[section][key] = value
-    raw["tune"]["search_space"] = {}
-    return build_config(raw)
-
-
 def _check_search_space(cfg: PipelineConfig) -> None:
     """Every searched key exists and is searchable; every spec is well formed and its values valid."""
     space = cfg.tune.search_space
@@ -344,13 +338,13 @@ def _check_search_space(cfg: PipelineConfig) -> None:
             raise ConfigError(f"{where}.grid: grid axes need tune.search_alg=random (Optuna samples, it cannot grid)")
         for value in args:
             try:
-                _with_value(cfg, dotted, value)
+                with_overrides(cfg, {dotted: value, "tune.search_space": {}})
             except ConfigError as exc:
                 raise ConfigError(f"{where}.{kind}: value {value!r} is invalid ({exc})") from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr_g=1e-3"`` -> (["optim", "lr_g"], 0.001). Values are read as YAML scalars."""
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr_g=1e-3"`` -> ("optim.lr_g", 0.001). Values are read as YAML scalars."""
     key, sep, value = text.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -359,7 +353,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
-    return parts, parsed
+    return ".".join(parts), parsed
+
+
+def set_dotted(raw: dict[str, Any], values: typing.Mapping[str, Any]) -> dict[str, Any]:
+    """Set each ``section.key`` of ``values`` in the nested dict ``raw`` (as read from YAML); returns ``raw``.
+
+    The one place dotted overrides are applied: ``--set``, search-space points, bench and sweep settings.
+    """
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        target = raw.setdefault(section, {})
+        if target is None:
+            target = raw[section] = {}
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {target!r}")
+        target[key] = value
+    return raw
+
+
+def with_overrides(cfg: PipelineConfig, values: typing.Mapping[str, Any]) -> PipelineConfig:
+    """``cfg`` with each dotted key of ``values`` replaced, validated again like any config."""
+    return build_config(set_dotted(cfg.to_dict(), values))
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -381,14 +396,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.It
     raw = read_yaml(path) if path is not None else {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections at the top level")
-    for text in overrides:
-        (section, key), value = parse_override(text)
-        target = raw.setdefault(section, {})
-        if target is None:
-            target = raw[section] = {}
-        if not isinstance(target, dict):
-            raise ConfigError(f"{section}: expected a mapping of keys, got {target!r}")
-        target[key] = value
+    set_dotted(raw, dict(parse_override(text) for text in overrides))
     return build_config(raw)
 
 

@@ -112,7 +112,8 @@ def resolve_root(cfg: DataConfig) -> Path:
     return Path(cfg.root).expanduser().resolve() if cfg.root else default_root()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -129,7 +130,7 @@ def problems(spec: DatasetSpec, raw_dir: Path) -> list[str]:
             found.append(f"{name} missing")
         elif path.stat().st_size != size:
             found.append(f"{name} has {path.stat().st_size} bytes, expected {size} (truncated?)")
-        elif _sha256(path) != sha:
+        elif file_sha256(path) != sha:
             found.append(f"{name} fails its SHA-256 check (corrupted)")
     return found
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,8 @@ from typing import Any
 import torch
 
 from pipeline import PROJECT_ROOT, checkpoint
-from pipeline.config import ConfigError, PipelineConfig, UserError, build_config, make_writable_dir
+from pipeline.config import ConfigError, PipelineConfig, UserError, make_writable_dir
+from pipeline.models import identity
 from pipeline.tracking import (
     MLflowTracker,
     NullTracker,
@@ -30,6 +33,7 @@ from pipeline.tracking import (
     resolve_tracking_uri,
     start_run,
 )
+from pipeline.train import DIVERGENCE_HINT, DivergedError, Runtime, TrainState, all_reduce_mean, train_gan
 
 
 def storage_root(cfg: PipelineConfig) -> str:
@@ -50,11 +54,13 @@ def local_dir(location: str) -> Path | None:
     return None if "://" in location else Path(location)
 
 
-def resolve_scaling(cfg: PipelineConfig) -> PipelineConfig:
-    """Fill in ``scaling.cpus_per_worker`` when null: this machine's CPUs shared by the workers, 1 on a cluster."""
+def resolve_scaling(cfg: PipelineConfig, *, sweep: bool = False) -> PipelineConfig:
+    """Fill in ``scaling.cpus_per_worker`` when null (the one place that does): this machine's CPUs shared by
+    one run's workers; 1 per worker in a sweep (trials share the machine) and on a cluster."""
     if cfg.scaling.cpus_per_worker is not None:
         return cfg
-    cpus = 1 if os.environ.get("RAY_ADDRESS") else max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
+    alone = not sweep and not os.environ.get("RAY_ADDRESS")
+    cpus = max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers) if alone else 1
     return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=cpus))
 
 
@@ -106,12 +112,65 @@ def use_gpu(cfg: PipelineConfig) -> bool:
 # The per-worker function
 
 
-def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
+class StepClock:
+    """Wall-clock time of every optimizer step; throughput = median over windows after warm-up."""
 
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / dist.get_world_size()
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.times.append(time.time())
+
+    def window_rates(self, images_per_step: int, warmup: int, window: int) -> list[float]:
+        """Images/s of each window of ``window`` steps after the first ``warmup`` steps."""
+        times = self.times[warmup:]
+        rates = [
+            images_per_step * window / (times[i + window] - times[i]) for i in range(0, len(times) - window, window)
+        ]
+        if not rates:
+            raise ValueError(f"too few steps ({len(self.times)}) for warm-up {warmup} and windows of {window}")
+        return rates
+
+    def summary(self, images_per_step: int, warmup: int, window: int) -> dict[str, float]:
+        """Median images/s over the windows, and the slowest and fastest window (how noisy the machine is)."""
+        rates = self.window_rates(images_per_step, warmup, window)
+        return {"img_s": statistics.median(rates), "img_s_min": min(rates), "img_s_max": max(rates)}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """`pipeline bench`: each worker times its own steps and reports ``bench_*`` figures with its metrics."""
+
+    warmup: int  # steps left out of the timing
+    window: int  # steps per timed window
+    sync_gradients: bool = True  # False: no DDP all-reduce (a diagnostic: what communication costs)
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Rank ``rank`` exits at step ``step``, once (the file ``once`` marks that it happened): a drill."""
+
+    step: int
+    rank: int
+    once: str
+
+    def fire_if_due(self, rank: int, step: int) -> None:
+        if rank == self.rank and step == self.step and not os.path.exists(self.once):
+            Path(self.once).touch()
+            print(f"[fault] rank {rank} exits at step {step} (PIPELINE_FAULT_AT_STEP)", flush=True)
+            os._exit(1)  # as a crashed process would: no cleanup, no exception for anyone to catch
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every worker of one Train run receives (Ray passes it as ``train_loop_config["job"]``)."""
+
+    config: PipelineConfig
+    mlflow_run_id: str | None = None  # rank 0 logs into this run; no tracking without one
+    tracking_uri: str | None = None
+    evaluator: dict[str, Any] | None = None  # Evaluator.payload(), prepared once by the driver
+    bench: BenchOptions | None = None
+    fault: FaultInjection | None = None
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -120,9 +179,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from pipeline.data import load
-    from pipeline.train import DivergedError, Runtime, train_gan
+    from pipeline.metrics import Evaluator
 
-    cfg = build_config(loop_config["config"])
+    job: WorkerJob = loop_config["job"]
+    cfg = job.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
@@ -135,35 +195,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as directory:
             resume = checkpoint.load(Path(directory) / checkpoint.FILENAME)
-
-    run_id = loop_config.get("mlflow_run_id")
-    tracker = MLflowTracker(loop_config["tracking_uri"], run_id) if is_main and run_id else NullTracker()
+    tracker = MLflowTracker(job.tracking_uri, job.mlflow_run_id) if is_main and job.mlflow_run_id else NullTracker()
     evaluator = None
-    if is_main and cfg.eval.every_epochs and loop_config.get("evaluator") is not None:
-        from pipeline.metrics import Evaluator
-
-        evaluator = Evaluator.from_payload(loop_config["evaluator"])
-
-    clock = None
-    if loop_config.get("bench"):
-        from pipeline.bench import StepClock
-
-        clock = StepClock()
-    fault = loop_config.get("fault")
+    if is_main and cfg.eval.every_epochs and job.evaluator is not None:
+        evaluator = Evaluator.from_payload(job.evaluator)
+    clock = StepClock() if job.bench else None
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         if clock is not None:
             clock(step, metrics)
-        if fault and rank == fault["rank"] and step == fault["step"] and not os.path.exists(fault["once"]):
-            # An injected fault (PIPELINE_FAULT_AT_STEP): this worker dies as a crashed process would.
-            Path(fault["once"]).touch()
-            print(f"[fault] rank {rank} exits at step {step} (PIPELINE_FAULT_AT_STEP)", flush=True)
-            os._exit(1)
+        if job.fault is not None:
+            job.fault.fire_if_due(rank, step)
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if clock is not None:  # `pipeline bench`: this worker's own step timing
-            bench = loop_config["bench"]
-            summary = clock.summary(cfg.train.batch_size, bench["warmup"], bench["window"])
+            summary = clock.summary(cfg.train.batch_size, job.bench.warmup, job.bench.window)
             metrics = {
                 **metrics,
                 **{f"bench_{k}": v for k, v in summary.items()},
@@ -176,15 +222,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             checkpoint.save(Path(tmp) / checkpoint.FILENAME, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    sync = job.bench is None or job.bench.sync_gradients
     runtime = Runtime(
         rank=rank,
         world_size=world,
         device=device,
-        # `pipeline bench` also times N workers without the gradient all-reduce: what communication costs.
-        wrap_model=(lambda m: m)
-        if (loop_config.get("bench") or {}).get("no_sync")
-        else (lambda m: ray.train.torch.prepare_model(m, move_to_device=device)),
-        mean_over_workers=_all_reduce_mean,  # Ray Train sets up a process group even for one worker
+        wrap_model=(lambda m: ray.train.torch.prepare_model(m, move_to_device=device)) if sync else identity,
+        mean_over_workers=all_reduce_mean,  # Ray Train sets up a process group even for one worker
     )
     try:
         train_gan(
@@ -193,7 +237,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             runtime=runtime,
             tracker=tracker,
             report=report,
-            on_step=on_step if clock is not None or fault else None,
+            on_step=on_step if clock is not None or job.fault else None,
             resume=resume,
             evaluator=evaluator,
             log=print,
@@ -230,8 +274,8 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
     gpu: bool = False,
     evaluator: dict[str, Any] | None = None,
-    bench: dict[str, Any] | None = None,
-    fault: dict[str, Any] | None = None,
+    bench: BenchOptions | None = None,
+    fault: FaultInjection | None = None,
 ) -> Any:
     """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -240,14 +284,7 @@ def build_trainer(
     cfg = resolve_scaling(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "mlflow_run_id": mlflow_run_id,
-            "tracking_uri": tracking_uri,
-            "evaluator": evaluator,
-            "bench": bench,
-            "fault": fault,
-        },
+        train_loop_config={"job": WorkerJob(cfg, mlflow_run_id, tracking_uri, evaluator, bench, fault)},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=gpu,
@@ -346,14 +383,14 @@ def verify_latest_checkpoint(directory: Path) -> None:
         checkpoint.load(latest[-1] / checkpoint.FILENAME)
 
 
-def fault_from_env() -> dict[str, Any] | None:
+def fault_from_env() -> FaultInjection | None:
     """PIPELINE_FAULT_AT_STEP=N [PIPELINE_FAULT_RANK=R] [PIPELINE_FAULT_ONCE=FILE]: rank R dies at step N,
     once (FILE marks that it happened). For fault-tolerance tests and drills."""
     step = os.environ.get("PIPELINE_FAULT_AT_STEP")
     if not step:
         return None
     once = os.environ.get("PIPELINE_FAULT_ONCE") or os.path.join(tempfile.gettempdir(), f"pipeline-fault-{step}")
-    return {"step": int(step), "rank": int(os.environ.get("PIPELINE_FAULT_RANK", "0")), "once": once}
+    return FaultInjection(int(step), int(os.environ.get("PIPELINE_FAULT_RANK", "0")), once)
 
 
 class RunDiverged(UserError):
@@ -380,7 +417,7 @@ def run_training(
     gpu = use_gpu(cfg)
     tracker = MLflowTracker(uri, run_id)
     if resume:
-        tracker.client.update_run(run_id, status="RUNNING")
+        tracker.reopen()
     tracker.log_params(flat_params(cfg))
     tracker.set_tags(
         {
@@ -402,12 +439,12 @@ def run_training(
         raise
     # Rank 0 tags a diverged run itself: Ray's result keeps the metrics of the last *checkpointed*
     # report, and a diverged epoch has no checkpoint.
-    tags = tracker.client.get_run(run_id).data.tags
+    tags = tracker.tags()
     if tags.get("status") == "diverged":
         tracker.end("FAILED")
         raise RunDiverged(
             f"run {name!r} diverged at epoch {tags.get('diverged_epoch', '?')} (NaN or infinite loss) and was "
-            "stopped; lower optim.lr_g / optim.lr_d, or try train.real_label=0.9"
+            f"stopped; {DIVERGENCE_HINT}"
         )
     return finish_run(cfg, tracker, name, run_dir, result)
 
@@ -415,7 +452,6 @@ def run_training(
 def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: str, result: Any) -> TrainOutcome:
     """Loss curve, last checkpoint and the generator model into the MLflow run; close it."""
     from pipeline.models import build_generator
-    from pipeline.train import sampling_weights
 
     checkpoint_dir = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -428,7 +464,7 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
                 state = checkpoint.load(Path(local) / checkpoint.FILENAME)
                 tracker.log_artifact(str(Path(local) / checkpoint.FILENAME), "checkpoints")
             generator = build_generator(cfg.model)
-            generator.load_state_dict(sampling_weights(state))
+            generator.load_state_dict(TrainState.sampling_weights(state))
             tracker.log_generator(generator, cfg.model.latent_dim)
     fids = [value for _, value in tracker.metric_history("fid")]
     if fids:
@@ -436,6 +472,15 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
     tracker.set_tags({"status": "finished"})
     tracker.end("FINISHED")
     return TrainOutcome(name, run_dir, tracker.run_id, tracker.uri, dict(result.metrics or {}), checkpoint_dir)
+
+
+def finish_from_storage(cfg: PipelineConfig, name: str, uri: str, run_id: str) -> TrainOutcome:
+    """:func:`finish_run` for a run whose training completed but whose driver ended before its final logging
+    (a sweep's trial): the result is read back from the run's storage."""
+    from ray.train import Result
+
+    location = run_location(cfg, name)
+    return finish_run(cfg, MLflowTracker(uri, run_id), name, location, Result.from_path(location))
 
 
 def ui_command(uri: str) -> str:

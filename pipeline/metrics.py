@@ -8,7 +8,6 @@ metadata and the test split's feature statistics. These FIDs are *not* comparabl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from filelock import FileLock
 from torch import nn
 
 from pipeline.config import DataConfig, UserError
-from pipeline.data import Split, load, resolve_root, to_model_range
+from pipeline.data import Split, file_sha256, load, resolve_root, to_model_range
 
 EVALUATOR_VERSION = 1
 MIN_ACCURACY = {"mnist": 0.990, "fashion_mnist": 0.90}
@@ -156,10 +155,6 @@ def cache_dir(cfg: DataConfig) -> Path:
     return resolve_root(cfg) / "evaluators" / cfg.dataset
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def train_classifier(
     train: Split, test: Split, epochs: int = 4, seed: int = 0, progress=print
 ) -> tuple[Classifier, float]:
@@ -244,8 +239,8 @@ def get_evaluator(cfg: DataConfig, progress=print, splits: tuple[Split, Split] |
             "version": EVALUATOR_VERSION,
             "dataset": cfg.dataset,
             "test_accuracy": accuracy,
-            "weights_sha256": _sha256(weights),
-            "stats_sha256": _sha256(directory / "test_stats.npz"),
+            "weights_sha256": file_sha256(weights),
+            "stats_sha256": file_sha256(directory / "test_stats.npz"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         (directory / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache valid
@@ -260,8 +255,8 @@ def _load_cached(directory: Path, dataset: str) -> Evaluator | None:
         if (
             meta.get("version") != EVALUATOR_VERSION
             or meta.get("dataset") != dataset
-            or _sha256(weights) != meta["weights_sha256"]
-            or _sha256(stats) != meta["stats_sha256"]
+            or file_sha256(weights) != meta["weights_sha256"]
+            or file_sha256(stats) != meta["stats_sha256"]
         ):
             return None
         model = Classifier()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 from pipeline.config import ModelConfig
+
+T = TypeVar("T")
 
 IMAGE_SIZE = 28
 
@@ -49,7 +53,7 @@ class Discriminator(nn.Module):
     def __init__(self, channels: int, norm: str = "batch", dropout: float = 0.0, extra_layers: int = 0):
         super().__init__()
         c = channels
-        wrap = nn.utils.parametrizations.spectral_norm if norm == "spectral" else _identity
+        wrap = nn.utils.parametrizations.spectral_norm if norm == "spectral" else identity
 
         def block(conv: nn.Conv2d, batch_norm: bool) -> list[nn.Module]:
             return [
@@ -70,8 +74,9 @@ class Discriminator(nn.Module):
         return self.net(x).flatten()
 
 
-def _identity(module: nn.Module) -> nn.Module:
-    return module
+def identity(x: T) -> T:
+    """Its argument, unchanged: the no-op in place of an optional wrapper (spectral norm, DDP, compile)."""
+    return x
 
 
 def init_weights(module: nn.Module) -> None:

@@ -1,7 +1,8 @@
 """Experiment tracking: a Tracker interface, a no-op implementation, and the MLflow backend.
 
 Only rank 0 gets a real tracker; every other worker gets :class:`NullTracker`, so the training loop
-calls the same methods everywhere without asking who it is.
+calls the same methods everywhere without asking who it is. This module is the package's only door into
+MLflow: everything else asks an :class:`MLflowTracker` (one run) or the functions here (runs by tag).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -127,8 +129,7 @@ def flat_params(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def environment_tags() -> dict[str, str]:
-    import ray
-    import torch
+    from importlib.metadata import version
 
     try:
         commit = subprocess.run(
@@ -139,7 +140,7 @@ def environment_tags() -> dict[str, str]:
     return {
         "git_commit": commit or "unknown",
         "torch_version": torch.__version__,
-        "ray_version": ray.__version__,
+        "ray_version": version("ray"),
     }
 
 
@@ -181,6 +182,15 @@ def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One MLflow run as a search found it."""
+
+    run_id: str
+    status: str  # RUNNING, FINISHED, FAILED or KILLED
+    tags: dict[str, str]
 
 
 class MLflowTracker:
@@ -246,6 +256,28 @@ class MLflowTracker:
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
+    def tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
+
+    def status(self) -> str:
+        """MLflow's run status: RUNNING, FINISHED, FAILED or KILLED."""
+        return self.client.get_run(self.run_id).info.status
+
+    def reopen(self) -> None:
+        """Mark a finished or failed run RUNNING again (it is being resumed)."""
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    def children(self) -> list[RunRecord]:
+        """The runs whose parent is this one (a sweep's trials), as they are now."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'")
+        return [RunRecord(run.info.run_id, run.info.status, dict(run.data.tags)) for run in runs]
+
+    def download_last_artifact(self, artifact_dir: str, dest: str) -> str | None:
+        """The last (by name) artifact under ``artifact_dir``, downloaded into ``dest``; None if there is none."""
+        paths = sorted(a.path for a in self.client.list_artifacts(self.run_id, artifact_dir))
+        return self.client.download_artifacts(self.run_id, paths[-1], dest) if paths else None
+
     def log_generator(self, generator: torch.nn.Module, latent_dim: int) -> str:
         """Log G as the MLflow PyTorch model ``generator`` (pt2 format: loads without unpickling code)."""
         import mlflow
@@ -263,22 +295,31 @@ class MLflowTracker:
 
     def save_loss_curve(self, path: str) -> None:
         """Plot loss_d and loss_g over global steps from the run's own metric history."""
-        import matplotlib
+        with figure(path, "global step", "BCE loss") as ax:
+            for key in ("loss_d", "loss_g"):
+                points = sorted(self.metric_history(key))
+                if points:
+                    ax.plot([s for s, _ in points], [v for _, v in points], label=key)
+            ax.legend()
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key in ("loss_d", "loss_g"):
-            points = sorted(self.metric_history(key))
-            if points:
-                ax.plot([s for s, _ in points], [v for _, v in points], label=key)
-        ax.set_xlabel("global step")
-        ax.set_ylabel("BCE loss")
-        ax.legend()
+@contextlib.contextmanager
+def figure(path: str, xlabel: str, ylabel: str, size: tuple[float, float] = (7, 4)) -> Iterator[Any]:
+    """A matplotlib axes to draw on; labelled, gridded and saved as a PNG at ``path`` when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
+    finally:
         plt.close(fig)
 
 

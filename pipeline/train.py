@@ -3,7 +3,8 @@
 Per batch (the seed's algorithm): the discriminator on real images (target 1) and on generated,
 detached ones (target 0) with binary cross-entropy on logits; then the generator on generated images
 with target 1; one Adam per network. The distributed adapter supplies a :class:`Runtime` (rank, world,
-device, DDP wrapping); run in-process, the defaults describe one CPU process.
+device, DDP wrapping); run in-process, the defaults describe one CPU process. :class:`TrainState` is
+what a run continues from, and the one place that knows the checkpoint's layout.
 """
 
 from __future__ import annotations
@@ -25,18 +26,22 @@ from torch.utils.data import DistributedSampler
 from pipeline.config import PipelineConfig
 from pipeline.data import Split, to_model_range
 from pipeline.metrics import Evaluator
-from pipeline.models import Generator, build_models
+from pipeline.models import Generator, build_models, identity
 from pipeline.tracking import NullTracker, Tracker
 
 NUM_GRID_SAMPLES = 64  # an 8x8 grid from fixed noise
+LOSS_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")  # the per-step figures, in this order
+EPOCH_KEYS = ("epoch_time_s", "images_per_s", "fid", "inception_score", "eval_time_s")  # once per epoch
+DIVERGENCE_HINT = "lower optim.lr_g / optim.lr_d, or try train.real_label=0.9"
 
 
-def _identity(module: nn.Module) -> nn.Module:
-    return module
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over every process of the default process group (epoch metrics under DDP)."""
+    import torch.distributed as dist
 
-
-def _local_mean(values: torch.Tensor) -> torch.Tensor:
-    return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / dist.get_world_size()
 
 
 @dataclass
@@ -47,9 +52,9 @@ class Runtime:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     # Wraps G and D for data parallelism (DDP); the identity when alone.
-    wrap_model: Callable[[nn.Module], nn.Module] = _identity
+    wrap_model: Callable[[nn.Module], nn.Module] = identity
     # Averages a tensor over all workers (epoch metrics); the identity when alone.
-    mean_over_workers: Callable[[torch.Tensor], torch.Tensor] = _local_mean
+    mean_over_workers: Callable[[torch.Tensor], torch.Tensor] = identity
 
     @property
     def is_main(self) -> bool:
@@ -67,10 +72,7 @@ class DivergedError(FloatingPointError):
 
     def __init__(self, epoch: int, loss_d: float, loss_g: float):
         self.epoch = epoch
-        super().__init__(
-            f"training diverged at epoch {epoch} (loss_d={loss_d}, loss_g={loss_g}); "
-            "lower optim.lr_g / optim.lr_d, or try train.real_label=0.9"
-        )
+        super().__init__(f"training diverged at epoch {epoch} (loss_d={loss_d}, loss_g={loss_g}); {DIVERGENCE_HINT}")
 
 
 class EmaGenerator:
@@ -98,6 +100,106 @@ class TrainResult:
     metrics: dict[str, float]  # the last epoch's
     epoch: int  # epochs completed
     step: int  # optimizer steps completed
+
+
+@dataclass
+class TrainState:
+    """What a run continues from: both networks, their optimizers, G's EMA copy and the counters.
+
+    :meth:`to_checkpoint` and :meth:`load_checkpoint` are the checkpoint format; checkpoint.py writes and
+    reads the file.
+    """
+
+    generator: Generator
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    ema: EmaGenerator | None
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+
+    @classmethod
+    def initial(cls, cfg: PipelineConfig, device: torch.device) -> TrainState:
+        """Fresh networks from ``train.seed`` (the same weights on every worker), one Adam each, the EMA copy."""
+        torch.manual_seed(cfg.train.seed)
+        generator, discriminator = build_models(cfg.model)
+        generator.to(device)
+        discriminator.to(device)
+        # The fused kernel: the same Adam, 6x faster than PyTorch's CPU default (a Python loop over tensors).
+        adam = functools.partial(
+            torch.optim.Adam, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=True if cfg.optim.fused else None
+        )
+        opt_g = adam(generator.parameters(), lr=cfg.optim.lr_g)
+        opt_d = adam(discriminator.parameters(), lr=cfg.optim.lr_d)
+        ema = EmaGenerator(generator, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        return cls(generator, discriminator, opt_g, opt_d, ema)
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator that samples, is evaluated and is logged: the EMA copy when the run keeps one."""
+        return self.ema.model if self.ema is not None else self.generator
+
+    def set_learning_rates(self, lr_g: float, lr_d: float) -> None:
+        for optimizer, lr in ((self.opt_g, lr_g), (self.opt_d, lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def to_checkpoint(self, cfg: PipelineConfig) -> dict[str, Any]:
+        return {
+            "generator": self.generator.state_dict(),
+            "generator_ema": self.ema.model.state_dict() if self.ema is not None else None,
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "rng": {"torch": torch.get_rng_state()},
+            "config": cfg.to_dict(),
+        }
+
+    def load_checkpoint(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``, a dict :meth:`to_checkpoint` made (a run without EMA has no EMA weights)."""
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(self.sampling_weights(state))
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+
+    @staticmethod
+    def sampling_weights(state: dict[str, Any]) -> dict[str, Any]:
+        """From a checkpoint, the generator weights to sample with: the EMA copy if the run kept one."""
+        return state.get("generator_ema") or state["generator"]
+
+
+@dataclass
+class Nets:
+    """G and D as the loop calls them: compiled and wrapped for data parallelism, in the run's precision."""
+
+    generator: nn.Module
+    discriminator: nn.Module
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    d_no_sync: Callable[[], contextlib.AbstractContextManager]
+    layout: torch.memory_format
+
+    @classmethod
+    def wrap(cls, state: TrainState, cfg: PipelineConfig, rt: Runtime) -> Nets:
+        layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        state.generator.to(memory_format=layout)
+        state.discriminator.to(memory_format=layout)
+        # Compile the inner modules and wrap those: checkpoints keep the plain modules' state_dict keys.
+        compiled = torch.compile if cfg.train.compile else identity
+        generator = rt.wrap_model(compiled(state.generator))
+        discriminator = rt.wrap_model(compiled(state.discriminator))
+        autocast = functools.partial(
+            torch.autocast, device_type=rt.device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"
+        )
+        # no_sync: D's gradients from the generator step are thrown away, and its real-batch gradients are
+        # reduced together with the fake-batch ones: neither needs an all-reduce of its own.
+        d_no_sync = getattr(discriminator, "no_sync", contextlib.nullcontext)
+        return cls(generator, discriminator, autocast, d_no_sync, layout)
 
 
 def epoch_noise_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -143,11 +245,6 @@ def generate_images(
     return torch.cat(chunks)
 
 
-def sampling_weights(state: dict[str, Any]) -> dict[str, Any]:
-    """From a checkpoint, the generator weights to sample with: the EMA copy if the run kept one."""
-    return state.get("generator_ema") or state["generator"]
-
-
 def steps_per_epoch(num_images: int, batch_size: int) -> int:
     return num_images // batch_size
 
@@ -163,6 +260,53 @@ def most_real(logits: torch.Tensor, share: float) -> torch.Tensor:
     real, so the generator step drops the gradients of its worst-rated fakes; all of them when share >= 1."""
     k = max(1, round(len(logits) * share))
     return logits if k >= len(logits) else torch.topk(logits, k, sorted=False).values
+
+
+def discriminator_step(
+    nets: Nets,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    z: torch.Tensor,
+    real_targets: torch.Tensor,
+    fake_targets: torch.Tensor,
+    keep_fake_graph: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One D update: real images towards ``real_targets``, G's fakes (detached) towards ``fake_targets``.
+
+    Returns the fakes (with G's graph if ``keep_fake_graph``, for a G step that reuses them) and, detached,
+    D's loss, D(x) and D(G(z)). Backward after each forward keeps BatchNorm buffers consistent under DDP;
+    the first backward skips the all-reduce, the second reduces the sum.
+    """
+    opt_d.zero_grad(set_to_none=True)
+    with nets.autocast(), torch.set_grad_enabled(keep_fake_graph):
+        fake = nets.generator(z)
+    with nets.d_no_sync():
+        with nets.autocast():
+            real_logits = nets.discriminator(real)
+            loss_real = F.binary_cross_entropy_with_logits(real_logits, real_targets)
+        loss_real.backward()
+    with nets.autocast():
+        fake_logits = nets.discriminator(fake.detach())
+        loss_fake = F.binary_cross_entropy_with_logits(fake_logits, fake_targets)
+    loss_fake.backward()
+    opt_d.step()
+    with torch.no_grad():
+        return fake, loss_real + loss_fake, torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
+
+
+def generator_step(
+    nets: Nets, opt_g: torch.optim.Optimizer, fake: torch.Tensor, targets: torch.Tensor, share: float
+) -> torch.Tensor:
+    """One G update: D's verdict on ``fake`` pushed towards ``targets`` ("real"); with top-k training only the
+    ``share`` of fakes D rates most real counts. Returns the loss, detached."""
+    opt_g.zero_grad(set_to_none=True)
+    with nets.d_no_sync():
+        with nets.autocast():
+            logits = most_real(nets.discriminator(fake), share)
+            loss = F.binary_cross_entropy_with_logits(logits, targets[: len(logits)])
+        loss.backward()
+    opt_g.step()
+    return loss.detach()
 
 
 def train_gan(
@@ -184,186 +328,121 @@ def train_gan(
     """
     rt = runtime or Runtime()
     tracker = tracker or NullTracker()
-    device = rt.device
-    world = rt.world_size
-    local_batch = cfg.train.batch_size // world
+    device, latent = rt.device, cfg.model.latent_dim
+    local_batch = cfg.train.batch_size // rt.world_size
     num_steps = steps_per_epoch(len(data), cfg.train.batch_size)
     if num_steps < 1:
         raise ValueError(f"batch size {cfg.train.batch_size} exceeds the {len(data)} training images")
+    total_steps = num_steps * cfg.train.epochs
 
-    # Same initial weights on every worker (DDP also broadcasts rank 0's at wrap time).
-    torch.manual_seed(cfg.train.seed)
-    generator, discriminator = build_models(cfg.model)
-    generator.to(device)
-    discriminator.to(device)
-    # The fused kernel: the same Adam, 6x faster than PyTorch's CPU default (a Python loop over tensors).
-    adam = functools.partial(
-        torch.optim.Adam, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=True if cfg.optim.fused else None
-    )
-    opt_g = adam(generator.parameters(), lr=cfg.optim.lr_g)
-    opt_d = adam(discriminator.parameters(), lr=cfg.optim.lr_d)
-    # The EMA copy of G (if on) is what samples, evaluations and the logged model use.
-    ema = EmaGenerator(generator, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    start_epoch, step = 0, 0
+    # Networks and optimizers from the seed; a resumed run then takes the checkpoint's weights and counters.
+    state = TrainState.initial(cfg, device)
     if resume is not None:
-        generator.load_state_dict(resume["generator"])
-        discriminator.load_state_dict(resume["discriminator"])
-        if ema is not None:
-            ema.model.load_state_dict(resume.get("generator_ema") or resume["generator"])
-        opt_g.load_state_dict(resume["opt_g"])
-        opt_d.load_state_dict(resume["opt_d"])
-        start_epoch, step = int(resume["epoch"]), int(resume["step"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if rt.is_main and start_epoch < cfg.train.epochs:
-            log(f"resuming from epoch {start_epoch} (step {step})")
-    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    generator.to(memory_format=layout)
-    discriminator.to(memory_format=layout)
-    # Compile the inner modules and wrap those: checkpoints keep the plain modules' state_dict keys.
-    compiled = torch.compile if cfg.train.compile else _identity
-    gen_ddp = rt.wrap_model(compiled(generator))
-    disc_ddp = rt.wrap_model(compiled(discriminator))
-    autocast = functools.partial(
-        torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"
-    )
-    # no_sync: D's gradients from the generator step are thrown away, and its real-batch gradients are
-    # reduced together with the fake-batch ones: neither needs an all-reduce of its own.
-    d_no_sync = getattr(disc_ddp, "no_sync", contextlib.nullcontext)
+        state.load_checkpoint(resume)
+        if rt.is_main and state.epoch < cfg.train.epochs:
+            log(f"resuming from epoch {state.epoch} (step {state.step})")
+    nets = Nets.wrap(state, cfg, rt)
 
+    # The images stay on the device; each worker takes its own shard of one shuffled order per epoch.
     images = data.images.to(device)
     sampler = DistributedSampler(
-        range(len(data)), num_replicas=world, rank=rt.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+        range(len(data)), num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
     )
-    ones = torch.ones(local_batch, device=device)
     real_targets = torch.full((local_batch,), cfg.train.real_label, device=device)
-    zeros = torch.zeros(local_batch, device=device)
-    sampler_g = ema.model if ema is not None else generator
-    latent = cfg.model.latent_dim
+    fake_targets = torch.zeros(local_batch, device=device)
+    g_targets = torch.ones(local_batch, device=device)
     metrics: dict[str, float] = {}
-    total_steps = num_steps * cfg.train.epochs
-    base_lrs = ((opt_g, cfg.optim.lr_g), (opt_d, cfg.optim.lr_d))
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        gen_ddp.train()
-        disc_ddp.train()
+    for epoch in range(state.epoch, cfg.train.epochs):
+        # Shuffling and noise depend only on (seed, epoch, rank): resuming at an epoch boundary is exact.
+        nets.generator.train()
+        nets.discriminator.train()
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), device=device)
-        noise_rng = epoch_noise_generator(cfg.train.seed, epoch, rt.rank, device)
-        sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss_d, loss_g, d_real, d_fake
+        noise = epoch_noise_generator(cfg.train.seed, epoch, rt.rank, device)
+        sums = torch.zeros(len(LOSS_KEYS), device=device, dtype=torch.float64)
         started = time.perf_counter()
         for i in range(num_steps):
             real = to_model_range(images[order[i * local_batch : (i + 1) * local_batch]])
-            real = real.contiguous(memory_format=layout)
-
-            # Discriminator: real -> 1, fake -> 0. Backward after each forward keeps BatchNorm buffers
-            # consistent under DDP; the first backward skips the all-reduce, the second reduces the sum.
+            real = real.contiguous(memory_format=nets.layout)
+            # Schedules follow the global step, not the epoch, so a resumed run follows them too.
             if cfg.optim.lr_final_scale < 1.0:
-                scale = linear_schedule(cfg.optim.lr_final_scale, step, total_steps)
-                for opt, base in base_lrs:
-                    for group in opt.param_groups:
-                        group["lr"] = base * scale
-            opt_d.zero_grad(set_to_none=True)
-            z = torch.randn(local_batch, latent, device=device, generator=noise_rng)
-            with autocast(), torch.set_grad_enabled(not cfg.train.g_fresh_noise):
-                fake = gen_ddp(z)
-            with d_no_sync():
-                with autocast():
-                    real_logits = disc_ddp(real)
-                    loss_real = F.binary_cross_entropy_with_logits(real_logits, real_targets)
-                loss_real.backward()
-            with autocast():
-                fake_logits = disc_ddp(fake.detach())
-                loss_fake = F.binary_cross_entropy_with_logits(fake_logits, zeros)
-            loss_fake.backward()
-            opt_d.step()
+                scale = linear_schedule(cfg.optim.lr_final_scale, state.step, total_steps)
+                state.set_learning_rates(cfg.optim.lr_g * scale, cfg.optim.lr_d * scale)
+            top_k_share = linear_schedule(cfg.train.top_k_final, state.step, total_steps)
 
-            # Generator: its fakes labelled real.
-            opt_g.zero_grad(set_to_none=True)
+            # D learns real -> real, fake -> 0; then G learns from fresh fakes (or D's own) labelled real.
+            z = torch.randn(local_batch, latent, device=device, generator=noise)
+            fake, loss_d, d_real, d_fake = discriminator_step(
+                nets, state.opt_d, real, z, real_targets, fake_targets, keep_fake_graph=not cfg.train.g_fresh_noise
+            )
             if cfg.train.g_fresh_noise:
-                z = torch.randn(local_batch, latent, device=device, generator=noise_rng)
-                with autocast():
-                    fake = gen_ddp(z)
-            with d_no_sync():
-                with autocast():
-                    fake_logits_g = disc_ddp(fake)
-                    if cfg.train.top_k_final < 1.0:
-                        share = linear_schedule(cfg.train.top_k_final, step, total_steps)
-                        fake_logits_g = most_real(fake_logits_g, share)
-                    loss_g = F.binary_cross_entropy_with_logits(fake_logits_g, ones[: len(fake_logits_g)])
-                loss_g.backward()
-            opt_g.step()
-            step += 1
-            if ema is not None:
-                ema.update(generator, step)
+                with nets.autocast():
+                    fake = nets.generator(torch.randn(local_batch, latent, device=device, generator=noise))
+            loss_g = generator_step(nets, state.opt_g, fake, g_targets, top_k_share)
+            state.step += 1
+            if state.ema is not None:
+                state.ema.update(state.generator, state.step)
 
-            with torch.no_grad():
-                values = torch.stack(
-                    [
-                        (loss_real + loss_fake).detach(),
-                        loss_g.detach(),
-                        torch.sigmoid(real_logits).mean(),
-                        torch.sigmoid(fake_logits).mean(),
-                    ]
-                ).double()
-                sums += values
-            if on_step is not None or step % cfg.tracking.log_every == 0:
-                step_metrics = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), values.tolist(), strict=True))
+            # Every step counts towards the epoch means; the tracker gets every tracking.log_every-th.
+            values = torch.stack([loss_d, loss_g, d_real, d_fake]).double()
+            sums += values
+            if on_step is not None or state.step % cfg.tracking.log_every == 0:
+                step_metrics = dict(zip(LOSS_KEYS, values.tolist(), strict=True))
                 if on_step is not None:
-                    on_step(step, step_metrics)
-                if step % cfg.tracking.log_every == 0:
-                    tracker.log_metrics(step_metrics, step=step)
+                    on_step(state.step, step_metrics)
+                if state.step % cfg.tracking.log_every == 0:
+                    tracker.log_metrics(step_metrics, step=state.step)
 
+        # Means over all workers: every worker sees the same values, so all of them stop together on NaN.
         elapsed = time.perf_counter() - started
-        means = rt.mean_over_workers(sums / num_steps).tolist()
-        metrics = dict(zip(("loss_d", "loss_g", "d_real", "d_fake"), means, strict=True))
-        metrics.update(
-            epoch=epoch + 1,
-            step=step,
-            epoch_time_s=elapsed,
-            images_per_s=num_steps * cfg.train.batch_size / elapsed,
-        )
+        metrics = dict(zip(LOSS_KEYS, rt.mean_over_workers(sums / num_steps).tolist(), strict=True))
+        images_per_s = num_steps * cfg.train.batch_size / elapsed
+        metrics.update(epoch=epoch + 1, step=state.step, epoch_time_s=elapsed, images_per_s=images_per_s)
         if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
-            # Every worker sees the same all-reduced means, so all of them stop here, together.
             raise DivergedError(epoch + 1, metrics["loss_d"], metrics["loss_g"])
-        is_last = epoch + 1 == cfg.train.epochs
-        every = cfg.eval.every_epochs
-        if evaluator is not None and every and ((epoch + 1) % every == 0 or is_last):
-            eval_started = time.perf_counter()
-            samples = generate_images(sampler_g, cfg.eval.num_samples, cfg.model.latent_dim, cfg.train.seed, device)
-            metrics.update(evaluator.score(samples))
-            metrics["eval_time_s"] = time.perf_counter() - eval_started
-        if rt.is_main:
-            log(
-                f"epoch {epoch + 1}/{cfg.train.epochs}  loss_d={metrics['loss_d']:.4f}  "
-                f"loss_g={metrics['loss_g']:.4f}  D(x)={metrics['d_real']:.3f}  "
-                f"D(G(z))={metrics['d_fake']:.3f}  {metrics['images_per_s']:.0f} img/s  ({elapsed:.1f}s)"
-                + (
-                    f"  FID={metrics['fid']:.2f}  IS={metrics['inception_score']:.2f} ({metrics['eval_time_s']:.1f}s)"
-                    if "fid" in metrics
-                    else ""
-                )
-            )
-            epoch_keys = ("epoch_time_s", "images_per_s", "fid", "inception_score", "eval_time_s")
-            tracker.log_metrics({k: metrics[k] for k in epoch_keys if k in metrics}, step=step)
-            tracker.log_image_grid(
-                sample_images(sampler_g, fixed_noise(cfg, device)), f"samples/epoch_{epoch + 1:03d}.png"
-            )
-        if report is not None:
-            state = None
-            if rt.is_main:
-                state = {
-                    "generator": generator.state_dict(),
-                    "generator_ema": ema.model.state_dict() if ema is not None else None,
-                    "discriminator": discriminator.state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "rng": {"torch": torch.get_rng_state()},
-                    "config": cfg.to_dict(),
-                }
-            report(metrics, state)
-        # Only now is this epoch's checkpoint safe: a restart resumes after these steps, never before.
-        tracker.flush()
+        state.epoch = epoch + 1
+        end_epoch(cfg, state, metrics, rt=rt, evaluator=evaluator, tracker=tracker, report=report, log=log)
 
-    return TrainResult(generator=sampler_g, metrics=metrics, epoch=max(start_epoch, cfg.train.epochs), step=step)
+    return TrainResult(generator=state.sampler, metrics=metrics, epoch=state.epoch, step=state.step)
+
+
+def end_epoch(
+    cfg: PipelineConfig,
+    state: TrainState,
+    metrics: dict[str, float],
+    *,
+    rt: Runtime,
+    evaluator: Evaluator | None,
+    tracker: Tracker,
+    report: EpochReport | None,
+    log: Callable[[str], None],
+) -> None:
+    """After an epoch: FID and IS when due (added to ``metrics``); on rank 0 the log line, the epoch's
+    metrics and a sample grid; the report with the checkpoint; then the tracker's buffered steps."""
+    every = cfg.eval.every_epochs
+    if evaluator is not None and every and (state.epoch % every == 0 or state.epoch == cfg.train.epochs):
+        started = time.perf_counter()
+        samples = generate_images(state.sampler, cfg.eval.num_samples, cfg.model.latent_dim, cfg.train.seed, rt.device)
+        metrics.update(evaluator.score(samples))
+        metrics["eval_time_s"] = time.perf_counter() - started
+    if rt.is_main:
+        log(epoch_line(metrics, cfg.train.epochs))
+        tracker.log_metrics({k: metrics[k] for k in EPOCH_KEYS if k in metrics}, step=state.step)
+        grid = sample_images(state.sampler, fixed_noise(cfg, rt.device))
+        tracker.log_image_grid(grid, f"samples/epoch_{state.epoch:03d}.png")
+    if report is not None:
+        report(metrics, state.to_checkpoint(cfg) if rt.is_main else None)
+    # Only now is this epoch's checkpoint safe: a restart resumes after these steps, never before.
+    tracker.flush()
+
+
+def epoch_line(metrics: dict[str, float], epochs: int) -> str:
+    line = (
+        f"epoch {metrics['epoch']}/{epochs}  loss_d={metrics['loss_d']:.4f}  loss_g={metrics['loss_g']:.4f}  "
+        f"D(x)={metrics['d_real']:.3f}  D(G(z))={metrics['d_fake']:.3f}  {metrics['images_per_s']:.0f} img/s  "
+        f"({metrics['epoch_time_s']:.1f}s)"
+    )
+    if "fid" in metrics:
+        line += f"  FID={metrics['fid']:.2f}  IS={metrics['inception_score']:.2f} ({metrics['eval_time_s']:.1f}s)"
+    return line

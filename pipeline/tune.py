@@ -8,7 +8,6 @@ MLflow parent run; when it ends the parent gets the best trial's figures, parame
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -21,18 +20,29 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import ConfigError, PipelineConfig, build_config
+from pipeline.config import ConfigError, PipelineConfig, with_overrides
 from pipeline.distributed import (
     RunDiverged,
     check_local_resources,
     existing_run,
+    finish_from_storage,
     init_ray,
     local_dir,
     prepare_inputs,
+    resolve_scaling,
     run_location,
     run_training,
+    use_gpu,
 )
-from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, resolve_tracking_uri, start_run
+from pipeline.tracking import (
+    MLflowTracker,
+    RunRecord,
+    check_tracking_uri,
+    figure,
+    find_run,
+    resolve_tracking_uri,
+    start_run,
+)
 
 
 def search_space(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
@@ -54,20 +64,22 @@ def search_space(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     return space
 
 
-def trial_config(base: dict[str, Any], point: dict[str, dict[str, Any]]) -> PipelineConfig:
-    """The base config with one point of the search space applied (validated like any config)."""
-    raw = json.loads(json.dumps(base))
-    for section, values in point.items():
-        raw[section].update(values)
-    raw["tune"]["search_space"] = {}
-    return build_config(raw)
+def trial_config(base: PipelineConfig, point: dict[str, Any]) -> PipelineConfig:
+    """The base config with one point of the search space (Tune's nested dict) applied, validated again."""
+    return with_overrides(base, {**flat_point(point), "tune.search_space": {}})
 
 
-def flat_point(point: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in point.items() for key, value in values.items()}
+def flat_point(point: dict[str, Any]) -> dict[str, Any]:
+    """Tune's nested point {"optim": {"lr_g": ...}} as dotted keys; anything else Tune adds is left out."""
+    return {
+        f"{section}.{key}": value
+        for section, values in point.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
 
 
-def _trial_driver(point: dict[str, dict[str, Any]], *, base: dict[str, Any], sweep: str, parent_run_id: str) -> None:
+def _trial_driver(point: dict[str, Any], *, base: PipelineConfig, sweep: str, parent_run_id: str) -> None:
     """One trial: a Ray Train run (data-parallel, checkpointed) whose metrics Tune receives each epoch."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -105,7 +117,7 @@ def _default_concurrency(cfg: PipelineConfig, gpu: bool) -> int:
     import ray
 
     resources = ray.cluster_resources()
-    per_trial_cpus = cfg.scaling.num_workers * (cfg.scaling.cpus_per_worker or 1)
+    per_trial_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     fits = int(resources.get("CPU", 1) // per_trial_cpus)
     if gpu:
         fits = min(fits, int(resources.get("GPU", 0) // cfg.scaling.num_workers))
@@ -144,9 +156,7 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
     directory = local_dir(sweep_dir)
     if not resume and (parent_run_id is not None or (directory is not None and directory.exists())):
         raise ConfigError(f"sweep {name!r} already exists ({sweep_dir}); pass --resume {name} or choose a new name")
-    if cfg.scaling.cpus_per_worker is None:
-        # Trials share the machine: one CPU per worker unless the config says otherwise.
-        cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=1))
+    cfg = resolve_scaling(cfg, sweep=True)
     check_local_resources(cfg)
     prepare_inputs(cfg, progress)
 
@@ -159,11 +169,9 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
         )
     parent = MLflowTracker(uri, parent_run_id)
     if resume:
-        parent.client.update_run(parent_run_id, status="RUNNING")
+        parent.reopen()
 
     init_ray()
-    from pipeline.distributed import use_gpu
-
     gpu = use_gpu(cfg)
     concurrency = cfg.tune.max_concurrent_trials or _default_concurrency(cfg, gpu)
     stopping = (
@@ -175,7 +183,7 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
         f"[tune] sweep {name!r}: {cfg.tune.num_samples} sample(s) of {len(cfg.tune.search_space)} searched key(s), "
         f"up to {concurrency} at once, {stopping}; MLflow parent run {parent_run_id}"
     )
-    driver = functools.partial(_trial_driver, base=cfg.to_dict(), sweep=name, parent_run_id=parent_run_id)
+    driver = functools.partial(_trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id)
     # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.
     trainable = ray.tune.with_resources(driver, {"CPU": 0, "memory": 1})
     if resume:
@@ -232,62 +240,18 @@ def asha_scheduler(cfg: PipelineConfig) -> Any:
 
 
 def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: Any) -> SweepOutcome:
-    """Tag each child run with how its trial ended; give the parent the best trial's figures and plots."""
-    client = parent.client
-    children = {
-        run.data.tags.get("trial_id"): run
-        for run in client.search_runs(
-            [client.get_run(parent.run_id).info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent.run_id}'",
-        )
-    }
+    """Close each child run as its trial ended; give the parent the best trial's figures and plots."""
+    children = {child.tags.get("trial_id"): child for child in parent.children()}
     searched = list(cfg.tune.search_space)
     rows = []
     for result in results:
-        found = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(result.path or ""))
-        trial_id = (result.metrics or {}).get("trial_id") or (found.group(1) if found else None)
-        child = children.get(trial_id)
-        metrics = result.metrics or {}
-        epochs_done = int(metrics.get("epoch", 0))
-        if child is not None and child.data.tags.get("status") == "diverged":
-            status = "diverged"
-        elif result.error is not None:
-            status = "failed"
-        elif epochs_done < cfg.train.epochs:
-            status = "early_stopped"
-        else:
-            status = "finished"
-        point = flat_point({k: v for k, v in (result.config or {}).items() if isinstance(v, dict)})
-        row = {
-            "trial_id": trial_id,
-            "run_id": child.info.run_id if child else None,
-            "status": status,
-            "epochs": epochs_done,
-            "fid": metrics.get("fid"),
-            "inception_score": metrics.get("inception_score"),
-            **{key: point.get(key) for key in searched},
-        }
+        child = children.get(_trial_id(result))
+        row = _trial_row(cfg, result, child, searched)
         rows.append(row)
-        if child is None:
-            continue
-        # Tune's verdict is the one that counts. A driver that Tune stopped may have seen its fit() fail
-        # on the way out and marked its run FAILED; the trial itself did not fail.
-        if status == "finished" and child.info.status != "FINISHED":
-            # Training complete, final logging not (its driver ended first): do that logging here.
-            run_name = child.data.tags.get("ray_train_run", "")
-            _finish_later(trial_config(cfg.to_dict(), (result.config or {})), run_name, parent.uri, child.info.run_id)
-        elif status == "early_stopped":
-            client.set_tag(child.info.run_id, "status", status)
-            if child.info.status != "KILLED":
-                client.set_terminated(child.info.run_id, status="KILLED")
-        elif status == "failed":
-            client.set_tag(child.info.run_id, "status", status)
-            if child.info.status == "RUNNING":
-                client.set_terminated(child.info.run_id, status="FAILED")
-
+        if child is not None:
+            _close_child(cfg, result, child, row["status"], parent.uri)
     sign = 1 if cfg.tune.mode == "min" else -1
-    scored = [r for r in rows if r[cfg.tune.metric] is not None]
-    scored.sort(key=lambda r: sign * r[cfg.tune.metric])
+    scored = sorted((r for r in rows if r[cfg.tune.metric] is not None), key=lambda r: sign * r[cfg.tune.metric])
     rows = scored + [r for r in rows if r[cfg.tune.metric] is None]
     best = scored[0] if scored else None
     if best is not None:
@@ -297,19 +261,60 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
     return SweepOutcome(name, parent.run_id, parent.uri, rows, best)
 
 
-def _finish_later(cfg: PipelineConfig, name: str, uri: str, run_id: str) -> None:
-    from ray.train import Result
+def _trial_id(result: Any) -> str | None:
+    """The trial's id: from its last metrics, else from its directory's name (a trial that never reported)."""
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", os.path.basename(result.path or ""))
+    return (result.metrics or {}).get("trial_id") or (found.group(1) if found else None)
 
-    from pipeline.distributed import finish_run
 
-    location = run_location(cfg, name)
-    finish_run(cfg, MLflowTracker(uri, run_id), name, location, Result.from_path(location))
+def _trial_row(cfg: PipelineConfig, result: Any, child: RunRecord | None, searched: list[str]) -> dict[str, Any]:
+    """One line of the trials table: how the trial ended, its last scores and its point of the search space."""
+    metrics = result.metrics or {}
+    epochs_done = int(metrics.get("epoch", 0))
+    if child is not None and child.tags.get("status") == "diverged":
+        status = "diverged"
+    elif result.error is not None:
+        status = "failed"
+    elif epochs_done < cfg.train.epochs:
+        status = "early_stopped"
+    else:
+        status = "finished"
+    point = flat_point(result.config or {})
+    return {
+        "trial_id": _trial_id(result),
+        "run_id": child.run_id if child else None,
+        "status": status,
+        "epochs": epochs_done,
+        "fid": metrics.get("fid"),
+        "inception_score": metrics.get("inception_score"),
+        **{key: point.get(key) for key in searched},
+    }
+
+
+def _close_child(cfg: PipelineConfig, result: Any, child: RunRecord, status: str, uri: str) -> None:
+    """End a trial's MLflow run with the status Tune gave the trial.
+
+    Tune's verdict is the one that counts: a driver that Tune stopped may have seen its fit() fail on the way
+    out and marked its run FAILED; the trial itself did not fail.
+    """
+    run = MLflowTracker(uri, child.run_id)
+    if status == "finished" and child.status != "FINISHED":
+        # Training complete, final logging not (its driver ended first): do that logging here.
+        train_run = child.tags.get("ray_train_run", "")
+        finish_from_storage(trial_config(cfg, result.config or {}), train_run, uri, run.run_id)
+    elif status == "early_stopped":
+        run.set_tags({"status": status})
+        if child.status != "KILLED":
+            run.end("KILLED")
+    elif status == "failed":
+        run.set_tags({"status": status})
+        if child.status == "RUNNING":
+            run.end("FAILED")
 
 
 def _log_best(
     cfg: PipelineConfig, parent: MLflowTracker, best: dict[str, Any], rows: list[dict[str, Any]], searched: list[str]
 ) -> None:
-    client = parent.client
     parent.log_metrics(
         {"best_fid": best["fid"] or float("nan"), "best_inception_score": best["inception_score"] or float("nan")},
         step=0,
@@ -318,55 +323,34 @@ def _log_best(
     parent.log_params({f"best_{key.split('.')[1]}": best[key] for key in searched})
     parent.set_tags({"best_run_id": best["run_id"] or "", "best_trial_id": best["trial_id"] or ""})
     with tempfile.TemporaryDirectory() as tmp:
-        if best["run_id"]:
-            grids = sorted(a.path for a in client.list_artifacts(best["run_id"], "samples"))
-            if grids:
-                local = client.download_artifacts(best["run_id"], grids[-1], tmp)
-                final = os.path.join(tmp, "best_trial_samples.png")
-                os.replace(local, final)
-                parent.log_artifact(final)
-        _plot_sweep(client, rows, searched, cfg.tune.metric, tmp)
+        best_run = MLflowTracker(parent.uri, best["run_id"]) if best["run_id"] else None
+        grid = best_run.download_last_artifact("samples", tmp) if best_run else None
+        if grid is not None:
+            final = os.path.join(tmp, "best_trial_samples.png")
+            os.replace(grid, final)
+            parent.log_artifact(final)
+        _plot_sweep(parent.uri, rows, searched, cfg.tune.metric, tmp)
         for plot in sorted(Path(tmp).glob("*.png")):
             if plot.name != "best_trial_samples.png":
                 parent.log_artifact(str(plot), "plots")
 
 
-def _plot_sweep(client: Any, rows: list[dict[str, Any]], searched: list[str], metric: str, out: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot_sweep(uri: str, rows: list[dict[str, Any]], searched: list[str], metric: str, out: str) -> None:
+    """The final metric against each searched key, and every trial's metric curve, as PNGs in ``out``."""
     for key in searched:
         points = [(r[key], r[metric]) for r in rows if r[metric] is not None and r[key] is not None]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter([p[0] for p in points], [p[1] for p in points])
-        if key.startswith("optim.lr") and all(isinstance(p[0], int | float) and p[0] > 0 for p in points):
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(f"final {metric}")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"{metric}_vs_{key.replace('.', '_')}.png"), dpi=100)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        if r["run_id"]:
-            history = sorted((m.step, m.value) for m in client.get_metric_history(r["run_id"], metric))
+        path = os.path.join(out, f"{metric}_vs_{key.replace('.', '_')}.png")
+        with figure(path, key, f"final {metric}", size=(6, 4)) as ax:
+            ax.scatter([p[0] for p in points], [p[1] for p in points])
+            if key.startswith("optim.lr") and all(isinstance(p[0], int | float) and p[0] > 0 for p in points):
+                ax.set_xscale("log")
+    with figure(os.path.join(out, f"{metric}_curves.png"), "global step", metric) as ax:
+        for r in rows:
+            history = sorted(MLflowTracker(uri, r["run_id"]).metric_history(metric)) if r["run_id"] else []
             if history:
-                ax.plot(
-                    [s for s, _ in history],
-                    [v for _, v in history],
-                    marker="o",
-                    label=f"{r['trial_id']} ({r['status']})",
-                )
-    ax.set_xlabel("global step")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"{metric}_curves.png"), dpi=100)
-    plt.close(fig)
+                steps, values = zip(*history, strict=True)
+                ax.plot(steps, values, marker="o", label=f"{r['trial_id']} ({r['status']})")
+        ax.legend(fontsize=7)
 
 
 def format_table(outcome: SweepOutcome, searched: list[str]) -> str:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import load  # noqa: E402
-from pipeline.train import Runtime, train_gan  # noqa: E402
+from pipeline.train import Runtime, all_reduce_mean, train_gan  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -39,12 +39,6 @@ VARIANTS = [
     ("fp32 batch 1024", ["train.batch_size=1024"]),
     ("bf16 batch 1024", ["train.precision=bf16", "train.batch_size=1024"]),
 ]
-
-
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / dist.get_world_size()
 
 
 def main() -> int:

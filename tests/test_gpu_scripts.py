@@ -8,6 +8,7 @@ import torch
 from tests.conftest import run_python
 
 
+@pytest.mark.slow  # real MNIST and the evaluator
 def test_gpu_curve_writes_fid_and_is_per_epoch(tmp_path):
     out = tmp_path / "curve.json"
     done = run_python("scripts/gpu_curve.py", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", "--out", str(out))

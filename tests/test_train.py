@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,3 +185,49 @@ def test_top_k_training_changes_the_generator_step(fake_split):
     trained = top.generator.state_dict()
     changed = [k for k, v in trained.items() if v.is_floating_point() and not torch.equal(v, plain[k])]
     assert changed, "top_k_final < 1 trained exactly like top-k off"
+
+
+LEGACY = CONFIGS.parent / "tests" / "data"
+LEGACY_VARIANTS = {
+    "plain": ["train.epochs=2"],
+    "switches": [
+        "train.epochs=2",
+        "model.d_dropout=0.2",
+        "train.ema_decay=0.9",
+        "optim.lr_final_scale=0.5",
+        "train.top_k_final=0.5",
+        "train.real_label=0.9",
+        "train.g_fresh_noise=false",
+    ],
+}
+
+
+def assert_same_state(expected, actual):
+    for key in ("generator", "generator_ema", "discriminator"):
+        if expected[key] is None:
+            assert actual[key] is None, key
+            continue
+        for name, value in expected[key].items():
+            torch.testing.assert_close(actual[key][name], value, msg=f"{key}.{name}")
+    for key in ("opt_g", "opt_d"):
+        for index, slots in expected[key]["state"].items():
+            for slot, value in slots.items():
+                torch.testing.assert_close(actual[key]["state"][index][slot], value, msg=f"{key}.{index}.{slot}")
+        assert [g["lr"] for g in actual[key]["param_groups"]] == [g["lr"] for g in expected[key]["param_groups"]]
+    assert (actual["epoch"], actual["step"]) == (expected["epoch"], expected["step"])
+
+
+@pytest.mark.parametrize("variant", sorted(LEGACY_VARIANTS))
+def test_checkpoints_written_before_train_state_load_and_training_is_unchanged(fake_split, variant):
+    """tests/data holds the two epochs' checkpoints the loop wrote before TrainState existed (same seed, same
+    fake_split; EMA, dropout, lr decay, top-k, label smoothing and reused fakes in "switches"). Today's loop
+    writes the same epoch 1, and resumed from the old epoch 1 it ends on the old epoch 2."""
+    cfg = load_config(CONFIGS / "smoke.yaml", LEGACY_VARIANTS[variant])
+    old = {epoch: checkpoint.load(LEGACY / f"{variant}_epoch{epoch}.pt") for epoch in (1, 2)}
+    states = []  # copies: a report's state_dict holds the live tensors, which the next epoch changes
+    train_gan(cfg, fake_split, report=lambda m, s: states.append(copy.deepcopy(s)), log=quiet)
+    assert_same_state(old[1], states[0])
+    resumed = []
+    train_gan(cfg, fake_split, resume=old[1], report=lambda m, s: resumed.append(s), log=quiet)
+    assert len(resumed) == 1
+    assert_same_state(old[2], resumed[0])
