@@ -137,12 +137,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.distributed import RunDiverged, run_training, ui_command
+    from pipeline.distributed import RunFailed, run_training, ui_command
 
     name = args.resume or args.name or f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         outcome = run_training(cfg, name, resume=bool(args.resume))
-    except RunDiverged as exc:
+    except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     metrics = outcome.metrics

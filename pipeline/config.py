@@ -135,6 +135,16 @@ class ScalingConfig:
         ge=1,
     )
     use_gpu: Literal["auto", "true", "false"] = _f("auto", "auto = use GPUs when the cluster has them")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = _f(
+        "PACK",
+        "how Ray places a run's workers: PACK on as few nodes as fit, SPREAD over as many, STRICT_SPREAD one per node",
+    )
+    resource_wait_s: float = _f(
+        600.0,
+        "seconds a run waits for its workers' CPUs/GPUs (at the start, and for a lost node's replacement) "
+        "before it fails",
+        gt=0.0,
+    )
 
 
 @dataclass

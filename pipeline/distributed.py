@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from pipeline import PROJECT_ROOT, checkpoint
-from pipeline.config import ConfigError, PipelineConfig, UserError, make_writable_dir
+from pipeline.config import ConfigError, PipelineConfig, UserError
 from pipeline.models import identity
+from pipeline.storage import check_storage, exists, local_dir, run_location, storage_root
 from pipeline.tracking import (
     MLflowTracker,
     NullTracker,
@@ -36,24 +37,6 @@ from pipeline.tracking import (
 from pipeline.train import DIVERGENCE_HINT, DivergedError, Runtime, TrainState, all_reduce_mean, train_gan
 
 
-def storage_root(cfg: PipelineConfig) -> str:
-    """Where Ray keeps runs: a URI (``s3://...``) as given, a local path made absolute (a relative one would
-    follow the working directory, which `ray job submit` throws away)."""
-    path = cfg.train.storage_path
-    if path and "://" in path:
-        return path.rstrip("/")
-    return str(Path(path).expanduser().resolve() if path else PROJECT_ROOT / "runs")
-
-
-def run_location(cfg: PipelineConfig, name: str) -> str:
-    return f"{storage_root(cfg)}/{name}"
-
-
-def local_dir(location: str) -> Path | None:
-    """The local directory of a storage location; None for remote storage (s3://, gs://, ...)."""
-    return None if "://" in location else Path(location)
-
-
 def resolve_scaling(cfg: PipelineConfig, *, sweep: bool = False) -> PipelineConfig:
     """Fill in ``scaling.cpus_per_worker`` when null (the one place that does): this machine's CPUs shared by
     one run's workers; 1 per worker in a sweep (trials share the machine) and on a cluster."""
@@ -64,9 +47,27 @@ def resolve_scaling(cfg: PipelineConfig, *, sweep: bool = False) -> PipelineConf
     return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=cpus))
 
 
-def check_local_resources(cfg: PipelineConfig) -> None:
-    """Without a cluster, refuse a request this machine can never satisfy (Ray would wait forever)."""
-    if os.environ.get("RAY_ADDRESS"):
+def check_resources(cfg: PipelineConfig) -> None:
+    """Refuse a request the machine, or the Ray cluster, can never satisfy (Ray would wait for it)."""
+    import ray
+
+    workers = cfg.scaling.num_workers
+    # A cluster: RAY_ADDRESS names one, or this process already runs inside Ray (a sweep's trial; a trial
+    # process does not inherit RAY_ADDRESS).
+    on_cluster = bool(os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
+    if cfg.scaling.placement_strategy == "STRICT_SPREAD" and workers > 1:
+        if on_cluster:
+            init_ray()  # joins the running cluster: nothing is started or written
+            nodes, where = sum(1 for node in ray.nodes() if node["Alive"]), "the Ray cluster"
+        else:
+            nodes, where = 1, "without RAY_ADDRESS this machine"
+        if nodes < workers:
+            raise ConfigError(
+                f"scaling.placement_strategy: STRICT_SPREAD puts each of {workers} workers on a node of its own, "
+                f"but {where} has {nodes} node(s); start more nodes or set RAY_ADDRESS to a cluster that has "
+                "them, lower scaling.num_workers, or use PACK or SPREAD"
+            )
+    if on_cluster:
         return
     want_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     have_cpus = os.cpu_count() or 1
@@ -173,6 +174,16 @@ class WorkerJob:
     fault: FaultInjection | None = None
 
 
+def _node_ids_of_all_workers(world: int) -> list[str]:
+    """The Ray node id of every rank (a collective: all workers call it)."""
+    import ray
+    import torch.distributed as dist
+
+    ids: list[Any] = [None] * world
+    dist.all_gather_object(ids, ray.get_runtime_context().get_node_id())
+    return ids
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: load data, resume if Ray hands us a checkpoint, train, report."""
     import ray.train
@@ -200,6 +211,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if is_main and cfg.eval.every_epochs and job.evaluator is not None:
         evaluator = Evaluator.from_payload(job.evaluator)
     clock = StepClock() if job.bench else None
+    nodes = _node_ids_of_all_workers(world)
+    if is_main:
+        print(f"[train] {world} worker(s) on {len(set(nodes))} node(s)", flush=True)
+        tracker.set_tags({"train_nodes": ",".join(sorted(set(nodes))), "num_train_nodes": str(len(set(nodes)))})
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         if clock is not None:
@@ -282,6 +297,10 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     cfg = resolve_scaling(cfg)
+    # The wait for a worker group's CPUs/GPUs (Ray's default is 60 s, retried forever: a lost node that
+    # never comes back would hang the run). The driver's value reaches Train's controller through Ray's
+    # own list of variables it propagates; one timed-out start then fails the run.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.resource_wait_s)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": WorkerJob(cfg, mlflow_run_id, tracking_uri, evaluator, bench, fault)},
@@ -289,12 +308,13 @@ def build_trainer(
             num_workers=cfg.scaling.num_workers,
             use_gpu=gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_root(cfg)),
             checkpoint_config=checkpoint_config(cfg, CheckpointConfig),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
             callbacks=list(callbacks),
             # Ray Train's print patch tees to stdout *and* its logger when stdout is wrapped: lines twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}},
@@ -350,6 +370,7 @@ def prepare_run(
     check_root(cfg.data)
     uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
     check_tracking_uri(uri)
+    check_storage(cfg)
     location = run_location(cfg, name)
     directory = local_dir(location)
     previous = find_run(uri, cfg.tracking.experiment, {"ray_train_run": name})
@@ -359,14 +380,12 @@ def prepare_run(
             "(the MLflow run name) and tracking.uri, or drop --resume to start a new run"
         )
     # Ray Train silently restores a run whose directory exists: a *new* run must not find one.
-    if not resume and (previous is not None or (directory is not None and directory.exists())):
+    if not resume and (previous is not None or exists(location)):
         raise ConfigError(
             f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
         )
     if resume and directory is not None:
         verify_latest_checkpoint(directory)
-    if directory is not None:  # the storage root only: the run's own directory is Ray's to create
-        make_writable_dir(directory.parent, ConfigError, "train.storage_path:", "choose a writable directory")
     evaluator = prepare_inputs(cfg, progress)
     if previous is not None:
         return location, uri, previous, evaluator
@@ -393,8 +412,22 @@ def fault_from_env() -> FaultInjection | None:
     return FaultInjection(int(step), int(os.environ.get("PIPELINE_FAULT_RANK", "0")), once)
 
 
-class RunDiverged(UserError):
-    """The run stopped because its losses diverged (exit code 1: not bad input, a training outcome)."""
+class RunFailed(UserError):
+    """The run stopped without finishing (exit code 1: not bad input, a training outcome); the message says why."""
+
+
+class RunDiverged(RunFailed):
+    """The run stopped because its losses diverged."""
+
+
+class WorkersUnavailable(RunFailed):
+    """The run's workers could not be (re)started within ``scaling.resource_wait_s``: a node lost for good."""
+
+
+def _startup_timed_out(exc: BaseException) -> bool:
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    return isinstance(getattr(exc, "controller_failure", None), WorkerGroupStartupTimeoutError)
 
 
 def run_training(
@@ -409,7 +442,7 @@ def run_training(
 ) -> TrainOutcome:
     """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model."""
     cfg = resolve_scaling(cfg)
-    check_local_resources(cfg)
+    check_resources(cfg)
     run_dir, uri, run_id, evaluator = prepare_run(
         cfg, name, resume, parent_run_id=parent_run_id, extra_tags=extra_tags, progress=progress
     )
@@ -428,14 +461,22 @@ def run_training(
         }
     )
     progress(
-        f"[train] run {name!r}: {cfg.scaling.num_workers} worker(s) on {'GPU' if gpu else 'CPU'}, MLflow run {run_id}"
+        f"[train] run {name!r}: {cfg.scaling.num_workers} worker(s) on {'GPU' if gpu else 'CPU'} "
+        f"({cfg.scaling.placement_strategy}); checkpoints in {run_dir}; MLflow run {run_id} at {uri}"
     )
     trainer = build_trainer(cfg, name, run_id, uri, callbacks, gpu, evaluator, fault=fault_from_env())
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as exc:
         tracker.set_tags({"status": "failed"})
         tracker.end("FAILED")
+        if _startup_timed_out(exc):
+            raise WorkersUnavailable(
+                f"run {name!r}: its {cfg.scaling.num_workers} worker(s) ({cfg.scaling.placement_strategy}, "
+                f"{cfg.scaling.cpus_per_worker} CPU each) could not be started within scaling.resource_wait_s="
+                f"{cfg.scaling.resource_wait_s:g} s (a node lost and not replaced?); add nodes or lower "
+                f"scaling.num_workers, then continue with `train --resume {name}`"
+            ) from None
         raise
     # Rank 0 tags a diverged run itself: Ray's result keeps the metrics of the last *checkpointed*
     # report, and a diverged epoch has no checkpoint.

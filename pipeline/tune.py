@@ -23,17 +23,16 @@ from pipeline import PROJECT_ROOT
 from pipeline.config import ConfigError, PipelineConfig, with_overrides
 from pipeline.distributed import (
     RunDiverged,
-    check_local_resources,
+    check_resources,
     existing_run,
     finish_from_storage,
     init_ray,
-    local_dir,
     prepare_inputs,
     resolve_scaling,
-    run_location,
     run_training,
     use_gpu,
 )
+from pipeline.storage import check_storage, exists, run_location
 from pipeline.tracking import (
     MLflowTracker,
     RunRecord,
@@ -147,17 +146,17 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
     sweep_dir = run_location(cfg, name)
     uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
     check_tracking_uri(uri)
+    check_storage(cfg)
     parent_run_id = find_run(uri, cfg.tracking.experiment, {"kind": "sweep", "sweep": name})
     if resume and (parent_run_id is None or not ray.tune.Tuner.can_restore(sweep_dir)):
         raise ConfigError(
             f"--resume {name}: nothing to resume, no sweep {name!r} in {sweep_dir} and the MLflow store {uri}; "
             "check the name and tracking.uri, or drop --resume"
         )
-    directory = local_dir(sweep_dir)
-    if not resume and (parent_run_id is not None or (directory is not None and directory.exists())):
+    if not resume and (parent_run_id is not None or exists(sweep_dir)):
         raise ConfigError(f"sweep {name!r} already exists ({sweep_dir}); pass --resume {name} or choose a new name")
     cfg = resolve_scaling(cfg, sweep=True)
-    check_local_resources(cfg)
+    check_resources(cfg)
     prepare_inputs(cfg, progress)
 
     if parent_run_id is None:
@@ -181,7 +180,8 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
     )
     progress(
         f"[tune] sweep {name!r}: {cfg.tune.num_samples} sample(s) of {len(cfg.tune.search_space)} searched key(s), "
-        f"up to {concurrency} at once, {stopping}; MLflow parent run {parent_run_id}"
+        f"up to {concurrency} at once, {stopping}; trials and sweep state in {sweep_dir}; MLflow parent run "
+        f"{parent_run_id} at {uri}"
     )
     driver = functools.partial(_trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id)
     # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.

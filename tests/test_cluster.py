@@ -43,3 +43,10 @@ def test_mlflow_server_listens_on_the_private_address_only():
     start = " ".join(_cluster()["head_start_ray_commands"])
     assert "mlflow server" in start and "--host 0.0.0.0" not in start
     assert "hostname -I" in start  # the head's private address, reachable inside the cluster's security group
+
+
+def test_the_head_gets_boto3_for_an_s3_artifact_store():
+    """`pip install -e` of the project is what installs boto3 (the MLflow server's S3 client) on the head."""
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"boto3\b", dep) for dep in dependencies)
+    assert "pip install -e /home/ubuntu/gan-pipeline" in " ".join(_cluster()["setup_commands"])

@@ -56,6 +56,8 @@ def test_every_field_has_a_doc():
         ("train.epochs=0", "train.epochs", "must be >= 1"),
         ("data.dataset=cifar10", "data.dataset", "one of mnist, fashion_mnist"),
         ("scaling.use_gpu=maybe", "scaling.use_gpu", "one of auto, true, false"),
+        ("scaling.placement_strategy=RANDOM", "scaling.placement_strategy", "one of PACK, SPREAD, STRICT_SPREAD"),
+        ("scaling.resource_wait_s=0", "scaling.resource_wait_s", "must be > 0"),
         ("data.limit=100", "train.batch_size", "larger than the training set"),
     ],
 )

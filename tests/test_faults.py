@@ -25,6 +25,10 @@ def _store(tmp_path):
         ),
         (["--set", "scaling.num_workers=64"], "need 64 CPUs but this machine has"),
         (["--set", "scaling.use_gpu=true"], "scaling.use_gpu: true with 1 workers needs that many GPUs"),
+        (
+            ["--set", "scaling.num_workers=2", "--set", "scaling.placement_strategy=STRICT_SPREAD"],
+            "STRICT_SPREAD puts each of 2 workers on a node of its own, but without RAY_ADDRESS",
+        ),
         (["--set", "data.root=/proc/version/data"], "is not writable"),
         (
             ["--set", "train.storage_path=/proc/version/runs"],

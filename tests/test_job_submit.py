@@ -3,129 +3,35 @@ real MLflow server, and scripts/run_local.sh from a clean checkout. Slow."""
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO
+from tests.servers import BIN, MLflowServer, RayCluster
 
 pytestmark = pytest.mark.slow
-BIN = os.path.dirname(sys.executable)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(url)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a server we started, by its process group id."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            f"{BIN}/mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-        ],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = MLflowServer(tmp_path, str(tmp_path / "server-artifacts"))
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", 120)
-        yield f"http://127.0.0.1:{port}"
+        yield server.uri
     finally:
-        _stop(proc)
+        server.stop()
 
 
 @pytest.fixture
 def ray_head():
-    gcs, dashboard = _free_port(), _free_port()
-    # Ray's unix sockets live under --temp-dir, and pytest's tmp_path is too long for a socket path.
-    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-    # The job's `python` is whatever the head's PATH finds first: make that this interpreter, as an activated
-    # venv would (pytest may be started as .venv/bin/python without activating it).
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen(
-        [
-            f"{BIN}/ray",
-            "start",
-            "--head",
-            "--block",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(gcs),
-            "--dashboard-host",
-            "127.0.0.1",
-            "--dashboard-port",
-            str(dashboard),
-            "--num-cpus",
-            "2",
-            "--temp-dir",
-            temp_dir,
-        ],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    cluster = RayCluster(head_cpus=2)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            status = subprocess.run(
-                [f"{BIN}/ray", "job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
-                env=env,
-                capture_output=True,
-                text=True,
-            )
-            if status.returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail("the Ray head's job API did not come up")
-        yield {"address": f"http://127.0.0.1:{dashboard}", "env": env}
+        cluster.wait_for_job_api(120)
+        yield {"address": cluster.dashboard, "env": cluster.env}
     finally:
-        _stop(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.stop()
 
 
 def test_ray_job_submit_runs_a_sweep_into_the_mlflow_server(ray_head, mlflow_server, tmp_path):

@@ -1,0 +1,343 @@
+"""The cluster path, on one machine but with nothing faked: a Ray cluster of several real nodes (token
+authentication on), checkpoints on an S3 endpoint (moto's server), MLflow as a team server that proxies
+its artifacts into the same bucket, and a node that dies mid-run. Slow."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, run_cli
+from tests.servers import BIN, MLflowServer, RayCluster, S3Server, free_port
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "gan-team"
+# Three epochs of a few seconds each on two 1-CPU workers: long enough to kill a node during epoch 2.
+RUN_ARGS = [
+    "-c",
+    "configs/smoke.yaml",
+    "--set",
+    "data.limit=4096",
+    "--set",
+    "train.epochs=3",
+    "--set",
+    "eval.num_samples=1000",
+    "--set",
+    "scaling.num_workers=2",
+    "--set",
+    "scaling.cpus_per_worker=1",
+    "--set",
+    "scaling.placement_strategy=STRICT_SPREAD",
+    "--set",
+    f"train.storage_path=s3://{BUCKET}/runs",
+]
+# No instance-metadata lookups (a non-loopback address) when credentials are missing.
+NO_IMDS = {"AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def node_data_root(path: Path) -> Path:
+    """A worker node's own data root, holding only the .gz copies it prepares MNIST from (nothing the head wrote
+    is read there)."""
+    from pipeline.data import SPECS, default_root, prepare
+
+    source = prepare("mnist", default_root())
+    raw = path / SPECS["mnist"].folder / "raw"
+    raw.mkdir(parents=True)
+    for name in SPECS["mnist"].files:
+        with open(source / name, "rb") as plain, gzip.open(raw / f"{name}.gz", "wb", compresslevel=1) as packed:
+            shutil.copyfileobj(plain, packed)
+    return path
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    server.make_bucket(BUCKET)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory, s3):
+    """An MLflow server storing artifacts in the bucket, and a 2-node Ray cluster whose nodes see the S3 variables."""
+    base = tmp_path_factory.mktemp("team")
+    data_root = node_data_root(base / "node-data")
+    node_env = {"PIPELINE_DATA_ROOT": str(data_root)}
+    mlflow = MLflowServer(base, f"s3://{BUCKET}/mlflow", env={**s3.env, **NO_IMDS})
+    try:
+        cluster = RayCluster(head_cpus=1, env={**s3.env, **NO_IMDS})
+        try:
+            cluster.add_node(num_cpus=1, env=node_env)
+            cluster.wait_for_nodes(2, 120)
+            yield {"mlflow": mlflow, "cluster": cluster, "node_env": node_env, "base": base}
+        finally:
+            cluster.stop()
+    finally:
+        mlflow.stop()
+
+
+def driver_env(team) -> dict[str, str]:
+    """What a user exports on the head before `python -m pipeline ...`."""
+    return {
+        **team["cluster"].env,
+        "RAY_ADDRESS": team["cluster"].address,
+        "MLFLOW_TRACKING_URI": team["mlflow"].uri,
+    }
+
+
+class Driver:
+    """`python -m pipeline ARGS` in the background, its output read line by line as it comes."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        self.proc = subprocess.Popen(
+            [f"{BIN}/python", "-m", "pipeline", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, seconds: float) -> float:
+        """Read output until a line holds ``text``; the time it appeared."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"driver ended before {text!r}:\n" + "".join(self.lines[-60:]))
+            self.lines.append(line)
+            if text in line:
+                return time.monotonic()
+        raise AssertionError(f"no {text!r} within {seconds:.0f}s:\n" + "".join(self.lines[-60:]))
+
+    def finish(self, seconds: float) -> tuple[int, str]:
+        code = self.proc.wait(timeout=seconds)
+        while (line := self._queue.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return code, "".join(self.lines)
+
+
+def wait_for_object(s3: S3Server, prefix: str, suffix: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(key.endswith(suffix) for key in s3.keys(BUCKET, prefix)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no s3://{BUCKET}/{prefix}...{suffix} within {seconds:.0f}s")
+
+
+def run_of(team, name: str):
+    client = MlflowClient(team["mlflow"].uri)
+    experiment = client.get_experiment_by_name("gan-pipeline")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.ray_train_run = '{name}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def test_ray_job_submit_of_a_sweep_over_two_nodes_with_s3_and_the_team_server(team, s3):
+    cluster, server = team["cluster"], team["mlflow"]
+    cluster.wait_for_nodes(2, 60)
+    cluster.wait_for_job_api(120)
+    # The nodes already have the S3 variables; the job gets only the tracking server's address.
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": server.uri}}
+    job = subprocess.run(
+        [
+            f"{BIN}/ray",
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "-m",
+            "pipeline",
+            "tune",
+            *RUN_ARGS[:2],
+            "--name",
+            "team-sweep",
+            *RUN_ARGS[2:],
+            "--set",
+            "data.limit=512",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "tune.search_space={optim.lr_g: {grid: [2.0e-4, 1.0e-3]}}",
+            "--set",
+            "tune.num_samples=1",
+            "--set",
+            "tune.grace_period=3",  # no early stop: both trials train every epoch
+        ],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    (team["base"] / "job.log").write_text(job.stdout + job.stderr)
+    assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-5000:] + job.stderr[-2000:]
+    # The job's own log says where everything went.
+    assert f"trials and sweep state in s3://{BUCKET}/runs/team-sweep" in job.stdout
+    assert f"at {server.uri}" in job.stdout and "MLflow parent run id" in job.stdout
+
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("gan-pipeline")
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.sweep = 'team-sweep' and tags.kind = 'sweep'"
+    )
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 2
+    keys = s3.keys(BUCKET)
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["num_train_nodes"] == "2"
+        train_run = child.data.tags["ray_train_run"]
+        assert any(k.startswith(f"runs/{train_run}/checkpoint_") for k in keys), train_run
+        assert any(k.startswith("mlflow/") and child.info.run_id in k and k.endswith("epoch_002.png") for k in keys)
+    assert any(k.startswith("runs/team-sweep/") for k in keys)  # Tune's experiment state
+    assert "best_fid" in client.get_run(parent.info.run_id).data.metrics
+
+
+def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_s3_checkpoint(team, s3):
+    cluster = team["cluster"]
+    cluster.wait_for_nodes(2, 60)
+    worker_node = cluster.nodes[-1]
+    driver = Driver(["train", *RUN_ARGS, "--name", "spot"], driver_env(team))
+    driver.wait_for("2 worker(s) on 2 node(s)", 600)
+    # Epoch 1's checkpoint is on S3: now the worker node vanishes, during epoch 2.
+    wait_for_object(s3, "runs/spot/checkpoint_", "checkpoint.pt", 600)
+    cluster.kill_node(worker_node)
+    lost = time.monotonic()
+    time.sleep(5)
+    cluster.add_node(num_cpus=1, env=team["node_env"])
+    resumed = driver.wait_for("resuming from epoch 1", 600)
+    code, output = driver.finish(900)
+    assert code == 0, output[-5000:]
+    print(f"node lost -> training resumed from the S3 checkpoint: {resumed - lost:.0f} s")
+
+    client, run = run_of(team, "spot")
+    assert run.info.status == "FINISHED" and run.data.tags["num_train_nodes"] == "2"
+    epochs = client.get_metric_history(run.info.run_id, "fid")
+    assert len(epochs) == 3
+    for key in ("loss_d", "fid", "images_per_s"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} has a step twice: {steps}"
+    # Checkpoints on S3 (Ray), and the run's artifacts in the bucket through the server (the driver and the
+    # workers never got S3 credentials for MLflow: they only spoke HTTP to it).
+    keys = s3.keys(BUCKET)
+    assert any(k.startswith("runs/spot/checkpoint_") and k.endswith("checkpoint.pt") for k in keys)
+    artifacts = [k for k in keys if k.startswith("mlflow/") and run.info.run_id in k]
+    assert any(k.endswith("samples/epoch_003.png") for k in artifacts)
+    assert any(k.endswith("checkpoints/checkpoint.pt") for k in artifacts)
+    assert any("generator" in k or "/models/" in k for k in keys if k.startswith("mlflow/")), keys
+
+
+def test_a_node_that_never_comes_back_fails_the_run_after_the_configured_wait(team, s3):
+    cluster = team["cluster"]
+    if len(cluster.alive_nodes()) < 2:
+        cluster.add_node(num_cpus=1, env=team["node_env"])
+    cluster.wait_for_nodes(2, 120)
+    worker_node = cluster.nodes[-1]
+    args = ["train", *RUN_ARGS, "--set", "scaling.resource_wait_s=20", "--name", "gone"]
+    driver = Driver(args, driver_env(team))
+    wait_for_object(s3, "runs/gone/checkpoint_", "checkpoint.pt", 600)
+    cluster.kill_node(worker_node)
+    lost = time.monotonic()
+    code, output = driver.finish(600)
+    waited = time.monotonic() - lost
+    assert code == 1, output[-5000:]
+    error = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "scaling.resource_wait_s=20 s" in error[0] and "--resume gone" in error[0]
+    assert waited < 20 + 240, waited  # the configured wait plus detection and teardown, not a hang
+    _, run = run_of(team, "gone")
+    assert run.info.status == "FAILED"
+
+
+def test_strict_spread_needs_as_many_nodes_as_workers(team):
+    result = run_cli(
+        "train", *RUN_ARGS, "--set", "scaling.num_workers=4", "--name", "too-wide", env=driver_env(team), timeout=300
+    )
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "STRICT_SPREAD" in result.stderr and "start more nodes" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- bad S3 input
+
+
+@pytest.fixture(scope="module")
+def strict_s3(tmp_path_factory):
+    """A second S3 endpoint that checks credentials and knows none: every key is refused."""
+    server = S3Server(tmp_path_factory.mktemp("strict-s3"), check_credentials=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def local_args(tmp_path, storage: str) -> list[str]:
+    return [
+        "train",
+        "-c",
+        "configs/smoke.yaml",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set",
+        f"train.storage_path={storage}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("missing bucket", "bucket 'no-such-bucket' does not exist; create it or fix train.storage_path"),
+        ("unreachable", "the S3 endpoint is unreachable; check AWS_ENDPOINT_URL"),
+        ("no credentials", "no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        ("refused credentials", "refused these credentials"),
+    ],
+)
+def test_bad_s3_storage_stops_before_ray_with_exit_2(s3, strict_s3, tmp_path, case, words):
+    env = {**os.environ, **s3.env, **NO_IMDS, "RAY_ADDRESS": ""}
+    bucket = BUCKET
+    if case == "missing bucket":
+        bucket = "no-such-bucket"
+    elif case == "unreachable":
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    elif case == "no credentials":
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            env.pop(key)
+        env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    else:
+        env.update(strict_s3.env)
+    result = run_cli(*local_args(tmp_path, f"s3://{bucket}/runs"), env=env, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train.storage_path: 's3://") and words in lines[0]
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was created
