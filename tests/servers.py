@@ -235,6 +235,35 @@ class RayCluster:
             time.sleep(2)
         raise TimeoutError(f"the Ray head's job API did not come up in {seconds:.0f}s")
 
+    def submit_job(self, entrypoint: list[str], runtime_env: dict, timeout: float) -> subprocess.CompletedProcess:
+        """`ray job submit` of ``entrypoint`` with this checkout as the working dir, as a user runs it. The head
+        answers "No available agent to submit job, please try again later" while its agent is still starting
+        (seconds after the job API is up, longer on a loaded machine): that answer is retried for a minute."""
+        deadline = time.monotonic() + 60
+        while True:
+            done = subprocess.run(
+                [
+                    f"{BIN}/ray",
+                    "job",
+                    "submit",
+                    "--address",
+                    self.dashboard,
+                    "--working-dir",
+                    str(Path(__file__).resolve().parent.parent),
+                    "--runtime-env-json",
+                    json.dumps(runtime_env),
+                    "--",
+                    *entrypoint,
+                ],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            if "No available agent to submit job" not in done.stdout + done.stderr or time.monotonic() > deadline:
+                return done
+            time.sleep(3)
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             stop(node)

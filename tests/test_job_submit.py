@@ -1,7 +1,6 @@
 """The three ways in, against the real thing: `ray job submit` to a real Ray head (token auth on) with a
 real MLflow server, and scripts/run_local.sh from a clean checkout. Slow."""
 
-import json
 import os
 import subprocess
 import time
@@ -29,7 +28,7 @@ def ray_head():
     cluster = RayCluster(head_cpus=2)
     try:
         cluster.wait_for_job_api(120)
-        yield {"address": cluster.dashboard, "env": cluster.env}
+        yield cluster
     finally:
         cluster.stop()
 
@@ -37,7 +36,7 @@ def ray_head():
 def test_ray_job_submit_runs_a_sweep_into_the_mlflow_server(ray_head, mlflow_server, tmp_path):
     # Without the token, the head refuses: authentication stays on.
     refused = subprocess.run(
-        [f"{BIN}/ray", "job", "list", "--address", ray_head["address"]],
+        [f"{BIN}/ray", "job", "list", "--address", ray_head.dashboard],
         env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"RAY_AUTH_MODE": "disabled"},
         capture_output=True,
         text=True,
@@ -46,18 +45,8 @@ def test_ray_job_submit_runs_a_sweep_into_the_mlflow_server(ray_head, mlflow_ser
 
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}
     started = time.monotonic()
-    job = subprocess.run(
+    job = ray_head.submit_job(
         [
-            f"{BIN}/ray",
-            "job",
-            "submit",
-            "--address",
-            ray_head["address"],
-            "--working-dir",
-            str(REPO),
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
             "python",
             "-m",
             "pipeline",
@@ -75,9 +64,7 @@ def test_ray_job_submit_runs_a_sweep_into_the_mlflow_server(ray_head, mlflow_ser
             "--set",
             "tune.grace_period=3",  # no early stop: with 2 trials ASHA may stop either after epoch 1
         ],
-        env=ray_head["env"],
-        capture_output=True,
-        text=True,
+        runtime_env,
         timeout=1200,
     )
     elapsed = time.monotonic() - started

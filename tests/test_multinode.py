@@ -5,7 +5,6 @@ its artifacts into the same bucket, and a node that dies mid-run. Slow."""
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import queue
 import shutil
@@ -164,18 +163,8 @@ def test_ray_job_submit_of_a_sweep_over_two_nodes_with_s3_and_the_team_server(te
     cluster.wait_for_job_api(120)
     # The nodes already have the S3 variables; the job gets only the tracking server's address.
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": server.uri}}
-    job = subprocess.run(
+    job = cluster.submit_job(
         [
-            f"{BIN}/ray",
-            "job",
-            "submit",
-            "--address",
-            cluster.dashboard,
-            "--working-dir",
-            str(REPO),
-            "--runtime-env-json",
-            json.dumps(runtime_env),
-            "--",
             "python",
             "-m",
             "pipeline",
@@ -195,9 +184,7 @@ def test_ray_job_submit_of_a_sweep_over_two_nodes_with_s3_and_the_team_server(te
             "--set",
             "tune.grace_period=3",  # no early stop: both trials train every epoch
         ],
-        env=cluster.env,
-        capture_output=True,
-        text=True,
+        runtime_env,
         timeout=1500,
     )
     (team["base"] / "job.log").write_text(job.stdout + job.stderr)
