@@ -259,10 +259,6 @@ class MLflowTracker:
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 
-    def status(self) -> str:
-        """MLflow's run status: RUNNING, FINISHED, FAILED or KILLED."""
-        return self.client.get_run(self.run_id).info.status
-
     def reopen(self) -> None:
         """Mark a finished or failed run RUNNING again (it is being resumed)."""
         self.client.update_run(self.run_id, status="RUNNING")
