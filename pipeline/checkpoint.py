@@ -34,21 +34,25 @@ def save(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
     return path
 
 
-def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; any damage becomes a CheckpointError naming the file."""
+def load(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, source: str | None = None
+) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; any damage becomes a CheckpointError naming the file (or
+    ``source``, where a remote file was copied to ``path``)."""
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
+    shown = source or str(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found")
+        raise CheckpointError(f"checkpoint {shown!r} not found")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {str(path)!r} is corrupted or truncated ({first}); delete it to start fresh "
+            f"checkpoint {shown!r} is corrupted or truncated ({first}); delete it to start fresh "
             "or point to an intact one"
         ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a gan-pipeline v{FORMAT_VERSION} checkpoint")
+        raise CheckpointError(f"checkpoint {shown!r} is not a gan-pipeline v{FORMAT_VERSION} checkpoint")
     return state

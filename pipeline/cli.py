@@ -16,6 +16,10 @@ from pipeline import PROJECT_ROOT
 from pipeline.config import ConfigError, UserError, describe_fields, load_config
 
 EXIT_USAGE = 2
+MODEL_HELP = (
+    "a generator by model URI: models:/NAME@ALIAS (e.g. models:/gan-mnist@champion), models:/NAME/VERSION "
+    "or runs:/RUN_ID/generator"
+)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -45,14 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     group = train.add_mutually_exclusive_group()
     group.add_argument("--name", help="run name under train.storage_path (default: <dataset>-<date>-<time>)")
     group.add_argument("--resume", metavar="NAME", help="continue the run NAME from its last checkpoint")
+    train.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (hidden by default)")
 
     tune = sub.add_parser("tune", help="Ray Tune sweep over tune.search_space, trials as MLflow child runs")
     _add_config_args(tune)
     tune.add_argument("--resume", action="store_true", help="finish the interrupted sweep tune.name (or --name)")
     tune.add_argument("--name", help="sweep name (overrides tune.name)")
+    tune.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (hidden by default)")
 
     sample = sub.add_parser("sample", help="generate images with a run's logged generator")
-    sample.add_argument("--run-id", required=True, help="MLflow run id (printed at the end of `train`)")
+    generator = sample.add_mutually_exclusive_group(required=True)
+    generator.add_argument("--run-id", help="MLflow run id (printed at the end of `train`)")
+    generator.add_argument("--model", help=MODEL_HELP)
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     sample.add_argument("--out", required=True, help="output .npz: key `images`, uint8 (N, 28, 28)")
     sample.add_argument("--grid", help="also write a PNG grid of the samples")
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--real", action="store_true", help="the real-data reference for --dataset")
     source.add_argument("--run-id", help="score the generator logged in this MLflow run")
+    source.add_argument("--model", help=MODEL_HELP)
     source.add_argument("--samples", help="score a .npz written by `sample` (key `images`, uint8 (N, 28, 28))")
     evaluate.add_argument(
         "--dataset",
@@ -141,7 +150,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     name = args.resume or args.name or f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        outcome = run_training(cfg, name, resume=bool(args.resume))
+        outcome = run_training(cfg, name, resume=bool(args.resume), verbose=args.verbose)
     except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -166,7 +175,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError("--resume: which sweep? pass --name NAME (or set tune.name) of the sweep to finish")
     name = name or default_sweep_name(cfg)
     started = time.perf_counter()
-    outcome = run_sweep(cfg, name, resume=args.resume)
+    outcome = run_sweep(cfg, name, resume=args.resume, verbose=args.verbose)
     print(f"\nsweep {name!r}: {len(outcome.rows)} trials in {time.perf_counter() - started:.0f}s")
     print(format_table(outcome, list(cfg.tune.search_space)))
     if outcome.best is not None:
@@ -187,11 +196,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: {args.out!r} must end in .npz")
     import torch
 
-    from pipeline.tracking import load_generator, resolve_tracking_uri, save_image_grid
+    from pipeline.tracking import generator_uri, load_generator, resolve_tracking_uri, save_image_grid
     from pipeline.train import generate_images
 
     uri = args.tracking_uri or resolve_tracking_uri(None, PROJECT_ROOT)
-    generator, params = load_generator(uri, args.run_id)
+    generator, params = load_generator(uri, generator_uri(args.run_id, args.model))
     images = generate_images(generator, args.num, int(params["latent_dim"]), args.seed, torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np
@@ -242,13 +251,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--num: {args.num} must be >= 2")
         import torch
 
-        from pipeline.tracking import load_generator, resolve_tracking_uri
+        from pipeline.tracking import generator_uri, load_generator, resolve_tracking_uri
         from pipeline.train import generate_images
 
         uri = args.tracking_uri or resolve_tracking_uri(None, PROJECT_ROOT)
-        generator, params = load_generator(uri, args.run_id)
+        model_uri = generator_uri(args.run_id, args.model)
+        generator, params = load_generator(uri, model_uri)
         images = generate_images(generator, args.num, int(params["latent_dim"]), 0, torch.device("cpu"))
-        label = f"run {args.run_id}"
+        label = args.model or f"run {args.run_id}"
         data_cfg = DataConfig(dataset=params.get("dataset", args.dataset), root=args.root)
     from pipeline.metrics import get_evaluator
 

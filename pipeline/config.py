@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -167,6 +168,12 @@ class TrackingConfig:
     uri: str | None = _f(None, "MLflow tracking URI; $MLFLOW_TRACKING_URI wins; null = <project>/mlflow.db")
     experiment: str = _f("gan-pipeline", "MLflow experiment name")
     log_every: int = _f(50, "log per-step losses every N global steps", ge=1)
+    registered_model: str | None = _f(
+        None,
+        "Model Registry name for the best generator of each train/tune (alias `champion` = lowest FID); "
+        "null = gan-<dataset>, '' = do not register",
+    )
+    system_metrics_s: float = _f(10.0, "seconds between MLflow system-metrics samples (CPU, memory, GPU); 0 off", ge=0)
 
 
 @dataclass
@@ -313,6 +320,18 @@ def _cross_checks(cfg: PipelineConfig) -> None:
             f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
             f"(data.limit={cfg.data.limit}); lower train.batch_size or raise data.limit"
         )
+    name = cfg.tracking.registered_model
+    if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(
+            f"tracking.registered_model: {name!r} cannot be a model name in models:/NAME@champion; use letters, "
+            "digits, '.', '_' and '-' (or '' not to register)"
+        )
+
+
+def registered_model_name(cfg: PipelineConfig) -> str:
+    """The Model Registry name the best generator goes to; '' when registration is off."""
+    name = cfg.tracking.registered_model
+    return f"gan-{cfg.data.dataset.replace('_', '-')}" if name is None else name
 
 
 SEARCH_KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None, "grid": None}

@@ -43,6 +43,8 @@ class DatasetSpec:
     files: dict[str, tuple[int, str]]
 
 
+TRAIN_IMAGES_FILE = "train-images-idx3-ubyte"  # the training split's images: what a run trains on
+
 SPECS = {
     "mnist": DatasetSpec(
         "mnist",

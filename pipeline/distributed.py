@@ -8,7 +8,10 @@ and logging continues in the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import statistics
 import tempfile
@@ -21,18 +24,21 @@ from typing import Any
 import torch
 
 from pipeline import PROJECT_ROOT, checkpoint
-from pipeline.config import ConfigError, PipelineConfig, UserError
+from pipeline.config import ConfigError, PipelineConfig, UserError, registered_model_name
 from pipeline.models import identity
-from pipeline.storage import check_storage, exists, local_dir, run_location, storage_root
+from pipeline.storage import check_storage, exists, resume_checkpoint_file, run_location, storage_root
 from pipeline.tracking import (
     MLflowTracker,
     NullTracker,
+    Registration,
     check_tracking_uri,
     environment_tags,
     find_run,
     flat_params,
+    register_generator,
     resolve_tracking_uri,
     start_run,
+    system_metrics,
 )
 from pipeline.train import DIVERGENCE_HINT, DivergedError, Runtime, TrainState, all_reduce_mean, train_gan
 
@@ -84,8 +90,16 @@ def check_resources(cfg: PipelineConfig) -> None:
         )
 
 
-def init_ray() -> None:
+# Lines of Ray's own processes that tell a user nothing they can act on, hidden unless --verbose: the C++
+# core worker's complaint about Ray's own PreemptionWatcher actor (ray-project/ray#53727) and its kin, and
+# each worker's full TrainingReport(...) (the epoch line above it says the same, readably).
+RAY_NOISE = ("core_worker.cc", "PlacementGroupCleaner", "PreemptionWatcher", "Reporting training result")
+
+
+def init_ray(verbose: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS, else start a fresh local Ray (never a stale one)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
@@ -93,11 +107,32 @@ def init_ray() -> None:
     # Ray folds log lines that differ only in their numbers into one: that would hide every worker's
     # and trial's epoch line but the first.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        _hide_worker_lines(RAY_NOISE)
+
+
+def _hide_worker_lines(patterns: Sequence[str]) -> None:
+    """Drop forwarded worker output lines containing any of ``patterns`` before Ray prints them. Ray has no
+    public hook for this: if its internals moved, everything is printed as before."""
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
+    if len(printers) != 1 or not hasattr(ray_worker, "print_to_stdstream"):
+        return
+    (printer,) = printers
+
+    def filtered(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not any(p in line for p in patterns)]
+        if lines:
+            printer({**data, "lines": lines})
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", filtered)
 
 
 def use_gpu(cfg: PipelineConfig) -> bool:
@@ -245,26 +280,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wrap_model=(lambda m: ray.train.torch.prepare_model(m, move_to_device=device)) if sync else identity,
         mean_over_workers=all_reduce_mean,  # Ray Train sets up a process group even for one worker
     )
-    try:
-        train_gan(
-            cfg,
-            data,
-            runtime=runtime,
-            tracker=tracker,
-            report=report,
-            on_step=on_step if clock is not None or job.fault else None,
-            resume=resume,
-            evaluator=evaluator,
-            log=print,
-        )
-    except DivergedError as exc:
-        # Not a crash to retry from the checkpoint: the same steps would diverge again. Every worker
-        # reports it as the run's last result (the worst score, so Tune ranks it last) and returns.
-        if is_main:
-            print(f"[train] {exc}", flush=True)
-            tracker.flush()
-            tracker.set_tags({"status": "diverged", "diverged_epoch": str(exc.epoch)})
-        ray.train.report({"diverged": 1, "epoch": exc.epoch, "fid": float("inf"), "inception_score": 0.0})
+    monitor = (
+        system_metrics(job.tracking_uri, job.mlflow_run_id, cfg.tracking.system_metrics_s)
+        if is_main and job.mlflow_run_id and cfg.tracking.system_metrics_s > 0 and job.bench is None
+        else contextlib.nullcontext()
+    )
+    with monitor:
+        try:
+            train_gan(
+                cfg,
+                data,
+                runtime=runtime,
+                tracker=tracker,
+                report=report,
+                on_step=on_step if clock is not None or job.fault else None,
+                resume=resume,
+                evaluator=evaluator,
+                log=print,
+            )
+        except DivergedError as exc:
+            # Not a crash to retry from the checkpoint: the same steps would diverge again. Every worker
+            # reports it as the run's last result (the worst score, so Tune ranks it last) and returns.
+            if is_main:
+                print(f"[train] {exc}", flush=True)
+                tracker.flush()
+                tracker.set_tags({"status": "diverged", "diverged_epoch": str(exc.epoch)})
+            ray.train.report({"diverged": 1, "epoch": exc.epoch, "fid": float("inf"), "inception_score": 0.0})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,6 +320,8 @@ class TrainOutcome:
     tracking_uri: str
     metrics: dict[str, Any]  # the last reported epoch's
     checkpoint_dir: str | None
+    model_uri: str | None = None  # the logged generator (models:/m-...)
+    registration: Registration | None = None
 
 
 def build_trainer(
@@ -291,9 +334,11 @@ def build_trainer(
     evaluator: dict[str, Any] | None = None,
     bench: BenchOptions | None = None,
     fault: FaultInjection | None = None,
+    verbose: bool = False,
 ) -> Any:
-    """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore).
+    Ray Train's own INFO lines (each report, each checkpoint, worker-group start) only with ``verbose``."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = resolve_scaling(cfg)
@@ -316,6 +361,7 @@ def build_trainer(
             checkpoint_config=checkpoint_config(cfg, CheckpointConfig),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
             callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             # Ray Train's print patch tees to stdout *and* its logger when stdout is wrapped: lines twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}},
         ),
@@ -372,7 +418,6 @@ def prepare_run(
     check_tracking_uri(uri)
     check_storage(cfg)
     location = run_location(cfg, name)
-    directory = local_dir(location)
     previous = find_run(uri, cfg.tracking.experiment, {"ray_train_run": name})
     if resume and previous is None:
         raise ConfigError(
@@ -384,8 +429,8 @@ def prepare_run(
         raise ConfigError(
             f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
         )
-    if resume and directory is not None:
-        verify_latest_checkpoint(directory)
+    if resume:
+        verify_latest_checkpoint(location)
     evaluator = prepare_inputs(cfg, progress)
     if previous is not None:
         return location, uri, previous, evaluator
@@ -395,11 +440,12 @@ def prepare_run(
     return location, uri, start_run(uri, cfg.tracking.experiment, name, tags), evaluator
 
 
-def verify_latest_checkpoint(directory: Path) -> None:
-    """A resumed run's newest checkpoint must load: refuse a damaged one here, not in a retrying worker."""
-    latest = sorted(p for p in directory.glob("checkpoint_*") if p.is_dir())
-    if latest:
-        checkpoint.load(latest[-1] / checkpoint.FILENAME)
+def verify_latest_checkpoint(location: str) -> None:
+    """The checkpoint a resumed run starts from must load (on S3 too): refuse a damaged one here, not in a
+    retrying worker."""
+    with resume_checkpoint_file(location, checkpoint.FILENAME) as latest:
+        if latest is not None:
+            checkpoint.load(latest[0], source=latest[1])
 
 
 def fault_from_env() -> FaultInjection | None:
@@ -439,6 +485,7 @@ def run_training(
     extra_tags: dict[str, str] | None = None,
     callbacks: Sequence[Any] = (),
     progress: Callable[[str], None] = print,
+    verbose: bool = False,
 ) -> TrainOutcome:
     """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model."""
     cfg = resolve_scaling(cfg)
@@ -446,7 +493,7 @@ def run_training(
     run_dir, uri, run_id, evaluator = prepare_run(
         cfg, name, resume, parent_run_id=parent_run_id, extra_tags=extra_tags, progress=progress
     )
-    init_ray()
+    init_ray(verbose)
     gpu = use_gpu(cfg)
     tracker = MLflowTracker(uri, run_id)
     if resume:
@@ -458,13 +505,17 @@ def run_training(
             "world_size": str(cfg.scaling.num_workers),
             "device": "cuda" if gpu else "cpu",
             "status": "running",
+            "dataset": cfg.data.dataset,
+            "config_digest": config_digest(cfg),
+            **({"evaluator_sha256": evaluator["checksum"]} if evaluator and evaluator.get("checksum") else {}),
         }
     )
+    log_dataset(cfg, tracker)
     progress(
         f"[train] run {name!r}: {cfg.scaling.num_workers} worker(s) on {'GPU' if gpu else 'CPU'} "
         f"({cfg.scaling.placement_strategy}); checkpoints in {run_dir}; MLflow run {run_id} at {uri}"
     )
-    trainer = build_trainer(cfg, name, run_id, uri, callbacks, gpu, evaluator, fault=fault_from_env())
+    trainer = build_trainer(cfg, name, run_id, uri, callbacks, gpu, evaluator, fault=fault_from_env(), verbose=verbose)
     try:
         result = trainer.fit()
     except Exception as exc:
@@ -487,14 +538,69 @@ def run_training(
             f"run {name!r} diverged at epoch {tags.get('diverged_epoch', '?')} (NaN or infinite loss) and was "
             f"stopped; {DIVERGENCE_HINT}"
         )
-    return finish_run(cfg, tracker, name, run_dir, result)
+    outcome = finish_run(cfg, tracker, name, run_dir, result)
+    if parent_run_id is None:  # a sweep registers its best trial only, once it has them all
+        outcome.registration = register_best(cfg, uri, run_id, outcome.model_uri, progress)
+    return outcome
+
+
+def config_digest(cfg: PipelineConfig) -> str:
+    """SHA-256 of the resolved config: equal digests, equal training setups."""
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def log_dataset(cfg: PipelineConfig, tracker: MLflowTracker) -> None:
+    """The training split as the run's MLflow dataset input: its pinned SHA-256, split and ``data.limit``."""
+    from pipeline.data import SPECS, TRAIN_IMAGES_FILE, resolve_root
+
+    spec = SPECS[cfg.data.dataset]
+    size, sha256 = spec.files[TRAIN_IMAGES_FILE]
+    images = (size - 16) // (28 * 28)
+    tracker.log_dataset(
+        name=cfg.data.dataset,
+        digest=sha256,
+        source=str(resolve_root(cfg.data) / spec.folder / "raw" / TRAIN_IMAGES_FILE),
+        profile={
+            "sha256": sha256,
+            "split": "train",
+            "limit": cfg.data.limit,
+            "num_images": min(images, cfg.data.limit or images),
+        },
+    )
+
+
+def register_best(
+    cfg: PipelineConfig, uri: str, run_id: str, model_uri: str | None, progress: Callable[[str], None] = print
+) -> Registration | None:
+    """Register the run's logged generator in the Model Registry (``tracking.registered_model``) with its FID,
+    IS, run id, config digest and evaluator checksum; the alias ``champion`` moves only on a better FID."""
+    name = registered_model_name(cfg)
+    if not name or model_uri is None:
+        return None
+    tracker = MLflowTracker(uri, run_id)
+    scores = {key: max(tracker.metric_history(key), default=None) for key in ("fid", "inception_score")}
+    if scores["fid"] is None:
+        progress(f"[registry] run {run_id} not registered in {name!r}: it has no FID (eval.every_epochs=0)")
+        return None
+    tags = tracker.tags()
+    version_tags = {
+        "fid": repr(scores["fid"][1]),
+        "inception_score": repr(scores["inception_score"][1]) if scores["inception_score"] else "nan",
+        "run_id": run_id,
+        "dataset": cfg.data.dataset,
+        "config_digest": tags.get("config_digest") or config_digest(cfg),
+        "evaluator_sha256": tags.get("evaluator_sha256", "unknown"),
+    }
+    registration = register_generator(uri, name, model_uri, version_tags)
+    progress(f"[registry] {registration.message}")
+    return registration
 
 
 def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: str, result: Any) -> TrainOutcome:
     """Loss curve, last checkpoint and the generator model into the MLflow run; close it."""
     from pipeline.models import build_generator
 
-    checkpoint_dir = None
+    checkpoint_dir = model_uri = None
     with tempfile.TemporaryDirectory() as tmp:
         curve = os.path.join(tmp, "loss_curve.png")
         tracker.save_loss_curve(curve)
@@ -506,13 +612,16 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
                 tracker.log_artifact(str(Path(local) / checkpoint.FILENAME), "checkpoints")
             generator = build_generator(cfg.model)
             generator.load_state_dict(TrainState.sampling_weights(state))
-            tracker.log_generator(generator, cfg.model.latent_dim)
+            model_uri = tracker.log_generator(generator, cfg.model.latent_dim, scores=("fid", "inception_score"))
+            tracker.set_tags({"generator_model": model_uri})
     fids = [value for _, value in tracker.metric_history("fid")]
     if fids:
         tracker.log_metrics({"best_fid": min(fids)}, step=int((result.metrics or {}).get("step", 0)))
     tracker.set_tags({"status": "finished"})
     tracker.end("FINISHED")
-    return TrainOutcome(name, run_dir, tracker.run_id, tracker.uri, dict(result.metrics or {}), checkpoint_dir)
+    return TrainOutcome(
+        name, run_dir, tracker.run_id, tracker.uri, dict(result.metrics or {}), checkpoint_dir, model_uri
+    )
 
 
 def finish_from_storage(cfg: PipelineConfig, name: str, uri: str, run_id: str) -> TrainOutcome:

@@ -106,6 +106,8 @@ class Evaluator:
     test_accuracy: float
     test_mu: np.ndarray
     test_sigma: np.ndarray
+    # SHA-256 of the cached weights: FIDs are comparable only between runs scored by the same evaluator.
+    checksum: str = ""
 
     @torch.no_grad()
     def features_and_probs(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +129,7 @@ class Evaluator:
             "test_accuracy": self.test_accuracy,
             "test_mu": self.test_mu,
             "test_sigma": self.test_sigma,
+            "checksum": self.checksum,
         }
 
     @classmethod
@@ -134,7 +137,12 @@ class Evaluator:
         model = Classifier()
         model.load_state_dict(payload["weights"])
         return cls(
-            model.eval(), payload["dataset"], payload["test_accuracy"], payload["test_mu"], payload["test_sigma"]
+            model.eval(),
+            payload["dataset"],
+            payload["test_accuracy"],
+            payload["test_mu"],
+            payload["test_sigma"],
+            payload.get("checksum", ""),
         )
 
     def score(self, images: torch.Tensor) -> dict[str, float]:
@@ -235,11 +243,12 @@ def get_evaluator(cfg: DataConfig, progress=print, splits: tuple[Split, Split] |
         torch.save(model.state_dict(), tmp)
         tmp.replace(weights)
         np.savez(directory / "test_stats.npz", mu=evaluator.test_mu, sigma=evaluator.test_sigma)
+        evaluator.checksum = file_sha256(weights)
         meta = {
             "version": EVALUATOR_VERSION,
             "dataset": cfg.dataset,
             "test_accuracy": accuracy,
-            "weights_sha256": file_sha256(weights),
+            "weights_sha256": evaluator.checksum,
             "stats_sha256": file_sha256(directory / "test_stats.npz"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -265,7 +274,7 @@ def _load_cached(directory: Path, dataset: str) -> Evaluator | None:
             mu, sigma = arrays["mu"], arrays["sigma"]
     except (OSError, KeyError, ValueError, json.JSONDecodeError, RuntimeError):
         return None
-    return Evaluator(model.eval(), dataset, float(meta["test_accuracy"]), mu, sigma)
+    return Evaluator(model.eval(), dataset, float(meta["test_accuracy"]), mu, sigma, meta["weights_sha256"])
 
 
 def real_reference(cfg: DataConfig, num: int = 10_000, progress=print) -> dict[str, float]:

@@ -8,7 +8,12 @@ pyarrow's filesystems, on every node. For ``s3://`` the AWS SDK's standard varia
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -57,6 +62,45 @@ def exists(location: str) -> bool:
 
     filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
     return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+# Ray Train's record of a run's checkpoints, next to them: the one it names as latest is where a resumed run
+# starts (a checkpoint uploaded but not yet recorded when the driver died is not used).
+RAY_TRAIN_RECORD = "checkpoint_manager_snapshot.json"
+
+
+@contextlib.contextmanager
+def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path, str] | None]:
+    """``filename`` of the checkpoint that Ray Train resumes the run at ``location`` from: (a local file, where it
+    is stored). A remote file is copied into a temporary directory, removed afterwards. None when Ray would
+    start the run afresh (no recorded checkpoint)."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
+    try:
+        with filesystem.open_input_stream(f"{root}/{RAY_TRAIN_RECORD}") as stream:
+            record = json.loads(stream.read())
+        name = (record.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    except (OSError, ValueError, AttributeError):  # no record (or not one we can read): nothing to check
+        name = None
+    if not name:
+        yield None
+        return
+    directory = local_dir(location)
+    if directory is not None:
+        yield directory / name / filename, str(directory / name / filename)
+        return
+    source = f"{location}/{name}/{filename}"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / filename
+        # A missing file is reported as such by whoever loads it (nothing copied, nothing there).
+        with (
+            contextlib.suppress(OSError),
+            filesystem.open_input_stream(f"{root}/{name}/{filename}") as remote,
+            open(local, "wb") as out,
+        ):
+            shutil.copyfileobj(remote, out)
+        yield local, source
 
 
 def _check_s3_bucket(root: str) -> None:

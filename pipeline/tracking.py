@@ -8,15 +8,18 @@ MLflow: everything else asks an :class:`MLflowTracker` (one run) or the function
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from pipeline import PROJECT_ROOT
@@ -144,14 +147,21 @@ def environment_tags() -> dict[str, str]:
     }
 
 
+# MLflow's UI opens an experiment of this kind on its training runs (not on the GenAI overview and traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if "mlflow.experimentKind" not in exp.tags:  # made before this tag was set, or by someone else
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     store = _local_store_dir(uri)
     location = (store / "mlartifacts").as_uri() if store is not None else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # another process created it between our two calls
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -274,20 +284,48 @@ class MLflowTracker:
         paths = sorted(a.path for a in self.client.list_artifacts(self.run_id, artifact_dir))
         return self.client.download_artifacts(self.run_id, paths[-1], dest) if paths else None
 
-    def log_generator(self, generator: torch.nn.Module, latent_dim: int) -> str:
-        """Log G as the MLflow PyTorch model ``generator`` (pt2 format: loads without unpickling code)."""
+    def log_generator(self, generator: torch.nn.Module, latent_dim: int, scores: Sequence[str] = ()) -> str:
+        """Log G as the MLflow PyTorch model ``generator`` (pt2 format: loads without unpickling code) and link
+        the run's last value of each metric in ``scores`` to it, so the UI's model list shows and sorts them.
+        Returns the model's URI (``models:/m-...``)."""
         import mlflow
-        import numpy as np
+        from mlflow.entities import Metric
 
         generator = generator.cpu().eval()
         example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
         with using_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id):
             info = mlflow.pytorch.log_model(generator, name="generator", input_example=example)
+        linked = []
+        for key in scores:
+            history = self.client.get_metric_history(self.run_id, key)
+            if history:
+                last = max(history, key=lambda m: m.step)
+                # The same key, value, step and time as in the run: MLflow keeps the run's history as it was
+                # and records the point for the model too.
+                linked.append(Metric(key, last.value, last.timestamp, last.step, model_id=info.model_id))
+        if linked:
+            self.client.log_batch(self.run_id, metrics=linked)
         return info.model_uri
 
-    def end(self, status: str = "FINISHED") -> None:
+    def log_dataset(self, name: str, digest: str, source: str, profile: dict[str, Any]) -> None:
+        """Record the run's training data as an MLflow dataset input (the UI's Dataset column)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],  # MLflow's limit; the full digest is in the profile
+            source_type="local",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(profile, sort_keys=True),
+        )
+        self.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+        )
+
+    def end(self, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
+        """Close the run with ``status`` at ``end_time_ms`` (default now)."""
         self.flush()
-        self.client.set_terminated(self.run_id, status=status)
+        self.client.set_terminated(self.run_id, status=status, end_time=end_time_ms)
 
     def save_loss_curve(self, path: str) -> None:
         """Plot loss_d and loss_g over global steps from the run's own metric history."""
@@ -320,6 +358,20 @@ def figure(path: str, xlabel: str, ylabel: str, size: tuple[float, float] = (7, 
 
 
 @contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[None]:
+    """MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU where NVML finds one) logging into
+    the run every ``interval_s`` while the block runs; a resumed run continues its steps."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+@contextlib.contextmanager
 def using_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's global tracking URI set to ``uri`` for a block, then put back.
 
@@ -342,24 +394,153 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
-def load_generator(uri: str, run_id: str) -> tuple[torch.nn.Module, dict[str, str]]:
-    """The ``generator`` model logged in run ``run_id`` and the run's params; a clear error if missing."""
+def generator_uri(run_id: str | None, model: str | None) -> str:
+    """The model URI that ``sample``/``evaluate`` load: ``--model`` as given, or ``--run-id``'s ``generator``."""
+    if model:
+        if not model.startswith(("models:/", "runs:/")):
+            raise TrackingError(
+                f"--model {model!r}: give models:/NAME@ALIAS (e.g. models:/gan-mnist@champion), models:/NAME/VERSION "
+                "or runs:/RUN_ID/generator"
+            )
+        return model
+    return f"runs:/{run_id}/generator"
+
+
+def load_generator(uri: str, model_uri: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The generator at ``model_uri`` (``runs:/ID/generator``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``
+    or a logged model's ``models:/m-...``) and the params of the run that trained it; a clear error if missing."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
     try:
+        run_id = _source_run(client, model_uri)
         run = client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as exc:
         raise TrackingError(
-            f"no MLflow run {run_id!r} in {uri}; list runs with `mlflow ui --backend-store-uri {uri}` "
-            "or check MLFLOW_TRACKING_URI"
+            f"{model_uri}: not found in {uri} ({str(exc).splitlines()[0]}); list runs and models with "
+            f"`mlflow ui --backend-store-uri {uri}` or check MLFLOW_TRACKING_URI"
         ) from None
     try:
         with using_tracking_uri(uri):
-            model = mlflow.pytorch.load_model(f"runs:/{run_id}/generator", map_location="cpu")
+            model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     except (MlflowException, OSError) as exc:
         raise TrackingError(
-            f"run {run_id} has no loadable 'generator' model ({str(exc).splitlines()[0]}); did that training finish?"
+            f"{model_uri}: no loadable generator ({str(exc).splitlines()[0]}); did that training finish?"
         ) from None
     return model, dict(run.data.params)
+
+
+def _source_run(client: Any, model_uri: str) -> str:
+    """The id of the run that logged the model at ``model_uri``."""
+    path = model_uri.split(":/", 1)[1].strip("/")
+    if model_uri.startswith("runs:/"):
+        return path.split("/", 1)[0]
+    if "@" in path:
+        name, alias = path.split("@", 1)
+        return client.get_model_version_by_alias(name, alias).run_id
+    if path.startswith("m-") and "/" not in path:
+        return client.get_logged_model(path).source_run_id
+    name, _, version = path.rpartition("/")
+    return client.get_model_version(name, version).run_id
+
+
+# ------------------------------------------------------------------------------------------- Model Registry
+
+CHAMPION = "champion"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A generator registered as a model version, and where the ``champion`` alias stands afterwards."""
+
+    name: str
+    version: str
+    champion: str  # the version that holds the alias now
+    message: str  # one line for the log: registered, and whether the champion moved
+
+
+def register_generator(uri: str, name: str, model_uri: str, tags: dict[str, str]) -> Registration:
+    """Register ``model_uri`` as a new version of ``name`` with ``tags`` (``fid``, ``dataset``,
+    ``evaluator_sha256``, ...), then give it the ``champion`` alias if its FID beats the champion's.
+
+    FIDs are compared only among versions with the same dataset and evaluator; a champion scored by another
+    evaluator (or dataset) is not comparable, and the new version takes the alias. Concurrent registrations
+    (sweeps ending at once) converge: each writer sets the alias to the best version it can see, then reads
+    again and repeats until the alias is where it should be, so the last writer always saw every version
+    registered before its final check, and no later one can leave the alias on a worse model.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            # MLflow prints "Successfully registered model ..." to stderr: our own line says it all below.
+            with using_tracking_uri(uri), contextlib.redirect_stderr(io.StringIO()):
+                version = mlflow.register_model(model_uri, name, tags=tags).version
+            break
+        except MlflowException:
+            # A sqlite store read in the middle of another writer's transaction can miss the logged model;
+            # nothing was created then. Rare, so try again a moment later.
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    client = _client(uri)
+    previous = _champion(client, name)
+    for _ in range(20):
+        current = _champion(client, name)
+        best = _best_version(client, name, tags)
+        if current is not None and (str(current.version) == str(best.version) or not _beats(best, current, tags)):
+            break
+        with contextlib.suppress(MlflowException):  # two writers at once (a unique-key clash): read and try again
+            client.set_registered_model_alias(name, CHAMPION, best.version)
+    champion = _champion(client, name)
+    fid = float(tags["fid"])
+    if champion is not None and str(champion.version) == str(version):
+        was = (
+            f"version {previous.version} (FID {float(previous.tags.get('fid', 'nan')):.3f})"
+            if previous is not None
+            else "no champion before"
+        )
+        outcome = f"champion moved to it from {was}"
+    elif champion is not None:
+        outcome = (
+            f"champion stays version {champion.version} (FID {float(champion.tags.get('fid', 'nan')):.3f}"
+            f"{' is better' if _comparable(champion, tags) else ''})"
+        )
+    else:
+        outcome = "no champion"
+    message = f"registered model {name!r} version {version} (FID {fid:.3f}); {outcome}; models:/{name}@{CHAMPION}"
+    return Registration(name, str(version), str(champion.version) if champion is not None else "", message)
+
+
+def _champion(client: Any, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def _comparable(version: Any, tags: dict[str, str]) -> bool:
+    return all(version.tags.get(k) == tags.get(k) for k in ("dataset", "evaluator_sha256")) and "fid" in version.tags
+
+
+def _fid(version: Any) -> float:
+    try:
+        return float(version.tags["fid"])
+    except (KeyError, ValueError):
+        return float("inf")
+
+
+def _best_version(client: Any, name: str, tags: dict[str, str]) -> Any:
+    """The version with the lowest FID among those comparable with ``tags`` (the oldest of equals)."""
+    versions = [v for v in client.search_model_versions(f"name = '{name}'") if _comparable(v, tags)]
+    return min(versions, key=lambda v: (_fid(v), int(v.version)))
+
+
+def _beats(candidate: Any, champion: Any, tags: dict[str, str]) -> bool:
+    """Whether ``candidate`` should take the alias from ``champion``: a strictly lower FID, or a champion that
+    cannot be compared (another dataset or evaluator)."""
+    return not _comparable(champion, tags) or _fid(candidate) < _fid(champion)

@@ -28,6 +28,7 @@ from pipeline.distributed import (
     finish_from_storage,
     init_ray,
     prepare_inputs,
+    register_best,
     resolve_scaling,
     run_training,
     use_gpu,
@@ -35,6 +36,7 @@ from pipeline.distributed import (
 from pipeline.storage import check_storage, exists, run_location
 from pipeline.tracking import (
     MLflowTracker,
+    Registration,
     RunRecord,
     check_tracking_uri,
     figure,
@@ -78,7 +80,9 @@ def flat_point(point: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _trial_driver(point: dict[str, Any], *, base: PipelineConfig, sweep: str, parent_run_id: str) -> None:
+def _trial_driver(
+    point: dict[str, Any], *, base: PipelineConfig, sweep: str, parent_run_id: str, verbose: bool = False
+) -> None:
     """One trial: a Ray Train run (data-parallel, checkpointed) whose metrics Tune receives each epoch."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -97,6 +101,7 @@ def _trial_driver(point: dict[str, Any], *, base: PipelineConfig, sweep: str, pa
             extra_tags={"sweep": sweep, "trial_id": trial_id},
             callbacks=[TuneReportCallback()],
             progress=lambda msg: print(f"[{trial_id}] {msg}"),
+            verbose=verbose,
         )
     except RunDiverged as exc:
         # Tune already has its last result (the worst score); the rest of the sweep goes on.
@@ -110,6 +115,7 @@ class SweepOutcome:
     tracking_uri: str
     rows: list[dict[str, Any]]  # one per trial, best first
     best: dict[str, Any] | None
+    registration: Registration | None = None  # the best trial's generator in the Model Registry
 
 
 def _default_concurrency(cfg: PipelineConfig, gpu: bool) -> int:
@@ -138,7 +144,12 @@ def _check_sweep(cfg: PipelineConfig) -> None:
         raise ConfigError(f"tune.mode: {cfg.tune.mode} with tune.metric={cfg.tune.metric}; use {expected_mode}")
 
 
-def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=print) -> SweepOutcome:
+SWEEP_STATE_SYNC_S = 10
+
+
+def run_sweep(
+    cfg: PipelineConfig, name: str, *, resume: bool = False, progress=print, verbose: bool = False
+) -> SweepOutcome:
     """Run (or, with ``resume``, finish) the sweep ``name``; return its trials table."""
     import ray.tune
 
@@ -155,7 +166,9 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
         )
     if not resume and (parent_run_id is not None or exists(sweep_dir)):
         raise ConfigError(f"sweep {name!r} already exists ({sweep_dir}); pass --resume {name} or choose a new name")
-    cfg = resolve_scaling(cfg, sweep=True)
+    # Trials run on other nodes, whose environment may not hold $MLFLOW_TRACKING_URI: they get the store the
+    # driver resolved, or their runs would land in a local store on their node, not under the parent.
+    cfg = with_overrides(resolve_scaling(cfg, sweep=True), {"tracking.uri": uri})
     check_resources(cfg)
     prepare_inputs(cfg, progress)
 
@@ -170,7 +183,7 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
     if resume:
         parent.reopen()
 
-    init_ray()
+    init_ray(verbose)
     gpu = use_gpu(cfg)
     concurrency = cfg.tune.max_concurrent_trials or _default_concurrency(cfg, gpu)
     stopping = (
@@ -183,7 +196,7 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
         f"up to {concurrency} at once, {stopping}; trials and sweep state in {sweep_dir}; MLflow parent run "
         f"{parent_run_id} at {uri}"
     )
-    driver = functools.partial(_trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id)
+    driver = functools.partial(_trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id, verbose=verbose)
     # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.
     trainable = ray.tune.with_resources(driver, {"CPU": 0, "memory": 1})
     if resume:
@@ -205,10 +218,48 @@ def run_sweep(cfg: PipelineConfig, name: str, *, resume: bool = False, progress=
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=concurrency,
             ),
-            run_config=ray.tune.RunConfig(name=name, storage_path=sweep_dir.rsplit("/", 1)[0]),
+            run_config=ray.tune.RunConfig(
+                name=name,
+                storage_path=sweep_dir.rsplit("/", 1)[0],
+                # The sweep's state (a few kB) reaches remote storage every 10 s, not Ray's default 5 min: a
+                # driver killed before then would leave a state without its trials to --resume from.
+                sync_config=ray.tune.SyncConfig(sync_period=SWEEP_STATE_SYNC_S),
+                callbacks=[close_child_runs(uri, cfg.tracking.experiment, name, cfg.train.epochs)],
+            ),
         )
     results = tuner.fit()
     return summarise(cfg, name, parent, results)
+
+
+def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) -> Any:
+    """A Tune callback that ends each trial's MLflow child run when the trial ends, so its duration is the
+    trial's: an early-stopped trial's run ends KILLED (tag ``status=early_stopped``), an errored one FAILED, a
+    completed one is ended by its own driver. The end time is also kept as the tag ``trial_end_ms``, which the
+    summary at the end of the sweep reuses whenever it ends a run again."""
+    from ray.tune import Callback
+
+    class CloseChildRuns(Callback):
+        def _close(self, trial: Any, status: str | None, tag: str | None) -> None:
+            run_id = find_run(uri, experiment, {"sweep": sweep, "trial_id": trial.trial_id})
+            if run_id is None:
+                return
+            now = int(time.time() * 1000)
+            run = MLflowTracker(uri, run_id)
+            run.set_tags({"trial_end_ms": str(now), **({"status": tag} if tag else {})})
+            if status is not None:
+                run.end(status, end_time_ms=now)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            last = trial.last_result or {}
+            if int(last.get("epoch", 0)) < final_epoch and not last.get("diverged"):
+                self._close(trial, "KILLED", "early_stopped")
+            else:
+                self._close(trial, None, None)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._close(trial, "FAILED", "failed")
+
+    return CloseChildRuns()
 
 
 def asha_scheduler(cfg: PipelineConfig) -> Any:
@@ -256,9 +307,22 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
     best = scored[0] if scored else None
     if best is not None:
         _log_best(cfg, parent, best, rows, searched)
+    registration = _register_best_generator(cfg, parent.uri, scored, searched)
     parent.set_tags({"status": "finished"})
     parent.end("FINISHED")
-    return SweepOutcome(name, parent.run_id, parent.uri, rows, best)
+    return SweepOutcome(name, parent.run_id, parent.uri, rows, best, registration)
+
+
+def _register_best_generator(
+    cfg: PipelineConfig, uri: str, scored: list[dict[str, Any]], searched: list[str]
+) -> Registration | None:
+    """Register the generator of the best trial that logged one (a trial stopped early logged none)."""
+    for row in scored:
+        model_uri = MLflowTracker(uri, row["run_id"]).tags().get("generator_model") if row["run_id"] else None
+        if model_uri:
+            trial_cfg = with_overrides(cfg, {**{key: row[key] for key in searched}, "tune.search_space": {}})
+            return register_best(trial_cfg, uri, row["run_id"], model_uri)
+    return None
 
 
 def _trial_id(result: Any) -> str | None:
@@ -298,18 +362,21 @@ def _close_child(cfg: PipelineConfig, result: Any, child: RunRecord, status: str
     out and marked its run FAILED; the trial itself did not fail.
     """
     run = MLflowTracker(uri, child.run_id)
+    ended = int(child.tags["trial_end_ms"]) if child.tags.get("trial_end_ms", "").isdigit() else None
     if status == "finished" and child.status != "FINISHED":
         # Training complete, final logging not (its driver ended first): do that logging here.
         train_run = child.tags.get("ray_train_run", "")
         finish_from_storage(trial_config(cfg, result.config or {}), train_run, uri, run.run_id)
+        if ended is not None:
+            run.end("FINISHED", end_time_ms=ended)  # when the trial ended, not now
     elif status == "early_stopped":
         run.set_tags({"status": status})
         if child.status != "KILLED":
-            run.end("KILLED")
+            run.end("KILLED", end_time_ms=ended)
     elif status == "failed":
         run.set_tags({"status": status})
         if child.status == "RUNNING":
-            run.end("FAILED")
+            run.end("FAILED", end_time_ms=ended)
 
 
 def _log_best(

@@ -36,16 +36,20 @@ def wait_http(url: str, seconds: float) -> None:
     raise TimeoutError(url)
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 60) -> None:
-    """Stop a process we started and everything in its process group: ``sig``, then SIGKILL for whatever of the
-    group is still there after ``grace_s`` or outlived its leader."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace_s)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def stop(*procs: subprocess.Popen, sig: int = signal.SIGTERM, grace_s: float = 60) -> None:
+    """Stop processes we started and everything in their process groups: ``sig`` to all at once, then SIGKILL for
+    whatever of a group is still there after ``grace_s`` or outlived its leader."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def start(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen:
@@ -201,7 +205,7 @@ class RayCluster:
 
     def kill_node(self, node: subprocess.Popen) -> None:
         """SIGKILL the node's whole process group, as a vanished machine would go: no goodbye to the head."""
-        stop(node, signal.SIGKILL)
+        stop(node, sig=signal.SIGKILL)
 
     def alive_nodes(self) -> list[dict]:
         done = subprocess.run(
@@ -265,6 +269,5 @@ class RayCluster:
             time.sleep(3)
 
     def stop(self) -> None:
-        for node in reversed(self.nodes):
-            stop(node)
+        stop(*self.nodes)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -5,6 +5,7 @@ its artifacts into the same bucket, and a node that dies mid-run. Slow."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import queue
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.storage import RAY_TRAIN_RECORD
 from tests.conftest import REPO, run_cli
 from tests.servers import BIN, MLflowServer, RayCluster, S3Server, free_port
 
@@ -149,6 +151,17 @@ def wait_for_object(s3: S3Server, prefix: str, suffix: str, seconds: float) -> N
     raise AssertionError(f"no s3://{BUCKET}/{prefix}...{suffix} within {seconds:.0f}s")
 
 
+def wait_for_recorded_checkpoint(s3: S3Server, prefix: str, seconds: float) -> None:
+    """Until Ray Train's record of a run under ``prefix`` names a checkpoint: a resume starts from it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for key in (k for k in s3.keys(BUCKET, prefix) if k.endswith(RAY_TRAIN_RECORD)):
+            if b'"checkpoint_dir_name"' in s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read():
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"no recorded checkpoint under s3://{BUCKET}/{prefix} within {seconds:.0f}s")
+
+
 def run_of(team, name: str):
     client = MlflowClient(team["mlflow"].uri)
     experiment = client.get_experiment_by_name("gan-pipeline")
@@ -233,9 +246,7 @@ def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_s3_checkpoint(tea
     assert run.info.status == "FINISHED" and run.data.tags["num_train_nodes"] == "2"
     epochs = client.get_metric_history(run.info.run_id, "fid")
     assert len(epochs) == 3
-    for key in ("loss_d", "fid", "images_per_s"):
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-        assert len(steps) == len(set(steps)), f"{key} has a step twice: {steps}"
+    steps_once(client, run.info.run_id)
     # Checkpoints on S3 (Ray), and the run's artifacts in the bucket through the server (the driver and the
     # workers never got S3 credentials for MLflow: they only spoke HTTP to it).
     keys = s3.keys(BUCKET)
@@ -248,9 +259,7 @@ def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_s3_checkpoint(tea
 
 def test_a_node_that_never_comes_back_fails_the_run_after_the_configured_wait(team, s3):
     cluster = team["cluster"]
-    if len(cluster.alive_nodes()) < 2:
-        cluster.add_node(num_cpus=1, env=team["node_env"])
-    cluster.wait_for_nodes(2, 120)
+    two_nodes(team)
     worker_node = cluster.nodes[-1]
     args = ["train", *RUN_ARGS, "--set", "scaling.resource_wait_s=20", "--name", "gone"]
     driver = Driver(args, driver_env(team))
@@ -265,6 +274,84 @@ def test_a_node_that_never_comes_back_fails_the_run_after_the_configured_wait(te
     assert waited < 20 + 240, waited  # the configured wait plus detection and teardown, not a hang
     _, run = run_of(team, "gone")
     assert run.info.status == "FAILED"
+
+
+def two_nodes(team) -> None:
+    cluster = team["cluster"]
+    if len(cluster.alive_nodes()) < 2:
+        cluster.add_node(num_cpus=1, env=team["node_env"])
+    cluster.wait_for_nodes(2, 120)
+
+
+def steps_once(client, run_id: str, keys=("loss_d", "fid", "images_per_s")) -> None:
+    for key in keys:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} has a step twice: {steps}"
+
+
+def test_train_resume_from_s3_after_the_driver_was_killed(team, s3):
+    two_nodes(team)
+    args = ["train", *RUN_ARGS, "--set", "train.epochs=2"]
+    driver = Driver([*args, "--name", "cut"], driver_env(team))
+    wait_for_recorded_checkpoint(s3, "runs/cut/", 600)
+    driver.proc.kill()  # the driver alone dies (a closed laptop, a lost head shell); the cluster goes on
+    driver.proc.wait()
+    resumed = run_cli(*args, "--resume", "cut", env=driver_env(team), timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
+    assert "resuming from epoch 1" in resumed.stdout + resumed.stderr
+    client, run = run_of(team, "cut")  # the same MLflow run, continued
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "fid")) == 2
+    steps_once(client, run.info.run_id)
+
+
+def test_tune_resume_from_s3_after_the_driver_was_killed(team, s3):
+    two_nodes(team)
+    args = [
+        "tune",
+        "-c",
+        "configs/smoke.yaml",
+        "--name",
+        "cut-sweep",
+        "--set",
+        "data.limit=512",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "eval.num_samples=1000",
+        "--set",
+        "scaling.num_workers=1",
+        "--set",
+        "scaling.cpus_per_worker=1",
+        "--set",
+        f"train.storage_path=s3://{BUCKET}/runs",
+        "--set",
+        "tune.search_space={train.seed: {grid: [1, 2]}}",
+        "--set",
+        "tune.num_samples=1",
+        "--set",
+        "tune.grace_period=3",
+    ]
+    driver = Driver(args, driver_env(team))
+    wait_for_recorded_checkpoint(s3, "runs/cut-sweep-", 600)  # some trial finished epoch 1
+    driver.proc.kill()
+    driver.proc.wait()
+    resumed = run_cli(*args, "--resume", env=driver_env(team), timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-5000:] + resumed.stderr[-3000:]
+    client = MlflowClient(team["mlflow"].uri)
+    experiment = client.get_experiment_by_name("gan-pipeline")
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.sweep = 'cut-sweep' and tags.kind = 'sweep'"
+    )
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    # One child per trial, none started twice.
+    assert len(children) == 2, ([c.data.tags for c in children], resumed.stdout[-5000:], resumed.stderr[-3000:])
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert len(client.get_metric_history(child.info.run_id, "fid")) == 2
+        steps_once(client, child.info.run_id)
 
 
 def test_strict_spread_needs_as_many_nodes_as_workers(team):
@@ -328,3 +415,24 @@ def test_bad_s3_storage_stops_before_ray_with_exit_2(s3, strict_s3, tmp_path, ca
     assert len(lines) == 1 and lines[0].startswith("error: train.storage_path: 's3://") and words in lines[0]
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was created
+
+
+def test_a_damaged_checkpoint_on_s3_is_refused_before_ray(s3, tmp_path):
+    """`train --resume` reads the checkpoint Ray will resume from (the latest its record names) from S3 before Ray
+    starts: a damaged one is exit 2, named by its s3:// path, and left where it is."""
+    from pipeline.tracking import start_run
+
+    args = local_args(tmp_path, f"s3://{BUCKET}/damaged")
+    start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "gan-pipeline", "torn", {"ray_train_run": "torn"})
+    older, newer = (f"damaged/torn/checkpoint_2026-11-28_10-00-0{i}.000000/checkpoint.pt" for i in (1, 2))
+    client = s3.client()
+    client.put_object(Bucket=BUCKET, Key=older, Body=b"an older checkpoint, never read")
+    client.put_object(Bucket=BUCKET, Key=newer, Body=b"\x00" * 1000)  # torn
+    record = {"latest_checkpoint_result": {"checkpoint_dir_name": newer.split("/")[2]}}
+    client.put_object(Bucket=BUCKET, Key=f"damaged/torn/{RAY_TRAIN_RECORD}", Body=json.dumps(record).encode())
+    env = {**os.environ, **s3.env, **NO_IMDS, "RAY_ADDRESS": ""}
+    result = run_cli(*args, "--resume", "torn", env=env, timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"'s3://{BUCKET}/{newer}' is corrupted or truncated" in result.stderr, result.stderr
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
+    assert client.get_object(Bucket=BUCKET, Key=newer)["ContentLength"] == 1000

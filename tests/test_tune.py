@@ -58,6 +58,8 @@ def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
         "tune.max_concurrent_trials=1",
         "--set",
         "tune.num_samples=1",
+        "--set",
+        "tracking.system_metrics_s=2",
         "--name",
         "asha",
     )
@@ -90,6 +92,26 @@ def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
     assert "best_trial_samples.png" in artifacts
     plots = {a.path for a in client.list_artifacts(parent_id, "plots")}
     assert {"plots/fid_curves.png", "plots/fid_vs_optim_lr_g.png"} <= plots
+
+    # Each child run ends when its trial ends (the trials ran one after another), not when the sweep ends.
+    ordered = sorted(children, key=lambda c: c.info.start_time)
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        assert before.info.end_time <= after.info.start_time + 5000, [
+            (c.data.tags["status"], c.info.start_time, c.info.end_time) for c in ordered
+        ]
+    assert all(c.info.end_time <= parent.info.end_time for c in children)
+    # The finished trial's run: system metrics and its dataset; its generator is the registered champion.
+    (finished,) = [c for c in children if c.data.tags["status"] == "finished"]
+    assert "system/cpu_utilization_percentage" in finished.data.metrics
+    (dataset,) = finished.inputs.dataset_inputs
+    assert dataset.dataset.name == "mnist" and '"limit": 8192' in dataset.dataset.profile
+    champion = client.get_model_version_by_alias("gan-mnist", "champion")
+    assert champion.run_id == finished.info.run_id and champion.tags["run_id"] == finished.info.run_id
+    assert "[registry] registered model 'gan-mnist' version 1" in result.stdout
+    model = client.get_logged_model(finished.data.tags["generator_model"].split("/")[-1])
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["fid"] == finished.data.metrics["fid"]
+    assert linked["inception_score"] == finished.data.metrics["inception_score"]
 
 
 def _kill_processes_with_env(key: str, value: str) -> None:

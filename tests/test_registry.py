@@ -1,0 +1,144 @@
+"""The Model Registry against a real (sqlite) MLflow store: the champion alias moves only on a better FID of the
+same dataset and evaluator, also when registrations race; `sample` and `evaluate` load every model URI form;
+the logged generator carries its run's final FID/IS; experiments open on their training runs."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.cli import main
+from pipeline.config import with_overrides
+from pipeline.models import build_generator
+from pipeline.tracking import CHAMPION, MLflowTracker, register_generator, start_run
+
+EVALUATOR = "e" * 64
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A sqlite store with one finished run that logged a (smoke-sized) generator, FID and IS at step 16. Shared
+    by the tests (logging a model takes seconds); each registers under a model name of its own."""
+    from pipeline.config import load_config
+    from tests.conftest import CONFIGS
+
+    smoke_cfg = load_config(CONFIGS / "smoke.yaml")
+    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    run_id = start_run(uri, "gan-pipeline", "g", {"ray_train_run": "g"})
+    tracker = MLflowTracker(uri, run_id)
+    tracker.log_params({"latent_dim": smoke_cfg.model.latent_dim, "dataset": "mnist"})
+    tracker.log_metrics({"fid": 90.0, "inception_score": 1.5}, step=8)
+    tracker.log_metrics({"fid": 80.0, "inception_score": 2.5}, step=16)
+    tracker.flush()
+    model_uri = tracker.log_generator(
+        build_generator(smoke_cfg.model), smoke_cfg.model.latent_dim, ("fid", "inception_score")
+    )
+    tracker.end()
+    return uri, run_id, model_uri
+
+
+def tags(fid: float, evaluator: str = EVALUATOR, dataset: str = "mnist") -> dict[str, str]:
+    return {"fid": repr(fid), "dataset": dataset, "evaluator_sha256": evaluator}
+
+
+def champion(uri: str, name: str) -> tuple[str, float]:
+    version = MlflowClient(uri).get_model_version_by_alias(name, CHAMPION)
+    return str(version.version), float(version.tags["fid"])
+
+
+def test_champion_moves_only_when_the_fid_improves(store):
+    uri, _, model_uri = store
+    first = register_generator(uri, "gan-mnist", model_uri, tags(50.0))
+    assert (first.version, first.champion) == ("1", "1") and "champion moved to it from no champion" in first.message
+    worse = register_generator(uri, "gan-mnist", model_uri, tags(60.0))
+    assert worse.champion == "1" and "champion stays version 1 (FID 50.000 is better)" in worse.message
+    equal = register_generator(uri, "gan-mnist", model_uri, tags(50.0))
+    assert equal.champion == "1"  # a tie keeps the champion
+    better = register_generator(uri, "gan-mnist", model_uri, tags(40.0))
+    assert better.champion == "4" and "from version 1 (FID 50.000)" in better.message
+    assert champion(uri, "gan-mnist") == ("4", 40.0)
+    # Scored by another evaluator, FIDs are not comparable: the champion follows the evaluator of the latest
+    # registration, and among its versions the lowest FID.
+    other = register_generator(uri, "gan-mnist", model_uri, tags(70.0, evaluator="f" * 64))
+    assert other.champion == "5"
+    assert register_generator(uri, "gan-mnist", model_uri, tags(45.0)).champion == "4"
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_racing_registrations_leave_the_champion_on_the_best(store, round_):
+    """Sweeps ending at once: whatever the interleaving, the alias ends on the lowest FID."""
+    uri, _, model_uri = store
+    fids = [33.0, 21.0, 47.0, 25.0, 30.0, 22.0][round_:] + [33.0, 21.0, 47.0, 25.0, 30.0, 22.0][:round_]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(fids))
+
+    def register(fid: float) -> None:
+        try:
+            start.wait()
+            register_generator(uri, f"gan-race-{round_}", model_uri, tags(fid))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(fid,)) for fid in fids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert champion(uri, f"gan-race-{round_}")[1] == min(fids)
+
+
+def test_the_logged_generator_carries_the_final_fid_and_is(store):
+    uri, run_id, model_uri = store
+    client = MlflowClient(uri)
+    model = client.get_logged_model(model_uri.split("/")[-1])
+    metrics = {m.key: (m.value, m.step) for m in model.metrics}
+    assert metrics == {"fid": (80.0, 16), "inception_score": (2.5, 16)}
+    # The run's own histories are unchanged: no step twice.
+    assert [m.step for m in client.get_metric_history(run_id, "fid")] == [8, 16]
+
+
+@pytest.mark.parametrize("form", ["alias", "version", "run"])
+def test_sample_loads_every_model_uri_form(store, tmp_path, form):
+    uri, run_id, model_uri = store
+    register_generator(uri, f"gan-{form}", model_uri, tags(50.0))
+    model = {
+        "alias": f"models:/gan-{form}@champion",
+        "version": f"models:/gan-{form}/1",
+        "run": f"runs:/{run_id}/generator",
+    }
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--model", model[form], "--num", "8", "--out", str(out), "--tracking-uri", uri]) == 0
+    with np.load(out) as archive:
+        assert archive["images"].shape == (8, 28, 28)
+
+
+def test_a_bad_model_uri_is_one_clear_error(store, tmp_path, capsys):
+    uri, _, _ = store
+    for bad, words in [
+        ("gan-mnist@champion", "give models:/NAME@ALIAS"),
+        ("models:/never-registered@champion", "not found"),
+        ("models:/no-such/3", "not found"),
+    ]:
+        code = main(["sample", "--model", bad, "--out", str(tmp_path / "x.npz"), "--tracking-uri", uri])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and "Traceback" not in err, err
+
+
+def test_experiments_open_on_their_training_runs(store):
+    uri, _, _ = store
+    experiment = MlflowClient(uri).get_experiment_by_name("gan-pipeline")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_registered_model_names_are_checked(smoke_cfg):
+    from pipeline.config import ConfigError, registered_model_name
+
+    assert registered_model_name(smoke_cfg) == "gan-mnist"
+    assert registered_model_name(with_overrides(smoke_cfg, {"data.dataset": "fashion_mnist"})) == "gan-fashion-mnist"
+    assert registered_model_name(with_overrides(smoke_cfg, {"tracking.registered_model": ""})) == ""
+    with pytest.raises(ConfigError, match="tracking.registered_model: 'a/b@c'"):
+        with_overrides(smoke_cfg, {"tracking.registered_model": "a/b@c"})
