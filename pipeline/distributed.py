@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -207,6 +208,27 @@ class WorkerJob:
     evaluator: dict[str, Any] | None = None  # Evaluator.payload(), prepared once by the driver
     bench: BenchOptions | None = None
     fault: FaultInjection | None = None
+    show_progress: bool = False  # the driver's terminal shows a progress bar inside each epoch
+
+
+class EpochProgress:
+    """Rank 0's progress inside an epoch (step, images/s, ETA) as a bar the driver renders: Ray's ``tqdm_ray``
+    sends the bar's state from the worker (at most a few times a second), and the driver draws it."""
+
+    def __init__(self, epochs: int, batch_size: int):
+        self.epochs, self.batch_size = epochs, batch_size
+        self.bar: Any = None
+
+    def __call__(self, epoch: int, step: int, steps: int) -> None:
+        from ray.experimental.tqdm_ray import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=steps * self.batch_size, unit="img")
+        self.bar.set_description(f"epoch {epoch}/{self.epochs} step {step}/{steps}")
+        self.bar.update(self.batch_size)
+        if step == steps:
+            self.bar.close()
+            self.bar = None
 
 
 def _node_ids_of_all_workers(world: int) -> list[str]:
@@ -280,6 +302,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wrap_model=(lambda m: ray.train.torch.prepare_model(m, move_to_device=device)) if sync else identity,
         mean_over_workers=all_reduce_mean,  # Ray Train sets up a process group even for one worker
     )
+    show_progress = is_main and job.show_progress
     monitor = (
         system_metrics(job.tracking_uri, job.mlflow_run_id, cfg.tracking.system_metrics_s)
         if is_main and job.mlflow_run_id and cfg.tracking.system_metrics_s > 0 and job.bench is None
@@ -297,6 +320,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 resume=resume,
                 evaluator=evaluator,
                 log=print,
+                progress=EpochProgress(cfg.train.epochs, cfg.train.batch_size) if show_progress else None,
             )
         except DivergedError as exc:
             # Not a crash to retry from the checkpoint: the same steps would diverge again. Every worker
@@ -335,6 +359,7 @@ def build_trainer(
     bench: BenchOptions | None = None,
     fault: FaultInjection | None = None,
     verbose: bool = False,
+    progress_bar: bool = False,
 ) -> Any:
     """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore).
     Ray Train's own INFO lines (each report, each checkpoint, worker-group start) only with ``verbose``."""
@@ -348,7 +373,9 @@ def build_trainer(
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.resource_wait_s)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": WorkerJob(cfg, mlflow_run_id, tracking_uri, evaluator, bench, fault)},
+        train_loop_config={
+            "job": WorkerJob(cfg, mlflow_run_id, tracking_uri, evaluator, bench, fault, show_progress=progress_bar)
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=gpu,
@@ -515,7 +542,11 @@ def run_training(
         f"[train] run {name!r}: {cfg.scaling.num_workers} worker(s) on {'GPU' if gpu else 'CPU'} "
         f"({cfg.scaling.placement_strategy}); checkpoints in {run_dir}; MLflow run {run_id} at {uri}"
     )
-    trainer = build_trainer(cfg, name, run_id, uri, callbacks, gpu, evaluator, fault=fault_from_env(), verbose=verbose)
+    # A bar inside each epoch only where a person watches a terminal: not in CI logs, files or a sweep's trials.
+    bar = sys.stderr.isatty() and not os.environ.get("CI")
+    trainer = build_trainer(
+        cfg, name, run_id, uri, callbacks, gpu, evaluator, fault=fault_from_env(), verbose=verbose, progress_bar=bar
+    )
     try:
         result = trainer.fit()
     except Exception as exc:

@@ -8,7 +8,6 @@ MLflow: everything else asks an :class:`MLflowTracker` (one run) or the function
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import subprocess
@@ -415,11 +414,17 @@ def load_generator(uri: str, model_uri: str) -> tuple[torch.nn.Module, dict[str,
     client = _client(uri)
     try:
         run_id = _source_run(client, model_uri)
-        run = client.get_run(run_id)
     except MlflowException as exc:
         raise TrackingError(
-            f"{model_uri}: not found in {uri} ({str(exc).splitlines()[0]}); list runs and models with "
-            f"`mlflow ui --backend-store-uri {uri}` or check MLFLOW_TRACKING_URI"
+            f"{model_uri}: no such registered model, version or alias in {uri} ({str(exc).splitlines()[0]}); "
+            f"list them in the UI's Models tab (`mlflow ui --backend-store-uri {uri}`) or check MLFLOW_TRACKING_URI"
+        ) from None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(
+            f"no MLflow run {run_id!r} in {uri}; list runs with `mlflow ui --backend-store-uri {uri}` "
+            "or check MLFLOW_TRACKING_URI"
         ) from None
     try:
         with using_tracking_uri(uri):
@@ -470,22 +475,27 @@ def register_generator(uri: str, name: str, model_uri: str, tags: dict[str, str]
     again and repeats until the alias is where it should be, so the last writer always saw every version
     registered before its final check, and no later one can leave the alias on a worse model.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
 
+    client = _client(uri)
+    # The client API, not mlflow.register_model: that one sets the process-wide tracking URI (not thread-safe)
+    # and prints to stderr.
+    model_id = model_uri.rstrip("/").split("/")[-1]
     for attempt in range(3):
         try:
-            # MLflow prints "Successfully registered model ..." to stderr: our own line says it all below.
-            with using_tracking_uri(uri), contextlib.redirect_stderr(io.StringIO()):
-                version = mlflow.register_model(model_uri, name, tags=tags).version
+            logged = client.get_logged_model(model_id)
+            with contextlib.suppress(MlflowException):  # it exists already (or another process just made it)
+                client.create_registered_model(name)
+            version = client.create_model_version(
+                name, logged.artifact_location, run_id=logged.source_run_id, tags=tags, model_id=model_id
+            ).version
             break
         except MlflowException:
-            # A sqlite store read in the middle of another writer's transaction can miss the logged model;
-            # nothing was created then. Rare, so try again a moment later.
+            # A sqlite store read in the middle of another writer's transaction can miss a row; nothing was
+            # created then. Rare, so try again a moment later.
             if attempt == 2:
                 raise
             time.sleep(0.5 * (attempt + 1))
-    client = _client(uri)
     previous = _champion(client, name)
     for _ in range(20):
         current = _champion(client, name)

@@ -66,6 +66,7 @@ class Runtime:
 # checkpoint_state is the dict to save on rank 0 and None elsewhere.
 EpochReport = Callable[[dict[str, float], dict[str, Any] | None], None]
 StepCallback = Callable[[int, dict[str, float]], None]
+ProgressCallback = Callable[[int, int, int], None]  # (epoch, step within the epoch, steps in the epoch)
 
 
 class DivergedError(FloatingPointError):
@@ -321,11 +322,13 @@ def train_gan(
     resume: dict[str, Any] | None = None,
     evaluator: Evaluator | None = None,
     log: Callable[[str], None] = print,
+    progress: ProgressCallback | None = None,
 ) -> TrainResult:
     """Train G and D for ``cfg.train.epochs`` epochs (continuing from ``resume``, a checkpoint dict).
 
     ``evaluator`` (rank 0 only) scores ``cfg.eval.num_samples`` generated images every
     ``cfg.eval.every_epochs`` epochs and after the last; ``fid`` and ``inception_score`` join the report.
+    ``progress`` is told of every step without waiting for the device (it costs no synchronisation).
     """
     rt = runtime or Runtime()
     tracker = tracker or NullTracker()
@@ -384,6 +387,8 @@ def train_gan(
             state.step += 1
             if state.ema is not None:
                 state.ema.update(state.generator, state.step)
+            if progress is not None:
+                progress(epoch + 1, i + 1, num_steps)
 
             # Every step counts towards the epoch means; the tracker gets every tracking.log_every-th.
             values = torch.stack([loss_d, loss_g, d_real, d_fake]).double()

@@ -142,15 +142,6 @@ class Driver:
         return code, "".join(self.lines)
 
 
-def wait_for_object(s3: S3Server, prefix: str, suffix: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if any(key.endswith(suffix) for key in s3.keys(BUCKET, prefix)):
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"no s3://{BUCKET}/{prefix}...{suffix} within {seconds:.0f}s")
-
-
 def wait_for_recorded_checkpoint(s3: S3Server, prefix: str, seconds: float) -> None:
     """Until Ray Train's record of a run under ``prefix`` names a checkpoint: a resume starts from it."""
     deadline = time.monotonic() + seconds
@@ -231,8 +222,8 @@ def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_s3_checkpoint(tea
     worker_node = cluster.nodes[-1]
     driver = Driver(["train", *RUN_ARGS, "--name", "spot"], driver_env(team))
     driver.wait_for("2 worker(s) on 2 node(s)", 600)
-    # Epoch 1's checkpoint is on S3: now the worker node vanishes, during epoch 2.
-    wait_for_object(s3, "runs/spot/checkpoint_", "checkpoint.pt", 600)
+    # Epoch 1's checkpoint is on S3 and in Ray Train's record: now the worker node vanishes, during epoch 2.
+    wait_for_recorded_checkpoint(s3, "runs/spot/", 600)
     cluster.kill_node(worker_node)
     lost = time.monotonic()
     time.sleep(5)
@@ -263,7 +254,7 @@ def test_a_node_that_never_comes_back_fails_the_run_after_the_configured_wait(te
     worker_node = cluster.nodes[-1]
     args = ["train", *RUN_ARGS, "--set", "scaling.resource_wait_s=20", "--name", "gone"]
     driver = Driver(args, driver_env(team))
-    wait_for_object(s3, "runs/gone/checkpoint_", "checkpoint.pt", 600)
+    wait_for_recorded_checkpoint(s3, "runs/gone/", 600)
     cluster.kill_node(worker_node)
     lost = time.monotonic()
     code, output = driver.finish(600)

@@ -4,6 +4,7 @@ the logged generator carries its run's final FID/IS; experiments open on their t
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -16,6 +17,15 @@ from pipeline.models import build_generator
 from pipeline.tracking import CHAMPION, MLflowTracker, register_generator, start_run
 
 EVALUATOR = "e" * 64
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Nothing here may change the process environment (a leaked MLFLOW_TRACKING_URI redirects later runs)."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    assert {k: os.environ.get(k) for k in keys} == before
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +130,9 @@ def test_a_bad_model_uri_is_one_clear_error(store, tmp_path, capsys):
     uri, _, _ = store
     for bad, words in [
         ("gan-mnist@champion", "give models:/NAME@ALIAS"),
-        ("models:/never-registered@champion", "not found"),
-        ("models:/no-such/3", "not found"),
+        ("models:/never-registered@champion", "no such registered model, version or alias"),
+        ("models:/no-such/3", "no such registered model, version or alias"),
+        ("runs:/" + "0" * 32 + "/generator", "no MLflow run"),
     ]:
         code = main(["sample", "--model", bad, "--out", str(tmp_path / "x.npz"), "--tracking-uri", uri])
         err = capsys.readouterr().err

@@ -231,3 +231,23 @@ def test_checkpoints_written_before_train_state_load_and_training_is_unchanged(f
     train_gan(cfg, fake_split, resume=old[1], report=lambda m, s: resumed.append(s), log=quiet)
     assert len(resumed) == 1
     assert_same_state(old[2], resumed[0])
+
+
+def test_progress_is_told_of_every_step_of_every_epoch(smoke_cfg, fake_split):
+    seen = []
+    train_gan(smoke_cfg, fake_split, log=quiet, progress=lambda *args: seen.append(args))
+    steps = len(fake_split) // smoke_cfg.train.batch_size
+    expected = [(e, i, steps) for e in range(1, smoke_cfg.train.epochs + 1) for i in range(1, steps + 1)]
+    assert seen == expected
+
+
+def test_the_epoch_progress_bar_renders_steps_and_images(capsys):
+    """EpochProgress through Ray's tqdm_ray, here drawn in-process as the driver draws it for a worker."""
+    from pipeline.distributed import EpochProgress
+
+    bar = EpochProgress(epochs=2, batch_size=64)
+    for step in range(1, 5):
+        bar(1, step, 4)
+    assert bar.bar is None  # closed at the epoch's last step
+    drawn = capsys.readouterr().err
+    assert "epoch 1/2 step 4/4" in drawn and "256/256" in drawn and "img" in drawn, drawn
