@@ -470,7 +470,8 @@ def register_generator(uri: str, name: str, model_uri: str, tags: dict[str, str]
     ``evaluator_sha256``, ...), then give it the ``champion`` alias if its FID beats the champion's.
 
     FIDs are compared only among versions with the same dataset and evaluator; a champion scored by another
-    evaluator (or dataset) is not comparable, and the new version takes the alias. Concurrent registrations
+    evaluator (or dataset) is not comparable, and the alias goes to the best version of the new one's dataset
+    and evaluator. Concurrent registrations
     (sweeps ending at once) converge: each writer sets the alias to the best version it can see, then reads
     again and repeats until the alias is where it should be, so the last writer always saw every version
     registered before its final check, and no later one can leave the alias on a worse model.

@@ -66,8 +66,8 @@ def search_space(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
 
 
 def trial_config(base: PipelineConfig, point: dict[str, Any]) -> PipelineConfig:
-    """The base config with one point of the search space (Tune's nested dict) applied, validated again."""
-    return with_overrides(base, {**flat_point(point), "tune.search_space": {}})
+    """The base config with one point of the search space (dotted keys) applied, validated again."""
+    return with_overrides(base, {**point, "tune.search_space": {}})
 
 
 def flat_point(point: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def _trial_driver(
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = trial_config(base, point)
+    cfg = trial_config(base, flat_point(point))
     trial_id = ray.tune.get_context().get_trial_id()
     name = f"{sweep}-{trial_id}"
     # A restored sweep finds the Train run (and its MLflow child run) of a continuing trial by name.
@@ -320,8 +320,7 @@ def _register_best_generator(
     for row in scored:
         model_uri = MLflowTracker(uri, row["run_id"]).tags().get("generator_model") if row["run_id"] else None
         if model_uri:
-            trial_cfg = with_overrides(cfg, {**{key: row[key] for key in searched}, "tune.search_space": {}})
-            return register_best(trial_cfg, uri, row["run_id"], model_uri)
+            return register_best(trial_config(cfg, {key: row[key] for key in searched}), uri, row["run_id"], model_uri)
     return None
 
 
@@ -366,7 +365,7 @@ def _close_child(cfg: PipelineConfig, result: Any, child: RunRecord, status: str
     if status == "finished" and child.status != "FINISHED":
         # Training complete, final logging not (its driver ended first): do that logging here.
         train_run = child.tags.get("ray_train_run", "")
-        finish_from_storage(trial_config(cfg, result.config or {}), train_run, uri, run.run_id)
+        finish_from_storage(trial_config(cfg, flat_point(result.config or {})), train_run, uri, run.run_id)
         if ended is not None:
             run.end("FINISHED", end_time_ms=ended)  # when the trial ended, not now
     elif status == "early_stopped":
