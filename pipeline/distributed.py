@@ -91,10 +91,18 @@ def check_resources(cfg: PipelineConfig) -> None:
         )
 
 
-# Lines of Ray's own processes that tell a user nothing they can act on, hidden unless --verbose: the C++
-# core worker's complaint about Ray's own PreemptionWatcher actor (ray-project/ray#53727) and its kin, and
-# each worker's full TrainingReport(...) (the epoch line above it says the same, readably).
-RAY_NOISE = ("core_worker.cc", "PlacementGroupCleaner", "PreemptionWatcher", "Reporting training result")
+# Lines of Ray's own processes that tell a user nothing they can act on, hidden unless --verbose (with the
+# traceback that follows one, if any): the C++ core worker's complaint about Ray's own PreemptionWatcher actor
+# (ray-project/ray#53727) and its kin, each worker's full TrainingReport(...) (the epoch line above it says the
+# same, readably), and Train's controller's warning that a resource request to Ray's autoscaling coordinator
+# took over 5 s (on a busy machine: it is retried every 20 s and says itself that it is safe to ignore).
+RAY_NOISE = (
+    "core_worker.cc",
+    "PlacementGroupCleaner",
+    "PreemptionWatcher",
+    "Reporting training result",
+    "Failed to send resource request",
+)
 
 
 def init_ray(verbose: bool = False) -> None:
@@ -109,14 +117,42 @@ def init_ray(verbose: bool = False) -> None:
     # and trial's epoch line but the first.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     address = os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, log_to_driver=True, logging_level=logging.INFO if verbose else logging.WARNING)
+    level = logging.INFO if verbose else logging.WARNING
+    if address == "local":
+        with _state_api_pinned() as dashboard_port:
+            ray.init(address="local", log_to_driver=True, logging_level=level, dashboard_port=dashboard_port)
+    else:
+        ray.init(address=address, log_to_driver=True, logging_level=level)
     if not verbose:
         _hide_worker_lines(RAY_NOISE)
 
 
+@contextlib.contextmanager
+def _state_api_pinned():
+    """Yield a free port for the local Ray's dashboard, with RAY_API_SERVER_ADDRESS naming it in the
+    environment that the processes Ray starts inherit (restored in this one afterwards).
+
+    Ray Train's actors ask Ray's state API whether the controller is alive without an address; with no
+    address Ray looks for *the* Ray on this machine, and with a second local Ray running (two runs at once)
+    it raised 'Found multiple active Ray instances' in every run's PlacementGroupCleaner."""
+    import socket
+
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):  # the user's choice stands
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        yield port
+    finally:
+        del os.environ["RAY_API_SERVER_ADDRESS"]
+
+
 def _hide_worker_lines(patterns: Sequence[str]) -> None:
-    """Drop forwarded worker output lines containing any of ``patterns`` before Ray prints them. Ray has no
-    public hook for this: if its internals moved, everything is printed as before."""
+    """Put a `NoiseFilter` in front of Ray's printer of forwarded worker output. Ray has no public hook for
+    this: if its internals moved, everything is printed as before."""
     try:
         from ray._private import worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -126,14 +162,47 @@ def _hide_worker_lines(patterns: Sequence[str]) -> None:
     if len(printers) != 1 or not hasattr(ray_worker, "print_to_stdstream"):
         return
     (printer,) = printers
+    noise = NoiseFilter(patterns)
 
     def filtered(data: dict) -> None:
-        lines = [line for line in data.get("lines", []) if not any(p in line for p in patterns)]
+        lines = noise(data.get("pid"), data.get("lines", []))
         if lines:
             printer({**data, "lines": lines})
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", filtered)
+
+
+class NoiseFilter:
+    """Drops the lines containing any of ``patterns`` and the Python traceback right after such a line,
+    following each process's output across batches."""
+
+    def __init__(self, patterns: Sequence[str]):
+        self.patterns = tuple(patterns)
+        self.state: dict[Any, str] = {}  # per process: "noise" after a hidden line, "traceback" inside its traceback
+
+    def __call__(self, source: Any, lines: Sequence[str]) -> list[str]:
+        kept = []
+        for line in lines:
+            now = self.state.get(source, "")
+            if any(p in line for p in self.patterns):
+                self.state[source] = "noise"
+            elif now and line.startswith("Traceback (most recent call last)"):
+                self.state[source] = "traceback"
+            elif now == "traceback" and (line.startswith(" ") or not line.strip()):
+                pass
+            elif now == "traceback" and _ends_traceback(line):
+                self.state[source] = ""
+            else:
+                self.state[source] = ""
+                kept.append(line)
+        return kept
+
+
+def _ends_traceback(line: str) -> bool:
+    """The last line of a Python traceback: ``module.ExceptionName: message`` (or just the name)."""
+    head = line.split(":", 1)[0]
+    return bool(head) and head.replace(".", "").replace("_", "").isalnum() and head.rsplit(".", 1)[-1][:1].isupper()
 
 
 def use_gpu(cfg: PipelineConfig) -> bool:

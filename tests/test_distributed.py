@@ -42,6 +42,8 @@ def test_two_workers_then_resume_then_sample(store, tmp_path):
     )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "epoch 2/2" in first.stdout + first.stderr
+    for quiet in ("Traceback", "Reporting training result", "TrainingReport("):
+        assert quiet not in first.stdout + first.stderr, quiet
     assert "mlflow ui --backend-store-uri" in first.stdout
     run_id = _run_id(first.stdout)
 
@@ -99,9 +101,11 @@ def test_two_workers_then_resume_then_sample(store, tmp_path):
         *store["overrides"],
         "--resume",
         "two",
+        "--verbose",
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from epoch 2" in again.stdout + again.stderr
+    assert "Reporting training result" in again.stdout + again.stderr  # --verbose shows Ray's own lines
     assert _run_id(again.stdout) == run_id
     assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == list(range(2, 25, 2))
     assert client.get_run(run_id).data.tags["resumed_with.epochs"] == "3"
@@ -195,3 +199,49 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
     for name, module in (("generator", generator), ("discriminator", discriminator)):
         for key, value in module.named_parameters():
             torch.testing.assert_close(trained[name][key], value.detach(), rtol=1e-4, atol=1e-6, msg=f"{name}.{key}")
+
+
+def test_ray_actors_ask_their_own_ray_with_another_ray_started_after_it():
+    """Ray Train's actors ask Ray's state API, without an address, whether the controller lives. With a
+    second local Ray on the machine (another run started after this one) Ray could not tell which to ask
+    and every run printed 'Found multiple active Ray instances' from its PlacementGroupCleaner."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    from pipeline.distributed import init_ray
+
+    init_ray()
+    other = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import ray, time; ray.init(address='local', num_cpus=1); print('up', flush=True); time.sleep(300)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "up"
+
+        @ray.remote(num_cpus=0)
+        class Probe:
+            def state_of(self, actor_id: str) -> str:
+                from ray._private.services import find_gcs_addresses
+                from ray.util.state import get_actor
+
+                assert len(find_gcs_addresses()) == 2  # the situation that failed is there
+                return get_actor(actor_id, timeout=20).state
+
+        probe = Probe.remote()
+        assert ray.get(probe.state_of.remote(probe._actor_id.hex()), timeout=120) == "ALIVE"
+    finally:
+        os.killpg(other.pid, signal.SIGTERM)
+        other.wait(timeout=60)
+        ray.shutdown()
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # nothing leaks into later runs of this process

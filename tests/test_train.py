@@ -251,3 +251,35 @@ def test_the_epoch_progress_bar_renders_steps_and_images(capsys):
     assert bar.bar is None  # closed at the epoch's last step
     drawn = capsys.readouterr().err
     assert "epoch 1/2 step 4/4" in drawn and "256/256" in drawn and "img" in drawn, drawn
+
+
+def test_ray_noise_and_its_traceback_are_hidden_and_nothing_else():
+    """Lines as a Ray Train controller printed them on a busy machine, in two batches."""
+    from pipeline.distributed import RAY_NOISE, NoiseFilter
+
+    noise = NoiseFilter(RAY_NOISE)
+    first = [
+        "Failed to send resource request for train-d17a. If this only happens transiently ... safe to ignore",
+        "Traceback (most recent call last):",
+        '  File "ray/train/v2/_internal/execution/scaling_policy/autoscaling_coordinator_client.py", line 58',
+        "    ray.get(",
+    ]
+    second = [
+        "           ^^^^^^^^^^^^^^^^^^^",
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+        "epoch 1/2  loss_d=1.2892  loss_g=0.7123",
+        "Traceback (most recent call last):",
+        "ValueError: a traceback of our own",
+    ]
+    assert noise(7, first) == []
+    assert noise(8, ["epoch 1/2 on another worker", "Error: not a traceback"]) == [
+        "epoch 1/2 on another worker",
+        "Error: not a traceback",
+    ]
+    assert noise(7, second) == [
+        "epoch 1/2  loss_d=1.2892  loss_g=0.7123",
+        "Traceback (most recent call last):",
+        "ValueError: a traceback of our own",
+    ]
+    # A hidden line without a traceback hides only itself.
+    assert noise(9, ["Reporting training result 1: TrainingReport(...)", "ValueError: x"]) == ["ValueError: x"]
