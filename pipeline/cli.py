@@ -161,7 +161,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"MLflow run id: {outcome.mlflow_run_id}")
     print(f"checkpoint:    {outcome.checkpoint_dir}")
-    print(f"MLflow UI:     {ui_command(outcome.tracking_uri)}")
+    print(f"MLflow UI:     {ui_command(outcome.tracking_uri, outcome.mlflow_run_id)}")
     return 0
 
 
@@ -184,7 +184,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             f"IS {outcome.best['inception_score']:.3f}, MLflow run {outcome.best['run_id']}"
         )
     print(f"MLflow parent run id: {outcome.parent_run_id}")
-    print(f"MLflow UI:            {ui_command(outcome.tracking_uri)}")
+    print(f"MLflow UI:            {ui_command(outcome.tracking_uri, outcome.parent_run_id)}")
     return 0
 
 

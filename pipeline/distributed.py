@@ -41,7 +41,15 @@ from pipeline.tracking import (
     start_run,
     system_metrics,
 )
-from pipeline.train import DIVERGENCE_HINT, DivergedError, Runtime, TrainState, all_reduce_mean, train_gan
+from pipeline.train import (
+    DIVERGENCE_HINT,
+    DivergedError,
+    Runtime,
+    TrainState,
+    all_reduce_mean,
+    train_gan,
+    uses_bf16,
+)
 
 
 def resolve_scaling(cfg: PipelineConfig, *, sweep: bool = False) -> PipelineConfig:
@@ -98,11 +106,18 @@ def check_resources(cfg: PipelineConfig) -> None:
 # took over 5 s (on a busy machine: it is retried every 20 s and says itself that it is safe to ignore).
 RAY_NOISE = (
     "core_worker.cc",
-    "PlacementGroupCleaner",
     "PreemptionWatcher",
     "Reporting training result",
     "Failed to send resource request",
+    "worker processes have been started on node",  # the raylet's note on its own worker start-up rate
 )
+# Ray's internal actors whose every line is for Ray's developers: the placement-group janitor of each Train
+# run ("Detected that the Ray Train controller actor ... is dead. Cleaning up placement group" after every
+# early-stopped trial).
+RAY_NOISY_ACTORS = ("PlacementGroupCleaner",)
+# A local Ray says that it turned token authentication on (as it should): hidden unless --verbose. Its
+# warning that authentication is *off* is always shown.
+RAY_AUTH_ON_NOTICE = "Token authentication is enabled for this Ray cluster"
 
 
 def init_ray(verbose: bool = False) -> None:
@@ -118,13 +133,20 @@ def init_ray(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     address = os.environ.get("RAY_ADDRESS") or "local"
     level = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_auth_on_notice)
     if address == "local":
         with _state_api_pinned() as dashboard_port:
             ray.init(address="local", log_to_driver=True, logging_level=level, dashboard_port=dashboard_port)
     else:
         ray.init(address=address, log_to_driver=True, logging_level=level)
     if not verbose:
-        _hide_worker_lines(RAY_NOISE)
+        _hide_worker_lines(RAY_NOISE, RAY_NOISY_ACTORS)
+
+
+def _auth_on_notice(record: Any) -> bool:
+    """A logging filter (adding it twice keeps one): drops Ray's notice that authentication is on."""
+    return not record.getMessage().startswith(RAY_AUTH_ON_NOTICE)
 
 
 @contextlib.contextmanager
@@ -150,38 +172,49 @@ def _state_api_pinned():
         del os.environ["RAY_API_SERVER_ADDRESS"]
 
 
-def _hide_worker_lines(patterns: Sequence[str]) -> None:
-    """Put a `NoiseFilter` in front of Ray's printer of forwarded worker output. Ray has no public hook for
-    this: if its internals moved, everything is printed as before."""
+def _hide_worker_lines(patterns: Sequence[str], actors: Sequence[str] = ()) -> None:
+    """Put a `NoiseFilter` in front of Ray's printer of forwarded output: the workers' lines (through the
+    printer the log dispatcher holds) and the raylet's messages (printed through the module's function). Ray
+    has no public hook for this: if its internals moved, everything is printed as before."""
+    import functools
+
     try:
         from ray._private import worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return
     printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
-    if len(printers) != 1 or not hasattr(ray_worker, "print_to_stdstream"):
+    if (
+        len(printers) != 1
+        or not isinstance(printers[0], functools.partial)
+        or not callable(getattr(ray_worker, "print_to_stdstream", None))
+    ):
         return
-    (printer,) = printers
-    noise = NoiseFilter(patterns)
+    original = getattr(ray_worker.print_to_stdstream, "unfiltered", ray_worker.print_to_stdstream)
+    noise = NoiseFilter(patterns, actors)
 
-    def filtered(data: dict) -> None:
-        lines = noise(data.get("pid"), data.get("lines", []))
+    def filtered(data: dict, ignore_prefix: bool) -> None:
+        lines = noise(data.get("pid"), data.get("lines", []), data.get("actor_name") or "")
         if lines:
-            printer({**data, "lines": lines})
+            original({**data, "lines": lines}, ignore_prefix=ignore_prefix)
 
+    filtered.unfiltered = original  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
     dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", filtered)
+    dispatcher.add_handler("ray_print_logs", functools.partial(filtered, **printers[0].keywords))
 
 
 class NoiseFilter:
     """Drops the lines containing any of ``patterns`` and the Python traceback right after such a line,
-    following each process's output across batches."""
+    following each process's output across batches, and every line of the actors named in ``actors``."""
 
-    def __init__(self, patterns: Sequence[str]):
-        self.patterns = tuple(patterns)
+    def __init__(self, patterns: Sequence[str], actors: Sequence[str] = ()):
+        self.patterns, self.actors = tuple(patterns), tuple(actors)
         self.state: dict[Any, str] = {}  # per process: "noise" after a hidden line, "traceback" inside its traceback
 
-    def __call__(self, source: Any, lines: Sequence[str]) -> list[str]:
+    def __call__(self, source: Any, lines: Sequence[str], actor: str = "") -> list[str]:
+        if actor and any(name in actor for name in self.actors):
+            return []
         kept = []
         for line in lines:
             now = self.state.get(source, "")
@@ -278,6 +311,7 @@ class WorkerJob:
     bench: BenchOptions | None = None
     fault: FaultInjection | None = None
     show_progress: bool = False  # the driver's terminal shows a progress bar inside each epoch
+    label: str = ""  # what the workers' lines start with, e.g. a sweep's trial id: "[3f2a1_00002] epoch 1/4 ..."
 
 
 class EpochProgress:
@@ -338,9 +372,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         evaluator = Evaluator.from_payload(job.evaluator)
     clock = StepClock() if job.bench else None
     nodes = _node_ids_of_all_workers(world)
+
+    def say(line: str) -> None:
+        print(f"[{job.label}] {line}" if job.label else line, flush=True)
+
     if is_main:
-        print(f"[train] {world} worker(s) on {len(set(nodes))} node(s)", flush=True)
-        tracker.set_tags({"train_nodes": ",".join(sorted(set(nodes))), "num_train_nodes": str(len(set(nodes)))})
+        precision = "bf16" if uses_bf16(cfg.train.precision, device) else "fp32"
+        say(f"[train] {world} worker(s) on {len(set(nodes))} node(s), {precision}")
+        tracker.set_tags(
+            {
+                "train_nodes": ",".join(sorted(set(nodes))),
+                "num_train_nodes": str(len(set(nodes))),
+                "precision": precision,
+            }
+        )
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         if clock is not None:
@@ -388,14 +433,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 on_step=on_step if clock is not None or job.fault else None,
                 resume=resume,
                 evaluator=evaluator,
-                log=print,
+                log=say,
                 progress=EpochProgress(cfg.train.epochs, cfg.train.batch_size) if show_progress else None,
             )
         except DivergedError as exc:
             # Not a crash to retry from the checkpoint: the same steps would diverge again. Every worker
             # reports it as the run's last result (the worst score, so Tune ranks it last) and returns.
             if is_main:
-                print(f"[train] {exc}", flush=True)
+                say(f"[train] {exc}")
                 tracker.flush()
                 tracker.set_tags({"status": "diverged", "diverged_epoch": str(exc.epoch)})
             ray.train.report({"diverged": 1, "epoch": exc.epoch, "fid": float("inf"), "inception_score": 0.0})
@@ -429,6 +474,7 @@ def build_trainer(
     fault: FaultInjection | None = None,
     verbose: bool = False,
     progress_bar: bool = False,
+    label: str = "",
 ) -> Any:
     """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore).
     Ray Train's own INFO lines (each report, each checkpoint, worker-group start) only with ``verbose``."""
@@ -443,7 +489,9 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": WorkerJob(cfg, mlflow_run_id, tracking_uri, evaluator, bench, fault, show_progress=progress_bar)
+            "job": WorkerJob(
+                cfg, mlflow_run_id, tracking_uri, evaluator, bench, fault, show_progress=progress_bar, label=label
+            )
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -582,8 +630,10 @@ def run_training(
     callbacks: Sequence[Any] = (),
     progress: Callable[[str], None] = print,
     verbose: bool = False,
+    label: str = "",
 ) -> TrainOutcome:
-    """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model."""
+    """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model. The
+    workers' lines start with ``[label]`` when one is given (a sweep's trial id)."""
     cfg = resolve_scaling(cfg)
     check_resources(cfg)
     run_dir, uri, run_id, evaluator = prepare_run(
@@ -614,7 +664,17 @@ def run_training(
     # A bar inside each epoch only where a person watches a terminal: not in CI logs, files or a sweep's trials.
     bar = sys.stderr.isatty() and not os.environ.get("CI")
     trainer = build_trainer(
-        cfg, name, run_id, uri, callbacks, gpu, evaluator, fault=fault_from_env(), verbose=verbose, progress_bar=bar
+        cfg,
+        name,
+        run_id,
+        uri,
+        callbacks,
+        gpu,
+        evaluator,
+        fault=fault_from_env(),
+        verbose=verbose,
+        progress_bar=bar,
+        label=label,
     )
     try:
         result = trainer.fit()
@@ -733,8 +793,17 @@ def finish_from_storage(cfg: PipelineConfig, name: str, uri: str, run_id: str) -
     return finish_run(cfg, MLflowTracker(uri, run_id), name, location, Result.from_path(location))
 
 
-def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store (bound to 127.0.0.1)."""
+# MLflow 3.17's UI shows an experiment as GenAI (an overview of traces) or as model training after a switch
+# it keeps in the browser, GenAI until changed: the experiment tag mlflow.experimentKind no longer decides.
+# A link with this query opens the experiment's runs in the model-training view, as charts of every metric.
+UI_RUNS_VIEW = "runs?workflowType=machine_learning&compareRunsMode=CHART"
+
+
+def ui_command(uri: str, run_id: str | None = None) -> str:
+    """How to open the MLflow UI on this store (bound to 127.0.0.1), and the runs of ``run_id``'s experiment."""
+    experiment_id = MLflowTracker(uri, run_id).experiment_id() if run_id else None
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    link = f"{server}/#/experiments/{experiment_id}/{UI_RUNS_VIEW}" if experiment_id else server
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {link}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open {link}"

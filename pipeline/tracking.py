@@ -268,14 +268,18 @@ class MLflowTracker:
     def tags(self) -> dict[str, str]:
         return dict(self.client.get_run(self.run_id).data.tags)
 
+    def experiment_id(self) -> str:
+        return self.client.get_run(self.run_id).info.experiment_id
+
     def reopen(self) -> None:
         """Mark a finished or failed run RUNNING again (it is being resumed)."""
         self.client.update_run(self.run_id, status="RUNNING")
 
     def children(self) -> list[RunRecord]:
         """The runs whose parent is this one (a sweep's trials), as they are now."""
-        experiment_id = self.client.get_run(self.run_id).info.experiment_id
-        runs = self.client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'")
+        runs = self.client.search_runs(
+            [self.experiment_id()], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}'"
+        )
         return [RunRecord(run.info.run_id, run.info.status, dict(run.data.tags)) for run in runs]
 
     def download_last_artifact(self, artifact_dir: str, dest: str) -> str | None:

@@ -8,6 +8,7 @@ MLflow parent run; when it ends the parent gets the best trial's figures, parame
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -102,6 +103,7 @@ def _trial_driver(
             callbacks=[TuneReportCallback()],
             progress=lambda msg: print(f"[{trial_id}] {msg}"),
             verbose=verbose,
+            label=trial_id,
         )
     except RunDiverged as exc:
         # Tune already has its last result (the worst score); the rest of the sweep goes on.
@@ -224,7 +226,13 @@ def run_sweep(
                 # The sweep's state (a few kB) reaches remote storage every 10 s, not Ray's default 5 min: a
                 # driver killed before then would leave a state without its trials to --resume from.
                 sync_config=ray.tune.SyncConfig(sync_period=SWEEP_STATE_SYNC_S),
-                callbacks=[close_child_runs(uri, cfg.tracking.experiment, name, cfg.train.epochs)],
+                callbacks=[
+                    close_child_runs(uri, cfg.tracking.experiment, name, cfg.train.epochs),
+                    sweep_status(cfg, progress),
+                ],
+                # Ray's own status table reprints every 30 s, changed or not (not configurable): ours below
+                # prints when a trial starts, reports or ends; --verbose brings Ray's back as well.
+                verbose=1 if verbose else 0,
             ),
         )
     results = tuner.fit()
@@ -260,6 +268,79 @@ def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) ->
             self._close(trial, "FAILED", "failed")
 
     return CloseChildRuns()
+
+
+STATUS_MIN_GAP_S = 15.0
+
+
+def sweep_status(cfg: PipelineConfig, progress: Callable[[str], None]) -> Any:
+    """A Tune callback that prints the sweep's trials table (the final table's columns) when a trial starts,
+    reports an epoch or ends, at most once every STATUS_MIN_GAP_S seconds (changes in between are printed
+    together), and says where a failed trial's error is."""
+    from ray.tune import Callback
+
+    searched, metric = list(cfg.tune.search_space), cfg.tune.metric
+
+    class SweepStatus(Callback):
+        def __init__(self) -> None:
+            self.started = time.monotonic()
+            self.last_print = float("-inf")
+            self.changed = False
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.changed = True
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            self.changed = True
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.changed = True
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.changed = True
+            progress(f"[tune] trial {trial.trial_id} failed; its error: {trial.error_file}")
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            if self.changed and time.monotonic() - self.last_print >= STATUS_MIN_GAP_S:
+                self.changed, self.last_print = False, time.monotonic()
+                rows = best_first(cfg, [live_row(cfg, trial, searched) for trial in trials])
+                elapsed = int(time.monotonic() - self.started)
+                counts = collections.Counter(r["status"] for r in rows)
+                line = f"[tune] {elapsed // 60} min {elapsed % 60:02d} s: " + ", ".join(
+                    f"{n} {status}" for status, n in sorted(counts.items())
+                )
+                if rows and rows[0][metric] is not None:
+                    line += f"; best {metric} {rows[0][metric]:.3f} ({rows[0]['trial_id']})"
+                progress(line)
+                progress(format_rows(rows, searched))
+
+    return SweepStatus()
+
+
+def best_first(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials table rows, the best score first and those without a score last."""
+    sign = 1 if cfg.tune.mode == "min" else -1
+    metric = cfg.tune.metric
+    scored = sorted((r for r in rows if r[metric] is not None), key=lambda r: sign * r[metric])
+    return scored + [r for r in rows if r[metric] is None]
+
+
+def live_row(cfg: PipelineConfig, trial: Any, searched: list[str]) -> dict[str, Any]:
+    """A running sweep's trial as a row of the trials table."""
+    last = trial.last_result or {}
+    epochs = int(last.get("epoch", 0))
+    status = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}.get(trial.status)
+    if status is None:  # TERMINATED
+        status = "diverged" if last.get("diverged") else "finished" if epochs >= cfg.train.epochs else "early_stopped"
+    point = flat_point(trial.config or {})
+    return {
+        "trial_id": trial.trial_id,
+        "status": status,
+        "epochs": epochs,
+        "fid": last.get("fid"),
+        "inception_score": last.get("inception_score"),
+        **{key: point.get(key) for key in searched},
+    }
 
 
 def asha_scheduler(cfg: PipelineConfig) -> Any:
@@ -301,9 +382,8 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
         rows.append(row)
         if child is not None:
             _close_child(cfg, result, child, row["status"], parent.uri)
-    sign = 1 if cfg.tune.mode == "min" else -1
-    scored = sorted((r for r in rows if r[cfg.tune.metric] is not None), key=lambda r: sign * r[cfg.tune.metric])
-    rows = scored + [r for r in rows if r[cfg.tune.metric] is None]
+    rows = best_first(cfg, rows)
+    scored = [r for r in rows if r[cfg.tune.metric] is not None]
     best = scored[0] if scored else None
     if best is not None:
         _log_best(cfg, parent, best, rows, searched)
@@ -421,6 +501,11 @@ def _plot_sweep(uri: str, rows: list[dict[str, Any]], searched: list[str], metri
 
 def format_table(outcome: SweepOutcome, searched: list[str]) -> str:
     """The trials as a markdown table, best first."""
+    return format_rows(outcome.rows, searched)
+
+
+def format_rows(rows: list[dict[str, Any]], searched: list[str]) -> str:
+    """Trials table rows as a markdown table."""
     head = ["trial", *searched, "epochs", "FID", "IS", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -431,7 +516,7 @@ def format_table(outcome: SweepOutcome, searched: list[str]) -> str:
             return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.3f}"
         return str(value)
 
-    for r in outcome.rows:
+    for r in rows:
         cells = [
             r["trial_id"],
             *(fmt(r[k]) for k in searched),

@@ -33,6 +33,6 @@ python -m pipeline data prepare --dataset mnist
 python -m pipeline tune --config configs/local.yaml --set "tracking.uri=sqlite:///$store" \
     ${args[@]+"${args[@]}"} ${overrides[@]+"${overrides[@]}"}
 if [ "$ui" = 1 ]; then
-    echo "[run_local] MLflow UI on http://127.0.0.1:5000 (Ctrl-C to stop)"
+    echo "[run_local] MLflow UI on http://127.0.0.1:5000: open the link above (Ctrl-C to stop)"
     exec mlflow ui --backend-store-uri "sqlite:///$store" --host 127.0.0.1 --port 5000
 fi

@@ -95,7 +95,9 @@ def test_run_local_from_a_clean_checkout(tmp_path):
     clone = tmp_path / "checkout"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     # The clone's own code runs (python -m imports from the working directory); the virtual environment,
-    # minutes to build, is borrowed from this checkout.
+    # minutes to build, is borrowed from this checkout, refreshed for it first: were its install stamp out of
+    # date, the clone's run_local.sh would reinstall this checkout's .venv as an editable install of the clone.
+    subprocess.run(["bash", "-c", "source scripts/_venv.sh"], cwd=REPO, check=True, capture_output=True)
     os.symlink(REPO / ".venv", clone / ".venv")
     result = subprocess.run(
         [

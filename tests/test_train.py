@@ -255,9 +255,9 @@ def test_the_epoch_progress_bar_renders_steps_and_images(capsys):
 
 def test_ray_noise_and_its_traceback_are_hidden_and_nothing_else():
     """Lines as a Ray Train controller printed them on a busy machine, in two batches."""
-    from pipeline.distributed import RAY_NOISE, NoiseFilter
+    from pipeline.distributed import RAY_NOISE, RAY_NOISY_ACTORS, NoiseFilter
 
-    noise = NoiseFilter(RAY_NOISE)
+    noise = NoiseFilter(RAY_NOISE, RAY_NOISY_ACTORS)
     first = [
         "Failed to send resource request for train-d17a. If this only happens transiently ... safe to ignore",
         "Traceback (most recent call last):",
@@ -283,3 +283,30 @@ def test_ray_noise_and_its_traceback_are_hidden_and_nothing_else():
     ]
     # A hidden line without a traceback hides only itself.
     assert noise(9, ["Reporting training result 1: TrainingReport(...)", "ValueError: x"]) == ["ValueError: x"]
+    # Ray's placement-group janitor says nothing a user acts on; an epoch line of a Train worker stays.
+    cleaning = ["Detected that the Ray Train controller actor (1137) is dead. Cleaning up placement group"]
+    assert noise(10, cleaning, actor="PlacementGroupCleaner") == []
+    assert noise(11, ["epoch 1/2"], actor="RayTrainWorker") == ["epoch 1/2"]
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(False, False, False), (True, False, True), (False, True, True)]
+)
+def test_auto_precision_takes_bf16_only_on_cpus_that_compute_it(monkeypatch, avx512_bf16, amx, expected):
+    from pipeline.train import uses_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert uses_bf16("auto", cpu) is expected
+    assert uses_bf16("bf16", cpu) and not uses_bf16("fp32", cpu)  # explicit choices stand
+
+
+def test_auto_precision_reaches_the_autocast(monkeypatch, fake_split):
+    from pipeline.train import Nets, Runtime, TrainState
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.precision=auto"])
+    nets = Nets.wrap(TrainState.initial(cfg, torch.device("cpu")), cfg, Runtime())
+    with nets.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

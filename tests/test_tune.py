@@ -1,6 +1,7 @@
 """Ray Tune sweeps on a real local Ray with a real sqlite MLflow store. Slow: every trial starts a Train run."""
 
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -67,6 +68,16 @@ def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| trial | optim.lr_g | epochs | FID | IS | status |" in result.stdout
     assert "early_stopped" in result.stdout
+    # The console: our trials table as trials change, not Ray's every-30-s status table; every worker line
+    # names its trial.
+    out = result.stdout + result.stderr
+    assert "Trial status:" not in out and re.search(r"\[tune\] \d+ min \d\d s: 1 early_stopped, 1 finished", out), out[
+        -4000:
+    ]
+    epoch_lines = [line for line in out.splitlines() if " epoch 1/4 " in line]
+    assert len(epoch_lines) == 3 and all(
+        re.search(r"\[[0-9a-f]{5}_0000[0-2]\] epoch 1/4", line) for line in epoch_lines
+    )
 
     client = MlflowClient(uri)
     parent_id = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("MLflow parent run id"))
@@ -250,3 +261,43 @@ def test_a_grace_period_at_or_past_the_last_epoch_means_no_early_stop(grace_peri
     for epoch in range(1, 4):
         for trial, fid in ((good, 10.0), (bad, 100.0)):
             assert scheduler.on_trial_result(None, trial, {"epoch": epoch, "fid": fid}) == TrialScheduler.CONTINUE
+
+
+def test_sweep_status_prints_the_trials_table_on_change_and_not_more_often(monkeypatch):
+    from ray.tune.experiment import Trial
+
+    from pipeline import tune as sweep
+    from pipeline.config import build_config
+
+    cfg = build_config(
+        {"train": {"epochs": 2}, "tune": {"search_space": {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-3]}}}}
+    )
+    printed: list[str] = []
+    status = sweep.sweep_status(cfg, printed.append)
+    trials = [
+        Trial("fake", trial_id=f"abc_0000{i}", stub=True, config={"optim": {"lr_g": lr}})
+        for i, lr in ((0, 2e-4), (1, 5e-4))
+    ]
+    trials[0].set_status(Trial.RUNNING)
+    status.on_trial_start(0, trials, trials[0])
+    status.on_step_end(0, trials)
+    assert printed[0].startswith("[tune] 0 min 0") and "1 pending, 1 running" in printed[0]
+    assert "| abc_00000 | 0.0002 | 0 | - | - | running |" in printed[1]
+
+    trials[1].set_status(Trial.RUNNING)
+    trials[1].update_last_result({"epoch": 1, "fid": 120.5, "inception_score": 1.5})
+    status.on_trial_result(0, trials, trials[1], trials[1].last_result)
+    status.on_step_end(1, trials)
+    assert len(printed) == 2  # a change within STATUS_MIN_GAP_S of the last table waits ...
+    monkeypatch.setattr(sweep, "STATUS_MIN_GAP_S", 0.0)
+    status.on_step_end(2, trials)  # ... and is printed once the gap has passed
+    assert "best fid 120.500 (abc_00001)" in printed[2]
+    table = printed[3].splitlines()
+    assert table[2] == "| abc_00001 | 0.0005 | 1 | 120.500 | 1.500 | running |"  # best first
+    status.on_step_end(3, trials)
+    assert len(printed) == 4  # nothing changed: nothing printed
+
+    trials[1].set_status(Trial.TERMINATED)
+    status.on_trial_complete(0, trials, trials[1])
+    status.on_step_end(4, trials)
+    assert "early_stopped" in printed[5]  # ended after epoch 1 of 2
