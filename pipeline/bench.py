@@ -22,6 +22,7 @@ from pipeline.data import Split, load
 from pipeline.distributed import (
     BenchOptions,
     StepClock,
+    WorkerJob,
     build_trainer,
     init_ray,
     prepare_inputs,
@@ -133,7 +134,7 @@ def bench(
             )
             options = BenchOptions(warmup=warmup, window=window, sync_gradients=sync)
             name = f"bench-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-            metrics = build_trainer(run_cfg, name, evaluator=evaluator, bench=options).fit().metrics
+            metrics = build_trainer(WorkerJob(run_cfg, evaluator=evaluator, bench=options), name).fit().metrics
             measured.update({f"{label}_{k}": metrics[f"bench_{k}"] for k in ("img_s", "img_s_min", "img_s_max")})
             if label == "ray1" and number == 1:
                 results["start_to_first_step_s"] = metrics["bench_first_step_time"] - STARTED_AT

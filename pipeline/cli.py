@@ -183,6 +183,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             f"best trial {outcome.best['trial_id']}: FID {outcome.best['fid']:.3f}, "
             f"IS {outcome.best['inception_score']:.3f}, MLflow run {outcome.best['run_id']}"
         )
+    if outcome.schedule is not None:
+        print(f"\nPBT: {outcome.exploits} exploit(s); the best trial's schedule along its lineage:")
+        print(outcome.schedule)
     print(f"MLflow parent run id: {outcome.parent_run_id}")
     print(f"MLflow UI:            {ui_command(outcome.tracking_uri, outcome.parent_run_id)}")
     return 0

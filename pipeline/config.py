@@ -157,8 +157,36 @@ class TuneConfig:
     metric: Literal["fid", "inception_score"] = _f("fid", "what the sweep optimises and ASHA compares")
     mode: Literal["min", "max"] = _f("min", "min for fid, max for inception_score")
     search_alg: Literal["random", "optuna"] = _f("random", "random sampling, or Optuna's TPE")
+    scheduler: Literal["asha", "pbt", "none"] = _f(
+        "asha",
+        "asha stops weak trials early; pbt (population based training) copies strong trials' weights into weak "
+        "ones and perturbs their hyperparameters; none runs every trial to the end",
+    )
+    report_every_steps: int | None = _f(
+        None,
+        "also report (FID and IS, a checkpoint) every N optimizer steps inside an epoch, so schedulers decide "
+        "more often than once an epoch; null = at epoch ends only",
+        ge=1,
+    )
     grace_period: int = _f(1, "ASHA: epochs every trial runs before it may be stopped", ge=1)
     reduction_factor: int = _f(2, "ASHA: the best 1/N of trials go on at each rung", ge=2)
+    pbt_interval: float = _f(
+        1.0, "PBT: epochs of training between exploit/explore decisions (0.5 needs tune.report_every_steps)", gt=0.0
+    )
+    pbt_mutate: list[str] | None = _f(
+        None,
+        "PBT: the searched keys whose values are perturbed at each exploit; null = every searched optim.* and "
+        "train.* key PBT can change mid-run (model.* and train.batch_size never)",
+    )
+    pbt_factors: list[float] = _f(
+        [0.8, 1.2], "PBT: a perturbed number is multiplied by one of these (clipped to its search range)"
+    )
+    pbt_quantile: float = _f(
+        0.25, "PBT: the bottom share of trials that copy one of the top share at each decision", gt=0.0, le=0.5
+    )
+    pbt_resample_probability: float = _f(
+        0.25, "PBT: chance that a perturbed key is drawn afresh from its search range instead", ge=0.0, le=1.0
+    )
     max_concurrent_trials: int | None = _f(None, "null = what the cluster's CPUs/GPUs allow for one trial", ge=1)
     search_space: dict[str, Any] = _f(
         {}, "dotted key -> {uniform|loguniform|randint: [low, high]} or {choice|grid: [values]}"
@@ -210,6 +238,8 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of ({_describe(typing.get_args(tp)[0])})"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -248,6 +278,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    elif origin is list and isinstance(value, list):
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     elif tp is str and isinstance(value, str) or origin is dict and isinstance(value, dict):
         return value
     raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(tp)}")
@@ -298,6 +331,8 @@ def build_config(raw: dict[str, Any]) -> PipelineConfig:
     _cross_checks(cfg)
     if cfg.tune.search_space:
         _check_search_space(cfg)
+        if cfg.tune.scheduler == "pbt":
+            _check_pbt(cfg)
     return cfg
 
 
@@ -372,6 +407,78 @@ def _check_search_space(cfg: PipelineConfig) -> None:
                 with_overrides(cfg, {dotted: value, "tune.search_space": {}})
             except ConfigError as exc:
                 raise ConfigError(f"{where}.{kind}: value {value!r} is invalid ({exc})") from None
+
+
+# Keys PBT may change in the middle of a run: the training loop reads them from the config as it goes, or
+# (learning rates, betas) puts them into the optimizers it continues with.
+PBT_MUTABLE = (
+    "optim.lr_g",
+    "optim.lr_d",
+    "optim.beta1",
+    "optim.beta2",
+    "optim.lr_final_scale",
+    "train.real_label",
+    "train.ema_decay",
+    "train.top_k_final",
+)
+# Keys a PBT sweep may not even search: a trial that copies another continues that trial's step count, so
+# different steps per epoch (or a different length) would repeat or skip its MLflow steps.
+PBT_FIXED = ("train.batch_size", "train.epochs", "data.limit", "data.dataset")
+
+
+def pbt_mutated_keys(cfg: PipelineConfig) -> list[str]:
+    """The searched keys PBT perturbs: ``tune.pbt_mutate``, or every searched key it can change mid-run."""
+    if cfg.tune.pbt_mutate is not None:
+        return list(cfg.tune.pbt_mutate)
+    return [key for key in cfg.tune.search_space if key in PBT_MUTABLE]
+
+
+def _check_pbt(cfg: PipelineConfig) -> None:
+    tune = cfg.tune
+    if tune.search_alg != "random":
+        raise ConfigError(
+            f"tune.search_alg: {tune.search_alg} with tune.scheduler=pbt; PBT draws its population at random and "
+            "then evolves it: use tune.search_alg=random"
+        )
+    for key in tune.search_space:
+        if key in PBT_FIXED:
+            raise ConfigError(
+                f"tune.search_space.{key}: cannot be searched with tune.scheduler=pbt (a trial that copies another "
+                "continues its step count, so its MLflow steps would repeat); fix it, or use tune.scheduler=asha"
+            )
+    mutated = pbt_mutated_keys(cfg)
+    for key in mutated:
+        if key.startswith("model."):
+            raise ConfigError(
+                f"tune.pbt_mutate: {key} changes the networks' shapes (a copied checkpoint would not fit them); "
+                "search it, but leave it out of tune.pbt_mutate"
+            )
+        if key not in PBT_MUTABLE:
+            raise ConfigError(
+                f"tune.pbt_mutate: {key} cannot change in the middle of a run; PBT can mutate {', '.join(PBT_MUTABLE)}"
+            )
+        if key not in tune.search_space:
+            raise ConfigError(
+                f"tune.pbt_mutate: {key} is not in tune.search_space; add it there (its range is what PBT "
+                "perturbs within and resamples from)"
+            )
+    if not mutated:
+        raise ConfigError(
+            "tune.scheduler: pbt needs a searched key it can mutate, and tune.search_space has none; search at "
+            f"least one of {', '.join(PBT_MUTABLE)}"
+        )
+    if not tune.pbt_factors or any(f <= 0 for f in tune.pbt_factors):
+        raise ConfigError(f"tune.pbt_factors: {tune.pbt_factors} must be positive numbers, e.g. [0.8, 1.2]")
+    if tune.pbt_interval % 1 and tune.report_every_steps is None:
+        raise ConfigError(
+            f"tune.pbt_interval: {tune.pbt_interval:g} epochs, but trials report only at epoch ends; set "
+            "tune.report_every_steps (e.g. a quarter of an epoch's steps) or a whole number of epochs"
+        )
+    if tune.pbt_interval >= cfg.train.epochs:
+        raise ConfigError(
+            f"tune.pbt_interval: {tune.pbt_interval:g} epochs leaves no decision before the last of "
+            f"train.epochs={cfg.train.epochs}; lower it"
+        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -110,6 +110,8 @@ RAY_NOISE = (
     "Reporting training result",
     "Failed to send resource request",
     "worker processes have been started on node",  # the raylet's note on its own worker start-up rate
+    "Checkpoint successfully created at",  # Tune, each time a trial hands it a checkpoint (PBT: every report)
+    "from checkpoint: Checkpoint(",  # Tune restoring a paused or copied trial: our [pbt] line says which
 )
 # Ray's internal actors whose every line is for Ray's developers: the placement-group janitor of each Train
 # run ("Detected that the Ray Train controller actor ... is dead. Cleaning up placement group" after every
@@ -301,6 +303,15 @@ class FaultInjection:
 
 
 @dataclass(frozen=True)
+class StartFrom:
+    """Another run's checkpoint that a new run begins from (a PBT exploit): ``checkpoint`` is a
+    ray.train.Checkpoint holding checkpoint.FILENAME; ``record`` is what the run's MLflow tags keep about it."""
+
+    checkpoint: Any
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class WorkerJob:
     """What every worker of one Train run receives (Ray passes it as ``train_loop_config["job"]``)."""
 
@@ -312,6 +323,12 @@ class WorkerJob:
     fault: FaultInjection | None = None
     show_progress: bool = False  # the driver's terminal shows a progress bar inside each epoch
     label: str = ""  # what the workers' lines start with, e.g. a sweep's trial id: "[3f2a1_00002] epoch 1/4 ..."
+    start_from: StartFrom | None = None  # another run's checkpoint, used when Ray has none of this run's own
+    live_keys: tuple[str, ...] = ()  # config keys whose values are logged as metrics at each report (PBT's mutated)
+    # A sweep's trial: a ray.util.queue.Queue that receives an item once Tune has let a report's trial go on.
+    # Rank 0 waits for it after each report, so a trial that Tune stops or pauses there (PBT: to copy another
+    # trial into it) trains and logs nothing past that report.
+    verdicts: Any = None
 
 
 class EpochProgress:
@@ -362,7 +379,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     data = load(cfg.data, progress=print if context.get_local_rank() == 0 else (lambda _: None))
     resume = None
-    restored = ray.train.get_checkpoint()
+    restored, exploit = ray.train.get_checkpoint(), None
+    if restored is None and job.start_from is not None:
+        restored, exploit = job.start_from.checkpoint, job.start_from.record
     if restored is not None:
         with restored.as_directory() as directory:
             resume = checkpoint.load(Path(directory) / checkpoint.FILENAME)
@@ -393,7 +412,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if job.fault is not None:
             job.fault.fire_if_due(rank, step)
 
+    def on_resume(state: TrainState) -> None:
+        # Where the weights came from, checked against the donor's checkpoint: the networks' fingerprint and
+        # the learning rates the optimizers now hold (the perturbed ones).
+        if is_main and exploit is not None:
+            record = {**exploit, "step": state.step, "weights_sha256": state.fingerprint(), **state.learning_rates}
+            tracker.set_tags({f"pbt.exploit.step_{state.step}": json.dumps(record, sort_keys=True)})
+            say(
+                f"[pbt] continues from trial {exploit['donor_trial']}'s checkpoint at step {state.step} (epoch "
+                f"{exploit['donor_epoch']:g}), weights {record['weights_sha256'][:12]}"
+            )
+
+    live = {key.split(".")[1]: cfg.flat()[key] for key in job.live_keys if key not in ("optim.lr_g", "optim.lr_d")}
+
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
+        if live:
+            tracker.log_metrics(live, step=int(metrics["step"]))
         if clock is not None:  # `pipeline bench`: this worker's own step timing
             summary = clock.summary(cfg.train.batch_size, job.bench.warmup, job.bench.window)
             metrics = {
@@ -403,10 +437,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             }
         if state is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint.save(Path(tmp) / checkpoint.FILENAME, state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint.save(Path(tmp) / checkpoint.FILENAME, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if is_main and job.verdicts is not None:
+            tracker.flush()  # the steps up to this report belong to the trial whatever Tune decides
+            job.verdicts.get()
 
     sync = job.bench is None or job.bench.sync_gradients
     runtime = Runtime(
@@ -432,6 +469,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 report=report,
                 on_step=on_step if clock is not None or job.fault else None,
                 resume=resume,
+                on_resume=on_resume,
                 evaluator=evaluator,
                 log=say,
                 progress=EpochProgress(cfg.train.epochs, cfg.train.batch_size) if show_progress else None,
@@ -443,7 +481,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 say(f"[train] {exc}")
                 tracker.flush()
                 tracker.set_tags({"status": "diverged", "diverged_epoch": str(exc.epoch)})
-            ray.train.report({"diverged": 1, "epoch": exc.epoch, "fid": float("inf"), "inception_score": 0.0})
+            ray.train.report(
+                {"diverged": 1, "epoch": exc.epoch, "progress": exc.epoch, "fid": float("inf"), "inception_score": 0.0}
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,36 +503,22 @@ class TrainOutcome:
 
 
 def build_trainer(
-    cfg: PipelineConfig,
-    name: str,
-    mlflow_run_id: str | None = None,
-    tracking_uri: str | None = None,
-    callbacks: Sequence[Any] = (),
-    gpu: bool = False,
-    evaluator: dict[str, Any] | None = None,
-    bench: BenchOptions | None = None,
-    fault: FaultInjection | None = None,
-    verbose: bool = False,
-    progress_bar: bool = False,
-    label: str = "",
+    job: WorkerJob, name: str, callbacks: Sequence[Any] = (), gpu: bool = False, verbose: bool = False
 ) -> Any:
-    """A TorchTrainer for one training run, named ``name`` under the storage path (same name = restore).
-    Ray Train's own INFO lines (each report, each checkpoint, worker-group start) only with ``verbose``."""
+    """A TorchTrainer running ``job`` on every worker, named ``name`` under the storage path (same name =
+    restore). Ray Train's own INFO lines (each report, each checkpoint, worker-group start) only with ``verbose``."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cfg = resolve_scaling(cfg)
+    cfg = resolve_scaling(job.config)
+    job = dataclasses.replace(job, config=cfg)
     # The wait for a worker group's CPUs/GPUs (Ray's default is 60 s, retried forever: a lost node that
     # never comes back would hang the run). The driver's value reaches Train's controller through Ray's
     # own list of variables it propagates; one timed-out start then fails the run.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.scaling.resource_wait_s)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "job": WorkerJob(
-                cfg, mlflow_run_id, tracking_uri, evaluator, bench, fault, show_progress=progress_bar, label=label
-            )
-        },
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=gpu,
@@ -510,6 +536,19 @@ def build_trainer(
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}},
         ),
     )
+
+
+def forward_reports(queue: Any) -> Any:
+    """A Ray Train callback that puts each report, as ``(rank 0's metrics, checkpoint or None)``, on ``queue``
+    (a ray.util.queue.Queue that the driver reads). Ray's TuneReportCallback forwards the metrics alone (the
+    checkpoint only as a path among them): a sweep's trial needs the checkpoint to hand to Tune (PBT)."""
+    from ray.train import UserCallback
+
+    class ForwardReports(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            queue.put((dict(metrics[0]), checkpoint))
+
+    return ForwardReports()
 
 
 def checkpoint_config(cfg: PipelineConfig, cls: type) -> Any:
@@ -548,9 +587,11 @@ def prepare_run(
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
     progress: Callable[[str], None] = print,
+    mlflow_run_id: str | None = None,
 ) -> tuple[str, str, str, dict[str, Any] | None]:
     """Check everything, prepare data and evaluator, then create the MLflow run (or find the one a resumed
-    run had): (run location, tracking URI, MLflow run id, evaluator payload).
+    run had, or take ``mlflow_run_id``, tagged now with this Train run's name): (run location, tracking URI,
+    MLflow run id, evaluator payload).
 
     Everything here happens before Ray starts, cheap checks first, so bad input fails fast and leaves
     nothing behind (no MLflow run, no directory).
@@ -578,6 +619,9 @@ def prepare_run(
     evaluator = prepare_inputs(cfg, progress)
     if previous is not None:
         return location, uri, previous, evaluator
+    if mlflow_run_id is not None:
+        MLflowTracker(uri, mlflow_run_id).set_tags({"ray_train_run": name})
+        return location, uri, mlflow_run_id, evaluator
     tags = {"ray_train_run": name, **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -631,13 +675,26 @@ def run_training(
     progress: Callable[[str], None] = print,
     verbose: bool = False,
     label: str = "",
+    mlflow_run_id: str | None = None,
+    start_from: StartFrom | None = None,
+    live_keys: Sequence[str] = (),
+    verdicts: Any = None,
 ) -> TrainOutcome:
     """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model. The
-    workers' lines start with ``[label]`` when one is given (a sweep's trial id)."""
+    workers' lines start with ``[label]`` when one is given (a sweep's trial id). A sweep's PBT trial goes on
+    in its MLflow run ``mlflow_run_id`` with a new Train run that begins ``start_from`` another trial's
+    checkpoint, and logs the values of ``live_keys`` at each report; a trial's rank 0 waits after each report
+    for an item on ``verdicts`` (Tune let the trial go on)."""
     cfg = resolve_scaling(cfg)
     check_resources(cfg)
     run_dir, uri, run_id, evaluator = prepare_run(
-        cfg, name, resume, parent_run_id=parent_run_id, extra_tags=extra_tags, progress=progress
+        cfg,
+        name,
+        resume,
+        parent_run_id=parent_run_id,
+        extra_tags=extra_tags,
+        progress=progress,
+        mlflow_run_id=mlflow_run_id,
     )
     init_ray(verbose)
     gpu = use_gpu(cfg)
@@ -663,19 +720,19 @@ def run_training(
     )
     # A bar inside each epoch only where a person watches a terminal: not in CI logs, files or a sweep's trials.
     bar = sys.stderr.isatty() and not os.environ.get("CI")
-    trainer = build_trainer(
+    job = WorkerJob(
         cfg,
-        name,
         run_id,
         uri,
-        callbacks,
-        gpu,
         evaluator,
         fault=fault_from_env(),
-        verbose=verbose,
-        progress_bar=bar,
+        show_progress=bar,
         label=label,
+        start_from=start_from,
+        live_keys=tuple(live_keys),
+        verdicts=verdicts,
     )
+    trainer = build_trainer(job, name, callbacks, gpu, verbose)
     try:
         result = trainer.fit()
     except Exception as exc:

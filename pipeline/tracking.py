@@ -321,9 +321,15 @@ class MLflowTracker:
             source=json.dumps({"uri": source}),
             profile=json.dumps(profile, sort_keys=True),
         )
-        self.client.log_inputs(
-            self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
-        )
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception as exc:  # noqa: BLE001 - MLflow wraps the database's error in its own
+            # Two runs logging the same new dataset at once (a sweep's trials): MLflow's sqlite store checks
+            # for the dataset, then inserts it, and the second insert fails. The dataset exists now: again.
+            if "UNIQUE constraint failed" not in str(exc):
+                raise
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def end(self, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
         """Close the run with ``status`` at ``end_time_ms`` (default now)."""

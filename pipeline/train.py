@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from pipeline.tracking import NullTracker, Tracker
 
 NUM_GRID_SAMPLES = 64  # an 8x8 grid from fixed noise
 LOSS_KEYS = ("loss_d", "loss_g", "d_real", "d_fake")  # the per-step figures, in this order
-EPOCH_KEYS = ("epoch_time_s", "images_per_s", "fid", "inception_score", "eval_time_s")  # once per epoch
+EPOCH_KEYS = ("epoch_time_s", "images_per_s", "fid", "inception_score", "eval_time_s", "lr_g", "lr_d")  # each report
 TABLE_KEYS = ("epoch", "fid", "inception_score", "loss_d")  # first in each report: Tune's table shows these
 DIVERGENCE_HINT = "lower optim.lr_g / optim.lr_d, or try train.real_label=0.9"
 
@@ -62,8 +63,8 @@ class Runtime:
         return self.rank == 0
 
 
-# report(epoch_metrics, checkpoint_state): called once per epoch by every worker, in step;
-# checkpoint_state is the dict to save on rank 0 and None elsewhere.
+# report(metrics, checkpoint_state): called by every worker, in step, at each epoch's end (and every
+# tune.report_every_steps steps); checkpoint_state is the dict to save on rank 0 and None elsewhere.
 EpochReport = Callable[[dict[str, float], dict[str, Any] | None], None]
 StepCallback = Callable[[int, dict[str, float]], None]
 ProgressCallback = Callable[[int, int, int], None]  # (epoch, step within the epoch, steps in the epoch)
@@ -146,8 +147,31 @@ class TrainState:
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-    def to_checkpoint(self, cfg: PipelineConfig) -> dict[str, Any]:
+    def apply_optim(self, cfg: PipelineConfig) -> None:
+        """The config's learning rates and betas into both optimizers (a checkpoint's optimizer state carries its
+        own: a run continued with other values, as PBT's perturbed trials are, must train with the new ones)."""
+        self.set_learning_rates(cfg.optim.lr_g, cfg.optim.lr_d)
+        for optimizer in (self.opt_g, self.opt_d):
+            for group in optimizer.param_groups:
+                group["betas"] = (cfg.optim.beta1, cfg.optim.beta2)
+
+    @property
+    def learning_rates(self) -> dict[str, float]:
+        """The live learning rates, as the optimizers hold them."""
+        return {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the networks' weights (G, D and G's EMA copy): equal fingerprints, equal networks."""
+        return weights_digest(
+            self.generator.state_dict(),
+            self.discriminator.state_dict(),
+            self.ema.model.state_dict() if self.ema is not None else None,
+        )
+
+    def to_checkpoint(self, cfg: PipelineConfig, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint dict; ``partial`` is the epoch's progress when it is taken inside an epoch."""
         return {
+            "epoch_partial": partial,
             "generator": self.generator.state_dict(),
             "generator_ema": self.ema.model.state_dict() if self.ema is not None else None,
             "discriminator": self.discriminator.state_dict(),
@@ -174,6 +198,16 @@ class TrainState:
     def sampling_weights(state: dict[str, Any]) -> dict[str, Any]:
         """From a checkpoint, the generator weights to sample with: the EMA copy if the run kept one."""
         return state.get("generator_ema") or state["generator"]
+
+
+def weights_digest(*state_dicts: dict[str, torch.Tensor] | None) -> str:
+    """SHA-256 over the tensors of ``state_dicts`` in order (None counts as an empty one)."""
+    digest = hashlib.sha256()
+    for weights in state_dicts:
+        for name, tensor in (weights or {}).items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -337,14 +371,17 @@ def train_gan(
     report: EpochReport | None = None,
     on_step: StepCallback | None = None,
     resume: dict[str, Any] | None = None,
+    on_resume: Callable[[TrainState], None] | None = None,
     evaluator: Evaluator | None = None,
     log: Callable[[str], None] = print,
     progress: ProgressCallback | None = None,
 ) -> TrainResult:
-    """Train G and D for ``cfg.train.epochs`` epochs (continuing from ``resume``, a checkpoint dict).
+    """Train G and D for ``cfg.train.epochs`` epochs (continuing from ``resume``, a checkpoint dict, which may
+    have been taken inside an epoch; ``on_resume`` then sees the state it continues from).
 
     ``evaluator`` (rank 0 only) scores ``cfg.eval.num_samples`` generated images every
-    ``cfg.eval.every_epochs`` epochs and after the last; ``fid`` and ``inception_score`` join the report.
+    ``cfg.eval.every_epochs`` epochs, after the last and at every report inside an epoch
+    (``cfg.tune.report_every_steps``); ``fid`` and ``inception_score`` join the report.
     ``progress`` is told of every step without waiting for the device (it costs no synchronisation).
     """
     rt = runtime or Runtime()
@@ -355,13 +392,26 @@ def train_gan(
     if num_steps < 1:
         raise ValueError(f"batch size {cfg.train.batch_size} exceeds the {len(data)} training images")
     total_steps = num_steps * cfg.train.epochs
+    every = cfg.tune.report_every_steps
 
-    # Networks and optimizers from the seed; a resumed run then takes the checkpoint's weights and counters.
+    # Networks and optimizers from the seed; a resumed run then takes the checkpoint's weights and counters,
+    # and the config's learning rates and betas.
     state = TrainState.initial(cfg, device)
+    partial = None
     if resume is not None:
         state.load_checkpoint(resume)
-        if rt.is_main and state.epoch < cfg.train.epochs:
+        before = state.learning_rates
+        state.apply_optim(cfg)
+        partial = resume.get("epoch_partial")
+        if rt.is_main and state.step < total_steps:
             log(f"resuming from epoch {state.epoch} (step {state.step})")
+            if before != state.learning_rates and cfg.optim.lr_final_scale == 1.0:
+                log(
+                    "learning rates from the config: "
+                    + ", ".join(f"{k} {before[k]:.3g} -> {v:.3g}" for k, v in state.learning_rates.items())
+                )
+        if on_resume is not None:
+            on_resume(state)
     nets = Nets.wrap(state, cfg, rt)
 
     # The images stay on the device; each worker takes its own shard of one shuffled order per epoch.
@@ -372,18 +422,26 @@ def train_gan(
     real_targets = torch.full((local_batch,), cfg.train.real_label, device=device)
     fake_targets = torch.zeros(local_batch, device=device)
     g_targets = torch.ones(local_batch, device=device)
+    draws_per_step = 2 if cfg.train.g_fresh_noise else 1
     metrics: dict[str, float] = {}
 
     for epoch in range(state.epoch, cfg.train.epochs):
-        # Shuffling and noise depend only on (seed, epoch, rank): resuming at an epoch boundary is exact.
+        # Shuffling and noise depend only on (seed, epoch, rank): resuming at an epoch boundary is exact, and
+        # inside an epoch too (the noise is drawn forward to the step, the epoch's loss sums come back).
         nets.generator.train()
         nets.discriminator.train()
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), device=device)
         noise = epoch_noise_generator(cfg.train.seed, epoch, rt.rank, device)
         sums = torch.zeros(len(LOSS_KEYS), device=device, dtype=torch.float64)
+        first, earlier_s = state.step - epoch * num_steps, 0.0
+        if first:  # a checkpoint from inside this epoch
+            for _ in range(first * draws_per_step):
+                torch.randn(local_batch, latent, device=device, generator=noise)
+            sums += torch.tensor(partial["sums"], device=device, dtype=torch.float64)
+            earlier_s = partial["elapsed_s"]
         started = time.perf_counter()
-        for i in range(num_steps):
+        for i in range(first, num_steps):
             real = to_model_range(images[order[i * local_batch : (i + 1) * local_batch]])
             real = real.contiguous(memory_format=nets.layout)
             # Schedules follow the global step, not the epoch, so a resumed run follows them too.
@@ -416,21 +474,45 @@ def train_gan(
                     on_step(state.step, step_metrics)
                 if state.step % cfg.tracking.log_every == 0:
                     tracker.log_metrics(step_metrics, step=state.step)
+            if every and state.step % every == 0 and i + 1 < num_steps:
+                # A report inside the epoch: the means so far (over all workers, who then carry on from the
+                # same sums, as a resumed run would), scores and a checkpoint that can continue from here.
+                sums = rt.mean_over_workers(sums)
+                metrics = _running_means(sums, i + 1, epoch, state.step, num_steps)
+                elapsed = earlier_s + time.perf_counter() - started
+                where = {"sums": sums.tolist(), "elapsed_s": elapsed}
+                end_interval(
+                    cfg,
+                    state,
+                    metrics,
+                    rt=rt,
+                    evaluator=evaluator,
+                    tracker=tracker,
+                    report=report,
+                    log=log,
+                    partial=where,
+                )
 
         # Means over all workers: every worker sees the same values, so all of them stop together on NaN.
-        elapsed = time.perf_counter() - started
-        metrics = dict(zip(LOSS_KEYS, rt.mean_over_workers(sums / num_steps).tolist(), strict=True))
-        images_per_s = num_steps * cfg.train.batch_size / elapsed
-        metrics.update(epoch=epoch + 1, step=state.step, epoch_time_s=elapsed, images_per_s=images_per_s)
-        if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
-            raise DivergedError(epoch + 1, metrics["loss_d"], metrics["loss_g"])
+        elapsed = earlier_s + time.perf_counter() - started
+        metrics = _running_means(rt.mean_over_workers(sums), num_steps, epoch, state.step, num_steps)
+        metrics.update(epoch=epoch + 1, epoch_time_s=elapsed, images_per_s=num_steps * cfg.train.batch_size / elapsed)
         state.epoch = epoch + 1
-        end_epoch(cfg, state, metrics, rt=rt, evaluator=evaluator, tracker=tracker, report=report, log=log)
+        end_interval(cfg, state, metrics, rt=rt, evaluator=evaluator, tracker=tracker, report=report, log=log)
 
     return TrainResult(generator=state.sampler, metrics=metrics, epoch=state.epoch, step=state.step)
 
 
-def end_epoch(
+def _running_means(sums: torch.Tensor, steps: int, epoch: int, step: int, num_steps: int) -> dict[str, float]:
+    """The losses' means over ``steps`` steps of epoch ``epoch`` (0-based), or DivergedError if one is not
+    finite; ``epoch`` (epochs completed), ``step`` and ``progress`` (epochs trained, a fraction inside one)."""
+    metrics = dict(zip(LOSS_KEYS, (sums / steps).tolist(), strict=True))
+    if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
+        raise DivergedError(epoch + 1, metrics["loss_d"], metrics["loss_g"])
+    return {**metrics, "epoch": epoch, "step": step, "progress": round(step / num_steps, 6)}
+
+
+def end_interval(
     cfg: PipelineConfig,
     state: TrainState,
     metrics: dict[str, float],
@@ -440,26 +522,40 @@ def end_epoch(
     tracker: Tracker,
     report: EpochReport | None,
     log: Callable[[str], None],
+    partial: dict[str, Any] | None = None,
 ) -> None:
-    """After an epoch: FID and IS when due (added to ``metrics``); on rank 0 the log line, the epoch's
-    metrics and a sample grid; the report with the checkpoint; then the tracker's buffered steps."""
+    """After an epoch (or, with ``partial`` = the epoch's progress, a report inside one): FID and IS when due
+    (added to ``metrics``); on rank 0 the log line, the metrics and (at an epoch's end) a sample grid; the
+    report with the checkpoint; then the tracker's buffered steps."""
     every = cfg.eval.every_epochs
-    if evaluator is not None and every and (state.epoch % every == 0 or state.epoch == cfg.train.epochs):
+    due = partial is not None or (every and (state.epoch % every == 0 or state.epoch == cfg.train.epochs))
+    if evaluator is not None and every and due:
         started = time.perf_counter()
         samples = generate_images(state.sampler, cfg.eval.num_samples, cfg.model.latent_dim, cfg.train.seed, rt.device)
         metrics.update(evaluator.score(samples))
         metrics["eval_time_s"] = time.perf_counter() - started
+    metrics.update(state.learning_rates)
     if rt.is_main:
-        log(epoch_line(metrics, cfg.train.epochs))
+        log(epoch_line(metrics, cfg.train.epochs) if partial is None else report_line(metrics, cfg.train.epochs))
         tracker.log_metrics({k: metrics[k] for k in EPOCH_KEYS if k in metrics}, step=state.step)
-        grid = sample_images(state.sampler, fixed_noise(cfg, rt.device))
-        tracker.log_image_grid(grid, f"samples/epoch_{state.epoch:03d}.png")
+        if partial is None:
+            grid = sample_images(state.sampler, fixed_noise(cfg, rt.device))
+            tracker.log_image_grid(grid, f"samples/epoch_{state.epoch:03d}.png")
     if report is not None:
         # Tune's status table shows the first few keys of a trial's result: the ones a sweep is judged by.
         ordered = {key: metrics[key] for key in TABLE_KEYS if key in metrics} | metrics
-        report(ordered, state.to_checkpoint(cfg) if rt.is_main else None)
-    # Only now is this epoch's checkpoint safe: a restart resumes after these steps, never before.
+        report(ordered, state.to_checkpoint(cfg, partial) if rt.is_main else None)
+    # Only now is this checkpoint safe: a restart resumes after these steps, never before.
     tracker.flush()
+
+
+def report_line(metrics: dict[str, float], epochs: int) -> str:
+    """A report inside an epoch: where it is, the losses so far and the scores."""
+    line = f"step {metrics['step']} (epoch {metrics['progress']:.2f}/{epochs})  loss_d={metrics['loss_d']:.4f}  "
+    line += f"loss_g={metrics['loss_g']:.4f}"
+    if "fid" in metrics:
+        line += f"  FID={metrics['fid']:.2f}  IS={metrics['inception_score']:.2f} ({metrics['eval_time_s']:.1f}s)"
+    return line
 
 
 def epoch_line(metrics: dict[str, float], epochs: int) -> str:

@@ -12,21 +12,27 @@ import collections
 import functools
 import json
 import os
+import random
 import re
+import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import ConfigError, PipelineConfig, with_overrides
+from pipeline.checkpoint import FILENAME as CHECKPOINT_FILE
+from pipeline.config import ConfigError, PipelineConfig, pbt_mutated_keys, with_overrides
 from pipeline.distributed import (
     RunDiverged,
+    StartFrom,
     check_resources,
     existing_run,
     finish_from_storage,
+    forward_reports,
     init_ray,
     prepare_inputs,
     register_best,
@@ -81,33 +87,123 @@ def flat_point(point: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+LINEAGE_FILE = "lineage.json"  # in each Tune checkpoint: whose Train run and MLflow run it came from
+
+
 def _trial_driver(
     point: dict[str, Any], *, base: PipelineConfig, sweep: str, parent_run_id: str, verbose: bool = False
 ) -> None:
-    """One trial: a Ray Train run (data-parallel, checkpointed) whose metrics Tune receives each epoch."""
+    """One trial: a Ray Train run (data-parallel, checkpointed) whose reports Tune receives as they come.
+
+    Under PBT each report also hands Tune a checkpoint (the Train checkpoint and its lineage), and a trial
+    that Tune restarts from another trial's checkpoint (an exploit) goes on in a new Train run that begins
+    there, logging into the trial's one MLflow run."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(base, flat_point(point))
     trial_id = ray.tune.get_context().get_trial_id()
-    name = f"{sweep}-{trial_id}"
-    # A restored sweep finds the Train run (and its MLflow child run) of a continuing trial by name.
+    uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
+    child = find_run(uri, cfg.tracking.experiment, {"sweep": sweep, "trial_id": trial_id})
+    name, start_from = _continuation(sweep, trial_id, ray.tune.get_checkpoint())
+    # A restored (or paused) trial finds its Train run, and the MLflow child run, by name.
     resume = existing_run(cfg, name) is not None
+    pbt = base.tune.scheduler == "pbt"
+
+    def note(metrics: dict[str, Any]) -> dict[str, Any]:
+        """What a Tune checkpoint says about itself: whose it is, from which Train run and MLflow run, where."""
+        nonlocal child
+        child = child or find_run(uri, cfg.tracking.experiment, {"sweep": sweep, "trial_id": trial_id})
+        where = {"step": int(metrics["step"]), "progress": metrics.get("progress", metrics.get("epoch"))}
+        return {"trial_id": trial_id, "train_run": name, "mlflow_run_id": child, **where}
+
     try:
-        run_training(
-            cfg,
-            name,
-            resume=resume,
-            parent_run_id=parent_run_id,
-            extra_tags={"sweep": sweep, "trial_id": trial_id},
-            callbacks=[TuneReportCallback()],
-            progress=lambda msg: print(f"[{trial_id}] {msg}"),
-            verbose=verbose,
-            label=trial_id,
+        _fit_reporting(
+            functools.partial(
+                run_training,
+                cfg,
+                name,
+                resume=resume,
+                parent_run_id=parent_run_id,
+                extra_tags={"sweep": sweep, "trial_id": trial_id},
+                progress=lambda msg: print(f"[{trial_id}] {msg}"),
+                verbose=verbose,
+                label=trial_id,
+                mlflow_run_id=child,
+                start_from=start_from,
+                live_keys=pbt_mutated_keys(base) if pbt else (),
+            ),
+            note if pbt else None,
         )
     except RunDiverged as exc:
         # Tune already has its last result (the worst score); the rest of the sweep goes on.
         print(f"[{trial_id}] {exc}")
+
+
+def _continuation(sweep: str, trial_id: str, given: Any) -> tuple[str, StartFrom | None]:
+    """The Train run a trial (re)starts with: its first one; the one its own Tune checkpoint came from (a
+    paused or restored trial); or, given another trial's checkpoint (PBT's exploit), a new one named after
+    that checkpoint, so a restart before its first report finds it again."""
+    if given is None:
+        return f"{sweep}-{trial_id}", None
+    with given.as_directory() as directory:
+        lineage = json.loads((Path(directory) / LINEAGE_FILE).read_text())
+    if lineage["trial_id"] == trial_id:
+        return lineage["train_run"], None
+    record = {
+        "donor_trial": lineage["trial_id"],
+        "donor_run_id": lineage["mlflow_run_id"],
+        "donor_train_run": lineage["train_run"],
+        "donor_epoch": lineage["progress"],
+    }
+    return f"{sweep}-{trial_id}-from-{lineage['trial_id']}-{lineage['step']}", StartFrom(given, record)
+
+
+def _fit_reporting(fit: Callable[..., Any], note: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
+    """Run ``fit`` (run_training without its callbacks and verdicts) in a thread and hand each of its reports
+    to Tune from this one, the trial's, in lock-step: the run waits after each report until Tune lets it go on,
+    so a stopped or paused trial trains and logs nothing past the report Tune decided on. With ``note``
+    (PBT) each report carries a Tune checkpoint: the Train checkpoint's file and ``note(metrics)``, what it
+    says about whose it is. Ends when ``fit`` does (raising what it raised) or when Tune stops the trial
+    (Ray ends this thread then)."""
+    import threading
+
+    import ray.tune
+    from ray.util.queue import Empty, Queue
+
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    verdicts = Queue(actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fit(callbacks=[forward_reports(reports)], verdicts=verdicts)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the trial's thread below
+            failure.append(exc)
+
+    runner = threading.Thread(target=target, name="train-run", daemon=True)
+    runner.start()
+    # When Tune stops or pauses the trial, ray.tune.report ends this thread (SystemExit) and Ray then ends the
+    # process, the Train run with it: the queues stay up till then, or the run would fail first (and mark its
+    # MLflow run FAILED) while the trial was only stopped.
+    while runner.is_alive() or not reports.empty():
+        try:
+            metrics, train_checkpoint = reports.get(timeout=0.5)
+        except Empty:
+            continue
+        # ray.tune.report returns once Tune lets the trial go on (it ends this thread otherwise).
+        if note is None or train_checkpoint is None:
+            ray.tune.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as tmp, train_checkpoint.as_directory() as source:
+                shutil.copy(Path(source) / CHECKPOINT_FILE, Path(tmp) / CHECKPOINT_FILE)
+                (Path(tmp) / LINEAGE_FILE).write_text(json.dumps(note(metrics)))
+                ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+        verdicts.put(True)
+    reports.shutdown()
+    verdicts.shutdown()
+    runner.join()
+    if failure:
+        raise failure[0]
 
 
 @dataclass
@@ -118,6 +214,8 @@ class SweepOutcome:
     rows: list[dict[str, Any]]  # one per trial, best first
     best: dict[str, Any] | None
     registration: Registration | None = None  # the best trial's generator in the Model Registry
+    schedule: str | None = None  # PBT: the best trial's hyperparameter schedule along its lineage, a table
+    exploits: int = 0  # PBT: how many times a trial continued from another's checkpoint
 
 
 def _default_concurrency(cfg: PipelineConfig, gpu: bool) -> int:
@@ -141,6 +239,11 @@ def _check_sweep(cfg: PipelineConfig) -> None:
             f"eval.every_epochs: {cfg.eval.every_epochs}; a sweep on {cfg.tune.metric} needs it every epoch "
             "(ASHA compares trials at each epoch); set eval.every_epochs=1"
         )
+    if cfg.tune.scheduler == "pbt" and cfg.tune.num_samples < 2:
+        raise ConfigError(
+            f"tune.num_samples: {cfg.tune.num_samples} with tune.scheduler=pbt; PBT evolves a population: use at "
+            "least 2 trials (4 or more lets a quarter copy the best quarter)"
+        )
     expected_mode = "min" if cfg.tune.metric == "fid" else "max"
     if cfg.tune.mode != expected_mode:
         raise ConfigError(f"tune.mode: {cfg.tune.mode} with tune.metric={cfg.tune.metric}; use {expected_mode}")
@@ -149,11 +252,21 @@ def _check_sweep(cfg: PipelineConfig) -> None:
 SWEEP_STATE_SYNC_S = 10
 
 
+def print_line(line: str) -> None:
+    """A line to stdout. Tune pickles the callbacks that print, and pickling ``print`` itself fails once Ray's
+    tqdm_ray has replaced builtins.print (it does on the first worker line the driver shows): a sweep under
+    `ray job submit` failed with "Can't pickle <built-in function print>"; a module's function pickles by name."""
+    print(line, flush=True)
+
+
 def run_sweep(
-    cfg: PipelineConfig, name: str, *, resume: bool = False, progress=print, verbose: bool = False
+    cfg: PipelineConfig, name: str, *, resume: bool = False, progress=None, verbose: bool = False
 ) -> SweepOutcome:
-    """Run (or, with ``resume``, finish) the sweep ``name``; return its trials table."""
+    """Run (or, with ``resume``, finish) the sweep ``name``; return its trials table. ``progress`` gets each line
+    for the console (default: stdout)."""
     import ray.tune
+
+    progress = progress or print_line
 
     _check_sweep(cfg)
     sweep_dir = run_location(cfg, name)
@@ -179,7 +292,12 @@ def run_sweep(
             uri,
             cfg.tracking.experiment,
             name,
-            {"sweep": name, "search_space": json.dumps(cfg.tune.search_space, sort_keys=True), "kind": "sweep"},
+            {
+                "sweep": name,
+                "search_space": json.dumps(cfg.tune.search_space, sort_keys=True),
+                "kind": "sweep",
+                "scheduler": cfg.tune.scheduler,
+            },
         )
     parent = MLflowTracker(uri, parent_run_id)
     if resume:
@@ -188,11 +306,7 @@ def run_sweep(
     init_ray(verbose)
     gpu = use_gpu(cfg)
     concurrency = cfg.tune.max_concurrent_trials or _default_concurrency(cfg, gpu)
-    stopping = (
-        f"ASHA on {cfg.tune.metric} ({cfg.tune.mode}) from epoch {cfg.tune.grace_period}"
-        if cfg.tune.grace_period < cfg.train.epochs
-        else f"no early stopping (tune.grace_period {cfg.tune.grace_period} >= train.epochs {cfg.train.epochs})"
-    )
+    stopping = _describe_scheduler(cfg)
     progress(
         f"[tune] sweep {name!r}: {cfg.tune.num_samples} sample(s) of {len(cfg.tune.search_space)} searched key(s), "
         f"up to {concurrency} at once, {stopping}; trials and sweep state in {sweep_dir}; MLflow parent run "
@@ -209,13 +323,16 @@ def run_sweep(
             from ray.tune.search.optuna import OptunaSearch
 
             search_alg = OptunaSearch(seed=cfg.train.seed)
+        random.seed(cfg.train.seed)  # Tune's random points and PBT's choices (donor, perturbation) draw from it
+        # A function trainable cannot take a new config in place: PBT restarts a copied trial (as it must).
+        warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
         tuner = ray.tune.Tuner(
             trainable,
             param_space=search_space(cfg),
             tune_config=ray.tune.TuneConfig(
                 metric=cfg.tune.metric,
                 mode=cfg.tune.mode,
-                scheduler=asha_scheduler(cfg),
+                scheduler=make_scheduler(cfg),
                 search_alg=search_alg,
                 num_samples=cfg.tune.num_samples,
                 max_concurrent_trials=concurrency,
@@ -226,6 +343,8 @@ def run_sweep(
                 # The sweep's state (a few kB) reaches remote storage every 10 s, not Ray's default 5 min: a
                 # driver killed before then would leave a state without its trials to --resume from.
                 sync_config=ray.tune.SyncConfig(sync_period=SWEEP_STATE_SYNC_S),
+                # PBT copies a trial's latest checkpoint (Ray warns about deleting too early at 2 or fewer).
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=max(3, cfg.train.keep_checkpoints)),
                 callbacks=[
                     close_child_runs(uri, cfg.tracking.experiment, name, cfg.train.epochs),
                     sweep_status(cfg, progress),
@@ -237,6 +356,20 @@ def run_sweep(
         )
     results = tuner.fit()
     return summarise(cfg, name, parent, results)
+
+
+def _describe_scheduler(cfg: PipelineConfig) -> str:
+    tune = cfg.tune
+    if tune.scheduler == "pbt":
+        return (
+            f"PBT on {tune.metric} ({tune.mode}) every {tune.pbt_interval:g} epoch(s), the bottom "
+            f"{tune.pbt_quantile:g} copying the top and perturbing {', '.join(pbt_mutated_keys(cfg))}"
+        )
+    if tune.scheduler == "asha" and tune.grace_period < cfg.train.epochs:
+        return f"ASHA on {tune.metric} ({tune.mode}) from epoch {tune.grace_period}"
+    if tune.scheduler == "asha":
+        return f"no early stopping (tune.grace_period {tune.grace_period} >= train.epochs {cfg.train.epochs})"
+    return "no early stopping (tune.scheduler none)"
 
 
 def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) -> Any:
@@ -258,8 +391,7 @@ def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) ->
                 run.end(status, end_time_ms=now)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            last = trial.last_result or {}
-            if int(last.get("epoch", 0)) < final_epoch and not last.get("diverged"):
+            if ended_status(trial.last_result or {}, final_epoch) == "early_stopped":
                 self._close(trial, "KILLED", "early_stopped")
             else:
                 self._close(trial, None, None)
@@ -325,50 +457,124 @@ def best_first(cfg: PipelineConfig, rows: list[dict[str, Any]]) -> list[dict[str
     return scored + [r for r in rows if r[metric] is None]
 
 
-def live_row(cfg: PipelineConfig, trial: Any, searched: list[str]) -> dict[str, Any]:
-    """A running sweep's trial as a row of the trials table."""
-    last = trial.last_result or {}
-    epochs = int(last.get("epoch", 0))
-    status = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}.get(trial.status)
-    if status is None:  # TERMINATED
-        status = "diverged" if last.get("diverged") else "finished" if epochs >= cfg.train.epochs else "early_stopped"
-    point = flat_point(trial.config or {})
+def ended_status(last: dict[str, Any], final_epoch: int) -> str:
+    """How a trial that ended without an error ended, from its last result."""
+    if last.get("diverged"):
+        return "diverged"
+    return "finished" if int(last.get("epoch", 0)) >= final_epoch else "early_stopped"
+
+
+def trial_row(
+    trial_id: str | None, status: str, last: dict[str, Any], config: dict[str, Any], searched: list[str]
+) -> dict[str, Any]:
+    """One line of the trials table: the trial, how it stands, its last scores and its (current) point."""
+    point = flat_point(config or {})
     return {
-        "trial_id": trial.trial_id,
+        "trial_id": trial_id,
         "status": status,
-        "epochs": epochs,
+        "epochs": int(last.get("epoch", 0)),
         "fid": last.get("fid"),
         "inception_score": last.get("inception_score"),
         **{key: point.get(key) for key in searched},
     }
 
 
-def asha_scheduler(cfg: PipelineConfig) -> Any:
-    """ASHA on our own ``epoch`` counter (it survives a restored trial), never stopping a trial at its final
-    epoch.
+def live_row(cfg: PipelineConfig, trial: Any, searched: list[str]) -> dict[str, Any]:
+    """A running sweep's trial as a row of the trials table."""
+    last = trial.last_result or {}
+    status = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}.get(trial.status)
+    return trial_row(trial.trial_id, status or ended_status(last, cfg.train.epochs), last, trial.config, searched)
 
-    Plain ASHA stops a trial at ``max_t`` and may have a rung on the last epoch (grace_period 3 of 3
-    epochs, say). Stopping a trial there saves no compute, its training is done, but kills its driver in
-    the middle of the final logging (generator model, last checkpoint). So results of the final epoch
-    always pass, which covers both; ``on_trial_complete`` still records them at a rung. A grace period at or
-    past the last epoch means no early stopping at all (ASHA itself refuses ``grace_period > max_t``).
+
+def make_scheduler(cfg: PipelineConfig) -> Any:
+    """``tune.scheduler`` as a Tune scheduler on our ``progress`` (epochs trained, a fraction between the
+    reports inside an epoch; it survives a restored trial), never stopping or pausing a trial at its final
+    report: None for ``none`` (Tune's FIFO), else ASHA or PBT.
+
+    Plain ASHA stops a trial at ``max_t`` and may have a rung on the last epoch (grace_period 3 of 3 epochs,
+    say); PBT may pause a trial there to copy another into it. Either saves no compute, the training is
+    done, but would end the trial's driver in the middle of the final logging (generator model, last
+    checkpoint). So results of the final epoch always pass; ``on_trial_complete`` still records them. A
+    grace period at or past the last epoch means no early stopping at all (ASHA itself refuses
+    ``grace_period > max_t``).
     """
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining, TrialScheduler
 
+    if cfg.tune.scheduler == "none":
+        return None
     final_epoch = cfg.train.epochs
+    base = PopulationBasedTraining if cfg.tune.scheduler == "pbt" else ASHAScheduler
 
-    class FinalEpochSafeASHA(ASHAScheduler):
+    class FinalReportPasses(base):  # type: ignore[valid-type, misc]
         def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            if result.get("epoch", 0) >= final_epoch:
+            if result.get("progress", 0) >= final_epoch:
                 return TrialScheduler.CONTINUE
-            return super().on_trial_result(tune_controller, trial, result)
+            exploits = getattr(self, "_num_perturbations", 0)
+            decision = super().on_trial_result(WithoutFailedTrials(tune_controller), trial, result)
+            if getattr(self, "_num_perturbations", 0) != exploits:
+                # PBT gave a trial another's checkpoint and config: into the sweep's state now, not at Tune's
+                # next periodic save, so a driver killed in between resumes the copy it began.
+                tune_controller.checkpoint(force=True, wait=True)
+            return decision
 
-    return FinalEpochSafeASHA(
-        time_attr="epoch",
+    if cfg.tune.scheduler == "pbt":
+        return FinalReportPasses(**pbt_options(cfg))
+    return FinalReportPasses(
+        time_attr="progress",
         max_t=final_epoch,
         grace_period=min(cfg.tune.grace_period, final_epoch),
         reduction_factor=cfg.tune.reduction_factor,
     )
+
+
+class WithoutFailedTrials:
+    """Tune's controller as a scheduler sees it, minus the trials that failed. Ray 2.60 keeps a failed trial
+    among the "live" ones, and synchronous PBT waits for every live trial to reach the next decision point:
+    one failed trial would hang the sweep (every other trial paused, none chosen to run)."""
+
+    def __init__(self, controller: Any):
+        self._controller = controller
+
+    def get_live_trials(self) -> set[Any]:
+        return {t for t in self._controller.get_live_trials() if t.status != "ERROR"}
+
+    def get_trials(self) -> list[Any]:
+        return [t for t in self._controller.get_trials() if t.status != "ERROR"]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._controller, name)
+
+
+def pbt_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """Ray's PopulationBasedTraining, synchronous: every trial reaches a decision point before the bottom
+    quantile copies the top one, so a copy continues at the step its trial left (no MLflow step twice, no
+    step skipped). A perturbed number is multiplied by one of ``tune.pbt_factors`` and clipped to its search
+    range, or (``tune.pbt_resample_probability``) drawn afresh from it; a choice moves to a neighbour."""
+    space = search_space(cfg)
+    mutations: dict[str, dict[str, Any]] = {}
+    bounds: dict[tuple[str, str], tuple[float, float]] = {}
+    for dotted in pbt_mutated_keys(cfg):
+        section, key = dotted.split(".")
+        kind, args = next(iter(cfg.tune.search_space[dotted].items()))
+        mutations.setdefault(section, {})[key] = list(args) if kind in ("choice", "grid") else space[section][key]
+        if kind not in ("choice", "grid"):
+            bounds[(section, key)] = (args[0], args[1])
+
+    def clip(config: dict[str, Any]) -> dict[str, Any]:
+        for (section, key), (low, high) in bounds.items():
+            config[section][key] = type(config[section][key])(min(max(config[section][key], low), high))
+        return config
+
+    return {
+        "time_attr": "progress",
+        "perturbation_interval": cfg.tune.pbt_interval,
+        "hyperparam_mutations": mutations,
+        "quantile_fraction": cfg.tune.pbt_quantile,
+        "resample_probability": cfg.tune.pbt_resample_probability,
+        "perturbation_factors": tuple(cfg.tune.pbt_factors),
+        "custom_explore_fn": clip,
+        "synch": True,
+    }
 
 
 def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: Any) -> SweepOutcome:
@@ -387,10 +593,102 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
     best = scored[0] if scored else None
     if best is not None:
         _log_best(cfg, parent, best, rows, searched)
+    schedule, exploits = None, 0
+    if cfg.tune.scheduler == "pbt":
+        exploits = sum(len(_exploits(child.tags)) for child in children.values() if child is not None)
+        parent.log_metrics({"pbt_exploits": exploits}, step=0)
+        parent.flush()
+        if best is not None and best["run_id"]:
+            schedule = _log_pbt_schedule(cfg, parent, best)
     registration = _register_best_generator(cfg, parent.uri, scored, searched)
     parent.set_tags({"status": "finished"})
     parent.end("FINISHED")
-    return SweepOutcome(name, parent.run_id, parent.uri, rows, best, registration)
+    return SweepOutcome(name, parent.run_id, parent.uri, rows, best, registration, schedule, exploits)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of training in one trial's run: steps after ``after`` up to ``until`` (None: the run's end)."""
+
+    trial_id: str
+    run_id: str
+    after: int
+    until: int | None
+
+    def within(self, history: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        """The (step, value) points of a metric's history that fall in this stretch, in order."""
+        return [
+            (step, value)
+            for step, value in sorted(history)
+            if step > self.after and (self.until is None or step <= self.until)
+        ]
+
+
+def _exploits(tags: dict[str, str]) -> list[dict[str, Any]]:
+    """A trial's exploits as its run's tags record them (pbt.exploit.step_<step>), oldest first."""
+    records = [json.loads(value) for key, value in tags.items() if key.startswith("pbt.exploit.step_")]
+    return sorted(records, key=lambda record: record["step"])
+
+
+def lineage(uri: str, trial_id: str, run_id: str, until: int | None = None) -> list[Segment]:
+    """The runs whose training made ``run_id``'s weights at step ``until`` (None: its last), oldest first:
+    before its last exploit up to then they are its donor's, and so on back to a trial's first step."""
+    earlier = [r for r in _exploits(MLflowTracker(uri, run_id).tags()) if until is None or r["step"] <= until]
+    if not earlier:
+        return [Segment(trial_id, run_id, 0, until)]
+    last = earlier[-1]
+    before = lineage(uri, last["donor_trial"], last["donor_run_id"], last["step"])
+    if until is not None and last["step"] >= until:
+        return before
+    return [*before, Segment(trial_id, run_id, last["step"], until)]
+
+
+def _log_pbt_schedule(cfg: PipelineConfig, parent: MLflowTracker, best: dict[str, Any]) -> str:
+    """The best trial's hyperparameters along its lineage, as ``plots/pbt_schedule.png`` and the table
+    ``pbt_schedule.md`` on the parent run; returns the table."""
+    keys = [dotted.split(".")[1] for dotted in pbt_mutated_keys(cfg)]
+    segments = lineage(parent.uri, best["trial_id"], best["run_id"])
+    lines = [
+        "| steps | trial | " + " | ".join(keys) + f" | {cfg.tune.metric} at the end |",
+        "|" + "---|" * (len(keys) + 3),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pbt_schedule.png")
+        with figure(path, "global step", "value (log scale)") as ax:
+            for n, seg in enumerate(segments):
+                run = MLflowTracker(parent.uri, seg.run_id)
+                firsts = []
+                for key in keys:
+                    points = seg.within(run.metric_history(key))
+                    firsts.append(f"{points[0][1]:.3g}" if points else "-")
+                    if points:
+                        ax.plot(
+                            *zip(*points, strict=True),
+                            marker="o",
+                            color=f"C{keys.index(key)}",
+                            label=key if n == 0 else None,
+                        )
+                if n:
+                    ax.axvline(seg.after, color="grey", linestyle="--")
+                    ax.annotate(
+                        f"from {seg.trial_id}",
+                        (seg.after, 1),
+                        xycoords=("data", "axes fraction"),
+                        fontsize=7,
+                        rotation=90,
+                        va="top",
+                    )
+                scores = seg.within(run.metric_history(cfg.tune.metric))
+                end = f"{scores[-1][1]:.3f}" if scores else "-"
+                span = f"{seg.after}-{seg.until if seg.until is not None else 'end'}"
+                lines.append(f"| {span} | {seg.trial_id} | " + " | ".join(firsts) + f" | {end} |")
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        table = "\n".join(lines)
+        Path(tmp, "pbt_schedule.md").write_text(table + "\n")
+        parent.log_artifact(path, "plots")
+        parent.log_artifact(os.path.join(tmp, "pbt_schedule.md"))
+    return table
 
 
 def _register_best_generator(
@@ -411,27 +709,16 @@ def _trial_id(result: Any) -> str | None:
 
 
 def _trial_row(cfg: PipelineConfig, result: Any, child: RunRecord | None, searched: list[str]) -> dict[str, Any]:
-    """One line of the trials table: how the trial ended, its last scores and its point of the search space."""
+    """A finished sweep's trial as a row of the trials table, with its MLflow run."""
     metrics = result.metrics or {}
-    epochs_done = int(metrics.get("epoch", 0))
     if child is not None and child.tags.get("status") == "diverged":
         status = "diverged"
     elif result.error is not None:
         status = "failed"
-    elif epochs_done < cfg.train.epochs:
-        status = "early_stopped"
     else:
-        status = "finished"
-    point = flat_point(result.config or {})
-    return {
-        "trial_id": _trial_id(result),
-        "run_id": child.run_id if child else None,
-        "status": status,
-        "epochs": epochs_done,
-        "fid": metrics.get("fid"),
-        "inception_score": metrics.get("inception_score"),
-        **{key: point.get(key) for key in searched},
-    }
+        status = ended_status(metrics, cfg.train.epochs)
+    row = trial_row(_trial_id(result), status, metrics, result.config, searched)
+    return {"run_id": child.run_id if child else None, **row}
 
 
 def _close_child(cfg: PipelineConfig, result: Any, child: RunRecord, status: str, uri: str) -> None:

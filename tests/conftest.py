@@ -45,3 +45,25 @@ def run_python(*args: str, env: dict | None = None, timeout: float = 600) -> sub
         env=full_env,
         timeout=timeout,
     )
+
+
+def run_together(fn, args_list) -> list[BaseException]:
+    """``fn(*args)`` for each args of ``args_list``, each in a thread, all released at the same moment (a
+    barrier): races as concurrent writers meet them. Returns what the calls raised."""
+    import threading
+
+    start, errors = threading.Barrier(len(args_list)), []
+
+    def call(*args):
+        start.wait()
+        try:
+            fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=args) for args in args_list]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors

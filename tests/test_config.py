@@ -169,3 +169,55 @@ def test_with_overrides_changes_a_copy_and_validates_it():
         with_overrides(base, {"optim.lr_gen": 1.0})
     with pytest.raises(ConfigError, match="train.epochs: 0 is out of range"):
         with_overrides(base, {"train.epochs": 0})
+
+
+PBT_SPACE = {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-2]}, "model.latent_dim": {"choice": [32, 64]}}
+
+
+@pytest.mark.parametrize(
+    "tune, words",
+    [
+        ({"pbt_mutate": ["model.latent_dim"]}, "tune.pbt_mutate: model.latent_dim changes the networks' shapes"),
+        ({"pbt_mutate": ["optim.lr_d"]}, "tune.pbt_mutate: optim.lr_d is not in tune.search_space"),
+        ({"pbt_mutate": ["train.seed"]}, "tune.pbt_mutate: train.seed cannot change in the middle of a run"),
+        ({"search_alg": "optuna"}, "use tune.search_alg=random"),
+        ({"pbt_interval": 0.5}, "set tune.report_every_steps"),
+        ({"pbt_interval": 4.0}, "leaves no decision before the last"),
+        ({"pbt_factors": [0.8, -1.2]}, "tune.pbt_factors"),
+        ({"pbt_quantile": 0.75}, "tune.pbt_quantile: 0.75 is out of range"),
+        (
+            {"search_space": {**PBT_SPACE, "train.batch_size": {"choice": [32, 64]}}},
+            "train.batch_size: cannot be searched",
+        ),
+        ({"search_space": {"model.latent_dim": {"choice": [32, 64]}}}, "pbt needs a searched key it can mutate"),
+    ],
+)
+def test_pbt_settings_are_checked_with_one_line_errors(tune, words):
+    raw = {"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE, **tune}}
+    with pytest.raises(ConfigError) as error:
+        build_config(raw)
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_pbt_mutates_the_searched_keys_it_can_by_default():
+    from pipeline.config import pbt_mutated_keys
+
+    cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE}})
+    assert pbt_mutated_keys(cfg) == ["optim.lr_g"]  # model.latent_dim is searched, never mutated
+    fractional = build_config(
+        {
+            "train": {"epochs": 3},
+            "tune": {"scheduler": "pbt", "search_space": PBT_SPACE, "pbt_interval": 0.5, "report_every_steps": 100},
+        }
+    )
+    assert fractional.tune.pbt_interval == 0.5
+
+
+def test_a_pbt_sweep_needs_a_population():
+    from pipeline.tune import _check_sweep
+
+    cfg = build_config(
+        {"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE, "num_samples": 1}}
+    )
+    with pytest.raises(ConfigError, match="tune.num_samples: 1 with tune.scheduler=pbt"):
+        _check_sweep(cfg)

@@ -147,7 +147,7 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
     """
     import ray
 
-    from pipeline.distributed import build_trainer, init_ray, prepare_inputs
+    from pipeline.distributed import WorkerJob, build_trainer, init_ray, prepare_inputs
 
     cfg = load_config(
         CONFIGS / "smoke.yaml",
@@ -161,7 +161,7 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
     )
     init_ray()
     try:
-        result = build_trainer(cfg, "dp-step", evaluator=prepare_inputs(cfg)).fit()
+        result = build_trainer(WorkerJob(cfg, evaluator=prepare_inputs(cfg)), "dp-step").fit()
     finally:
         ray.shutdown()
     trained = checkpoint.load(f"{result.checkpoint.path}/{checkpoint.FILENAME}")

@@ -5,7 +5,6 @@ the logged generator carries its run's final FID/IS; experiments open on their t
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from pipeline.cli import main
 from pipeline.config import with_overrides
 from pipeline.models import build_generator
 from pipeline.tracking import CHAMPION, MLflowTracker, register_generator, start_run
+from tests.conftest import run_together
 
 EVALUATOR = "e" * 64
 
@@ -82,21 +82,9 @@ def test_racing_registrations_leave_the_champion_on_the_best(store, round_):
     """Sweeps ending at once: whatever the interleaving, the alias ends on the lowest FID."""
     uri, _, model_uri = store
     fids = [33.0, 21.0, 47.0, 25.0, 30.0, 22.0][round_:] + [33.0, 21.0, 47.0, 25.0, 30.0, 22.0][:round_]
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(fids))
-
-    def register(fid: float) -> None:
-        try:
-            start.wait()
-            register_generator(uri, f"gan-race-{round_}", model_uri, tags(fid))
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=register, args=(fid,)) for fid in fids]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    errors = run_together(
+        lambda fid: register_generator(uri, f"gan-race-{round_}", model_uri, tags(fid)), [(fid,) for fid in fids]
+    )
     assert not errors, errors
     assert champion(uri, f"gan-race-{round_}")[1] == min(fids)
 

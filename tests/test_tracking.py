@@ -13,6 +13,7 @@ from pipeline.tracking import (
     resolve_tracking_uri,
     start_run,
 )
+from tests.conftest import run_together
 
 
 def test_tracking_uri_precedence(monkeypatch, tmp_path):
@@ -77,3 +78,17 @@ def test_a_step_already_logged_is_not_written_again(tmp_path):
         restarted.log_metrics({"loss_d": float(step)}, step=step)
     restarted.flush()
     assert restarted.metric_history("loss_d") == [(2, 2.0), (4, 4.0), (6, 6.0), (8, 8.0)]
+
+
+def test_two_runs_logging_the_same_new_dataset_at_once_both_get_it(tmp_path):
+    """MLflow's sqlite store checks for a dataset, then inserts it: runs logging one new dataset at once (a
+    sweep's trials starting together) raced into a UNIQUE failure that failed a trial."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = [MLflowTracker(uri, start_run(uri, "race", f"run{i}")) for i in range(6)]
+    for round_ in range(3):  # a new dataset each round: each round is a fresh race
+        dataset = ("mnist", f"{round_:036d}", "/data/train", {"limit": round_})
+        errors = run_together(lambda run, d=dataset: run.log_dataset(*d), [(run,) for run in runs])
+        assert not errors, errors
+    for run in runs:
+        inputs = run.client.get_run(run.run_id).inputs.dataset_inputs
+        assert sorted(i.dataset.digest for i in inputs) == [f"{r:036d}" for r in range(3)]

@@ -310,3 +310,72 @@ def test_auto_precision_reaches_the_autocast(monkeypatch, fake_split):
     nets = Nets.wrap(TrainState.initial(cfg, torch.device("cpu")), cfg, Runtime())
     with nets.autocast():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_resume_from_inside_an_epoch_is_exact(fake_split, tmp_path, fresh):
+    """tune.report_every_steps: reports (and checkpoints) inside epochs; a run continued from one ends bit for
+    bit where the straight run did, with the same epoch means of the losses."""
+    cfg = load_config(
+        CONFIGS / "smoke.yaml",
+        ["train.epochs=2", "tune.report_every_steps=3", f"train.g_fresh_noise={str(fresh).lower()}"],
+    )
+    straight = []
+    train_gan(cfg, fake_split, report=lambda m, s: straight.append((dict(m), copy.deepcopy(s))), log=quiet)
+    # 256 images in batches of 64: 4 steps an epoch; reports at steps 3 and 6 inside epochs, 4 and 8 at their ends
+    assert [(m["step"], m["progress"], m["epoch"]) for m, _ in straight] == [
+        (3, 0.75, 0),
+        (4, 1.0, 1),
+        (6, 1.5, 1),
+        (8, 2.0, 2),
+    ]
+    assert "fid" not in straight[0][0] and straight[0][1]["epoch_partial"] is not None
+    assert straight[1][1]["epoch_partial"] is None
+    for inside in (0, 2):  # from step 3 (epoch 1 of 2) and from step 6 (epoch 2)
+        path = checkpoint.save(tmp_path / f"inside{inside}.pt", straight[inside][1])
+        resumed: list = []
+        train_gan(cfg, fake_split, resume=checkpoint.load(path), report=_collect(resumed), log=quiet)
+        assert [m["step"] for m, _ in resumed] == [m["step"] for m, _ in straight[inside + 1 :]]
+        for key in ("generator", "discriminator"):
+            a, b = straight[-1][1][key], resumed[-1][1][key]
+            assert all(torch.equal(a[k], b[k]) for k in a), (inside, key)
+        for (want, _), (got, _) in zip(straight[inside + 1 :], resumed, strict=True):
+            for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+                assert got[key] == pytest.approx(want[key], rel=1e-12, abs=0), (inside, want["step"], key)
+
+
+def test_a_run_continued_with_other_optimizer_settings_trains_with_them(fake_split):
+    """What PBT relies on: the checkpoint's weights, and the config's learning rates and betas (not the
+    checkpoint's) in the optimizers; on_resume sees exactly that state, and each report the live rates."""
+    from pipeline.train import weights_digest
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=2", "train.ema_decay=0.9"])
+    first = []
+    train_gan(cfg, fake_split, report=lambda m, s: first.append(copy.deepcopy(s)), log=quiet)
+    donor = first[0]  # after epoch 1
+    changed = load_config(
+        CONFIGS / "smoke.yaml",
+        ["train.epochs=2", "train.ema_decay=0.9", "optim.lr_g=1.0e-3", "optim.lr_d=5.0e-4", "optim.beta1=0.6"],
+    )
+    seen, reports, states = [], [], []
+
+    def on_resume(state):
+        seen.append((state.fingerprint(), state.learning_rates, state.opt_d.param_groups[0]["betas"], state.step))
+
+    def report(metrics, state):
+        reports.append(metrics)
+        states.append(state)
+
+    train_gan(changed, fake_split, resume=donor, on_resume=on_resume, report=report, log=quiet)
+    ((weights, rates, betas, step),) = seen
+    assert weights == weights_digest(donor["generator"], donor["discriminator"], donor["generator_ema"])
+    assert rates == {"lr_g": 1.0e-3, "lr_d": 5.0e-4} and betas == (0.6, 0.999) and step == 4
+    assert reports[-1]["lr_g"] == 1.0e-3 and reports[-1]["lr_d"] == 5.0e-4
+    # ... and it trained with them: its epoch 2 is not the one the checkpoint's settings gave
+    kept, now = first[-1]["generator"], states[-1]["generator"]
+    assert any(not torch.equal(kept[k], now[k]) for k in kept)
+
+
+def _collect(into: list):
+    """A report callback that keeps each (metrics, checkpoint state) in ``into``."""
+    return lambda metrics, state: into.append((dict(metrics), state))

@@ -1,5 +1,6 @@
 """Ray Tune sweeps on a real local Ray with a real sqlite MLflow store. Slow: every trial starts a Train run."""
 
+import json
 import os
 import re
 import shutil
@@ -138,25 +139,13 @@ def _kill_processes_with_env(key: str, value: str) -> None:
     psutil.wait_procs(victims, timeout=30)
 
 
-def test_concurrent_trials_lose_no_write_and_a_killed_sweep_resumes(tmp_path):
-    """Two trials at once on one sqlite store; the sweep's driver is killed mid-way, then --resume finishes it."""
-    uri, args = _sweep_args(
-        tmp_path,
-        "--set",
-        "tune.search_space={train.seed: {grid: [1, 2]}}",
-        "--set",
-        "tune.max_concurrent_trials=2",
-        "--set",
-        "tune.num_samples=1",
-        "--set",
-        "tune.grace_period=3",  # a rung only at the last epoch, where no trial is stopped: every history completes
-        "--name",
-        "killed",
-    )
+def _kill_sweep_once(args: list[str], db, query: str, timeout: float = 600) -> None:
+    """Start the sweep ``args``, SIGKILL its driver and its Ray once ``query`` counts a row in the MLflow
+    store ``db``."""
     # The sweep's Ray gets a temp dir of its own, so that killing "its" Ray processes below can find
     # exactly them (every process it starts inherits RAY_TMPDIR) and never touches another Ray on the machine.
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths have a length limit
-    killed_log = open(tmp_path / "killed.log", "w")  # noqa: SIM115 (closed once the sweep is dead)
+    killed_log = open(db.parent / "killed.log", "w")  # noqa: SIM115 (closed once the sweep is dead)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args],
         cwd=REPO,
@@ -165,21 +154,20 @@ def test_concurrent_trials_lose_no_write_and_a_killed_sweep_resumes(tmp_path):
         stderr=subprocess.STDOUT,
         env={**os.environ, "RAY_TMPDIR": ray_tmp},
     )
-    db = tmp_path / "mlflow.db"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout
     try:
-        while time.monotonic() < deadline:  # wait until some trial has finished an epoch and its evaluation
+        while time.monotonic() < deadline:
             time.sleep(2)
             assert proc.poll() is None, "the sweep ended before it could be killed"
             if db.exists():
                 try:
                     with sqlite3.connect(db) as conn:
-                        if conn.execute("select count(*) from metrics where key = 'fid'").fetchone()[0] >= 1:
+                        if conn.execute(query).fetchone()[0] >= 1:
                             break
                 except sqlite3.OperationalError:
                     pass
         else:
-            pytest.fail("no trial finished an epoch within 10 minutes")
+            pytest.fail(f"nothing matched {query!r} within {timeout:.0f} s")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -187,7 +175,37 @@ def test_concurrent_trials_lose_no_write_and_a_killed_sweep_resumes(tmp_path):
     _kill_processes_with_env("RAY_TMPDIR", ray_tmp)  # Ray's daemons run in sessions of their own
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    resumed = run_cli(*args[:-2], "--name", "killed", "--resume", timeout=900)
+
+def test_pbt_copies_the_donor_into_the_weaker_trial_and_a_killed_pbt_sweep_resumes(tmp_path):
+    """Two PBT trials at once on one sqlite store, reporting inside epochs too; the sweep's driver is killed
+    once a trial has continued from the other's checkpoint, then --resume finishes it: one child run per
+    trial, every step once, each exploit's weights the donor's and its learning rates the perturbed ones."""
+    import torch
+
+    from pipeline.train import weights_digest
+
+    uri, args = _sweep_args(
+        tmp_path,
+        "--set",
+        "tune.scheduler=pbt",
+        "--set",
+        "tune.search_space={optim.lr_g: {loguniform: [1.0e-4, 1.0e-2]}, optim.lr_d: {loguniform: [1.0e-4, 1.0e-2]}}",
+        "--set",
+        "tune.num_samples=2",
+        "--set",
+        "tune.max_concurrent_trials=2",
+        "--set",
+        "tune.report_every_steps=4",  # smoke: 8 steps an epoch, so a report in the middle of each
+        "--set",
+        "tune.pbt_interval=1.5",  # a decision in the middle of epoch 2 (step 12)
+        "--set",
+        "train.keep_checkpoints=8",  # every Tune checkpoint stays, for the check below
+        "--name",
+        "pbt",
+    )
+    _kill_sweep_once(args, tmp_path / "mlflow.db", "select count(*) from tags where key like 'pbt.exploit.%'")
+
+    resumed = run_cli(*args[:-2], "--name", "pbt", "--resume", timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     client = MlflowClient(uri)
     parents = [
@@ -197,13 +215,37 @@ def test_concurrent_trials_lose_no_write_and_a_killed_sweep_resumes(tmp_path):
     ]
     assert len(parents) == 1  # the parent run was reused
     children = _children(client, parents[0].info.run_id)
-    assert len(children) == 2  # exactly one child run per trial
+    assert len(children) == 2  # exactly one child run per trial, across its Train runs
+    exploits = []
     for child in children:
         # smoke: 8 steps per epoch, log_every 2, 3 epochs -> every even step once, no duplicates
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss_d")]
         assert steps == list(range(2, 25, 2)), steps
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [8, 16, 24]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [4, 8, 12, 16, 20, 24]
         assert child.info.status == "FINISHED", (child.data.tags, resumed.stdout[-6000:])
+        records = [json.loads(v) for k, v in child.data.tags.items() if k.startswith("pbt.exploit.step_")]
+        exploits += [(child, record) for record in records]
+    assert exploits, "no trial continued from another's checkpoint"
+    for child, record in exploits:
+        # The weights it continued with are the donor's, as Tune kept the donor's checkpoint at that step ...
+        notes = sorted((tmp_path / "runs" / "pbt").glob(f"*{record['donor_trial']}*/checkpoint_*/lineage.json"))
+        (donor_checkpoint,) = [n.parent for n in notes if json.loads(n.read_text())["step"] == record["step"]]
+        state = torch.load(donor_checkpoint / "checkpoint.pt", weights_only=True)
+        assert record["weights_sha256"] == weights_digest(state["generator"], state["discriminator"], None)
+        # ... and it trained on with the perturbed learning rates: the ones its next report logged, not the donor's
+        after = {
+            key: [m for m in client.get_metric_history(child.info.run_id, key) if m.step > record["step"]]
+            for key in ("lr_g", "lr_d")
+        }
+        donor = {key: state["opt_g" if key == "lr_g" else "opt_d"]["param_groups"][0]["lr"] for key in ("lr_g", "lr_d")}
+        for key in ("lr_g", "lr_d"):
+            assert min(after[key], key=lambda m: m.step).value == pytest.approx(record[key]), (key, record)
+            assert record[key] != pytest.approx(donor[key]), (key, record, donor)
+    parent = client.get_run(parents[0].info.run_id)
+    assert parent.data.metrics["pbt_exploits"] == len(exploits)
+    assert "plots/pbt_schedule.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "pbt_schedule.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert f"PBT: {len(exploits)} exploit(s)" in resumed.stdout
 
 
 def test_resume_with_nothing_to_resume_is_a_clean_error(tmp_path):
@@ -225,10 +267,10 @@ def test_asha_stops_at_a_rung_but_never_at_the_final_epoch(epochs):
     from ray.tune.schedulers import TrialScheduler
 
     from pipeline.config import build_config
-    from pipeline.tune import asha_scheduler
+    from pipeline.tune import make_scheduler
 
     cfg = build_config({"train": {"epochs": epochs}, "tune": {"grace_period": 1, "reduction_factor": 2}})
-    scheduler = asha_scheduler(cfg)
+    scheduler = make_scheduler(cfg)
     scheduler.set_search_properties("fid", "min")
     good, bad = _fake_trial("good"), _fake_trial("bad")
     for trial in (good, bad):
@@ -236,7 +278,7 @@ def test_asha_stops_at_a_rung_but_never_at_the_final_epoch(epochs):
     decisions = {}
     for epoch in range(1, epochs + 1):  # the bad trial is always worse, and always second to report
         for trial, fid in ((good, 10.0), (bad, 100.0)):
-            decisions[trial.trial_id, epoch] = scheduler.on_trial_result(None, trial, {"epoch": epoch, "fid": fid})
+            decisions[trial.trial_id, epoch] = scheduler.on_trial_result(None, trial, {"progress": epoch, "fid": fid})
     # The worse trial is stopped at the first rung (epoch 1)...
     assert decisions["bad", 1] == TrialScheduler.STOP
     assert decisions["good", 1] == TrialScheduler.CONTINUE
@@ -250,17 +292,17 @@ def test_a_grace_period_at_or_past_the_last_epoch_means_no_early_stop(grace_peri
     from ray.tune.schedulers import TrialScheduler
 
     from pipeline.config import build_config
-    from pipeline.tune import asha_scheduler
+    from pipeline.tune import make_scheduler
 
     cfg = build_config({"train": {"epochs": 3}, "tune": {"grace_period": grace_period, "reduction_factor": 2}})
-    scheduler = asha_scheduler(cfg)
+    scheduler = make_scheduler(cfg)
     scheduler.set_search_properties("fid", "min")
     good, bad = _fake_trial("good"), _fake_trial("bad")
     for trial in (good, bad):
         scheduler.on_trial_add(None, trial)
     for epoch in range(1, 4):
         for trial, fid in ((good, 10.0), (bad, 100.0)):
-            assert scheduler.on_trial_result(None, trial, {"epoch": epoch, "fid": fid}) == TrialScheduler.CONTINUE
+            assert scheduler.on_trial_result(None, trial, {"progress": epoch, "fid": fid}) == TrialScheduler.CONTINUE
 
 
 def test_sweep_status_prints_the_trials_table_on_change_and_not_more_often(monkeypatch):
@@ -301,3 +343,70 @@ def test_sweep_status_prints_the_trials_table_on_change_and_not_more_often(monke
     status.on_trial_complete(0, trials, trials[1])
     status.on_step_end(4, trials)
     assert "early_stopped" in printed[5]  # ended after epoch 1 of 2
+
+
+class _Controller:
+    """What a Tune scheduler asks of Tune's controller, for trials that never start (Ray keeps a failed
+    trial among the live ones, as its controller does)."""
+
+    search_alg = None
+
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self):
+        return self.trials
+
+    def get_live_trials(self):
+        return set(self.trials)
+
+    def pause_trial(self, trial, should_checkpoint=True):
+        from ray.tune.experiment import Trial
+
+        trial.set_status(Trial.PAUSED)
+
+
+def test_a_failed_trial_does_not_hang_synchronous_pbt():
+    """Ray's synchronous PBT waits at each decision point for every live trial, a failed one included: the
+    others would stay paused for ever. Ours decides without it, and the paused trial runs again."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipeline.config import build_config
+    from pipeline.tune import make_scheduler
+
+    space = {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-2]}}
+    cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": space}})
+    scheduler = make_scheduler(cfg)
+    scheduler.set_search_properties("fid", "min")
+    alive, failed = _fake_trial("alive"), _fake_trial("failed")
+    for trial in (alive, failed):
+        trial.config = {"optim": {"lr_g": 1.0e-3}}
+    controller = _Controller([alive, failed])
+    for trial in (alive, failed):
+        scheduler.on_trial_add(controller, trial)
+    failed.set_status(Trial.ERROR)
+    alive.set_status(Trial.RUNNING)
+    decision = scheduler.on_trial_result(controller, alive, {"progress": 1.0, "fid": 10.0})
+    assert decision == TrialScheduler.PAUSE  # synchronous PBT pauses every trial at a decision point ...
+    alive.set_status(Trial.PAUSED)
+    assert scheduler.choose_trial_to_run(controller) is alive  # ... and, the decision made, runs it again
+
+
+def test_the_sweep_status_callback_pickles_after_ray_replaced_print(monkeypatch):
+    """Ray's tqdm_ray replaces builtins.print in the driver at the first worker line it shows; Tune pickles
+    its callbacks after that, and a callback holding the original `print` could not be pickled (a sweep under
+    `ray job submit` failed before any trial)."""
+    import builtins
+
+    import ray.cloudpickle
+
+    from pipeline.config import build_config
+    from pipeline.tune import print_line, sweep_status
+
+    cfg = build_config({"tune": {"search_space": {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-3]}}}})
+    original = builtins.print
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: original(*args, **kwargs))
+    with pytest.raises(Exception, match="Can't pickle"):
+        ray.cloudpickle.dumps(sweep_status(cfg, original))  # what run_sweep's default used to be
+    ray.cloudpickle.loads(ray.cloudpickle.dumps(sweep_status(cfg, print_line)))
