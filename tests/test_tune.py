@@ -407,6 +407,4 @@ def test_the_sweep_status_callback_pickles_after_ray_replaced_print(monkeypatch)
     cfg = build_config({"tune": {"search_space": {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-3]}}}})
     original = builtins.print
     monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: original(*args, **kwargs))
-    with pytest.raises(Exception, match="Can't pickle"):
-        ray.cloudpickle.dumps(sweep_status(cfg, original))  # what run_sweep's default used to be
     ray.cloudpickle.loads(ray.cloudpickle.dumps(sweep_status(cfg, print_line)))
