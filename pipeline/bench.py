@@ -1,5 +1,6 @@
 """`python -m pipeline bench`: throughput of the training loop without Ray, under Ray Train with 1 and N
-workers, against the machine's measured matmul peak. A script that prints a table, not a test.
+workers, against the machine's measured matmul peak; with ``--sweep`` also a small sweep, and where its
+hardware's time went (pipeline.accounting). A script that prints a table, not a test.
 
 Images/s are the median of several timed windows of steps after warm-up, on real MNIST batches and the
 default model (configs/mnist.yaml unless --config says otherwise).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +91,7 @@ def bench(
     num_workers: int | None = None,
     rounds: int | None = None,
     progress: Callable[[str], None] = print,
+    sweep: bool = False,
 ) -> dict[str, Any]:
     """Run every measurement; return the results (the JSON that --out writes).
 
@@ -164,7 +167,45 @@ def bench(
     results["fraction_of_mm_peak"] = achieved / results["peak_mm_gflops"]
     results["ray1_fraction_of_peak"] = results["ray1_img_s"] * results["flops_per_img"] / 1e9 / results["peak_gflops"]
     results["eval_fraction_of_epoch"] = results["eval_s_per_10k"] / results["epoch_s"]
+    if sweep:
+        results.update(sweep_stage(cfg, quick, progress))
     return results
+
+
+def sweep_stage(cfg: PipelineConfig, quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
+    """A sweep as `tune` runs one (trial drivers, Train runs, MLflow child runs; no early stopping), two trials
+    per CPU, each one 1-CPU worker for one epoch of the bench's images: its
+    busy_fraction, trial start-to-first-step, evaluation and checkpoint seconds (``sweep_*`` keys)."""
+    import ray
+
+    from pipeline.tune import run_sweep
+
+    slots = os.cpu_count() or 1
+    trials = 2 * slots
+    progress(f"[bench] sweep: {trials} trials of one epoch, {slots} at a time, 1 worker each")
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        sweep_cfg = with_overrides(
+            cfg,
+            {
+                "scaling.num_workers": 1,
+                "scaling.cpus_per_worker": 1,
+                "scaling.use_gpu": "false",
+                "tune.num_samples": trials,
+                "tune.max_concurrent_trials": slots,
+                "tune.scheduler": "none",
+                "tune.search_space": {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-3]}},
+                "eval.every_epochs": 1,
+                "eval.num_samples": 1000 if quick else 5000,
+                "tracking.uri": f"sqlite:///{tmp}/mlflow.db",
+                "train.storage_path": f"{tmp}/runs",
+                "tracking.registered_model": "",
+            },
+        )
+        outcome = run_sweep(sweep_cfg, "bench-sweep", progress=lambda line: None)
+    ray.shutdown()
+    if outcome.time is None:
+        raise RuntimeError("the bench sweep reported no timing")
+    return {"sweep_trials": trials, **{f"sweep_{k}": v for k, v in outcome.time.metrics().items()}}
 
 
 def medians(per_round: list[dict[str, Any]]) -> dict[str, float]:
@@ -221,6 +262,21 @@ def format_table(r: dict[str, Any]) -> str:
         ("epoch of 60,000 images (N workers)", f"{r['epoch_s']:.0f} s", ""),
         ("command start to first step (Ray, 1 worker)", f"{r['start_to_first_step_s']:.1f} s", ""),
     ]
+    if "sweep_busy_fraction" in r:
+        rows += [
+            (
+                f"sweep of {r['sweep_trials']} one-epoch trials: busy_fraction",
+                f"{r['sweep_busy_fraction']:.2f}",
+                f"of {r['sweep_wall_s']:.0f} s x {r['sweep_capacity']:g} CPU/GPU; evaluation "
+                f"{r['sweep_eval_s']:.0f} s, checkpoints {r['sweep_checkpoint_s']:.0f} s (trial-seconds)",
+            ),
+            (
+                "sweep: trial start to first step",
+                f"median {r['sweep_start_median_s']:.1f} s, max {r['sweep_start_max_s']:.1f} s",
+                f"median phases: workers {r['sweep_start_workers_median_s']:.1f} s, data "
+                f"{r['sweep_start_data_median_s']:.1f} s, setup {r['sweep_start_setup_median_s']:.1f} s",
+            ),
+        ]
     lines = [
         f"| measurement | value (median of {r['rounds']} round(s); slowest-fastest window) | relation (median of "
         "the rounds' own ratios) |",

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds", type=int, help="interleaved rounds of the loops; ratios are medians over them (default 3, quick 1)"
     )
     bench.add_argument("--out", help="write the results as JSON here")
+    bench.add_argument(
+        "--sweep", action="store_true", help="also a small sweep: busy_fraction, trial start-to-first-step (minutes)"
+    )
 
     cfg = sub.add_parser("config", help="show the resolved config, or every key with its default and meaning")
     _add_config_args(cfg)
@@ -178,6 +181,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     outcome = run_sweep(cfg, name, resume=args.resume, verbose=args.verbose)
     print(f"\nsweep {name!r}: {len(outcome.rows)} trials in {time.perf_counter() - started:.0f}s")
     print(format_table(outcome, list(cfg.tune.search_space)))
+    if outcome.time is not None:
+        print(f"hardware: {outcome.time.line()}")
     if outcome.best is not None:
         print(
             f"best trial {outcome.best['trial_id']}: FID {outcome.best['fid']:.3f}, "
@@ -281,7 +286,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds: {args.rounds} must be >= 1")
     load_config(args.config, args.overrides)  # bad input fails here, before any measurement
-    results = bench(args.config, args.overrides, quick=args.quick, num_workers=args.workers, rounds=args.rounds)
+    results = bench(
+        args.config, args.overrides, quick=args.quick, num_workers=args.workers, rounds=args.rounds, sweep=args.sweep
+    )
     print(format_table(results))
     if args.out:
         write_json(results, args.out)

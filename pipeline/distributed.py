@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pipeline import PROJECT_ROOT, checkpoint
+from pipeline import PROJECT_ROOT, STARTED_AT, checkpoint
 from pipeline.config import ConfigError, PipelineConfig, UserError, registered_model_name
 from pipeline.models import identity
 from pipeline.storage import check_storage, exists, resume_checkpoint_file, run_location, storage_root
@@ -325,6 +325,7 @@ class WorkerJob:
     label: str = ""  # what the workers' lines start with, e.g. a sweep's trial id: "[3f2a1_00002] epoch 1/4 ..."
     start_from: StartFrom | None = None  # another run's checkpoint, used when Ray has none of this run's own
     live_keys: tuple[str, ...] = ()  # config keys whose values are logged as metrics at each report (PBT's mutated)
+    started_at: float | None = None  # wall clock: when the driver's process began loading pipeline code
     # A sweep's trial: a ray.util.queue.Queue that receives an item once Tune has let a report's trial go on.
     # Rank 0 waits for it after each report, so a trial that Tune stops or pauses there (PBT: to copy another
     # trial into it) trains and logs nothing past that report.
@@ -369,6 +370,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.data import load
     from pipeline.metrics import Evaluator
 
+    entered = time.time()
     job: WorkerJob = loop_config["job"]
     cfg = job.config
     context = ray.train.get_context()
@@ -378,6 +380,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     is_main = rank == 0
 
     data = load(cfg.data, progress=print if context.get_local_rank() == 0 else (lambda _: None))
+    data_loaded = time.time()
     resume = None
     restored, exploit = ray.train.get_checkpoint(), None
     if restored is None and job.start_from is not None:
@@ -425,9 +428,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     live = {key.split(".")[1]: cfg.flat()[key] for key in job.live_keys if key not in ("optim.lr_g", "optim.lr_d")}
 
+    bar = EpochProgress(cfg.train.epochs, cfg.train.batch_size) if is_main and job.show_progress else None
+    first_step: list[float] = []
+
+    def on_progress(epoch: int, step: int, steps: int) -> None:
+        if not first_step:
+            first_step.append(time.time())
+        if bar is not None:
+            bar(epoch, step, steps)
+
+    # What the sweep's accounting (pipeline.accounting) needs from each report: worker-seconds in training
+    # steps, the previous report's checkpoint seconds and, in this run's first report, where its start went.
+    timing = {"checkpoint_s": 0.0}
+    if job.started_at is not None:
+        timing["start_workers_s"] = entered - job.started_at
+
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if live:
             tracker.log_metrics(live, step=int(metrics["step"]))
+        if is_main:
+            metrics = {**metrics, **timing, "worker_s": metrics.get("train_s", 0.0) * world}
+            if "start_workers_s" in timing and first_step:
+                metrics.update(
+                    start_s=first_step[0] - job.started_at,
+                    start_data_s=data_loaded - entered,
+                    start_setup_s=first_step[0] - data_loaded,
+                )
+            timing.clear()
+            saving = time.perf_counter()
         if clock is not None:  # `pipeline bench`: this worker's own step timing
             summary = clock.summary(cfg.train.batch_size, job.bench.warmup, job.bench.window)
             metrics = {
@@ -441,6 +469,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint.save(Path(tmp) / checkpoint.FILENAME, state)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if is_main:
+            timing["checkpoint_s"] = time.perf_counter() - saving  # saved and persisted: in the next report
         if is_main and job.verdicts is not None:
             tracker.flush()  # the steps up to this report belong to the trial whatever Tune decides
             job.verdicts.get()
@@ -453,7 +483,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wrap_model=(lambda m: ray.train.torch.prepare_model(m, move_to_device=device)) if sync else identity,
         mean_over_workers=all_reduce_mean,  # Ray Train sets up a process group even for one worker
     )
-    show_progress = is_main and job.show_progress
     monitor = (
         system_metrics(job.tracking_uri, job.mlflow_run_id, cfg.tracking.system_metrics_s)
         if is_main and job.mlflow_run_id and cfg.tracking.system_metrics_s > 0 and job.bench is None
@@ -472,7 +501,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 on_resume=on_resume,
                 evaluator=evaluator,
                 log=say,
-                progress=EpochProgress(cfg.train.epochs, cfg.train.batch_size) if show_progress else None,
+                progress=on_progress if is_main else None,
             )
         except DivergedError as exc:
             # Not a crash to retry from the checkpoint: the same steps would diverge again. Every worker
@@ -701,7 +730,9 @@ def run_training(
     tracker = MLflowTracker(uri, run_id)
     if resume:
         tracker.reopen()
-    tracker.log_params(flat_params(cfg))
+    # A PBT trial's mutated keys keep their starting values as params; their later values are metrics (and
+    # the exploit records), not resumed_with.* tags.
+    tracker.log_params(flat_params(cfg), untagged={key.split(".")[1] for key in live_keys})
     tracker.set_tags(
         {
             **environment_tags(),
@@ -731,6 +762,7 @@ def run_training(
         start_from=start_from,
         live_keys=tuple(live_keys),
         verdicts=verdicts,
+        started_at=STARTED_AT,
     )
     trainer = build_trainer(job, name, callbacks, gpu, verbose)
     try:

@@ -13,7 +13,7 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -219,15 +219,20 @@ class MLflowTracker:
         self._pending: list[Any] = []
         self._logged_through: dict[str, int] = {}  # metric key -> last step already in the run
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Log parameters; MLflow params are immutable, so a value changed on resume becomes a tag."""
+    def log_params(self, params: dict[str, Any], untagged: Collection[str] = ()) -> None:
+        """Log parameters; MLflow params are immutable, so a value changed on resume becomes a tag (except the
+        ``untagged`` keys, whose later values the run records otherwise)."""
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
         fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
         for i in range(0, len(fresh), 100):
             self.client.log_batch(self.run_id, params=fresh[i : i + 100])
-        changed = {f"resumed_with.{k}": str(v) for k, v in params.items() if k in existing and existing[k] != str(v)}
+        changed = {
+            f"resumed_with.{k}": str(v)
+            for k, v in params.items()
+            if k in existing and existing[k] != str(v) and k not in untagged
+        }
         self.set_tags(changed)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

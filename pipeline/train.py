@@ -194,6 +194,22 @@ class TrainState:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         torch.set_rng_state(state["rng"]["torch"])
 
+    def resume(
+        self, checkpoint: dict[str, Any], cfg: PipelineConfig, log: Callable[[str], None] | None, total_steps: int
+    ) -> dict[str, Any] | None:
+        """Continue from ``checkpoint`` with the config's learning rates and betas (told to ``log``, with the rates
+        that changed, unless the run is done); returns its record of the epoch it was taken inside (None at an
+        epoch's end)."""
+        self.load_checkpoint(checkpoint)
+        before = self.learning_rates
+        self.apply_optim(cfg)
+        if log is not None and self.step < total_steps:
+            log(f"resuming from epoch {self.epoch} (step {self.step})")
+            if before != self.learning_rates and cfg.optim.lr_final_scale == 1.0:
+                changes = ", ".join(f"{k} {before[k]:.3g} -> {v:.3g}" for k, v in self.learning_rates.items())
+                log(f"learning rates from the config: {changes}")
+        return checkpoint.get("epoch_partial")
+
     @staticmethod
     def sampling_weights(state: dict[str, Any]) -> dict[str, Any]:
         """From a checkpoint, the generator weights to sample with: the EMA copy if the run kept one."""
@@ -399,17 +415,7 @@ def train_gan(
     state = TrainState.initial(cfg, device)
     partial = None
     if resume is not None:
-        state.load_checkpoint(resume)
-        before = state.learning_rates
-        state.apply_optim(cfg)
-        partial = resume.get("epoch_partial")
-        if rt.is_main and state.step < total_steps:
-            log(f"resuming from epoch {state.epoch} (step {state.step})")
-            if before != state.learning_rates and cfg.optim.lr_final_scale == 1.0:
-                log(
-                    "learning rates from the config: "
-                    + ", ".join(f"{k} {before[k]:.3g} -> {v:.3g}" for k, v in state.learning_rates.items())
-                )
+        partial = state.resume(resume, cfg, log if rt.is_main else None, total_steps)
         if on_resume is not None:
             on_resume(state)
     nets = Nets.wrap(state, cfg, rt)
@@ -440,6 +446,7 @@ def train_gan(
                 torch.randn(local_batch, latent, device=device, generator=noise)
             sums += torch.tensor(partial["sums"], device=device, dtype=torch.float64)
             earlier_s = partial["elapsed_s"]
+        # The steps' seconds (earlier_s: this epoch's before the current report interval), not the reports'.
         started = time.perf_counter()
         for i in range(first, num_steps):
             real = to_model_range(images[order[i * local_batch : (i + 1) * local_batch]])
@@ -479,8 +486,9 @@ def train_gan(
                 # same sums, as a resumed run would), scores and a checkpoint that can continue from here.
                 sums = rt.mean_over_workers(sums)
                 metrics = _running_means(sums, i + 1, epoch, state.step, num_steps)
-                elapsed = earlier_s + time.perf_counter() - started
-                where = {"sums": sums.tolist(), "elapsed_s": elapsed}
+                metrics["train_s"] = time.perf_counter() - started
+                earlier_s += metrics["train_s"]
+                where = {"sums": sums.tolist(), "elapsed_s": earlier_s}
                 end_interval(
                     cfg,
                     state,
@@ -492,10 +500,12 @@ def train_gan(
                     log=log,
                     partial=where,
                 )
+                started = time.perf_counter()
 
         # Means over all workers: every worker sees the same values, so all of them stop together on NaN.
-        elapsed = earlier_s + time.perf_counter() - started
         metrics = _running_means(rt.mean_over_workers(sums), num_steps, epoch, state.step, num_steps)
+        metrics["train_s"] = time.perf_counter() - started
+        elapsed = earlier_s + metrics["train_s"]
         metrics.update(epoch=epoch + 1, epoch_time_s=elapsed, images_per_s=num_steps * cfg.train.batch_size / elapsed)
         state.epoch = epoch + 1
         end_interval(cfg, state, metrics, rt=rt, evaluator=evaluator, tracker=tracker, report=report, log=log)

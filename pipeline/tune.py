@@ -11,10 +11,12 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import os
 import random
 import re
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import PROJECT_ROOT
+from pipeline.accounting import SweepTime, TrialTime, sweep_time
 from pipeline.checkpoint import FILENAME as CHECKPOINT_FILE
 from pipeline.config import ConfigError, PipelineConfig, pbt_mutated_keys, with_overrides
 from pipeline.distributed import (
@@ -185,18 +188,28 @@ def _fit_reporting(fit: Callable[..., Any], note: Callable[[dict[str, Any]], dic
     # When Tune stops or pauses the trial, ray.tune.report ends this thread (SystemExit) and Ray then ends the
     # process, the Train run with it: the queues stay up till then, or the run would fail first (and mark its
     # MLflow run FAILED) while the trial was only stopped.
+    copying_s, reported = 0.0, False
     while runner.is_alive() or not reports.empty():
         try:
             metrics, train_checkpoint = reports.get(timeout=0.5)
         except Empty:
             continue
+        # The accounting's: the previous Tune checkpoint's seconds join the Train checkpoint's; a worker group
+        # Train restarted after a failure says when it started too, but only this driver's first start counts.
+        metrics = {**metrics, "checkpoint_s": metrics.get("checkpoint_s", 0.0) + copying_s}
+        if reported:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("start_")}
+        reported = True
         # ray.tune.report returns once Tune lets the trial go on (it ends this thread otherwise).
         if note is None or train_checkpoint is None:
             ray.tune.report(metrics)
         else:
             with tempfile.TemporaryDirectory() as tmp, train_checkpoint.as_directory() as source:
+                copying = time.perf_counter()
                 shutil.copy(Path(source) / CHECKPOINT_FILE, Path(tmp) / CHECKPOINT_FILE)
                 (Path(tmp) / LINEAGE_FILE).write_text(json.dumps(note(metrics)))
+                # (Tune's own copy into the sweep's storage, inside report, is not told apart from its verdict.)
+                copying_s = time.perf_counter() - copying
                 ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
         verdicts.put(True)
     reports.shutdown()
@@ -216,6 +229,25 @@ class SweepOutcome:
     registration: Registration | None = None  # the best trial's generator in the Model Registry
     schedule: str | None = None  # PBT: the best trial's hyperparameter schedule along its lineage, a table
     exploits: int = 0  # PBT: how many times a trial continued from another's checkpoint
+    time: SweepTime | None = None  # where the hardware's time went (this invocation's part of the sweep)
+
+
+@dataclass(frozen=True)
+class SweepClock:
+    """What the accounting needs besides the trials' reports: when this invocation's fit began and how long it
+    ran, the cluster's CPUs (or GPUs) and each worker's share of them."""
+
+    started_at: float
+    wall_s: float
+    capacity: float
+    per_worker: float
+
+    def trial(self, result: Any) -> TrialTime:
+        """A trial's reports from this invocation (a resumed sweep counts the part it ran)."""
+        frame = result.metrics_dataframe
+        if frame is None or "timestamp" not in frame:
+            return TrialTime.of([])
+        return TrialTime.of(frame[frame["timestamp"] >= int(self.started_at)].to_dict("records"))
 
 
 def _default_concurrency(cfg: PipelineConfig, gpu: bool) -> int:
@@ -354,8 +386,11 @@ def run_sweep(
                 verbose=1 if verbose else 0,
             ),
         )
+    fit_started = time.time()
     results = tuner.fit()
-    return summarise(cfg, name, parent, results)
+    capacity = ray.cluster_resources().get("GPU" if gpu else "CPU", 0.0)
+    clock = SweepClock(fit_started, time.time() - fit_started, capacity, 1.0 if gpu else cfg.scaling.cpus_per_worker)
+    return summarise(cfg, name, parent, results, clock)
 
 
 def _describe_scheduler(cfg: PipelineConfig) -> str:
@@ -577,17 +612,23 @@ def pbt_options(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: Any) -> SweepOutcome:
-    """Close each child run as its trial ended; give the parent the best trial's figures and plots."""
+def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: Any, clock: SweepClock) -> SweepOutcome:
+    """Close each child run as its trial ended; give the parent the best trial's figures and plots, and
+    where the hardware's time went."""
     children = {child.tags.get("trial_id"): child for child in parent.children()}
     searched = list(cfg.tune.search_space)
-    rows = []
+    rows, times = [], []
     for result in results:
         child = children.get(_trial_id(result))
+        times.append(clock.trial(result))
         row = _trial_row(cfg, result, child, searched)
+        row.update(train_s=times[-1].worker_s, start_s=statistics.median(times[-1].starts or [math.nan]))
         rows.append(row)
         if child is not None:
             _close_child(cfg, result, child, row["status"], parent.uri)
+    spent = sweep_time(times, clock.wall_s, clock.capacity, clock.per_worker)
+    parent.log_metrics(spent.metrics(), step=0)
+    parent.flush()
     rows = best_first(cfg, rows)
     scored = [r for r in rows if r[cfg.tune.metric] is not None]
     best = scored[0] if scored else None
@@ -603,7 +644,7 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
     registration = _register_best_generator(cfg, parent.uri, scored, searched)
     parent.set_tags({"status": "finished"})
     parent.end("FINISHED")
-    return SweepOutcome(name, parent.run_id, parent.uri, rows, best, registration, schedule, exploits)
+    return SweepOutcome(name, parent.run_id, parent.uri, rows, best, registration, schedule, exploits, spent)
 
 
 @dataclass(frozen=True)
@@ -793,11 +834,12 @@ def format_table(outcome: SweepOutcome, searched: list[str]) -> str:
 
 def format_rows(rows: list[dict[str, Any]], searched: list[str]) -> str:
     """Trials table rows as a markdown table."""
-    head = ["trial", *searched, "epochs", "FID", "IS", "status"]
+    timed = any("train_s" in r for r in rows)  # a finished sweep's table: where each trial's time went
+    head = ["trial", *searched, "epochs", "FID", "IS", "status", *(["train s", "start s"] if timed else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def fmt(value: Any) -> str:
-        if value is None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
             return "-"
         if isinstance(value, float):
             return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.3f}"
@@ -811,6 +853,7 @@ def format_rows(rows: list[dict[str, Any]], searched: list[str]) -> str:
             fmt(r["fid"]),
             fmt(r["inception_score"]),
             r["status"],
+            *([f"{r['train_s']:.0f}", fmt(r["start_s"])] if timed else []),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

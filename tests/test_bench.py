@@ -32,7 +32,9 @@ def test_bench_quick_writes_every_key(tmp_path):
         f"train.storage_path={tmp_path / 'runs'}",
         "--out",
         str(out),
+        "--sweep",
         env={"RAY_ADDRESS": ""},
+        timeout=1200,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     r = json.loads(out.read_text())
@@ -46,6 +48,12 @@ def test_bench_quick_writes_every_key(tmp_path):
     assert r["epoch_s"] == pytest.approx(60_000 / r["rayn_img_s"])
     assert r["rayn_nosync_vs_ray1"] == pytest.approx(r["rayn_nosync_img_s"] / r["ray1_img_s"])
     assert "| Ray Train, 1 worker |" in result.stdout and "| plain loop, no Ray |" in result.stdout
+    # --sweep: a real sweep, two trials per CPU, each started once; where its hardware's time went.
+    assert r["sweep_trials"] == 2 * r["cpus"] == r["sweep_trial_starts"]
+    assert 0 < r["sweep_busy_fraction"] <= 1 and r["sweep_capacity"] == r["cpus"]
+    assert 0 < r["sweep_start_median_s"] <= r["sweep_start_max_s"] < r["sweep_wall_s"]
+    assert r["sweep_train_s"] <= r["sweep_wall_s"] * r["sweep_capacity"] and r["sweep_eval_s"] > 0
+    assert "sweep: trial start to first step" in result.stdout
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--rounds", "0"), ("--workers", "0")])

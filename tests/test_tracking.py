@@ -59,6 +59,9 @@ def test_buffered_metrics_reach_the_run_only_on_flush(tmp_path):
     tracker.log_params({"lr_g": 0.001, "epochs": 3})  # as on resume with more epochs
     run = tracker.client.get_run(run_id)
     assert run.data.params["epochs"] == "2" and run.data.tags["resumed_with.epochs"] == "3"
+    tracker.log_params({"lr_g": 0.002, "epochs": 3}, untagged={"lr_g"})  # PBT's: later values are metrics
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["lr_g"] == "0.001" and "resumed_with.lr_g" not in run.data.tags
     tracker.log_image_grid(torch.zeros(4, 28, 28, dtype=torch.uint8), "samples/epoch_001.png")
     assert [a.path for a in tracker.client.list_artifacts(run_id, "samples")] == ["samples/epoch_001.png"]
     # Artifacts live beside the store, at an absolute path, whatever the working directory.

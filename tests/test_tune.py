@@ -125,6 +125,15 @@ def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
     assert linked["fid"] == finished.data.metrics["fid"]
     assert linked["inception_score"] == finished.data.metrics["inception_score"]
 
+    # Where the hardware's time went (pipeline.accounting), on the parent run and in the console: one 1-CPU
+    # trial at a time holds at most one of the cluster's CPUs; each trial started once.
+    spent = parent.data.metrics
+    assert spent["trial_starts"] == 3 and 0 < spent["busy_fraction"] <= 1 / spent["capacity"], spent
+    assert 0 < spent["start_median_s"] <= spent["start_max_s"] < spent["wall_s"], spent
+    assert all(0 < spent[f"start_{phase}_median_s"] < spent["start_max_s"] for phase in ("workers", "data", "setup"))
+    assert spent["eval_s"] > 0 and spent["checkpoint_s"] > 0, spent
+    assert "| status | train s | start s |" in result.stdout and "hardware: busy_fraction " in result.stdout
+
 
 def _kill_processes_with_env(key: str, value: str) -> None:
     """SIGKILL every process whose environment has key=value (a crashed driver's Ray, and only it)."""
@@ -241,6 +250,8 @@ def test_pbt_copies_the_donor_into_the_weaker_trial_and_a_killed_pbt_sweep_resum
         for key in ("lr_g", "lr_d"):
             assert min(after[key], key=lambda m: m.step).value == pytest.approx(record[key]), (key, record)
             assert record[key] != pytest.approx(donor[key]), (key, record, donor)
+            # params keep the starting values; the later ones are metrics and exploit records, not tags
+            assert f"resumed_with.{key}" not in child.data.tags
     parent = client.get_run(parents[0].info.run_id)
     assert parent.data.metrics["pbt_exploits"] == len(exploits)
     assert "plots/pbt_schedule.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
