@@ -30,6 +30,11 @@ def _number(report: Mapping[str, object], key: str) -> float | None:
     return None
 
 
+def _median(values: Iterable[float]) -> float:
+    values = list(values)
+    return statistics.median(values) if values else math.nan
+
+
 @dataclass(frozen=True)
 class TrialTime:
     """One trial's reports, summed."""
@@ -53,6 +58,10 @@ class TrialTime:
                 starts.append(start)
                 phases.append(tuple(_number(report, key) or 0.0 for key in START_PHASES))
         return cls(worker_s, eval_s, checkpoint_s, tuple(starts), tuple(phases))
+
+    @property
+    def start_median_s(self) -> float:
+        return _median(self.starts)
 
 
 @dataclass(frozen=True)
@@ -95,10 +104,6 @@ def sweep_time(trials: Iterable[TrialTime], wall_s: float, capacity: float, per_
     trials = list(trials)
     starts = [s for t in trials for s in t.starts]
     phases = [p for t in trials for p in t.phases]
-
-    def median(values: list[float]) -> float:
-        return statistics.median(values) if values else math.nan
-
     train_s = sum(t.worker_s for t in trials) * per_worker
     return SweepTime(
         busy_fraction=train_s / (wall_s * capacity) if wall_s > 0 and capacity > 0 else math.nan,
@@ -108,9 +113,9 @@ def sweep_time(trials: Iterable[TrialTime], wall_s: float, capacity: float, per_
         eval_s=sum(t.eval_s for t in trials),
         checkpoint_s=sum(t.checkpoint_s for t in trials),
         trial_starts=len(starts),
-        start_median_s=median(starts),
+        start_median_s=_median(starts),
         start_max_s=max(starts, default=math.nan),
-        start_workers_median_s=median([p[0] for p in phases]),
-        start_data_median_s=median([p[1] for p in phases]),
-        start_setup_median_s=median([p[2] for p in phases]),
+        start_workers_median_s=_median(p[0] for p in phases),
+        start_data_median_s=_median(p[1] for p in phases),
+        start_setup_median_s=_median(p[2] for p in phases),
     )

@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import statistics
 import tempfile
 import time
 import warnings
@@ -622,7 +621,7 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
         child = children.get(_trial_id(result))
         times.append(clock.trial(result))
         row = _trial_row(cfg, result, child, searched)
-        row.update(train_s=times[-1].worker_s, start_s=statistics.median(times[-1].starts or [math.nan]))
+        row.update(train_s=times[-1].worker_s, start_s=times[-1].start_median_s)
         rows.append(row)
         if child is not None:
             _close_child(cfg, result, child, row["status"], parent.uri)

@@ -24,7 +24,7 @@ def test_a_trial_sums_its_reports_and_keeps_each_start():
     ]
     t = TrialTime.of(reports)
     assert (t.worker_s, t.eval_s, t.checkpoint_s) == (28.0, 4.0, 1.0)
-    assert t.starts == (20.0, 14.0)
+    assert t.starts == (20.0, 14.0) and t.start_median_s == 17.0
     assert t.phases == ((12.0, 3.0, 5.0), (0.0, 0.0, 0.0))
 
 
