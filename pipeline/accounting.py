@@ -4,8 +4,9 @@ Every report of a Train run (pipeline.distributed) carries, from rank 0: ``worke
 training steps took since the previous report (step seconds x world size); ``eval_time_s`` when it scored;
 ``checkpoint_s``, the seconds the previous report's checkpoint took to save and persist; and in a trial's
 first report after each (re)start, ``start_s``, from its driver process loading our code to the first
-training step, split into ``start_workers_s`` (driver, Train controller, worker group), ``start_data_s``
-(dataset into memory) and ``start_setup_s`` (networks, evaluator, MLflow, resume: up to the first step).
+training step, split into ``start_driver_s`` (the trial's driver: MLflow run, evaluator, checks, up to Ray
+Train's fit), ``start_workers_s`` (Train controller and worker group, up to our code on the workers),
+``start_data_s`` (dataset into memory) and ``start_setup_s`` (networks, evaluator, resume: up to the first step).
 
     busy_fraction = worker-seconds in training steps x each worker's CPUs (GPUs on a GPU sweep)
                     / (sweep wall seconds x the CPUs (GPUs) of the cluster)
@@ -20,7 +21,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
-START_PHASES = ("start_workers_s", "start_data_s", "start_setup_s")
+START_PHASES = ("start_driver_s", "start_workers_s", "start_data_s", "start_setup_s")
 
 
 def _number(report: Mapping[str, object], key: str) -> float | None:
@@ -77,7 +78,8 @@ class SweepTime:
     trial_starts: int
     start_median_s: float
     start_max_s: float
-    start_workers_median_s: float  # where a median start went (each phase's median)
+    start_driver_median_s: float  # where a median start went (each phase's median)
+    start_workers_median_s: float
     start_data_median_s: float
     start_setup_median_s: float
 
@@ -93,8 +95,9 @@ class SweepTime:
         if self.trial_starts:
             line += (
                 f"; {self.trial_starts} trial start(s), start to first step median {self.start_median_s:.1f} s "
-                f"(workers {self.start_workers_median_s:.1f} s, data {self.start_data_median_s:.1f} s, setup "
-                f"{self.start_setup_median_s:.1f} s), max {self.start_max_s:.1f} s"
+                f"(driver {self.start_driver_median_s:.1f} s, workers {self.start_workers_median_s:.1f} s, data "
+                f"{self.start_data_median_s:.1f} s, setup {self.start_setup_median_s:.1f} s), max "
+                f"{self.start_max_s:.1f} s"
             )
         return line
 
@@ -115,7 +118,8 @@ def sweep_time(trials: Iterable[TrialTime], wall_s: float, capacity: float, per_
         trial_starts=len(starts),
         start_median_s=_median(starts),
         start_max_s=max(starts, default=math.nan),
-        start_workers_median_s=_median(p[0] for p in phases),
-        start_data_median_s=_median(p[1] for p in phases),
-        start_setup_median_s=_median(p[2] for p in phases),
+        start_driver_median_s=_median(p[0] for p in phases),
+        start_workers_median_s=_median(p[1] for p in phases),
+        start_data_median_s=_median(p[2] for p in phases),
+        start_setup_median_s=_median(p[3] for p in phases),
     )

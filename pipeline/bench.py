@@ -273,7 +273,8 @@ def format_table(r: dict[str, Any]) -> str:
             (
                 "sweep: trial start to first step",
                 f"median {r['sweep_start_median_s']:.1f} s, max {r['sweep_start_max_s']:.1f} s",
-                f"median phases: workers {r['sweep_start_workers_median_s']:.1f} s, data "
+                f"median phases: driver {r['sweep_start_driver_median_s']:.1f} s, workers "
+                f"{r['sweep_start_workers_median_s']:.1f} s, data "
                 f"{r['sweep_start_data_median_s']:.1f} s, setup {r['sweep_start_setup_median_s']:.1f} s",
             ),
         ]

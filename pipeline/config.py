@@ -8,6 +8,7 @@ whose message names the key, the bad value and what is allowed; the CLI turns it
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -131,13 +132,34 @@ class EvalConfig:
 
 @dataclass
 class ScalingConfig:
-    num_workers: int = _f(1, "data-parallel workers (Ray Train)", ge=1)
+    num_workers: int = _f(
+        1, "data-parallel workers (Ray Train); [min, max] makes a sweep's trials elastic (sets max_workers)", ge=1
+    )
+    max_workers: int | None = _f(
+        None,
+        "elastic trials: a sweep's trial grows to this many workers while CPUs/GPUs are free and shrinks back "
+        "to num_workers when other trials need them; null = a fixed num_workers",
+        ge=1,
+    )
+    elastic_grow_min_s: float = _f(
+        60.0,
+        "elastic trials: grow only when the training left would take at least this long at the trial's pace "
+        "(growing restarts the trial's workers from a checkpoint, about one trial start)",
+        ge=0.0,
+    )
     cpus_per_worker: int | None = _f(
         None,
         "CPUs per worker, also its torch threads; null = local CPUs / num_workers, 1 in a sweep or on a cluster",
         ge=1,
     )
     use_gpu: Literal["auto", "true", "false"] = _f("auto", "auto = use GPUs when the cluster has them")
+    gpus_per_worker: float = _f(
+        1.0,
+        "share of a GPU each worker reserves when GPUs are used; below 1 (e.g. 0.25) packs several one-worker "
+        "trials onto one GPU (pays for small, launch-bound models: README 'Several trials per GPU')",
+        gt=0.0,
+        le=1.0,
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = _f(
         "PACK",
         "how Ray places a run's workers: PACK on as few nodes as fit, SPREAD over as many, STRICT_SPREAD one per node",
@@ -299,6 +321,21 @@ def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}: {value!r} is out of range; must be {words.format(meta[name])}")
 
 
+def _worker_range(raw: dict[str, Any]) -> dict[str, Any]:
+    """``scaling.num_workers: [min, max]``: elastic trials, stored as num_workers=min and max_workers=max."""
+    given = raw["num_workers"]
+    if len(given) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in given):
+        raise ConfigError(f"scaling.num_workers: {given!r}; give one number or [min, max], e.g. [1, 4]")
+    low, high = given
+    if low > high:
+        raise ConfigError(f"scaling.num_workers: [{low}, {high}]; min must not exceed max, e.g. [{high}, {low}]")
+    if raw.get("max_workers") not in (None, high):
+        raise ConfigError(
+            f"scaling.num_workers: [{low}, {high}] with scaling.max_workers={raw['max_workers']}; give the range once"
+        )
+    return {"num_workers": low, "max_workers": high}
+
+
 def _build_section(name: str, cls: type, raw: Any) -> Any:
     if raw is None:
         raw = {}
@@ -310,6 +347,8 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
         if key not in known:
             raise ConfigError(f"{name}.{key}: unknown key; {name} has: {', '.join(known)}")
     values = {}
+    if name == "scaling" and isinstance(raw.get("num_workers"), list):
+        raw = {**raw, **_worker_range(raw)}
     for key, value in raw.items():
         dotted = f"{name}.{key}"
         coerced = _coerce(dotted, value, hints[key])
@@ -351,6 +390,29 @@ def _cross_checks(cfg: PipelineConfig) -> None:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} does not split evenly across scaling.num_workers="
             f"{cfg.scaling.num_workers}; use a multiple of {cfg.scaling.num_workers}"
+        )
+    high = cfg.scaling.max_workers
+    if high is not None:
+        if high < cfg.scaling.num_workers:
+            raise ConfigError(
+                f"scaling.max_workers: {high} is below scaling.num_workers={cfg.scaling.num_workers} (the minimum); "
+                f"raise it or set it to null for a fixed size"
+            )
+        odd = [w for w in range(cfg.scaling.num_workers, high + 1) if cfg.train.batch_size % w]
+        if odd:
+            even = math.lcm(*range(cfg.scaling.num_workers, high + 1))
+            raise ConfigError(
+                f"train.batch_size: {cfg.train.batch_size} does not split evenly across {odd[0]} workers, a size "
+                f"the elastic range scaling.num_workers=[{cfg.scaling.num_workers}, {high}] can take; use a batch "
+                f"size every size in the range divides (e.g. {even * 16}) or a narrower range"
+            )
+    most = max(cfg.scaling.num_workers, cfg.scaling.max_workers or 0)
+    if cfg.scaling.gpus_per_worker < 1.0 and most > 1:
+        # Ray would place two workers of one run on one GPU, where NCCL refuses to start ("Duplicate GPU").
+        raise ConfigError(
+            f"scaling.gpus_per_worker: {cfg.scaling.gpus_per_worker:g} with up to {most} workers per run; a shared "
+            "GPU holds one-worker runs only (NCCL needs a GPU per rank): set scaling.num_workers=1 (no range) to "
+            "pack several trials per GPU, or scaling.gpus_per_worker=1"
         )
     if cfg.data.limit is not None and cfg.data.limit < cfg.train.batch_size:
         raise ConfigError(

@@ -26,6 +26,7 @@ import torch
 
 from pipeline import PROJECT_ROOT, STARTED_AT, checkpoint
 from pipeline.config import ConfigError, PipelineConfig, UserError, registered_model_name
+from pipeline.elastic import ResizePoll, ask_allotment
 from pipeline.models import identity
 from pipeline.storage import check_storage, exists, resume_checkpoint_file, run_location, storage_root
 from pipeline.tracking import (
@@ -58,7 +59,8 @@ def resolve_scaling(cfg: PipelineConfig, *, sweep: bool = False) -> PipelineConf
     if cfg.scaling.cpus_per_worker is not None:
         return cfg
     alone = not sweep and not os.environ.get("RAY_ADDRESS")
-    cpus = max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers) if alone else 1
+    most = cfg.scaling.max_workers or cfg.scaling.num_workers
+    cpus = max(1, (os.cpu_count() or 1) // most) if alone else 1
     return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, cpus_per_worker=cpus))
 
 
@@ -311,6 +313,19 @@ class StartFrom:
     record: dict[str, Any]
 
 
+UNSCORED_FID = 1.0e30  # what an elastic trial's pause checkpoint (taken between evaluations) tells Ray Train
+
+
+@dataclass(frozen=True)
+class ElasticJob:
+    """An elastic trial's side of its sweep's allotment (pipeline.elastic): the actor's handle, the trial's id,
+    and how much training must be left for growing to pay (``scaling.elastic_grow_min_s``)."""
+
+    allotment: Any
+    trial_id: str
+    grow_min_s: float
+
+
 @dataclass(frozen=True)
 class WorkerJob:
     """What every worker of one Train run receives (Ray passes it as ``train_loop_config["job"]``)."""
@@ -325,7 +340,9 @@ class WorkerJob:
     label: str = ""  # what the workers' lines start with, e.g. a sweep's trial id: "[3f2a1_00002] epoch 1/4 ..."
     start_from: StartFrom | None = None  # another run's checkpoint, used when Ray has none of this run's own
     live_keys: tuple[str, ...] = ()  # config keys whose values are logged as metrics at each report (PBT's mutated)
-    started_at: float | None = None  # wall clock: when the driver's process began loading pipeline code
+    started_at: float | None = None  # wall clock: when this (re)start began (the driver loading pipeline code)
+    fit_at: float | None = None  # wall clock: when the driver handed the run to Ray Train
+    elastic: ElasticJob | None = None  # an elastic sweep's trial: whom rank 0 asks for its worker count
     # A sweep's trial: a ray.util.queue.Queue that receives an item once Tune has let a report's trial go on.
     # Rank 0 waits for it after each report, so a trial that Tune stops or pauses there (PBT: to copy another
     # trial into it) trains and logs nothing past that report.
@@ -389,6 +406,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with restored.as_directory() as directory:
             resume = checkpoint.load(Path(directory) / checkpoint.FILENAME)
     tracker = MLflowTracker(job.tracking_uri, job.mlflow_run_id) if is_main and job.mlflow_run_id else NullTracker()
+    # The run's worker count from its first step on: an elastic run's curve of sizes in MLflow.
+    tracker.log_metrics({"world_size": world}, step=int(resume["step"]) if resume else 0)
     evaluator = None
     if is_main and cfg.eval.every_epochs and job.evaluator is not None:
         evaluator = Evaluator.from_payload(job.evaluator)
@@ -441,11 +460,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # steps, the previous report's checkpoint seconds and, in this run's first report, where its start went.
     timing = {"checkpoint_s": 0.0}
     if job.started_at is not None:
-        timing["start_workers_s"] = entered - job.started_at
+        fit_at = job.fit_at or job.started_at
+        timing.update(start_driver_s=fit_at - job.started_at, start_workers_s=entered - fit_at)
 
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if live:
             tracker.log_metrics(live, step=int(metrics["step"]))
+        if "resize_to" in metrics and cfg.eval.every_epochs == 1:
+            # Ray Train ranks checkpoints by FID (checkpoint_config): an unscored pause must rank last. Without
+            # the key Ray logs an error and ranks it first; inf reaches its controller as None (a crash).
+            metrics = {**metrics, "fid": UNSCORED_FID}
         if is_main:
             metrics = {**metrics, **timing, "worker_s": metrics.get("train_s", 0.0) * world}
             if "start_workers_s" in timing and first_step:
@@ -475,6 +499,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.flush()  # the steps up to this report belong to the trial whatever Tune decides
             job.verdicts.get()
 
+    resize = None
+    if job.elastic is not None:
+
+        def broadcast(value: int) -> int:
+            carrier = torch.tensor([value], dtype=torch.int64, device=device)
+            torch.distributed.broadcast(carrier, src=0)
+            return int(carrier.item())
+
+        ask = ask_allotment(job.elastic.allotment, job.elastic.trial_id, world) if is_main else None
+        resize = ResizePoll(ask, world, broadcast, job.elastic.grow_min_s)
+
     sync = job.bench is None or job.bench.sync_gradients
     runtime = Runtime(
         rank=rank,
@@ -502,6 +537,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 evaluator=evaluator,
                 log=say,
                 progress=on_progress if is_main else None,
+                resize=resize,
             )
         except DivergedError as exc:
             # Not a crash to retry from the checkpoint: the same steps would diverge again. Every worker
@@ -529,6 +565,7 @@ class TrainOutcome:
     checkpoint_dir: str | None
     model_uri: str | None = None  # the logged generator (models:/m-...)
     registration: Registration | None = None
+    resize_to: int | None = None  # an elastic trial's run that stopped to continue with this many workers
 
 
 def build_trainer(
@@ -549,9 +586,16 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            # A range: Ray's ElasticScalingPolicy sizes the worker group from what the cluster has free, and
+            # restarts it from the latest checkpoint when that changes (a sweep's trials get a fixed size each).
+            num_workers=(cfg.scaling.num_workers, cfg.scaling.max_workers)
+            if cfg.scaling.max_workers
+            else cfg.scaling.num_workers,
             use_gpu=gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": cfg.scaling.gpus_per_worker} if gpu else {}),
+            },
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
@@ -708,12 +752,17 @@ def run_training(
     start_from: StartFrom | None = None,
     live_keys: Sequence[str] = (),
     verdicts: Any = None,
+    started_at: float | None = None,
+    elastic: ElasticJob | None = None,
 ) -> TrainOutcome:
     """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model. The
     workers' lines start with ``[label]`` when one is given (a sweep's trial id). A sweep's PBT trial goes on
     in its MLflow run ``mlflow_run_id`` with a new Train run that begins ``start_from`` another trial's
     checkpoint, and logs the values of ``live_keys`` at each report; a trial's rank 0 waits after each report
-    for an item on ``verdicts`` (Tune let the trial go on)."""
+    for an item on ``verdicts`` (Tune let the trial go on). An ``elastic`` trial's run may end early, at a
+    checkpoint, for its driver to continue it with another worker count: the MLflow run then stays open and
+    ``TrainOutcome.resize_to`` says how many. ``started_at`` (wall clock) is when this start began, for the
+    sweep's accounting (default: when this process began loading pipeline code)."""
     cfg = resolve_scaling(cfg)
     check_resources(cfg)
     run_dir, uri, run_id, evaluator = prepare_run(
@@ -736,7 +785,10 @@ def run_training(
     tracker.set_tags(
         {
             **environment_tags(),
-            "world_size": str(cfg.scaling.num_workers),
+            # An elastic run's size changes: its range here, each size as the world_size metric.
+            "world_size": f"{cfg.scaling.num_workers}-{cfg.scaling.max_workers}"
+            if cfg.scaling.max_workers
+            else str(cfg.scaling.num_workers),
             "device": "cuda" if gpu else "cpu",
             "status": "running",
             "dataset": cfg.data.dataset,
@@ -745,8 +797,11 @@ def run_training(
         }
     )
     log_dataset(cfg, tracker)
+    workers = f"{cfg.scaling.num_workers} worker(s)"
+    if cfg.scaling.max_workers:
+        workers = f"{cfg.scaling.num_workers}-{cfg.scaling.max_workers} worker(s), elastic (Ray Train sizes the group)"
     progress(
-        f"[train] run {name!r}: {cfg.scaling.num_workers} worker(s) on {'GPU' if gpu else 'CPU'} "
+        f"[train] run {name!r}: {workers} on {'GPU' if gpu else 'CPU'} "
         f"({cfg.scaling.placement_strategy}); checkpoints in {run_dir}; MLflow run {run_id} at {uri}"
     )
     # A bar inside each epoch only where a person watches a terminal: not in CI logs, files or a sweep's trials.
@@ -762,14 +817,19 @@ def run_training(
         start_from=start_from,
         live_keys=tuple(live_keys),
         verdicts=verdicts,
-        started_at=STARTED_AT,
+        started_at=started_at or STARTED_AT,
+        fit_at=time.time(),
+        elastic=elastic,
     )
     trainer = build_trainer(job, name, callbacks, gpu, verbose)
     try:
         result = trainer.fit()
     except Exception as exc:
-        tracker.set_tags({"status": "failed"})
-        tracker.end("FAILED")
+        # A sweep's trial that Tune stopped may see its fit() fail on the way out, after the sweep ended its
+        # run KILLED (early stopped): that verdict stands.
+        if tracker.status() == "RUNNING":
+            tracker.set_tags({"status": "failed"})
+            tracker.end("FAILED")
         if _startup_timed_out(exc):
             raise WorkersUnavailable(
                 f"run {name!r}: its {cfg.scaling.num_workers} worker(s) ({cfg.scaling.placement_strategy}, "
@@ -787,6 +847,10 @@ def run_training(
             f"run {name!r} diverged at epoch {tags.get('diverged_epoch', '?')} (NaN or infinite loss) and was "
             f"stopped; {DIVERGENCE_HINT}"
         )
+    resize_to = (result.metrics or {}).get("resize_to")
+    if resize_to is not None:  # an elastic trial's pause: the next Train run continues this MLflow run
+        checkpoint_dir = result.checkpoint.path if result.checkpoint is not None else None
+        return TrainOutcome(name, run_dir, run_id, uri, dict(result.metrics), checkpoint_dir, resize_to=int(resize_to))
     outcome = finish_run(cfg, tracker, name, run_dir, result)
     if parent_run_id is None:  # a sweep registers its best trial only, once it has them all
         outcome.registration = register_best(cfg, uri, run_id, outcome.model_uri, progress)

@@ -276,6 +276,10 @@ class MLflowTracker:
     def experiment_id(self) -> str:
         return self.client.get_run(self.run_id).info.experiment_id
 
+    def status(self) -> str:
+        """RUNNING, FINISHED, FAILED or KILLED, as the store has it now."""
+        return self.client.get_run(self.run_id).info.status
+
     def reopen(self) -> None:
         """Mark a finished or failed run RUNNING again (it is being resumed)."""
         self.client.update_run(self.run_id, status="RUNNING")

@@ -68,6 +68,7 @@ class Runtime:
 EpochReport = Callable[[dict[str, float], dict[str, Any] | None], None]
 StepCallback = Callable[[int, dict[str, float]], None]
 ProgressCallback = Callable[[int, int, int], None]  # (epoch, step within the epoch, steps in the epoch)
+ResizeCallback = Callable[[int, int], int | None]  # (step, steps left) -> new worker count, or None to go on
 
 
 class DivergedError(FloatingPointError):
@@ -103,6 +104,7 @@ class TrainResult:
     metrics: dict[str, float]  # the last epoch's
     epoch: int  # epochs completed
     step: int  # optimizer steps completed
+    resize_to: int | None = None  # elastic: stopped inside an epoch to continue with this many workers
 
 
 @dataclass
@@ -391,9 +393,14 @@ def train_gan(
     evaluator: Evaluator | None = None,
     log: Callable[[str], None] = print,
     progress: ProgressCallback | None = None,
+    resize: ResizeCallback | None = None,
 ) -> TrainResult:
     """Train G and D for ``cfg.train.epochs`` epochs (continuing from ``resume``, a checkpoint dict, which may
     have been taken inside an epoch; ``on_resume`` then sees the state it continues from).
+
+    ``resize`` (elastic trials), asked by every worker after each step inside an epoch, may name a new worker
+    count: the run then reports a checkpoint of this step (``resize_to`` among the metrics, no evaluation) and
+    returns with ``TrainResult.resize_to`` set, for the caller to continue with that many workers.
 
     ``evaluator`` (rank 0 only) scores ``cfg.eval.num_samples`` generated images every
     ``cfg.eval.every_epochs`` epochs, after the last and at every report inside an epoch
@@ -481,6 +488,19 @@ def train_gan(
                     on_step(state.step, step_metrics)
                 if state.step % cfg.tracking.log_every == 0:
                     tracker.log_metrics(step_metrics, step=state.step)
+            if resize is not None and i + 1 < num_steps:
+                target = resize(state.step, total_steps - state.step)
+                if target is not None:
+                    sums = rt.mean_over_workers(sums)
+                    metrics = _running_means(sums, i + 1, epoch, state.step, num_steps)
+                    metrics.update(train_s=time.perf_counter() - started, resize_to=target)
+                    where = {"sums": sums.tolist(), "elapsed_s": earlier_s + metrics["train_s"]}
+                    if rt.is_main:
+                        log(f"[elastic] step {state.step}: {rt.world_size} -> {target} worker(s); checkpoint, restart")
+                    if report is not None:
+                        report(metrics, state.to_checkpoint(cfg, where) if rt.is_main else None)
+                    tracker.flush()
+                    return TrainResult(state.sampler, metrics, state.epoch, state.step, resize_to=target)
             if every and state.step % every == 0 and i + 1 < num_steps:
                 # A report inside the epoch: the means so far (over all workers, who then carry on from the
                 # same sums, as a resumed run would), scores and a checkpoint that can continue from here.

@@ -29,6 +29,7 @@ from pipeline.accounting import SweepTime, TrialTime, sweep_time
 from pipeline.checkpoint import FILENAME as CHECKPOINT_FILE
 from pipeline.config import ConfigError, PipelineConfig, pbt_mutated_keys, with_overrides
 from pipeline.distributed import (
+    ElasticJob,
     RunDiverged,
     StartFrom,
     check_resources,
@@ -42,6 +43,7 @@ from pipeline.distributed import (
     run_training,
     use_gpu,
 )
+from pipeline.elastic import Allotment, ask_allotment
 from pipeline.storage import check_storage, exists, run_location
 from pipeline.tracking import (
     MLflowTracker,
@@ -93,13 +95,21 @@ LINEAGE_FILE = "lineage.json"  # in each Tune checkpoint: whose Train run and ML
 
 
 def _trial_driver(
-    point: dict[str, Any], *, base: PipelineConfig, sweep: str, parent_run_id: str, verbose: bool = False
+    point: dict[str, Any],
+    *,
+    base: PipelineConfig,
+    sweep: str,
+    parent_run_id: str,
+    verbose: bool = False,
+    allotment: Any = None,
 ) -> None:
     """One trial: a Ray Train run (data-parallel, checkpointed) whose reports Tune receives as they come.
 
     Under PBT each report also hands Tune a checkpoint (the Train checkpoint and its lineage), and a trial
     that Tune restarts from another trial's checkpoint (an exploit) goes on in a new Train run that begins
-    there, logging into the trial's one MLflow run."""
+    there, logging into the trial's one MLflow run. An elastic trial (``allotment``: the sweep's
+    pipeline.elastic.Allotment actor) starts with the worker count the allotment gives it and, each time its
+    run stops to change size, continues the same Train run from that checkpoint with the new count."""
     import ray.tune
 
     cfg = trial_config(base, flat_point(point))
@@ -118,24 +128,40 @@ def _trial_driver(
         where = {"step": int(metrics["step"]), "progress": metrics.get("progress", metrics.get("epoch"))}
         return {"trial_id": trial_id, "train_run": name, "mlflow_run_id": child, **where}
 
+    elastic, workers = None, cfg.scaling.num_workers
+    if allotment is not None:
+        elastic = ElasticJob(allotment, trial_id, cfg.scaling.elastic_grow_min_s)
+        workers = ask_allotment(allotment, trial_id, workers)()
+    started_at, carried = None, {}
     try:
-        _fit_reporting(
-            functools.partial(
-                run_training,
-                cfg,
-                name,
-                resume=resume,
-                parent_run_id=parent_run_id,
-                extra_tags={"sweep": sweep, "trial_id": trial_id},
-                progress=lambda msg: print(f"[{trial_id}] {msg}"),
-                verbose=verbose,
-                label=trial_id,
-                mlflow_run_id=child,
-                start_from=start_from,
-                live_keys=pbt_mutated_keys(base) if pbt else (),
-            ),
-            note if pbt else None,
-        )
+        while True:
+            outcome, carried = _fit_reporting(
+                functools.partial(
+                    run_training,
+                    # An elastic trial's run has one size; the trial changes it between runs.
+                    with_overrides(cfg, {"scaling.num_workers": workers, "scaling.max_workers": None})
+                    if elastic
+                    else cfg,
+                    name,
+                    resume=resume,
+                    parent_run_id=parent_run_id,
+                    extra_tags={"sweep": sweep, "trial_id": trial_id},
+                    progress=lambda msg: print(f"[{trial_id}] {msg}"),
+                    verbose=verbose,
+                    label=trial_id,
+                    mlflow_run_id=child,
+                    start_from=start_from,
+                    live_keys=pbt_mutated_keys(base) if pbt else (),
+                    started_at=started_at,
+                    elastic=elastic,
+                ),
+                note if pbt else None,
+                carried,
+            )
+            if outcome is None or outcome.resize_to is None:
+                break
+            # The run stopped at a checkpoint to change size: the same Train run (and MLflow run) goes on.
+            workers, resume, start_from, started_at = outcome.resize_to, True, None, time.time()
     except RunDiverged as exc:
         # Tune already has its last result (the worst score); the rest of the sweep goes on.
         print(f"[{trial_id}] {exc}")
@@ -160,13 +186,24 @@ def _continuation(sweep: str, trial_id: str, given: Any) -> tuple[str, StartFrom
     return f"{sweep}-{trial_id}-from-{lineage['trial_id']}-{lineage['step']}", StartFrom(given, record)
 
 
-def _fit_reporting(fit: Callable[..., Any], note: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
+# What a report that Tune does not see (an elastic trial's pause to change size) hands on to the next one it
+# does, so that the sweep's accounting counts those steps and seconds.
+CARRIED_KEYS = ("train_s", "worker_s", "checkpoint_s")
+
+
+def _fit_reporting(
+    fit: Callable[..., Any],
+    note: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    carried: dict[str, float] | None = None,
+) -> tuple[Any, dict[str, float]]:
     """Run ``fit`` (run_training without its callbacks and verdicts) in a thread and hand each of its reports
     to Tune from this one, the trial's, in lock-step: the run waits after each report until Tune lets it go on,
     so a stopped or paused trial trains and logs nothing past the report Tune decided on. With ``note``
     (PBT) each report carries a Tune checkpoint: the Train checkpoint's file and ``note(metrics)``, what it
-    says about whose it is. Ends when ``fit`` does (raising what it raised) or when Tune stops the trial
-    (Ray ends this thread then)."""
+    says about whose it is. A report with ``resize_to`` (an elastic trial stopping to change size) is not
+    Tune's: its seconds are ``carried`` into the next report Tune gets. Ends when ``fit`` does (returning
+    what it returned and what is still carried; raising what it raised) or when Tune stops the trial (Ray
+    ends this thread then)."""
     import threading
 
     import ray.tune
@@ -175,10 +212,12 @@ def _fit_reporting(fit: Callable[..., Any], note: Callable[[dict[str, Any]], dic
     reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
     verdicts = Queue(actor_options={"num_cpus": 0})
     failure: list[BaseException] = []
+    returned: list[Any] = []
+    carried = dict(carried or {})
 
     def target() -> None:
         try:
-            fit(callbacks=[forward_reports(reports)], verdicts=verdicts)
+            returned.append(fit(callbacks=[forward_reports(reports)], verdicts=verdicts))
         except BaseException as exc:  # noqa: BLE001 - raised again in the trial's thread below
             failure.append(exc)
 
@@ -199,6 +238,13 @@ def _fit_reporting(fit: Callable[..., Any], note: Callable[[dict[str, Any]], dic
         if reported:
             metrics = {k: v for k, v in metrics.items() if not k.startswith("start_")}
         reported = True
+        if "resize_to" in metrics:
+            for key in CARRIED_KEYS:
+                carried[key] = carried.get(key, 0.0) + metrics.get(key, 0.0)
+            copying_s = 0.0
+            verdicts.put(True)
+            continue
+        metrics = {**metrics, **{key: metrics.get(key, 0.0) + carried.pop(key) for key in list(carried)}}
         # ray.tune.report returns once Tune lets the trial go on (it ends this thread otherwise).
         if note is None or train_checkpoint is None:
             ray.tune.report(metrics)
@@ -216,6 +262,7 @@ def _fit_reporting(fit: Callable[..., Any], note: Callable[[dict[str, Any]], dic
     runner.join()
     if failure:
         raise failure[0]
+    return (returned[0] if returned else None), carried
 
 
 @dataclass
@@ -256,8 +303,45 @@ def _default_concurrency(cfg: PipelineConfig, gpu: bool) -> int:
     per_trial_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     fits = int(resources.get("CPU", 1) // per_trial_cpus)
     if gpu:
-        fits = min(fits, int(resources.get("GPU", 0) // cfg.scaling.num_workers))
+        per_trial_gpus = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
+        fits = min(fits, int(resources.get("GPU", 0) / per_trial_gpus + 1e-9))  # 1 / 0.25 trials, not 3.99
     return max(1, fits)
+
+
+def _worker_capacity(cfg: PipelineConfig, gpu: bool) -> int:
+    """How many workers the cluster holds at once: its CPUs (and GPUs) over each worker's share."""
+    import ray
+
+    resources = ray.cluster_resources()
+    workers = int(resources.get("CPU", 0) // cfg.scaling.cpus_per_worker)
+    if gpu:
+        workers = min(workers, int(resources.get("GPU", 0) / cfg.scaling.gpus_per_worker + 1e-9))
+    return max(workers, cfg.scaling.num_workers)
+
+
+def _expected_trials(cfg: PipelineConfig) -> int:
+    """Trials the sweep will run: num_samples, times every grid axis's length."""
+    grids = [len(spec["grid"]) for spec in cfg.tune.search_space.values() if "grid" in spec]
+    return cfg.tune.num_samples * math.prod(grids)
+
+
+def elastic_shares(allotment: Any, expected: int) -> Any:
+    """A Tune callback that tells the sweep's allotment, whenever it changes, which trials run (oldest first)
+    and how many wait for a start (pending or paused ones, and those the search has not drawn yet)."""
+    from ray.tune import Callback
+
+    class ElasticShares(Callback):
+        def __init__(self) -> None:
+            self.told: tuple[tuple[str, ...], int] | None = None
+
+        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            running = tuple(t.trial_id for t in trials if t.status == "RUNNING")
+            waiting = sum(t.status in ("PENDING", "PAUSED") for t in trials) + max(0, expected - len(trials))
+            if (running, waiting) != self.told:
+                self.told = (running, waiting)
+                allotment.update.remote(list(running), waiting)
+
+    return ElasticShares()
 
 
 def _check_sweep(cfg: PipelineConfig) -> None:
@@ -343,7 +427,23 @@ def run_sweep(
         f"up to {concurrency} at once, {stopping}; trials and sweep state in {sweep_dir}; MLflow parent run "
         f"{parent_run_id} at {uri}"
     )
-    driver = functools.partial(_trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id, verbose=verbose)
+    callbacks = [close_child_runs(uri, cfg.tracking.experiment, name, cfg.train.epochs), sweep_status(cfg, progress)]
+    allotment = None
+    if cfg.scaling.max_workers:
+        # Elastic trials (pipeline.elastic): the allotment, owned by this driver, holds each running trial's
+        # worker count; Tune's side keeps it told which trials run and how many wait.
+        import ray
+
+        capacity = _worker_capacity(cfg, gpu)
+        allotment = ray.remote(num_cpus=0)(Allotment).remote(capacity, cfg.scaling.num_workers, cfg.scaling.max_workers)
+        callbacks.append(elastic_shares(allotment, _expected_trials(cfg)))
+        progress(
+            f"[tune] elastic trials: {cfg.scaling.num_workers} to {cfg.scaling.max_workers} worker(s) each, "
+            f"{capacity} in all; a trial grows when no trial waits to start and shrinks when one does"
+        )
+    driver = functools.partial(
+        _trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id, verbose=verbose, allotment=allotment
+    )
     # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.
     trainable = ray.tune.with_resources(driver, {"CPU": 0, "memory": 1})
     if resume:
@@ -376,10 +476,7 @@ def run_sweep(
                 sync_config=ray.tune.SyncConfig(sync_period=SWEEP_STATE_SYNC_S),
                 # PBT copies a trial's latest checkpoint (Ray warns about deleting too early at 2 or fewer).
                 checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=max(3, cfg.train.keep_checkpoints)),
-                callbacks=[
-                    close_child_runs(uri, cfg.tracking.experiment, name, cfg.train.epochs),
-                    sweep_status(cfg, progress),
-                ],
+                callbacks=callbacks,
                 # Ray's own status table reprints every 30 s, changed or not (not configurable): ours below
                 # prints when a trial starts, reports or ends; --verbose brings Ray's back as well.
                 verbose=1 if verbose else 0,
@@ -388,7 +485,8 @@ def run_sweep(
     fit_started = time.time()
     results = tuner.fit()
     capacity = ray.cluster_resources().get("GPU" if gpu else "CPU", 0.0)
-    clock = SweepClock(fit_started, time.time() - fit_started, capacity, 1.0 if gpu else cfg.scaling.cpus_per_worker)
+    per_worker = cfg.scaling.gpus_per_worker if gpu else cfg.scaling.cpus_per_worker
+    clock = SweepClock(fit_started, time.time() - fit_started, capacity, per_worker)
     return summarise(cfg, name, parent, results, clock)
 
 

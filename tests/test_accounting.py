@@ -14,7 +14,8 @@ def test_a_trial_sums_its_reports_and_keeps_each_start():
             "eval_time_s": 2.0,
             "checkpoint_s": 0.0,
             "start_s": 20.0,
-            "start_workers_s": 12.0,
+            "start_driver_s": 4.0,
+            "start_workers_s": 8.0,
             "start_data_s": 3.0,
             "start_setup_s": 5.0,
         },
@@ -25,16 +26,17 @@ def test_a_trial_sums_its_reports_and_keeps_each_start():
     t = TrialTime.of(reports)
     assert (t.worker_s, t.eval_s, t.checkpoint_s) == (28.0, 4.0, 1.0)
     assert t.starts == (20.0, 14.0) and t.start_median_s == 17.0
-    assert t.phases == ((12.0, 3.0, 5.0), (0.0, 0.0, 0.0))
+    assert t.phases == ((4.0, 8.0, 3.0, 5.0), (0.0, 0.0, 0.0, 0.0))
 
 
 def test_busy_fraction_is_resource_seconds_in_steps_over_the_hardware_held():
-    a = TrialTime(worker_s=300.0, eval_s=10.0, checkpoint_s=2.0, starts=(20.0, 30.0), phases=((10, 5, 5),) * 2)
-    b = TrialTime(worker_s=100.0, eval_s=5.0, checkpoint_s=1.0, starts=(40.0,), phases=((30, 5, 5),))
+    a = TrialTime(worker_s=300.0, eval_s=10.0, checkpoint_s=2.0, starts=(20.0, 30.0), phases=((4, 6, 5, 5),) * 2)
+    b = TrialTime(worker_s=100.0, eval_s=5.0, checkpoint_s=1.0, starts=(40.0,), phases=((10, 20, 5, 5),))
     spent = sweep_time([a, b], wall_s=250.0, capacity=2.0, per_worker=1.0)
     assert spent.busy_fraction == pytest.approx(400.0 / 500.0)
     assert (spent.eval_s, spent.checkpoint_s, spent.trial_starts) == (15.0, 3.0, 3)
-    assert (spent.start_median_s, spent.start_max_s, spent.start_workers_median_s) == (30.0, 40.0, 10)
+    assert (spent.start_median_s, spent.start_max_s, spent.start_workers_median_s) == (30.0, 40.0, 6)
+    assert spent.start_driver_median_s == 4
     # Workers that hold two CPUs each use twice the hardware per worker-second.
     assert sweep_time([a, b], 250.0, 4.0, 2.0).busy_fraction == pytest.approx(0.8)
     assert "busy_fraction 0.80" in spent.line() and "median 30.0 s" in spent.line()

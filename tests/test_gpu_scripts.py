@@ -40,3 +40,27 @@ def test_gpu_check_refuses_a_machine_without_a_gpu_unless_told():
     done = run_python("scripts/gpu_check.py")
     assert done.returncode == 2
     assert "no CUDA device" in done.stderr and "--allow-cpu" in done.stderr
+
+
+@pytest.mark.slow  # real MNIST
+def test_gpu_share_times_concurrent_processes(tmp_path):
+    out = tmp_path / "share.json"
+    done = run_python(
+        "scripts/gpu_share.py",
+        "--allow-cpu",
+        "--counts",
+        "1,2",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--",
+        "data.limit=512",
+        "train.batch_size=64",
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["processes"] for row in rows] == [1, 2]
+    assert len(rows[1]["img_s_each"]) == 2 and all(v > 0 for row in rows for v in row["img_s_each"])
+    assert rows[1]["img_s_total"] == pytest.approx(sum(rows[1]["img_s_each"]))
+    assert "| 2 |" in done.stdout

@@ -130,7 +130,8 @@ def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
     spent = parent.data.metrics
     assert spent["trial_starts"] == 3 and 0 < spent["busy_fraction"] <= 1 / spent["capacity"], spent
     assert 0 < spent["start_median_s"] <= spent["start_max_s"] < spent["wall_s"], spent
-    assert all(0 < spent[f"start_{phase}_median_s"] < spent["start_max_s"] for phase in ("workers", "data", "setup"))
+    phases = ("driver", "workers", "data", "setup")
+    assert all(0 < spent[f"start_{phase}_median_s"] < spent["start_max_s"] for phase in phases), spent
     assert spent["eval_s"] > 0 and spent["checkpoint_s"] > 0, spent
     assert "| status | train s | start s |" in result.stdout and "hardware: busy_fraction " in result.stdout
 
@@ -419,3 +420,50 @@ def test_the_sweep_status_callback_pickles_after_ray_replaced_print(monkeypatch)
     original = builtins.print
     monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: original(*args, **kwargs))
     ray.cloudpickle.loads(ray.cloudpickle.dumps(sweep_status(cfg, print_line)))
+
+
+def test_an_elastic_trial_grows_into_the_cpu_another_trial_left(tmp_path):
+    # Two trials on this machine's 2 CPUs with scaling.num_workers [1, 2]: the 1-epoch trial ends while the
+    # 4-epoch one trains; that one then checkpoints inside an epoch and goes on with 2 workers, in the same
+    # MLflow run, its steps continuing.
+    uri, args = _sweep_args(
+        tmp_path,
+        "--set",
+        "tune.search_space={train.epochs: {grid: [1, 4]}}",
+        "--set",
+        "train.epochs=4",
+        "--set",
+        "tune.scheduler=none",
+        "--set",
+        "data.limit=8192",
+        "--set",
+        "model.g_channels=16",
+        "--set",
+        "model.d_channels=16",
+        "--set",
+        "scaling.num_workers=[1, 2]",
+        "--set",
+        "scaling.elastic_grow_min_s=0",
+        "--set",
+        "tune.num_samples=1",
+        "--name",
+        "elastic",
+    )
+    result = run_cli(*args, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "[tune] elastic trials: 1 to 2 worker(s) each, 2 in all" in out
+    assert re.search(r"\[elastic\] step \d+: 1 -> 2 worker\(s\)", out), out[-4000:]
+
+    client = MlflowClient(uri)
+    parent_id = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("MLflow parent run id"))
+    (grown,) = [c for c in _children(client, parent_id) if c.data.params["epochs"] == "4"]
+    assert grown.info.status == "FINISHED" and grown.data.tags["status"] == "finished"
+    sizes = [(m.step, m.value) for m in client.get_metric_history(grown.info.run_id, "world_size")]
+    assert sizes[0] == (0, 1.0) and sizes[-1][1] == 2.0 and 0 < sizes[-1][0] < 4 * 128, sizes
+    # Every tracking.log_every-th step once, from the first to the last: nothing lost or repeated at the resize.
+    steps = [m.step for m in client.get_metric_history(grown.info.run_id, "loss_d")]
+    assert sorted(steps) == list(range(2, 4 * 128 + 1, 2)), steps
+    assert [m.step for m in client.get_metric_history(grown.info.run_id, "fid")] == [128, 256, 384, 512]
+    # The resize is a restart the accounting counts: 2 first starts and 1 more.
+    assert client.get_run(parent_id).data.metrics["trial_starts"] == 3

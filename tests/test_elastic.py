@@ -1,0 +1,143 @@
+"""Elastic trials' arithmetic (pipeline.elastic) and the worker range in the config; the sweep that resizes a
+trial for real is in tests/test_tune.py."""
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, with_overrides
+from pipeline.elastic import POLL_EVERY_STEPS, Allotment, ResizePoll, shares
+
+
+def test_a_lone_trial_takes_the_free_workers_up_to_its_max():
+    assert shares(["a"], capacity=4, low=1, high=3, waiting=0) == {"a": 3}
+    assert shares(["a", "b"], capacity=4, low=1, high=4, waiting=0) == {"a": 2, "b": 2}
+    assert shares(["a", "b", "c"], capacity=4, low=1, high=2, waiting=0) == {"a": 2, "b": 1, "c": 1}
+
+
+def test_nothing_grows_while_trials_wait_to_start():
+    assert shares(["a"], capacity=4, low=1, high=4, waiting=1) == {"a": 1}
+    assert shares([], capacity=4, low=2, high=4, waiting=0) == {}
+
+
+def test_the_allotment_answers_low_for_a_trial_it_has_not_been_told_of():
+    allotment = Allotment(capacity=2, low=1, high=2)
+    assert allotment.want("a") == 1
+    allotment.update(["a", "b"], waiting=0)
+    assert allotment.want("a") == 1
+    allotment.update(["a"], waiting=0)
+    assert allotment.want("a") == 2
+    allotment.update(["a", "c"], waiting=0)  # a new trial: a shrinks back
+    assert allotment.want("a") == 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_poll_asks_at_its_steps_and_grows_only_with_enough_left():
+    clock, answers = Clock(), [2]
+    poll = ResizePoll(lambda: answers[0], world=1, broadcast=lambda v: v, grow_min_s=60.0, clock=clock)
+    decisions = []
+    for step in range(1, 2 * POLL_EVERY_STEPS + 1):
+        clock.now += 1.0  # one second a step
+        decisions.append(poll(step, steps_left=100))
+    # Only at the poll steps, and 100 steps left at 1 s each is worth a restart.
+    assert decisions[POLL_EVERY_STEPS - 1] == 2
+    assert [d for i, d in enumerate(decisions) if i != POLL_EVERY_STEPS - 1 and i != 2 * POLL_EVERY_STEPS - 1] == [
+        None
+    ] * (2 * POLL_EVERY_STEPS - 2)
+    assert poll(3 * POLL_EVERY_STEPS, steps_left=30) is None  # 30 s left: not worth it
+    shrink = ResizePoll(lambda: 1, world=2, broadcast=lambda v: v, grow_min_s=60.0, clock=clock)
+    assert shrink(POLL_EVERY_STEPS, steps_left=1) == 1  # shrinking happens whatever is left
+
+
+def test_other_ranks_take_rank_zeros_answer():
+    heard = []
+    poll = ResizePoll(None, world=2, broadcast=lambda v: heard.append(v) or 3, grow_min_s=0.0)
+    assert poll(POLL_EVERY_STEPS, steps_left=1000) == 3
+    assert heard == [2]  # a non-zero rank offers its own size; rank 0's value comes back
+
+
+def test_num_workers_takes_a_range():
+    cfg = load_config(None, ["scaling.num_workers=[1, 2]"])
+    assert (cfg.scaling.num_workers, cfg.scaling.max_workers) == (1, 2)
+    again = with_overrides(cfg, {"train.epochs": 2})
+    assert (again.scaling.num_workers, again.scaling.max_workers) == (1, 2)
+    with pytest.raises(ConfigError, match=r"min must not exceed max"):
+        load_config(None, ["scaling.num_workers=[3, 2]"])
+    with pytest.raises(ConfigError, match=r"one number or \[min, max\]"):
+        load_config(None, ["scaling.num_workers=[1, 2, 3]"])
+    with pytest.raises(ConfigError, match=r"does not split evenly across 3 workers.*narrower range"):
+        load_config(None, ["scaling.num_workers=[2, 4]", "train.batch_size=64"])
+
+
+def test_a_shared_gpu_holds_one_worker_runs_only():
+    assert load_config(None, ["scaling.gpus_per_worker=0.25"]).scaling.gpus_per_worker == 0.25
+    with pytest.raises(ConfigError, match=r"gpus_per_worker: 0.5 with up to 2 workers.*num_workers=1"):
+        load_config(None, ["scaling.gpus_per_worker=0.5", "scaling.num_workers=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"gpus_per_worker.*must be <= 1"):
+        load_config(None, ["scaling.gpus_per_worker=2"])
+
+
+def test_a_resize_stops_at_a_checkpoint_that_continues_exactly(fake_split, tmp_path):
+    """train_gan stops where ``resize`` names a new size: a report with ``resize_to`` and a checkpoint from
+    inside the epoch, no evaluation; continued (here at the same size), the run ends where a straight one did."""
+    import torch
+
+    from pipeline import checkpoint
+    from pipeline.train import train_gan
+
+    cfg = load_config(None, ["train.batch_size=64", "train.epochs=3", "model.g_channels=8", "model.d_channels=8"])
+    straight: list = []
+    train_gan(cfg, fake_split, report=lambda m, s: straight.append((dict(m), s)), log=lambda _: None)
+    reports: list = []
+    paused = train_gan(
+        cfg,
+        fake_split,
+        report=lambda m, s: reports.append((dict(m), s)),
+        resize=lambda step, left: 2 if step == 6 else None,  # 4 steps an epoch: inside epoch 2
+        log=lambda _: None,
+    )
+    assert paused.resize_to == 2 and paused.step == 6
+    last, state = reports[-1]
+    assert (last["step"], last["resize_to"], last["progress"]) == (6, 2, 1.5) and "fid" not in last
+    assert state["epoch_partial"] is not None and state["step"] == 6
+    path = checkpoint.save(tmp_path / "pause.pt", state)
+    rest: list = []
+    done = train_gan(cfg, fake_split, resume=checkpoint.load(path), report=lambda m, s: rest.append((dict(m), s)))
+    assert done.resize_to is None and [m["step"] for m, _ in rest] == [8, 12]
+    a, b = straight[-1][1]["generator"], rest[-1][1]["generator"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # a real local Ray
+def test_a_single_run_with_a_range_takes_what_ray_train_gives_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import run_cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli(
+        "train",
+        "-c",
+        "configs/smoke.yaml",
+        "--set",
+        f"train.storage_path={tmp_path / 'runs'}",
+        "--set",
+        f"tracking.uri={uri}",
+        "--set",
+        "scaling.num_workers=[1, 2]",
+        "--name",
+        "elastic-run",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1-2 worker(s), elastic (Ray Train sizes the group)" in result.stdout
+    run_id = next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("MLflow run id"))
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.tags["world_size"] == "1-2"
+    # Ray Train's ElasticScalingPolicy found this machine's 2 CPUs free: 2 workers of 1 CPU each.
+    assert [m.value for m in client.get_metric_history(run_id, "world_size")] == [2.0]
