@@ -174,14 +174,14 @@ def bench(
 
 def sweep_stage(cfg: PipelineConfig, quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
     """A sweep as `tune` runs one (trial drivers, Train runs, MLflow child runs; no early stopping), two trials
-    per CPU, each one 1-CPU worker for one epoch of the bench's images: its
+    per CPU (one with ``quick``), each one 1-CPU worker for one epoch of the bench's images: its
     busy_fraction, trial start-to-first-step, evaluation and checkpoint seconds (``sweep_*`` keys)."""
     import ray
 
     from pipeline.tune import run_sweep
 
     slots = os.cpu_count() or 1
-    trials = 2 * slots
+    trials = slots if quick else 2 * slots
     progress(f"[bench] sweep: {trials} trials of one epoch, {slots} at a time, 1 worker each")
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         sweep_cfg = with_overrides(

@@ -325,21 +325,30 @@ def _expected_trials(cfg: PipelineConfig) -> int:
     return cfg.tune.num_samples * math.prod(grids)
 
 
-def elastic_shares(allotment: Any, expected: int) -> Any:
-    """A Tune callback that tells the sweep's allotment, whenever it changes, which trials run (oldest first)
-    and how many wait for a start (pending or paused ones, and those the search has not drawn yet)."""
+def elastic_shares(actor_name: str, expected: int) -> Any:
+    """A Tune callback that tells the sweep's allotment (the actor named ``actor_name``), whenever it changes,
+    which trials run (oldest first) and how many wait for a start (pending or paused ones, and those the search
+    has not drawn yet). It keeps the actor's name, not its handle: Tune pickles callbacks into the sweep's
+    state, and a resumed sweep's driver starts a new actor under the same name."""
     from ray.tune import Callback
 
     class ElasticShares(Callback):
         def __init__(self) -> None:
             self.told: tuple[tuple[str, ...], int] | None = None
+            self.actor: Any = None
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {"told": None, "actor": None}
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+            import ray
+
             running = tuple(t.trial_id for t in trials if t.status == "RUNNING")
             waiting = sum(t.status in ("PENDING", "PAUSED") for t in trials) + max(0, expected - len(trials))
             if (running, waiting) != self.told:
                 self.told = (running, waiting)
-                allotment.update.remote(list(running), waiting)
+                self.actor = self.actor or ray.get_actor(actor_name)
+                self.actor.update.remote(list(running), waiting)
 
     return ElasticShares()
 
@@ -435,8 +444,14 @@ def run_sweep(
         import ray
 
         capacity = _worker_capacity(cfg, gpu)
-        allotment = ray.remote(num_cpus=0)(Allotment).remote(capacity, cfg.scaling.num_workers, cfg.scaling.max_workers)
-        callbacks.append(elastic_shares(allotment, _expected_trials(cfg)))
+        # Named: a resumed sweep's restored callback (Tune restores callbacks, not only trials) finds the new one.
+        actor_name = f"pipeline-allotment-{name}"
+        allotment = (
+            ray.remote(num_cpus=0)(Allotment)
+            .options(name=actor_name)
+            .remote(capacity, cfg.scaling.num_workers, cfg.scaling.max_workers)
+        )
+        callbacks.append(elastic_shares(actor_name, _expected_trials(cfg)))
         progress(
             f"[tune] elastic trials: {cfg.scaling.num_workers} to {cfg.scaling.max_workers} worker(s) each, "
             f"{capacity} in all; a trial grows when no trial waits to start and shrinks when one does"

@@ -141,3 +141,15 @@ def test_a_single_run_with_a_range_takes_what_ray_train_gives_it(tmp_path):
     assert run.data.tags["world_size"] == "1-2"
     # Ray Train's ElasticScalingPolicy found this machine's 2 CPUs free: 2 workers of 1 CPU each.
     assert [m.value for m in client.get_metric_history(run_id, "world_size")] == [2.0]
+
+
+def test_the_shares_callback_pickles_without_its_actor_handle():
+    """Tune pickles callbacks into the sweep's state; a resumed sweep's driver finds the new allotment by name."""
+    from ray import cloudpickle
+
+    from pipeline.tune import elastic_shares
+
+    callback = elastic_shares("pipeline-allotment-s", expected=4)
+    callback.actor, callback.told = object(), (("a",), 0)  # as after a step: a live handle and what it told
+    restored = cloudpickle.loads(cloudpickle.dumps(callback))
+    assert restored.actor is None and restored.told is None
