@@ -8,6 +8,23 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave with pytest's own verdict, skipping the interpreter's teardown: a full run (2026-11-29: 200 passed,
+    summary printed) then died with a segmentation fault in that teardown, where the threads of the Ray and
+    torch runtimes that some tests start in this process are torn down. The results are final by then."""
+    if _EXIT_STATUS and os.environ.get("PIPELINE_TEST_HARD_EXIT", "1") == "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
+
 
 @pytest.fixture
 def smoke_cfg():
