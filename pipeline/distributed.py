@@ -466,7 +466,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], state: dict[str, Any] | None) -> None:
         if live:
             tracker.log_metrics(live, step=int(metrics["step"]))
-        if "resize_to" in metrics and cfg.eval.every_epochs == 1:
+        if "resize_to" in metrics and ranks_by_fid(cfg):
             # Ray Train ranks checkpoints by FID (checkpoint_config): an unscored pause must rank last. Without
             # the key Ray logs an error and ranks it first; inf reaches its controller as None (a crash).
             metrics = {**metrics, "fid": UNSCORED_FID}
@@ -624,9 +624,14 @@ def forward_reports(queue: Any) -> Any:
     return ForwardReports()
 
 
+def ranks_by_fid(cfg: PipelineConfig) -> bool:
+    """Ray Train keeps the best checkpoints by FID (beside the latest) when every epoch is evaluated."""
+    return cfg.eval.every_epochs == 1
+
+
 def checkpoint_config(cfg: PipelineConfig, cls: type) -> Any:
     """Keep the latest checkpoint and, when every epoch is evaluated, the best ones by FID beside it."""
-    if cfg.eval.every_epochs == 1:
+    if ranks_by_fid(cfg):
         return cls(
             num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute="fid", checkpoint_score_order="min"
         )
@@ -782,13 +787,16 @@ def run_training(
     # A PBT trial's mutated keys keep their starting values as params; their later values are metrics (and
     # the exploit records), not resumed_with.* tags.
     tracker.log_params(flat_params(cfg), untagged={key.split(".")[1] for key in live_keys})
+    # An elastic run's size changes: its range here (and in the console), each size as the world_size metric.
+    size = (
+        f"{cfg.scaling.num_workers}-{cfg.scaling.max_workers}"
+        if cfg.scaling.max_workers
+        else str(cfg.scaling.num_workers)
+    )
     tracker.set_tags(
         {
             **environment_tags(),
-            # An elastic run's size changes: its range here, each size as the world_size metric.
-            "world_size": f"{cfg.scaling.num_workers}-{cfg.scaling.max_workers}"
-            if cfg.scaling.max_workers
-            else str(cfg.scaling.num_workers),
+            "world_size": size,
             "device": "cuda" if gpu else "cpu",
             "status": "running",
             "dataset": cfg.data.dataset,
@@ -797,11 +805,9 @@ def run_training(
         }
     )
     log_dataset(cfg, tracker)
-    workers = f"{cfg.scaling.num_workers} worker(s)"
-    if cfg.scaling.max_workers:
-        workers = f"{cfg.scaling.num_workers}-{cfg.scaling.max_workers} worker(s), elastic (Ray Train sizes the group)"
+    elastic_note = ", elastic (Ray Train sizes the group)" if cfg.scaling.max_workers else ""
     progress(
-        f"[train] run {name!r}: {workers} on {'GPU' if gpu else 'CPU'} "
+        f"[train] run {name!r}: {size} worker(s){elastic_note} on {'GPU' if gpu else 'CPU'} "
         f"({cfg.scaling.placement_strategy}); checkpoints in {run_dir}; MLflow run {run_id} at {uri}"
     )
     # A bar inside each epoch only where a person watches a terminal: not in CI logs, files or a sweep's trials.

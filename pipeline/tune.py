@@ -296,27 +296,19 @@ class SweepClock:
         return TrialTime.of(frame[frame["timestamp"] >= int(self.started_at)].to_dict("records"))
 
 
-def _default_concurrency(cfg: PipelineConfig, gpu: bool) -> int:
-    import ray
-
-    resources = ray.cluster_resources()
-    per_trial_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    fits = int(resources.get("CPU", 1) // per_trial_cpus)
-    if gpu:
-        per_trial_gpus = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
-        fits = min(fits, int(resources.get("GPU", 0) / per_trial_gpus + 1e-9))  # 1 / 0.25 trials, not 3.99
-    return max(1, fits)
-
-
-def _worker_capacity(cfg: PipelineConfig, gpu: bool) -> int:
+def _workers_that_fit(cfg: PipelineConfig, gpu: bool) -> int:
     """How many workers the cluster holds at once: its CPUs (and GPUs) over each worker's share."""
     import ray
 
     resources = ray.cluster_resources()
     workers = int(resources.get("CPU", 0) // cfg.scaling.cpus_per_worker)
     if gpu:
-        workers = min(workers, int(resources.get("GPU", 0) / cfg.scaling.gpus_per_worker + 1e-9))
-    return max(workers, cfg.scaling.num_workers)
+        workers = min(workers, int(resources.get("GPU", 0) / cfg.scaling.gpus_per_worker + 1e-9))  # 1 / 0.25: 4
+    return workers
+
+
+def _default_concurrency(cfg: PipelineConfig, gpu: bool) -> int:
+    return max(1, _workers_that_fit(cfg, gpu) // cfg.scaling.num_workers)
 
 
 def _expected_trials(cfg: PipelineConfig) -> int:
@@ -443,7 +435,7 @@ def run_sweep(
         # worker count; Tune's side keeps it told which trials run and how many wait.
         import ray
 
-        capacity = _worker_capacity(cfg, gpu)
+        capacity = max(_workers_that_fit(cfg, gpu), cfg.scaling.num_workers)
         # Named: a resumed sweep's restored callback (Tune restores callbacks, not only trials) finds the new one.
         actor_name = f"pipeline-allotment-{name}"
         allotment = (

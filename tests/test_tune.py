@@ -36,26 +36,25 @@ def _sweep_args(tmp_path, *extra):
     ]
 
 
+# Epochs that last a few seconds (8,192 images, wider nets than smoke.yaml's): long enough that Tune acts on a
+# trial's result, or another trial's end reaches the allotment, before the trial is done.
+SECONDS_LONG_EPOCHS = ("--set", "data.limit=8192", "--set", "model.g_channels=16", "--set", "model.d_channels=16")
+
+
 def _children(client, parent_id):
     experiment = client.get_run(parent_id).info.experiment_id
     return client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
 def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
-    # Sequential trials, the good learning rate first: ASHA must stop the hopeless ones at a rung. Epochs
-    # must last a few seconds (8,192 images, wider nets), or a trial ends before Tune acts on its result.
+    # Sequential trials, the good learning rate first: ASHA must stop the hopeless ones at a rung.
     uri, args = _sweep_args(
         tmp_path,
         "--set",
         "tune.search_space={optim.lr_g: {grid: [1.0e-3, 1.0e-7, 1.0e-7]}}",
         "--set",
         "train.epochs=4",
-        "--set",
-        "data.limit=8192",
-        "--set",
-        "model.g_channels=16",
-        "--set",
-        "model.d_channels=16",
+        *SECONDS_LONG_EPOCHS,
         "--set",
         "tune.max_concurrent_trials=1",
         "--set",
@@ -434,12 +433,7 @@ def test_an_elastic_trial_grows_into_the_cpu_another_trial_left(tmp_path):
         "train.epochs=4",
         "--set",
         "tune.scheduler=none",
-        "--set",
-        "data.limit=8192",
-        "--set",
-        "model.g_channels=16",
-        "--set",
-        "model.d_channels=16",
+        *SECONDS_LONG_EPOCHS,
         "--set",
         "scaling.num_workers=[1, 2]",
         "--set",
