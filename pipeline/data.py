@@ -338,15 +338,29 @@ class Split:
         return len(self.labels)
 
 
-def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Split:
-    """Prepare if needed, then read a split through torchvision's own class into uint8 tensors."""
-    import torchvision
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (MNIST's format: bytes 0, 0, 0x08, the number of dimensions, each dimension
+    as a big-endian int32, then the data) as an array of that shape: what torchvision's MNIST class reads, without
+    importing torchvision (its import pulls in torch._dynamo: seconds of every worker's start)."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    ndim = int(raw[3]) if raw.size >= 4 else 0
+    if raw.size < 4 + 4 * ndim or bytes(raw[:3]) != b"\x00\x00\x08":
+        raise DataError(
+            f"{path} is not an IDX file of unsigned bytes; prepare the data again: python -m pipeline data prepare"
+        )
+    shape = tuple(int.from_bytes(bytes(raw[4 + 4 * i : 8 + 4 * i]), "big") for i in range(ndim))
+    return raw[4 + 4 * ndim :].reshape(shape)
 
-    root = resolve_root(cfg)
-    prepare(cfg.dataset, root, progress)
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[cfg.dataset]
-    ds = cls(str(root), train=train, download=False)
-    images, labels = ds.data, ds.targets
+
+def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Split:
+    """Prepare if needed, then read a split's IDX files into uint8 images and int64 labels (as torchvision's
+    MNIST class gives them)."""
+    import torch
+
+    raw_dir = prepare(cfg.dataset, resolve_root(cfg), progress)
+    split = "train" if train else "t10k"
+    images = torch.from_numpy(read_idx(raw_dir / f"{split}-images-idx3-ubyte"))
+    labels = torch.from_numpy(read_idx(raw_dir / f"{split}-labels-idx1-ubyte").astype(np.int64))
     if train and cfg.limit is not None:
         if cfg.limit > len(labels):
             raise DataError(f"data.limit: {cfg.limit} exceeds the {len(labels)} training images; lower it")

@@ -306,7 +306,14 @@ class MLflowTracker:
         generator = generator.cpu().eval()
         example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
         with using_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id):
-            info = mlflow.pytorch.log_model(generator, name="generator", input_example=example)
+            # The requirements named, not inferred: MLflow would load the model in a new Python process to see
+            # what it imports (10-20 s of each run's end on 2 cores) and find torch, which these pins say.
+            info = mlflow.pytorch.log_model(
+                generator,
+                name="generator",
+                input_example=example,
+                pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+            )
         linked = []
         for key in scores:
             history = self.client.get_metric_history(self.run_id, key)

@@ -456,12 +456,8 @@ def run_sweep(
     if resume:
         tuner = ray.tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        search_alg = None
-        if cfg.tune.search_alg == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            search_alg = OptunaSearch(seed=cfg.train.seed)
-        random.seed(cfg.train.seed)  # Tune's random points and PBT's choices (donor, perturbation) draw from it
+        search_alg, limit = make_search_alg(cfg, concurrency)
+        random.seed(cfg.train.seed)  # PBT's choices (donor, perturbation) draw from it
         # A function trainable cannot take a new config in place: PBT restarts a copied trial (as it must).
         warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
         tuner = ray.tune.Tuner(
@@ -473,7 +469,7 @@ def run_sweep(
                 scheduler=make_scheduler(cfg),
                 search_alg=search_alg,
                 num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=concurrency,
+                max_concurrent_trials=limit,
             ),
             run_config=ray.tune.RunConfig(
                 name=name,
@@ -495,6 +491,20 @@ def run_sweep(
     per_worker = cfg.scaling.gpus_per_worker if gpu else cfg.scaling.cpus_per_worker
     clock = SweepClock(fit_started, time.time() - fit_started, capacity, per_worker)
     return summarise(cfg, name, parent, results, clock)
+
+
+def make_search_alg(cfg: PipelineConfig, concurrency: int) -> tuple[Any, int | None]:
+    """The sweep's search algorithm, seeded by ``train.seed`` (the same seed draws the same trials), and the
+    ``max_concurrent_trials`` to give Tune beside it. Tune draws random points from a numpy generator that
+    ``random.seed`` does not reach: its ``BasicVariantGenerator`` takes the seed (and the concurrency itself,
+    since Tune ignores ``max_concurrent_trials`` beside a generator it did not make)."""
+    if cfg.tune.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=cfg.train.seed), concurrency
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.train.seed), None
 
 
 def _describe_scheduler(cfg: PipelineConfig) -> str:

@@ -40,6 +40,13 @@ def test_mirror_conversion_roundtrips_exact_pixels(tmp_path):
     test_images = read_image_file(str(tmp_path / "t10k-images-idx3-ubyte"))
     assert np.array_equal(test_images.numpy(), truth["pixels"]["test"].reshape(-1, 28, 28))
     assert read_label_file(str(tmp_path / "t10k-labels-idx1-ubyte")).tolist() == list(truth["labels"]["test"])
+    # Our own reader (workers load without importing torchvision) reads the same arrays as torchvision's.
+    for name in files:
+        torchvision_read = (read_image_file if "images" in name else read_label_file)(str(tmp_path / name))
+        assert np.array_equal(data.read_idx(tmp_path / name), torchvision_read.numpy()), name
+    (tmp_path / "not-idx").write_bytes(b"\x00\x00\x0d\x01" + bytes(8))  # float32 IDX: not what MNIST holds
+    with pytest.raises(DataError, match="not an IDX file of unsigned bytes"):
+        data.read_idx(tmp_path / "not-idx")
 
 
 def test_mirror_checksum_mismatch_is_refused_before_unpickling(tmp_path):
@@ -136,6 +143,12 @@ def test_real_mnist_through_the_offline_mirror(tmp_path, monkeypatch):
     assert torch.bincount(train.labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
     assert torch.bincount(test.labels, minlength=10).tolist() == MNIST_TEST_COUNTS
     assert len(data.load(DataConfig(dataset="mnist", root=str(tmp_path), limit=1000))) == 1000
+    # Exactly what torchvision's own MNIST class reads from the same files.
+    import torchvision
+
+    for split, ours in ((True, train), (False, test)):
+        theirs = torchvision.datasets.MNIST(str(tmp_path), train=split, download=False)
+        assert torch.equal(ours.images, theirs.data) and torch.equal(ours.labels, theirs.targets)
 
     # A corrupted file is detected and replaced, never trained on.
     target = raw / "train-images-idx3-ubyte"

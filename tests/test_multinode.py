@@ -166,6 +166,14 @@ def test_ray_job_submit_of_a_sweep_over_two_nodes_with_s3_and_the_team_server(te
     cluster, server = team["cluster"], team["mlflow"]
     cluster.wait_for_nodes(2, 60)
     cluster.wait_for_job_api(120)
+    # Without the token, the head refuses: authentication stays on.
+    refused = subprocess.run(
+        [f"{BIN}/ray", "job", "list", "--address", cluster.dashboard],
+        env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"RAY_AUTH_MODE": "disabled"},
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0
     # The nodes already have the S3 variables; the job gets only the tracking server's address.
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": server.uri}}
     job = cluster.submit_job(
@@ -213,6 +221,8 @@ def test_ray_job_submit_of_a_sweep_over_two_nodes_with_s3_and_the_team_server(te
         train_run = child.data.tags["ray_train_run"]
         assert any(k.startswith(f"runs/{train_run}/checkpoint_") for k in keys), train_run
         assert any(k.startswith("mlflow/") and child.info.run_id in k and k.endswith("epoch_002.png") for k in keys)
+        # 512 images, a global batch of 64: 8 steps an epoch, a FID at the end of each
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [8, 16]
     assert any(k.startswith("runs/team-sweep/") for k in keys)  # Tune's experiment state
     assert "best_fid" in client.get_run(parent.info.run_id).data.metrics
 

@@ -5,6 +5,7 @@ the logged generator carries its run's final FID/IS; experiments open on their t
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,6 +98,16 @@ def test_the_logged_generator_carries_the_final_fid_and_is(store):
     assert metrics == {"fid": (80.0, 16), "inception_score": (2.5, 16)}
     # The run's own histories are unchanged: no step twice.
     assert [m.step for m in client.get_metric_history(run_id, "fid")] == [8, 16]
+    # What serving it needs, pinned to what logged it (named, not inferred in a subprocess).
+    import mlflow
+    import torch
+
+    from pipeline.tracking import using_tracking_uri
+
+    with using_tracking_uri(uri):
+        location = f"{model.artifact_location}/requirements.txt"
+        requirements = Path(mlflow.artifacts.download_artifacts(artifact_uri=location)).read_text()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements.split(), requirements
 
 
 @pytest.mark.parametrize("form", ["alias", "version", "run"])
