@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline import PROJECT_ROOT
 from pipeline.accounting import SweepTime, TrialTime, sweep_time
 from pipeline.checkpoint import FILENAME as CHECKPOINT_FILE
@@ -457,7 +459,10 @@ def run_sweep(
         tuner = ray.tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         search_alg, limit = make_search_alg(cfg, concurrency)
-        random.seed(cfg.train.seed)  # PBT's choices (donor, perturbation) draw from it
+        # PBT's choices draw from both: donor and perturbation from `random`, a resampled value from numpy's global
+        # generator.
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
         # A function trainable cannot take a new config in place: PBT restarts a copied trial (as it must).
         warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
         tuner = ray.tune.Tuner(
