@@ -439,6 +439,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # the learning rates the optimizers now hold (the perturbed ones).
         if is_main and exploit is not None:
             record = {**exploit, "step": state.step, "weights_sha256": state.fingerprint(), **state.learning_rates}
+            # A donor's checkpoint can be older than this trial's own last report (PBT copies the donor's latest):
+            # the steps in between stay in the run's history as this trial trained them before the copy (a step
+            # is never logged twice); the record says up to where.
+            record["logged_through"] = max((step for step, _ in tracker.metric_history("loss_d")), default=0)
             tracker.set_tags({f"pbt.exploit.step_{state.step}": json.dumps(record, sort_keys=True)})
             say(
                 f"[pbt] continues from trial {exploit['donor_trial']}'s checkpoint at step {state.step} (epoch "

@@ -55,6 +55,9 @@ class NullTracker:
     def flush(self) -> None:
         pass
 
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return []
+
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
     """uint8 (N, 28, 28) -> a PNG grid with ``nrow`` images per row."""

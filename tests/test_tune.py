@@ -241,8 +241,11 @@ def test_pbt_copies_the_donor_into_the_weaker_trial_and_a_killed_pbt_sweep_resum
         state = torch.load(donor_checkpoint / "checkpoint.pt", weights_only=True)
         assert record["weights_sha256"] == weights_digest(state["generator"], state["discriminator"], None)
         # ... and it trained on with the perturbed learning rates: the ones its next report logged, not the donor's
+        # (past the steps it had logged before the copy: a donor checkpoint older than the trial's last report
+        # rewinds it, and those steps keep the values it logged first)
+        since = max(record["step"], record["logged_through"])
         after = {
-            key: [m for m in client.get_metric_history(child.info.run_id, key) if m.step > record["step"]]
+            key: [m for m in client.get_metric_history(child.info.run_id, key) if m.step > since]
             for key in ("lr_g", "lr_d")
         }
         donor = {key: state["opt_g" if key == "lr_g" else "opt_d"]["param_groups"][0]["lr"] for key in ("lr_g", "lr_d")}
