@@ -459,10 +459,7 @@ def run_sweep(
         tuner = ray.tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         search_alg, limit = make_search_alg(cfg, concurrency)
-        # PBT's choices draw from both: donor and perturbation from `random`, a resampled value from numpy's global
-        # generator.
-        random.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
+        random.seed(cfg.train.seed)  # PBT's donor and perturbation choices
         # A function trainable cannot take a new config in place: PBT restarts a copied trial (as it must).
         warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
         tuner = ray.tune.Tuner(
@@ -499,17 +496,15 @@ def run_sweep(
 
 
 def make_search_alg(cfg: PipelineConfig, concurrency: int) -> tuple[Any, int | None]:
-    """The sweep's search algorithm, seeded by ``train.seed`` (the same seed draws the same trials), and the
-    ``max_concurrent_trials`` to give Tune beside it. Tune draws random points from a numpy generator that
-    ``random.seed`` does not reach: its ``BasicVariantGenerator`` takes the seed (and the concurrency itself,
-    since Tune ignores ``max_concurrent_trials`` beside a generator it did not make)."""
+    """The sweep's search algorithm (None: Tune's own random search) and ``max_concurrent_trials``, with their
+    draws seeded by ``train.seed``: the same seed draws the same trials. Tune's random search draws from numpy's
+    global generator (``random.seed`` does not reach it), seeded here; PBT's resampling draws from it too."""
+    np.random.seed(cfg.train.seed)
     if cfg.tune.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=cfg.train.seed), concurrency
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    return BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.train.seed), None
+    return None, concurrency
 
 
 def _describe_scheduler(cfg: PipelineConfig) -> str:

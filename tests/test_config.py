@@ -124,10 +124,13 @@ def test_search_space_accepts_the_documented_forms():
 def _drawn_points(cfg, storage) -> list[dict]:
     """The trials the sweep's search algorithm draws, in order (what Tune would start)."""
     from ray.tune.experiment import Experiment
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipeline.tune import make_search_alg, search_space
 
-    search_alg, _ = make_search_alg(cfg, concurrency=0)  # 0: no limit, every trial drawn at once
+    search_alg, _ = make_search_alg(cfg, concurrency=0)
+    assert search_alg is None  # random search: Tune makes its generator, as here
+    search_alg = BasicVariantGenerator(max_concurrent=0)  # 0: no limit, every trial drawn at once
     search_alg.add_configurations(
         [
             Experiment(
