@@ -458,7 +458,7 @@ def run_sweep(
     if resume:
         tuner = ray.tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        search_alg, limit = make_search_alg(cfg, concurrency)
+        search_alg = make_search_alg(cfg)
         random.seed(cfg.train.seed)  # PBT's donor and perturbation choices
         # A function trainable cannot take a new config in place: PBT restarts a copied trial (as it must).
         warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
@@ -471,7 +471,7 @@ def run_sweep(
                 scheduler=make_scheduler(cfg),
                 search_alg=search_alg,
                 num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=limit,
+                max_concurrent_trials=concurrency,
             ),
             run_config=ray.tune.RunConfig(
                 name=name,
@@ -495,16 +495,16 @@ def run_sweep(
     return summarise(cfg, name, parent, results, clock)
 
 
-def make_search_alg(cfg: PipelineConfig, concurrency: int) -> tuple[Any, int | None]:
-    """The sweep's search algorithm (None: Tune's own random search) and ``max_concurrent_trials``, with their
-    draws seeded by ``train.seed``: the same seed draws the same trials. Tune's random search draws from numpy's
-    global generator (``random.seed`` does not reach it), seeded here; PBT's resampling draws from it too."""
+def make_search_alg(cfg: PipelineConfig) -> Any:
+    """The sweep's search algorithm (None: Tune's own random search), its draws seeded by ``train.seed``: the
+    same seed draws the same trials. Tune's random search draws from numpy's global generator (``random.seed``
+    does not reach it), seeded here; PBT's resampling draws from it too."""
     np.random.seed(cfg.train.seed)
     if cfg.tune.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=cfg.train.seed), concurrency
-    return None, concurrency
+        return OptunaSearch(seed=cfg.train.seed)
+    return None
 
 
 def _describe_scheduler(cfg: PipelineConfig) -> str:

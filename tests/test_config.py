@@ -128,8 +128,7 @@ def _drawn_points(cfg, storage) -> list[dict]:
 
     from pipeline.tune import make_search_alg, search_space
 
-    search_alg, _ = make_search_alg(cfg, concurrency=0)
-    assert search_alg is None  # random search: Tune makes its generator, as here
+    assert make_search_alg(cfg) is None  # random search: Tune makes its generator, as here
     search_alg = BasicVariantGenerator(max_concurrent=0)  # 0: no limit, every trial drawn at once
     search_alg.add_configurations(
         [
