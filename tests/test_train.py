@@ -202,17 +202,29 @@ LEGACY_VARIANTS = {
 }
 
 
+# Written on an Intel Xeon without AVX512. On an AMD EPYC with AVX512 (other float kernels) the "switches" run
+# (top-k selects among near-equal fakes) ends epoch 1 up to 1.1% of a tensor's largest value away (G's Adam
+# moments); a real change to the loop moves much more there (optim.lr_final_scale 0.5 -> 0.6: 9.9%,
+# train.real_label 0.9 -> 0.95: 155%). So: equal within 3% of each tensor's largest magnitude.
+RELATIVE_TO_MAX = 0.03
+
+
+def _close(actual, expected, msg):
+    scale = expected.abs().max().item() if expected.is_floating_point() and expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, msg=msg, rtol=0, atol=max(RELATIVE_TO_MAX * scale, 1e-5))
+
+
 def assert_same_state(expected, actual):
     for key in ("generator", "generator_ema", "discriminator"):
         if expected[key] is None:
             assert actual[key] is None, key
             continue
         for name, value in expected[key].items():
-            torch.testing.assert_close(actual[key][name], value, msg=f"{key}.{name}")
+            _close(actual[key][name], value, f"{key}.{name}")
     for key in ("opt_g", "opt_d"):
         for index, slots in expected[key]["state"].items():
             for slot, value in slots.items():
-                torch.testing.assert_close(actual[key]["state"][index][slot], value, msg=f"{key}.{index}.{slot}")
+                _close(actual[key]["state"][index][slot], value, f"{key}.{index}.{slot}")
         assert [g["lr"] for g in actual[key]["param_groups"]] == [g["lr"] for g in expected[key]["param_groups"]]
     assert (actual["epoch"], actual["step"]) == (expected["epoch"], expected["step"])
 
