@@ -379,27 +379,68 @@ def _node_ids_of_all_workers(world: int) -> list[str]:
     return ids
 
 
+@dataclass(frozen=True)
+class WorkerPlace:
+    """Where one worker of a run trains and how it reaches the other workers and the run's storage: a Ray Train
+    worker (`train_loop_per_worker`) or a one-worker sweep trial's own process (pipeline.tune)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    restored: Any  # the run's own latest checkpoint (a Ray Checkpoint holding checkpoint.FILENAME), or None
+    # (metrics, directory holding the checkpoint or None): every worker, in step; returns when the run goes on
+    report: Callable[[dict[str, Any], str | None], None]
+    node_ids: Callable[[], list[str]]  # every rank's Ray node id (a collective)
+    wrap_model: Callable[[Any], Any] = identity
+    mean_over_workers: Callable[[torch.Tensor], torch.Tensor] = identity
+    report_waits: bool = False  # report returns only once a sweep lets the run go on (a trial's own process)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: load data, resume if Ray hands us a checkpoint, train, report."""
+    """What each Ray Train worker runs: :func:`run_worker` with Ray Train's checkpoint, reports and DDP."""
     import ray.train
     import ray.train.torch
 
+    entered = time.time()
+    job: WorkerJob = loop_config["job"]
+    context = ray.train.get_context()
+    world = context.get_world_size()
+    device = ray.train.torch.get_device()
+    sync = job.bench is None or job.bench.sync_gradients
+
+    def report(metrics: dict[str, Any], directory: str | None) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+    place = WorkerPlace(
+        rank=context.get_world_rank(),
+        world=world,
+        local_rank=context.get_local_rank(),
+        device=device,
+        restored=ray.train.get_checkpoint(),
+        report=report,
+        node_ids=lambda: _node_ids_of_all_workers(world),
+        wrap_model=(lambda m: ray.train.torch.prepare_model(m, move_to_device=device)) if sync else identity,
+        mean_over_workers=all_reduce_mean,  # Ray Train sets up a process group even for one worker
+    )
+    run_worker(job, place, entered)
+
+
+def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
+    """One worker's whole run: load data, resume from the run's checkpoint (or ``job.start_from``), train,
+    report each epoch through ``place``; ``entered`` (wall clock) is when this worker's code began."""
     from pipeline.data import load
     from pipeline.metrics import Evaluator
 
-    entered = time.time()
-    job: WorkerJob = loop_config["job"]
     cfg = job.config
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world, device = place.rank, place.world, place.device
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    device = ray.train.torch.get_device()
     is_main = rank == 0
 
-    data = load(cfg.data, progress=print if context.get_local_rank() == 0 else (lambda _: None))
+    data = load(cfg.data, progress=print if place.local_rank == 0 else (lambda _: None))
     data_loaded = time.time()
     resume = None
-    restored, exploit = ray.train.get_checkpoint(), None
+    restored, exploit = place.restored, None
     if restored is None and job.start_from is not None:
         restored, exploit = job.start_from.checkpoint, job.start_from.record
     if restored is not None:
@@ -412,7 +453,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if is_main and cfg.eval.every_epochs and job.evaluator is not None:
         evaluator = Evaluator.from_payload(job.evaluator)
     clock = StepClock() if job.bench else None
-    nodes = _node_ids_of_all_workers(world)
+    nodes = place.node_ids()
 
     def say(line: str) -> None:
         print(f"[{job.label}] {line}" if job.label else line, flush=True)
@@ -483,6 +524,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     start_setup_s=first_step[0] - data_loaded,
                 )
             timing.clear()
+            tracker.flush()  # the steps up to this report belong to the run whatever a sweep decides there
             saving = time.perf_counter()
         if clock is not None:  # `pipeline bench`: this worker's own step timing
             summary = clock.summary(cfg.train.batch_size, job.bench.warmup, job.bench.window)
@@ -492,15 +534,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 "bench_first_step_time": clock.times[0],
             }
         if state is None:
-            ray.train.report(metrics)
+            place.report(metrics, None)
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 checkpoint.save(Path(tmp) / checkpoint.FILENAME, state)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                saved = time.perf_counter()
+                place.report(metrics, tmp)
         if is_main:
-            timing["checkpoint_s"] = time.perf_counter() - saving  # saved and persisted: in the next report
+            # Saved and persisted, in the next report; where the report also waits for the sweep's verdict,
+            # saved (the copy into storage is not told apart from that wait).
+            done = saved if state is not None and place.report_waits else time.perf_counter()
+            timing["checkpoint_s"] = done - saving
         if is_main and job.verdicts is not None:
-            tracker.flush()  # the steps up to this report belong to the trial whatever Tune decides
             job.verdicts.get()
 
     resize = None
@@ -514,13 +559,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ask = ask_allotment(job.elastic.allotment, job.elastic.trial_id, world) if is_main else None
         resize = ResizePoll(ask, world, broadcast, job.elastic.grow_min_s)
 
-    sync = job.bench is None or job.bench.sync_gradients
     runtime = Runtime(
         rank=rank,
         world_size=world,
         device=device,
-        wrap_model=(lambda m: ray.train.torch.prepare_model(m, move_to_device=device)) if sync else identity,
-        mean_over_workers=all_reduce_mean,  # Ray Train sets up a process group even for one worker
+        wrap_model=place.wrap_model,
+        mean_over_workers=place.mean_over_workers,
     )
     monitor = (
         system_metrics(job.tracking_uri, job.mlflow_run_id, cfg.tracking.system_metrics_s)
@@ -550,13 +594,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 say(f"[train] {exc}")
                 tracker.flush()
                 tracker.set_tags({"status": "diverged", "diverged_epoch": str(exc.epoch)})
-            ray.train.report(
-                {"diverged": 1, "epoch": exc.epoch, "progress": exc.epoch, "fid": float("inf"), "inception_score": 0.0}
+            place.report(
+                {"diverged": 1, "epoch": exc.epoch, "progress": exc.epoch, "fid": float("inf"), "inception_score": 0.0},
+                None,
             )
 
 
 # --------------------------------------------------------------------------------------------------
 # The driver side
+
+
+@dataclass(frozen=True)
+class InTrial:
+    """A one-worker sweep trial trained in the trial's own process, without a Ray Train run (pipeline.tune
+    builds it): ``train(job, gpu)`` runs :func:`run_worker` there and returns what :func:`finish_run` reads (the
+    last ``metrics`` and ``checkpoint``); ``location`` is where Tune keeps the trial's checkpoints."""
+
+    train: Callable[[WorkerJob, bool], Any]
+    location: str
 
 
 @dataclass
@@ -670,6 +725,7 @@ def prepare_run(
     extra_tags: dict[str, str] | None = None,
     progress: Callable[[str], None] = print,
     mlflow_run_id: str | None = None,
+    train_run: bool = True,
 ) -> tuple[str, str, str, dict[str, Any] | None]:
     """Check everything, prepare data and evaluator, then create the MLflow run (or find the one a resumed
     run had, or take ``mlflow_run_id``, tagged now with this Train run's name): (run location, tracking URI,
@@ -696,7 +752,7 @@ def prepare_run(
         raise ConfigError(
             f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
         )
-    if resume:
+    if resume and train_run:  # (a trial trained in its own process resumes from Tune's checkpoint)
         verify_latest_checkpoint(location)
     evaluator = prepare_inputs(cfg, progress)
     if previous is not None:
@@ -763,6 +819,7 @@ def run_training(
     verdicts: Any = None,
     started_at: float | None = None,
     elastic: ElasticJob | None = None,
+    in_trial: InTrial | None = None,
 ) -> TrainOutcome:
     """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model. The
     workers' lines start with ``[label]`` when one is given (a sweep's trial id). A sweep's PBT trial goes on
@@ -771,7 +828,8 @@ def run_training(
     for an item on ``verdicts`` (Tune let the trial go on). An ``elastic`` trial's run may end early, at a
     checkpoint, for its driver to continue it with another worker count: the MLflow run then stays open and
     ``TrainOutcome.resize_to`` says how many. ``started_at`` (wall clock) is when this start began, for the
-    sweep's accounting (default: when this process began loading pipeline code)."""
+    sweep's accounting (default: when this process began loading pipeline code). A one-worker sweep trial
+    trains ``in_trial``: in this process, its checkpoints kept by Tune, without a Ray Train run."""
     cfg = resolve_scaling(cfg)
     check_resources(cfg)
     run_dir, uri, run_id, evaluator = prepare_run(
@@ -782,7 +840,10 @@ def run_training(
         extra_tags=extra_tags,
         progress=progress,
         mlflow_run_id=mlflow_run_id,
+        train_run=in_trial is None,
     )
+    if in_trial is not None:
+        run_dir = in_trial.location
     init_ray(verbose)
     gpu = use_gpu(cfg)
     tracker = MLflowTracker(uri, run_id)
@@ -805,11 +866,13 @@ def run_training(
             "status": "running",
             "dataset": cfg.data.dataset,
             "config_digest": config_digest(cfg),
+            "trained_in": "trial process" if in_trial else "ray train",
             **({"evaluator_sha256": evaluator["checksum"]} if evaluator and evaluator.get("checksum") else {}),
         }
     )
     log_dataset(cfg, tracker)
     elastic_note = ", elastic (Ray Train sizes the group)" if cfg.scaling.max_workers else ""
+    elastic_note += ", in the trial's process" if in_trial else ""
     progress(
         f"[train] run {name!r}: {size} worker(s){elastic_note} on {'GPU' if gpu else 'CPU'} "
         f"({cfg.scaling.placement_strategy}); checkpoints in {run_dir}; MLflow run {run_id} at {uri}"
@@ -831,9 +894,8 @@ def run_training(
         fit_at=time.time(),
         elastic=elastic,
     )
-    trainer = build_trainer(job, name, callbacks, gpu, verbose)
     try:
-        result = trainer.fit()
+        result = in_trial.train(job, gpu) if in_trial else build_trainer(job, name, callbacks, gpu, verbose).fit()
     except Exception as exc:
         # A sweep's trial that Tune stopped may see its fit() fail on the way out, after the sweep ended its
         # run KILLED (early stopped): that verdict stands.
@@ -947,13 +1009,16 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
     )
 
 
-def finish_from_storage(cfg: PipelineConfig, name: str, uri: str, run_id: str) -> TrainOutcome:
+def finish_from_storage(cfg: PipelineConfig, name: str, uri: str, run_id: str, result: Any = None) -> TrainOutcome:
     """:func:`finish_run` for a run whose training completed but whose driver ended before its final logging
-    (a sweep's trial): the result is read back from the run's storage."""
+    (a sweep's trial): the result is read back from the Train run's storage, or is ``result`` (Tune's, for a
+    trial trained in its own process)."""
     from ray.train import Result
 
     location = run_location(cfg, name)
-    return finish_run(cfg, MLflowTracker(uri, run_id), name, location, Result.from_path(location))
+    if result is None:
+        result = Result.from_path(location)
+    return finish_run(cfg, MLflowTracker(uri, run_id), name, location, result)
 
 
 # MLflow 3.17's UI shows an experiment as GenAI (an overview of traces) or as model training after a switch

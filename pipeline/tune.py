@@ -18,6 +18,7 @@ import re
 import shutil
 import tempfile
 import time
+import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +33,11 @@ from pipeline.checkpoint import FILENAME as CHECKPOINT_FILE
 from pipeline.config import ConfigError, PipelineConfig, pbt_mutated_keys, with_overrides
 from pipeline.distributed import (
     ElasticJob,
+    InTrial,
     RunDiverged,
     StartFrom,
+    WorkerJob,
+    WorkerPlace,
     check_resources,
     existing_run,
     finish_from_storage,
@@ -43,6 +47,7 @@ from pipeline.distributed import (
     register_best,
     resolve_scaling,
     run_training,
+    run_worker,
     use_gpu,
 )
 from pipeline.elastic import Allotment, ask_allotment
@@ -105,7 +110,9 @@ def _trial_driver(
     verbose: bool = False,
     allotment: Any = None,
 ) -> None:
-    """One trial: a Ray Train run (data-parallel, checkpointed) whose reports Tune receives as they come.
+    """One trial: a one-worker trial trains in this process (``trains_in_trial``), every report handed to Tune
+    with its checkpoint; any other is a Ray Train run (data-parallel, checkpointed) whose reports Tune
+    receives as they come.
 
     Under PBT each report also hands Tune a checkpoint (the Train checkpoint and its lineage), and a trial
     that Tune restarts from another trial's checkpoint (an exploit) goes on in a new Train run that begins
@@ -118,7 +125,8 @@ def _trial_driver(
     trial_id = ray.tune.get_context().get_trial_id()
     uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
     child = find_run(uri, cfg.tracking.experiment, {"sweep": sweep, "trial_id": trial_id})
-    name, start_from = _continuation(sweep, trial_id, ray.tune.get_checkpoint())
+    given = ray.tune.get_checkpoint()
+    name, start_from = _continuation(sweep, trial_id, given)
     # A restored (or paused) trial finds its Train run, and the MLflow child run, by name.
     resume = existing_run(cfg, name) is not None
     pbt = base.tune.scheduler == "pbt"
@@ -130,30 +138,37 @@ def _trial_driver(
         where = {"step": int(metrics["step"]), "progress": metrics.get("progress", metrics.get("epoch"))}
         return {"trial_id": trial_id, "train_run": name, "mlflow_run_id": child, **where}
 
-    elastic, workers = None, cfg.scaling.num_workers
-    if allotment is not None:
-        elastic = ElasticJob(allotment, trial_id, cfg.scaling.elastic_grow_min_s)
-        workers = ask_allotment(allotment, trial_id, workers)()
-    started_at, carried = None, {}
+    run = functools.partial(
+        run_training,
+        name=name,
+        resume=resume,
+        parent_run_id=parent_run_id,
+        extra_tags={"sweep": sweep, "trial_id": trial_id},
+        progress=lambda msg: print(f"[{trial_id}] {msg}"),
+        verbose=verbose,
+        label=trial_id,
+        mlflow_run_id=child,
+        start_from=start_from,
+        live_keys=pbt_mutated_keys(base) if pbt else (),
+    )
     try:
+        if trains_in_trial(cfg):
+            location = f"{run_location(base, sweep)}/{os.path.basename(ray.tune.get_context().get_trial_dir())}"
+            run(cfg, in_trial=_in_trial(given if start_from is None else None, note, location))
+            return
+        elastic, workers = None, cfg.scaling.num_workers
+        if allotment is not None:
+            elastic = ElasticJob(allotment, trial_id, cfg.scaling.elastic_grow_min_s)
+            workers = ask_allotment(allotment, trial_id, workers)()
+        started_at, carried = None, {}
         while True:
             outcome, carried = _fit_reporting(
                 functools.partial(
-                    run_training,
+                    run,
                     # An elastic trial's run has one size; the trial changes it between runs.
                     with_overrides(cfg, {"scaling.num_workers": workers, "scaling.max_workers": None})
                     if elastic
                     else cfg,
-                    name,
-                    resume=resume,
-                    parent_run_id=parent_run_id,
-                    extra_tags={"sweep": sweep, "trial_id": trial_id},
-                    progress=lambda msg: print(f"[{trial_id}] {msg}"),
-                    verbose=verbose,
-                    label=trial_id,
-                    mlflow_run_id=child,
-                    start_from=start_from,
-                    live_keys=pbt_mutated_keys(base) if pbt else (),
                     started_at=started_at,
                     elastic=elastic,
                 ),
@@ -163,10 +178,55 @@ def _trial_driver(
             if outcome is None or outcome.resize_to is None:
                 break
             # The run stopped at a checkpoint to change size: the same Train run (and MLflow run) goes on.
-            workers, resume, start_from, started_at = outcome.resize_to, True, None, time.time()
+            workers, started_at = outcome.resize_to, time.time()
+            run = functools.partial(run, resume=True, start_from=None)
     except RunDiverged as exc:
         # Tune already has its last result (the worst score); the rest of the sweep goes on.
         print(f"[{trial_id}] {exc}")
+
+
+def trains_in_trial(cfg: PipelineConfig) -> bool:
+    """A trial of one worker, not elastic, trains in its trial's own process (Tune keeps its checkpoints and
+    restarts it after a failure): no Ray Train controller and worker group to start, tens of seconds each."""
+    return cfg.scaling.num_workers == 1 and not cfg.scaling.max_workers
+
+
+def _in_trial(restored: Any, note: Callable[[dict[str, Any]], dict[str, Any]], location: str) -> InTrial:
+    """Training in this process, the trial's: :func:`run_worker` as the one worker, resuming from ``restored``
+    (the trial's own Tune checkpoint, or None), each report handed to Tune with a checkpoint that carries its
+    lineage (``note``); Tune's report returns once Tune lets the trial go on."""
+    import ray
+    import ray.tune
+    import torch
+
+    last: dict[str, Any] = {}
+
+    def report(metrics: dict[str, Any], directory: str | None) -> None:
+        last.clear()
+        last.update(metrics)
+        if directory is None:
+            ray.tune.report(metrics)
+            return
+        (Path(directory) / LINEAGE_FILE).write_text(json.dumps(note(metrics)))
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory))
+
+    def train(job: WorkerJob, gpu: bool) -> Any:
+        entered = time.time()
+        place = WorkerPlace(
+            rank=0,
+            world=1,
+            local_rank=0,
+            device=torch.device("cuda", 0) if gpu else torch.device("cpu"),  # Ray shows the trial its GPU as 0
+            restored=restored,
+            report=report,
+            node_ids=lambda: [ray.get_runtime_context().get_node_id()],
+            report_waits=True,
+        )
+        run_worker(job, place, entered)
+        # Tune's session holds the latest checkpoint persisted (or the one the trial restarted from).
+        return types.SimpleNamespace(metrics=dict(last), checkpoint=ray.tune.get_checkpoint())
+
+    return InTrial(train, location)
 
 
 def _continuation(sweep: str, trial_id: str, given: Any) -> tuple[str, StartFrom | None]:
@@ -453,8 +513,13 @@ def run_sweep(
     driver = functools.partial(
         _trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id, verbose=verbose, allotment=allotment
     )
-    # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.
-    trainable = ray.tune.with_resources(driver, {"CPU": 0, "memory": 1})
+    if trains_in_trial(cfg):
+        # The trial trains in its own process: it holds what its one worker would.
+        resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if gpu else {})}
+    else:
+        # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.
+        resources = {"CPU": 0, "memory": 1}
+    trainable = ray.tune.with_resources(driver, resources)
     if resume:
         tuner = ray.tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -481,6 +546,11 @@ def run_sweep(
                 sync_config=ray.tune.SyncConfig(sync_period=SWEEP_STATE_SYNC_S),
                 # PBT copies a trial's latest checkpoint (Ray warns about deleting too early at 2 or fewer).
                 checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=max(3, cfg.train.keep_checkpoints)),
+                # A trial trained in its own process is retried from its latest checkpoint by Tune (a Train run
+                # retries its worker group itself).
+                failure_config=ray.tune.FailureConfig(
+                    max_failures=cfg.train.max_failures if trains_in_trial(cfg) else 0
+                ),
                 callbacks=callbacks,
                 # Ray's own status table reprints every 30 s, changed or not (not configurable): ours below
                 # prints when a trial starts, reports or ends; --verbose brings Ray's back as well.
@@ -887,7 +957,8 @@ def _close_child(cfg: PipelineConfig, result: Any, child: RunRecord, status: str
     if status == "finished" and child.status != "FINISHED":
         # Training complete, final logging not (its driver ended first): do that logging here.
         train_run = child.tags.get("ray_train_run", "")
-        finish_from_storage(trial_config(cfg, flat_point(result.config or {})), train_run, uri, run.run_id)
+        in_trial = result if child.tags.get("trained_in") == "trial process" else None  # Tune's checkpoint
+        finish_from_storage(trial_config(cfg, flat_point(result.config or {})), train_run, uri, run.run_id, in_trial)
         if ended is not None:
             run.end("FINISHED", end_time_ms=ended)  # when the trial ended, not now
     elif status == "early_stopped":
