@@ -154,6 +154,17 @@ def wait_for_recorded_checkpoint(s3: S3Server, prefix: str, seconds: float) -> N
     raise AssertionError(f"no recorded checkpoint under s3://{BUCKET}/{prefix} within {seconds:.0f}s")
 
 
+def wait_for_tune_checkpoint(s3: S3Server, prefix: str, seconds: float) -> None:
+    """Until a trial that trains in its own process has handed Tune a checkpoint under ``prefix`` (the sweep's
+    directory): each holds our lineage.json beside the checkpoint."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(key.endswith("/lineage.json") for key in s3.keys(BUCKET, prefix)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no Tune checkpoint under s3://{BUCKET}/{prefix} within {seconds:.0f}s")
+
+
 def run_of(team, name: str):
     client = MlflowClient(team["mlflow"].uri)
     experiment = client.get_experiment_by_name("gan-pipeline")
@@ -330,7 +341,8 @@ def test_tune_resume_from_s3_after_the_driver_was_killed(team, s3):
         "tune.grace_period=3",
     ]
     driver = Driver(args, driver_env(team))
-    wait_for_recorded_checkpoint(s3, "runs/cut-sweep-", 600)  # some trial finished epoch 1
+    # One-worker trials train in their own processes, their checkpoints in the sweep's directory.
+    wait_for_tune_checkpoint(s3, "runs/cut-sweep/", 600)  # some trial finished epoch 1
     driver.proc.kill()
     driver.proc.wait()
     resumed = run_cli(*args, "--resume", env=driver_env(team), timeout=900)
