@@ -173,8 +173,9 @@ def bench(
 
 
 def sweep_stage(cfg: PipelineConfig, quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
-    """A sweep as `tune` runs one (trial drivers, Train runs, MLflow child runs; no early stopping), two trials
-    per CPU (one with ``quick``), each one 1-CPU worker for one epoch of the bench's images: its
+    """A sweep as `tune` runs one (one-worker trials, each trained in its own process; MLflow child runs; no
+    early stopping), two trials per CPU (one with ``quick``), each one 1-CPU worker for one epoch of the
+    bench's images: its
     busy_fraction, trial start-to-first-step, evaluation and checkpoint seconds (``sweep_*`` keys)."""
     import ray
 

@@ -1,5 +1,8 @@
 """Ray Train adapter: runs `train_gan` data-parallel on N workers and ties the run to one MLflow run.
 
+The per-worker code (`run_worker`) also runs a one-worker sweep trial in the trial's own process
+(pipeline.tune hands it a `WorkerPlace` that reports to Tune): a `train` run always goes through Ray Train.
+
 The driver creates (or, on resume, reuses) the MLflow run and passes its id down; rank 0 logs into it,
 every other worker gets a no-op tracker. Each epoch every worker calls ``ray.train.report`` (a barrier);
 rank 0 attaches the checkpoint. After a worker failure Ray restarts the group from the last checkpoint
@@ -871,11 +874,15 @@ def run_training(
         }
     )
     log_dataset(cfg, tracker)
-    elastic_note = ", elastic (Ray Train sizes the group)" if cfg.scaling.max_workers else ""
-    elastic_note += ", in the trial's process" if in_trial else ""
+    if in_trial:
+        how = "in the trial's own process"
+    else:
+        elastic_note = ", elastic (Ray Train sizes the group)" if cfg.scaling.max_workers else ""
+        how = f"{size} worker(s){elastic_note}"
+    where = "" if in_trial else f" ({cfg.scaling.placement_strategy})"
     progress(
-        f"[train] run {name!r}: {size} worker(s){elastic_note} on {'GPU' if gpu else 'CPU'} "
-        f"({cfg.scaling.placement_strategy}); checkpoints in {run_dir}; MLflow run {run_id} at {uri}"
+        f"[train] run {name!r}: {how} on {'GPU' if gpu else 'CPU'}{where}; checkpoints in {run_dir}; "
+        f"MLflow run {run_id} at {uri}"
     )
     # A bar inside each epoch only where a person watches a terminal: not in CI logs, files or a sweep's trials.
     bar = sys.stderr.isatty() and not os.environ.get("CI")

@@ -1,8 +1,10 @@
 """Ray Tune sweep: search space from YAML, ASHA early stopping, one MLflow child run per trial.
 
-Each trial is a *trial driver function* (the Ray 2.60 way): it builds a TorchTrainer for its point of the
-search space, named ``<sweep>-<trial id>`` so that a restored sweep continues the same Train run, and
-calls ``fit()`` with ``TuneReportCallback`` forwarding every epoch's metrics to Tune. The sweep has one
+A one-worker trial trains in the trial's own process (``trains_in_trial``): the worker's code reports each
+epoch with its checkpoint straight to Tune, which keeps the checkpoints and restarts the trial after a failure.
+Any other trial is a *trial driver function* (the Ray 2.60 way): it builds a TorchTrainer for its point of
+the search space, named ``<sweep>-<trial id>`` so that a restored sweep continues the same Train run, and
+hands each report of its ``fit()`` to Tune. The sweep has one
 MLflow parent run; when it ends the parent gets the best trial's figures, parameters and samples.
 """
 

@@ -281,7 +281,7 @@ def test_a_one_worker_trial_trains_in_its_own_process_and_tune_retries_it_from_i
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert (tmp_path / "fault").exists()  # the fault really fired
-    assert "in the trial's process" in out and "resuming from epoch 2 (step 16)" in out
+    assert "in the trial's own process on CPU" in out and "resuming from epoch 2 (step 16)" in out
     assert not list((tmp_path / "runs").glob("retried-*"))  # no Ray Train run directory (<sweep>-<trial id>)
     client = MlflowClient(uri)
     parent = next(
