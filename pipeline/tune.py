@@ -154,7 +154,7 @@ def _trial_driver(
         live_keys=pbt_mutated_keys(base) if pbt else (),
     )
     try:
-        if trains_in_trial(cfg):
+        if trains_in_trial(base):  # as the sweep decided when it reserved the trial's resources
             location = f"{run_location(base, sweep)}/{os.path.basename(ray.tune.get_context().get_trial_dir())}"
             run(cfg, in_trial=_in_trial(given if start_from is None else None, note, location))
             return
