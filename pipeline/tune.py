@@ -546,8 +546,13 @@ def run_sweep(
                 # The sweep's state (a few kB) reaches remote storage every 10 s, not Ray's default 5 min: a
                 # driver killed before then would leave a state without its trials to --resume from.
                 sync_config=ray.tune.SyncConfig(sync_period=SWEEP_STATE_SYNC_S),
-                # PBT copies a trial's latest checkpoint (Ray warns about deleting too early at 2 or fewer).
-                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=max(3, cfg.train.keep_checkpoints)),
+                # The best by FID and, always, the latest (PBT copies a trial's latest checkpoint; Ray warns about
+                # deleting too early at 2 or fewer), as a Train run keeps its own.
+                checkpoint_config=ray.tune.CheckpointConfig(
+                    num_to_keep=max(3, cfg.train.keep_checkpoints),
+                    checkpoint_score_attribute=cfg.tune.metric,
+                    checkpoint_score_order=cfg.tune.mode,
+                ),
                 # A trial trained in its own process is retried from its latest checkpoint by Tune (a Train run
                 # retries its worker group itself).
                 failure_config=ray.tune.FailureConfig(

@@ -264,15 +264,18 @@ def test_pbt_copies_the_donor_into_the_weaker_trial_and_a_killed_pbt_sweep_resum
 
 
 def test_a_one_worker_trial_trains_in_its_own_process_and_tune_retries_it_from_its_checkpoint(tmp_path):
-    """A one-worker trial trains in the trial's process (no Ray Train run); its process dies at step 20 (epoch
-    3 of 3, after the reports at steps 8 and 16): Tune starts it again from its step-16 checkpoint, and it
-    finishes in its one MLflow run with every step logged once."""
+    """A one-worker trial trains in the trial's process (no Ray Train run), reporting every 4 steps; its process
+    dies at step 20 (epoch 3 of 3, before that report): Tune starts it again from its step-16 checkpoint, and it
+    finishes in its one MLflow run with every step logged once. Tune keeps its best checkpoints by FID and the
+    latest, as a Train run does."""
     uri, args = _sweep_args(
         tmp_path,
         "--set",
         "tune.search_space={optim.lr_g: {grid: [1.0e-3]}}",
         "--set",
         "tune.num_samples=1",
+        "--set",
+        "tune.report_every_steps=4",
         "--name",
         "retried",
     )
@@ -292,9 +295,16 @@ def test_a_one_worker_trial_trains_in_its_own_process_and_tune_retries_it_from_i
     (child,) = _children(client, parent.info.run_id)
     assert child.data.tags["trained_in"] == "trial process"
     assert [m.step for m in client.get_metric_history(child.info.run_id, "loss_d")] == list(range(2, 25, 2))
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [8, 16, 24]
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == list(range(4, 25, 4))
     assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
     assert child.data.tags.get("generator_model", "").startswith("models:/")
+    # Six checkpoints (steps 4-16, then 20 and 24 after the restart); kept: the 3 best by FID and the latest.
+    (trial_dir,) = (tmp_path / "runs" / "retried").glob("_trial_driver_*")
+    reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    saved = [(r["fid"], r["checkpoint_dir_name"]) for r in reports if r.get("checkpoint_dir_name")]
+    assert len(saved) == 6, saved
+    expected = {name for _, name in sorted(saved)[:3]} | {saved[-1][1]}
+    assert {path.name for path in trial_dir.glob("checkpoint_*")} == expected, saved
 
 
 def test_resume_with_nothing_to_resume_is_a_clean_error(tmp_path):
