@@ -654,10 +654,7 @@ def build_trainer(
             if cfg.scaling.max_workers
             else cfg.scaling.num_workers,
             use_gpu=gpu,
-            resources_per_worker={
-                "CPU": cfg.scaling.cpus_per_worker,
-                **({"GPU": cfg.scaling.gpus_per_worker} if gpu else {}),
-            },
+            resources_per_worker=worker_resources(cfg, gpu),
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
@@ -671,6 +668,11 @@ def build_trainer(
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}},
         ),
     )
+
+
+def worker_resources(cfg: PipelineConfig, gpu: bool) -> dict[str, float]:
+    """What one worker reserves: its CPUs and, on GPUs, its share of one."""
+    return {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if gpu else {})}
 
 
 def forward_reports(queue: Any) -> Any:

@@ -51,6 +51,7 @@ from pipeline.distributed import (
     run_training,
     run_worker,
     use_gpu,
+    worker_resources,
 )
 from pipeline.elastic import Allotment, ask_allotment
 from pipeline.storage import check_storage, exists, run_location
@@ -515,12 +516,10 @@ def run_sweep(
     driver = functools.partial(
         _trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id, verbose=verbose, allotment=allotment
     )
-    if trains_in_trial(cfg):
-        # The trial trains in its own process: it holds what its one worker would.
-        resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if gpu else {})}
-    else:
-        # The driver only waits on fit(): it reserves no CPU, or it would starve its own workers.
-        resources = {"CPU": 0, "memory": 1}
+    in_trial = trains_in_trial(cfg)
+    # A trial that trains in its own process holds what its one worker would; a Train run's driver only waits
+    # on fit(): it reserves no CPU, or it would starve its own workers.
+    resources = worker_resources(cfg, gpu) if in_trial else {"CPU": 0, "memory": 1}
     trainable = ray.tune.with_resources(driver, resources)
     if resume:
         tuner = ray.tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -555,9 +554,7 @@ def run_sweep(
                 ),
                 # A trial trained in its own process is retried from its latest checkpoint by Tune (a Train run
                 # retries its worker group itself).
-                failure_config=ray.tune.FailureConfig(
-                    max_failures=cfg.train.max_failures if trains_in_trial(cfg) else 0
-                ),
+                failure_config=ray.tune.FailureConfig(max_failures=cfg.train.max_failures if in_trial else 0),
                 callbacks=callbacks,
                 # Ray's own status table reprints every 30 s, changed or not (not configurable): ours below
                 # prints when a trial starts, reports or ends; --verbose brings Ray's back as well.
