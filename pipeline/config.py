@@ -117,6 +117,12 @@ class TrainConfig:
     )
     channels_last: bool = _f(False, "NHWC memory layout for images and conv weights")
     compile: bool = _f(False, "torch.compile G and D (first steps pay the compilation)")
+    cuda_graphs: Literal["auto", "true", "false"] = _f(
+        "false",
+        "capture each training step (D and G updates) as a CUDA graph and replay it: one launch instead of "
+        "hundreds (small models at small batches on a GPU); true = one-worker runs on a CUDA GPU, refused "
+        "elsewhere; auto = where a run has one worker on a CUDA GPU, plain steps elsewhere",
+    )
     storage_path: str | None = _f(
         None, "where Ray Train keeps runs and checkpoints; null = <project>/runs; shared storage on a cluster"
     )
@@ -413,6 +419,22 @@ def _cross_checks(cfg: PipelineConfig) -> None:
             f"scaling.gpus_per_worker: {cfg.scaling.gpus_per_worker:g} with up to {most} workers per run; a shared "
             "GPU holds one-worker runs only (NCCL needs a GPU per rank): set scaling.num_workers=1 (no range) to "
             "pack several trials per GPU, or scaling.gpus_per_worker=1"
+        )
+    if cfg.train.cuda_graphs == "true" and most > 1:
+        # A captured step would have to hold DDP's all-reduces too; one-worker runs are where launches bound.
+        raise ConfigError(
+            f"train.cuda_graphs: true with up to {most} workers per run; CUDA graphs replay one-worker steps only: "
+            "set scaling.num_workers=1 (no range) or train.cuda_graphs=false"
+        )
+    if cfg.train.cuda_graphs == "true" and cfg.scaling.use_gpu == "false":
+        raise ConfigError(
+            "train.cuda_graphs: true with scaling.use_gpu=false; CUDA graphs need a GPU: set train.cuda_graphs=false "
+            "or scaling.use_gpu to auto or true"
+        )
+    if cfg.train.cuda_graphs != "false" and cfg.train.compile:
+        raise ConfigError(
+            f"train.cuda_graphs={cfg.train.cuda_graphs} with train.compile=true; choose one (torch.compile's own CUDA "
+            "graphs come with mode='reduce-overhead'): set train.compile=false or train.cuda_graphs=false"
         )
     if cfg.data.limit is not None and cfg.data.limit < cfg.train.batch_size:
         raise ConfigError(

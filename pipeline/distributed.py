@@ -246,12 +246,18 @@ def _ends_traceback(line: str) -> bool:
 
 
 def use_gpu(cfg: PipelineConfig) -> bool:
-    """``auto``: GPUs when the cluster has them (call after init_ray)."""
+    """``auto``: GPUs when the cluster has them (call after init_ray); ConfigError for CUDA graphs without one."""
     if cfg.scaling.use_gpu != "auto":
         return cfg.scaling.use_gpu == "true"
     import ray
 
-    return ray.cluster_resources().get("GPU", 0) >= 1
+    gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    if cfg.train.cuda_graphs == "true" and not gpu:
+        raise ConfigError(
+            "train.cuda_graphs: true, but the Ray cluster has no GPU (scaling.use_gpu=auto found none); set "
+            "train.cuda_graphs=false or run on a cluster with GPUs"
+        )
+    return gpu
 
 
 # --------------------------------------------------------------------------------------------------

@@ -147,7 +147,10 @@ class TrainState:
     def set_learning_rates(self, lr_g: float, lr_d: float) -> None:
         for optimizer, lr in ((self.opt_g, lr_g), (self.opt_d, lr_d)):
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                if isinstance(group["lr"], torch.Tensor):  # a captured step reads it from device memory
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
 
     def apply_optim(self, cfg: PipelineConfig) -> None:
         """The config's learning rates and betas into both optimizers (a checkpoint's optimizer state carries its
@@ -160,7 +163,7 @@ class TrainState:
     @property
     def learning_rates(self) -> dict[str, float]:
         """The live learning rates, as the optimizers hold them."""
-        return {"lr_g": self.opt_g.param_groups[0]["lr"], "lr_d": self.opt_d.param_groups[0]["lr"]}
+        return {"lr_g": float(self.opt_g.param_groups[0]["lr"]), "lr_d": float(self.opt_d.param_groups[0]["lr"])}
 
     def fingerprint(self) -> str:
         """SHA-256 of the networks' weights (G, D and G's EMA copy): equal fingerprints, equal networks."""
@@ -177,8 +180,8 @@ class TrainState:
             "generator": self.generator.state_dict(),
             "generator_ema": self.ema.model.state_dict() if self.ema is not None else None,
             "discriminator": self.discriminator.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
+            "opt_g": portable(self.opt_g.state_dict()),
+            "opt_d": portable(self.opt_d.state_dict()),
             "epoch": self.epoch,
             "step": self.step,
             "rng": {"torch": torch.get_rng_state()},
@@ -218,6 +221,16 @@ class TrainState:
         return state.get("generator_ema") or state["generator"]
 
 
+def portable(optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer's state_dict as every run can load it: a CUDA-graphed run's learning rates (device tensors)
+    as numbers and its ``capturable`` flag off (a CPU run cannot load a capturable Adam)."""
+    for group in optimizer_state["param_groups"]:  # state_dict() made these dicts: the live groups are untouched
+        group["lr"] = float(group["lr"])
+        if "capturable" in group:
+            group["capturable"] = False
+    return optimizer_state
+
+
 def weights_digest(*state_dicts: dict[str, torch.Tensor] | None) -> str:
     """SHA-256 over the tensors of ``state_dicts`` in order (None counts as an empty one)."""
     digest = hashlib.sha256()
@@ -239,7 +252,8 @@ class Nets:
     layout: torch.memory_format
 
     @classmethod
-    def wrap(cls, state: TrainState, cfg: PipelineConfig, rt: Runtime) -> Nets:
+    def wrap(cls, state: TrainState, cfg: PipelineConfig, rt: Runtime, graphs: bool = False) -> Nets:
+        """``graphs``: the steps will be captured as CUDA graphs (autocast then keeps no cast cache)."""
         layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         state.generator.to(memory_format=layout)
         state.discriminator.to(memory_format=layout)
@@ -252,6 +266,7 @@ class Nets:
             device_type=rt.device.type,
             dtype=torch.bfloat16,
             enabled=uses_bf16(cfg.train.precision, rt.device),
+            cache_enabled=not graphs,  # a captured step must not keep casts from its capture
         )
         # no_sync: D's gradients from the generator step are thrown away, and its real-batch gradients are
         # reduced together with the fake-batch ones: neither needs an all-reduce of its own.
@@ -271,6 +286,19 @@ def uses_bf16(precision: str, device: torch.device) -> bool:
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent means "no"
         return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
     return False
+
+
+def uses_cuda_graphs(setting: str, rt: Runtime) -> bool:
+    """Whether a run's steps are CUDA graphs: ``true`` (ValueError unless one worker on a CUDA GPU), ``auto``
+    (where that holds; a GPU's launches bound this model at small batches), ``false``."""
+    fits = rt.device.type == "cuda" and rt.world_size == 1
+    if setting == "true" and not fits:
+        raise ValueError(
+            f"train.cuda_graphs: true, but this run trains on {rt.device.type} with {rt.world_size} worker(s); CUDA "
+            "graphs need one worker on a CUDA GPU: set train.cuda_graphs to auto or false, or scaling.use_gpu=true "
+            "and scaling.num_workers=1"
+        )
+    return setting != "false" and fits
 
 
 def epoch_noise_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
@@ -380,6 +408,97 @@ def generator_step(
     return loss.detach()
 
 
+@dataclass
+class StepTargets:
+    """The BCE targets of one worker's batch: D's for real and fake images, G's (allocated once)."""
+
+    real: torch.Tensor
+    fake: torch.Tensor
+    generator: torch.Tensor
+
+
+def train_step(
+    nets: Nets,
+    state: TrainState,
+    real: torch.Tensor,
+    z: torch.Tensor,
+    z_g: torch.Tensor | None,
+    targets: StepTargets,
+    share: float,
+) -> torch.Tensor:
+    """One training step: D learns real -> real, fake -> 0; then G learns from fresh fakes (from ``z_g``) or, when
+    ``z_g`` is None, D's own, labelled real. Returns (loss_d, loss_g, D(x), D(G(z))), detached, as one tensor."""
+    fake, loss_d, d_real, d_fake = discriminator_step(
+        nets, state.opt_d, real, z, targets.real, targets.fake, keep_fake_graph=z_g is None
+    )
+    if z_g is not None:
+        with nets.autocast():
+            fake = nets.generator(z_g)
+    loss_g = generator_step(nets, state.opt_g, fake, targets.generator, share)
+    return torch.stack([loss_d, loss_g, d_real, d_fake])
+
+
+class GraphedStep:
+    """:func:`train_step` captured as a CUDA graph (``train.cuda_graphs``) and replayed: one launch per step
+    instead of the few hundred kernels that bound a small model at a small batch.
+
+    The first ``WARMUP`` steps run as they are, on a side stream (cuDNN's and the optimizers' lazy set-up must
+    not happen inside a capture); then the whole step, both optimizer updates included, is captured once and
+    each later step copies its batch and noise into the graph's inputs and replays it. The same numbers as the
+    plain step: the noise is drawn outside, from the same generator, and the learning rates live in device
+    tensors that the schedule fills. Top-k training changes k (a tensor shape) as its share falls: each new k
+    gets a new capture. One process, one CUDA device: no DDP inside a graph.
+    """
+
+    WARMUP = 3
+
+    def __init__(self, nets: Nets, state: TrainState, targets: StepTargets, device: torch.device):
+        self.nets, self.state, self.targets = nets, state, targets
+        self.batch = len(targets.real)
+        for optimizer in (state.opt_g, state.opt_d):
+            for group in optimizer.param_groups:  # a checkpoint's groups say capturable=False and hold numbers
+                group["capturable"] = True
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+            for entry in optimizer.state.values():  # a per-tensor Adam keeps its step counts on the CPU
+                if "step" in entry:
+                    entry["step"] = entry["step"].to(device=device, dtype=torch.float32)
+        self.warm = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.k: int | None = None
+        self.inputs: list[torch.Tensor] = []
+        self.out: torch.Tensor | None = None
+
+    def __call__(self, real: torch.Tensor, z: torch.Tensor, z_g: torch.Tensor | None, share: float) -> torch.Tensor:
+        k = max(1, round(self.batch * share))  # most_real's k: the one shape that changes between steps
+        if self.warm < self.WARMUP:
+            self.warm += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = train_step(self.nets, self.state, real, z, z_g, self.targets, share)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        given = [t for t in (real, z, z_g) if t is not None]
+        if self.graph is None or k != self.k:
+            self._capture(given, z_g is not None, share, k)
+        for static, value in zip(self.inputs, given, strict=True):
+            static.copy_(value)
+        self.graph.replay()
+        return self.out
+
+    def _capture(self, given: list[torch.Tensor], fresh: bool, share: float, k: int) -> None:
+        self.graph = self.out = None  # the previous capture's memory goes back before the next one takes its own
+        for optimizer in (self.state.opt_g, self.state.opt_d):
+            optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the capture, in its pool
+        if not self.inputs:
+            self.inputs = [t.clone() for t in given]
+        real, z, *rest = self.inputs
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA meanwhile
+            self.out = train_step(self.nets, self.state, real, z, rest[0] if fresh else None, self.targets, share)
+        self.graph, self.k = graph, k
+
+
 def train_gan(
     cfg: PipelineConfig,
     data: Split,
@@ -414,6 +533,7 @@ def train_gan(
     num_steps = steps_per_epoch(len(data), cfg.train.batch_size)
     if num_steps < 1:
         raise ValueError(f"batch size {cfg.train.batch_size} exceeds the {len(data)} training images")
+    graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt)  # before any work: ``true`` where it cannot be is refused
     total_steps = num_steps * cfg.train.epochs
     every = cfg.tune.report_every_steps
 
@@ -425,16 +545,21 @@ def train_gan(
         partial = state.resume(resume, cfg, log if rt.is_main else None, total_steps)
         if on_resume is not None:
             on_resume(state)
-    nets = Nets.wrap(state, cfg, rt)
+    nets = Nets.wrap(state, cfg, rt, graphs)
 
     # The images stay on the device; each worker takes its own shard of one shuffled order per epoch.
     images = data.images.to(device)
     sampler = DistributedSampler(
         range(len(data)), num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=cfg.train.seed, drop_last=True
     )
-    real_targets = torch.full((local_batch,), cfg.train.real_label, device=device)
-    fake_targets = torch.zeros(local_batch, device=device)
-    g_targets = torch.ones(local_batch, device=device)
+    targets = StepTargets(
+        real=torch.full((local_batch,), cfg.train.real_label, device=device),
+        fake=torch.zeros(local_batch, device=device),
+        generator=torch.ones(local_batch, device=device),
+    )
+    step: Callable[..., torch.Tensor] = functools.partial(train_step, nets, state, targets=targets)
+    if graphs:
+        step = GraphedStep(nets, state, targets, device)
     draws_per_step = 2 if cfg.train.g_fresh_noise else 1
     metrics: dict[str, float] = {}
 
@@ -464,15 +589,9 @@ def train_gan(
                 state.set_learning_rates(cfg.optim.lr_g * scale, cfg.optim.lr_d * scale)
             top_k_share = linear_schedule(cfg.train.top_k_final, state.step, total_steps)
 
-            # D learns real -> real, fake -> 0; then G learns from fresh fakes (or D's own) labelled real.
             z = torch.randn(local_batch, latent, device=device, generator=noise)
-            fake, loss_d, d_real, d_fake = discriminator_step(
-                nets, state.opt_d, real, z, real_targets, fake_targets, keep_fake_graph=not cfg.train.g_fresh_noise
-            )
-            if cfg.train.g_fresh_noise:
-                with nets.autocast():
-                    fake = nets.generator(torch.randn(local_batch, latent, device=device, generator=noise))
-            loss_g = generator_step(nets, state.opt_g, fake, g_targets, top_k_share)
+            z_g = torch.randn(local_batch, latent, device=device, generator=noise) if cfg.train.g_fresh_noise else None
+            values = step(real=real, z=z, z_g=z_g, share=top_k_share).double()
             state.step += 1
             if state.ema is not None:
                 state.ema.update(state.generator, state.step)
@@ -480,7 +599,6 @@ def train_gan(
                 progress(epoch + 1, i + 1, num_steps)
 
             # Every step counts towards the epoch means; the tracker gets every tracking.log_every-th.
-            values = torch.stack([loss_d, loss_g, d_real, d_fake]).double()
             sums += values
             if on_step is not None or state.step % cfg.tracking.log_every == 0:
                 step_metrics = dict(zip(LOSS_KEYS, values.tolist(), strict=True))

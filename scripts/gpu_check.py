@@ -1,7 +1,9 @@
 """GPU path check: CUDA training steps under DDP on an NCCL process group, bf16 autocast, channels_last,
-torch.compile, and CPU-vs-GPU agreement of one step. Prints a markdown table; --out writes JSON.
+torch.compile, CUDA graphs (`train.cuda_graphs`, one process without DDP, beside the same without graphs),
+CPU-vs-GPU agreement of one step and graphed-vs-plain agreement of whole runs. Prints markdown tables;
+--out writes JSON.
 
-    python scripts/gpu_check.py [--out gpu_check.json] [--epochs 2]
+    python scripts/gpu_check.py [--out gpu_check.json] [--epochs 2] [--only LABEL,LABEL]
 
 Needs only torch, torchvision, numpy, pyyaml and filelock (no Ray or MLflow), so it runs on a bare GPU box.
 One GPU gives a one-rank NCCL group: it proves the backend, DDP wrapping and all-reduce path, not scaling.
@@ -11,6 +13,7 @@ One GPU gives a one-rank NCCL group: it proves the backend, DDP wrapping and all
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -29,15 +32,34 @@ from pipeline.train import Runtime, all_reduce_mean, train_gan  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
+# (label, config overrides, under DDP): a CUDA-graphed step holds no all-reduce, so those variants and their
+# plain references ("one process") train without the DDP wrapper.
 VARIANTS = [
-    ("fp32", []),
-    ("fp32 per-tensor Adam", ["optim.fused=false"]),
-    ("fp32 channels_last", ["train.channels_last=true"]),
-    ("bf16", ["train.precision=bf16"]),
-    ("fp32 compile", ["train.compile=true"]),
-    ("bf16 compile", ["train.precision=bf16", "train.compile=true"]),
-    ("fp32 batch 1024", ["train.batch_size=1024"]),
-    ("bf16 batch 1024", ["train.precision=bf16", "train.batch_size=1024"]),
+    ("fp32", [], True),
+    ("fp32 per-tensor Adam", ["optim.fused=false"], True),
+    ("fp32 channels_last", ["train.channels_last=true"], True),
+    ("bf16", ["train.precision=bf16"], True),
+    ("fp32 compile", ["train.compile=true"], True),
+    ("bf16 compile", ["train.precision=bf16", "train.compile=true"], True),
+    ("fp32 batch 1024", ["train.batch_size=1024"], True),
+    ("bf16 batch 1024", ["train.precision=bf16", "train.batch_size=1024"], True),
+    ("fp32 one process", [], False),
+    ("fp32 one process cuda graphs", ["train.cuda_graphs=true"], False),
+    ("bf16 one process", ["train.precision=bf16"], False),
+    ("bf16 one process cuda graphs", ["train.precision=bf16", "train.cuda_graphs=true"], False),
+    ("fp32 batch 64 one process", ["train.batch_size=64"], False),
+    ("fp32 batch 64 one process cuda graphs", ["train.batch_size=64", "train.cuda_graphs=true"], False),
+    ("fp32 batch 1024 one process cuda graphs", ["train.batch_size=1024", "train.cuda_graphs=true"], False),
+]
+
+# Whole runs with and without CUDA graphs from the same seed: the schedules, EMA, spectral norm and top-k
+# (a new capture per k) of mnist_fast; the per-tensor Adam, bf16 and reused fakes on mnist.yaml.
+# Short runs first (20 steps: 3 plain, then replays), where the GPU's own noise has not yet grown.
+AGREEMENT = [
+    ("mnist_fast.yaml", ["data.limit=640", "train.epochs=2", "train.top_k_final=0.5", "train.precision=fp32"]),
+    ("mnist.yaml", ["data.limit=1280", "train.epochs=2", "optim.fused=false", "train.g_fresh_noise=false"]),
+    ("mnist_fast.yaml", ["data.limit=6400", "train.epochs=2", "train.top_k_final=0.5", "train.precision=fp32"]),
+    ("mnist.yaml", ["data.limit=6400", "train.epochs=2", "optim.fused=false", "train.g_fresh_noise=false"]),
 ]
 
 
@@ -47,9 +69,19 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per variant; the last one is timed")
     parser.add_argument("--limit", type=int, default=None, help="training images (default: all 60,000)")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU with gloo if there is no GPU")
+    parser.add_argument("--only", help="comma-separated variant labels to run (default: all; 'none': none)")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels: the agreement runs then differ only where graphs change the numbers",
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # plain vs plain says whether it held
+        torch.backends.cudnn.benchmark = False
     if not cuda and not args.allow_cpu:
         print("error: no CUDA device; pass --allow-cpu to dry-run the script on the CPU", file=sys.stderr)
         return 2
@@ -66,17 +98,27 @@ def main() -> int:
         "backend": dist.get_backend(),
         "all_reduce_ok": probe.tolist() == [0.0, 1.0, 2.0, 3.0],
         "variants": [],
+        "deterministic": args.deterministic,
     }
     print(f"device: {report['device']}  torch {report['torch']}  backend {report['backend']}")
 
     base = ["data.limit=null"] if args.limit is None else [f"data.limit={args.limit}"]
     data = load(load_config(CONFIGS / "mnist.yaml", base).data)
-    runtime = Runtime(
+    ddp = Runtime(
         device=device,
         wrap_model=lambda m: DistributedDataParallel(m, device_ids=[0] if cuda else None),
         mean_over_workers=all_reduce_mean,
     )
-    for label, overrides in VARIANTS:
+    wanted = set(args.only.split(",")) if args.only else {label for label, _, _ in VARIANTS}
+    wanted.discard("none")
+    unknown = wanted - {label for label, _, _ in VARIANTS}
+    if unknown:
+        print(f"error: --only {sorted(unknown)}: unknown; variants are {[v[0] for v in VARIANTS]}", file=sys.stderr)
+        return 2
+    for label, overrides, under_ddp in VARIANTS:
+        if label not in wanted or ("train.cuda_graphs=true" in overrides and not cuda):
+            continue
+        runtime = ddp if under_ddp else Runtime(device=device)
         cfg = load_config(CONFIGS / "mnist.yaml", [*base, f"train.epochs={args.epochs}", *overrides])
         epochs = []
         started = time.perf_counter()
@@ -114,6 +156,8 @@ def main() -> int:
         (on_cpu[k].float() - on_dev[k].cpu().float()).abs().max().item() for k in on_cpu
     )
     dist.destroy_process_group()
+    if cuda:
+        report["graph_agreement"] = [graph_agreement(name, overrides, device) for name, overrides in AGREEMENT]
 
     print()
     print(f"| variant ({report['device']}, {report['backend']}) | batch | img/s | first epoch s | peak MiB | finite |")
@@ -130,10 +174,75 @@ def main() -> int:
         f"\nall_reduce ok: {report['all_reduce_ok']}; CPU vs device, one step, max |dW|: "
         f"{report['cpu_vs_device_max_abs_diff']:.2e}"
     )
+    if report.get("graph_agreement"):
+        print(
+            "\n| CUDA graphs vs plain, same seed | steps | max |dW| of G: plain vs plain | graphs vs plain "
+            "| graphs resumed vs graphs | CPU step from its checkpoint | loss_d plain / graphs |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for row in report["graph_agreement"]:
+            if "error" in row:
+                print(f"| {row['config']} | failed: {row['error'][:160]} | | | | | |")
+                continue
+            print(
+                f"| {row['config']} | {row['steps']} | {row['plain_vs_plain']:.2e} | {row['graphs_vs_plain']:.2e} "
+                f"| {row['resumed_vs_graphs']:.2e} | {row['cpu_continues']} "
+                f"| {row['loss_d_plain']:.4f} / {row['loss_d_graphs']:.4f} |"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     ok = report["all_reduce_ok"] and all(r.get("finite", False) for r in report["variants"])
+    ok = ok and all("error" not in row for row in report.get("graph_agreement", []))
     return 0 if ok else 1
+
+
+def graph_agreement(name: str, overrides: list[str], device: torch.device) -> dict:
+    """Train ``name`` twice without CUDA graphs and once with them, then resume the graphed run from its
+    first epoch's checkpoint (saved and loaded as a file is, weights_only) with graphs and, for one epoch, on
+    the CPU without them: G's largest weight difference for each pair (plain vs plain is the GPU's own
+    run-to-run noise: cuDNN's backward kernels are not deterministic)."""
+    try:
+        cfg = load_config(CONFIGS / name, overrides)
+        graphed = load_config(CONFIGS / name, [*overrides, "train.cuda_graphs=true"])
+        data = load(cfg.data)
+        runtime = Runtime(device=device)
+        saved: list[bytes] = []
+
+        def keep_first(metrics: dict, state: dict | None) -> None:
+            if not saved and state is not None and metrics.get("epoch") == 1:
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                saved.append(buffer.getvalue())
+
+        def g_weights(result) -> dict:
+            return {k: v.detach().float().cpu() for k, v in result.generator.state_dict().items()}
+
+        def largest(a: dict, b: dict) -> float:
+            return max((a[k] - b[k]).abs().max().item() for k in a)
+
+        quiet = {"log": lambda _: None}
+        plain = train_gan(cfg, data, runtime=runtime, **quiet)
+        again = train_gan(cfg, data, runtime=runtime, **quiet)
+        with_graphs = train_gan(graphed, data, runtime=runtime, report=keep_first, **quiet)
+        checkpoint = torch.load(io.BytesIO(saved[0]), weights_only=True)
+        resumed = train_gan(graphed, data, runtime=runtime, resume=checkpoint, **quiet)
+        cpu_cfg = load_config(CONFIGS / name, [*overrides, "train.epochs=2"])
+        on_cpu = train_gan(cpu_cfg, data, resume=torch.load(io.BytesIO(saved[0]), weights_only=True), **quiet)
+        return {
+            "config": f"{name} {' '.join(overrides)}",
+            "steps": with_graphs.step,
+            "plain_vs_plain": largest(g_weights(plain), g_weights(again)),
+            "graphs_vs_plain": largest(g_weights(plain), g_weights(with_graphs)),
+            "resumed_vs_graphs": largest(g_weights(with_graphs), g_weights(resumed)),
+            "cpu_continues": bool(all(torch.isfinite(v).all() for v in g_weights(on_cpu).values())),
+            "loss_d_plain": plain.metrics["loss_d"],
+            "loss_d_graphs": with_graphs.metrics["loss_d"],
+        }
+    except Exception as exc:  # report it beside the speed figures rather than lose them
+        import traceback
+
+        traceback.print_exc()
+        return {"config": name, "error": f"{type(exc).__name__}: {exc}"}
 
 
 if __name__ == "__main__":

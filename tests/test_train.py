@@ -391,3 +391,62 @@ def test_a_run_continued_with_other_optimizer_settings_trains_with_them(fake_spl
 def _collect(into: list):
     """A report callback that keeps each (metrics, checkpoint state) in ``into``."""
     return lambda metrics, state: into.append((dict(metrics), state))
+
+
+def test_cuda_graph_settings_are_refused_where_they_cannot_work_before_any_work(fake_split):
+    """``train.cuda_graphs`` (captured on a GPU only: docs/GPU.md has the H200 figures): ``true`` is refused for
+    multi-worker runs, CPU runs and with torch.compile, in the config and in train_gan; ``auto`` trains plain
+    steps on a CPU, the same weights as ``false``."""
+    from pipeline.config import ConfigError
+
+    for overrides, match in (
+        (["scaling.num_workers=2"], r"cuda_graphs: true with up to 2 workers.*num_workers=1"),
+        (["scaling.num_workers=[1, 2]", "train.batch_size=64"], r"cuda_graphs: true with up to 2 workers"),
+        (["scaling.use_gpu=false"], r"cuda_graphs: true with scaling.use_gpu=false"),
+        (["train.compile=true"], r"cuda_graphs=true with train.compile=true; choose one"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(CONFIGS / "smoke.yaml", ["train.cuda_graphs=true", *overrides])
+    with pytest.raises(ConfigError, match=r"cuda_graphs=auto with train.compile=true"):
+        load_config(CONFIGS / "smoke.yaml", ["train.cuda_graphs=auto", "train.compile=true"])
+    steps = []
+    with pytest.raises(ValueError, match=r"cuda_graphs: true, but this run trains on cpu with 1 worker"):
+        train_gan(
+            load_config(CONFIGS / "smoke.yaml", ["train.cuda_graphs=true"]),
+            fake_split,
+            on_step=lambda s, m: steps.append(s),
+            log=quiet,
+        )
+    assert steps == []  # refused before the first step
+    auto = train_gan(load_config(CONFIGS / "smoke.yaml", ["train.cuda_graphs=auto"]), fake_split, log=quiet)
+    plain = train_gan(load_config(CONFIGS / "smoke.yaml"), fake_split, log=quiet)
+    assert all(torch.equal(v, plain.generator.state_dict()[k]) for k, v in auto.generator.state_dict().items())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_graphed_runs_optimizer_state_checkpoints_as_a_plain_one(fake_split, fused):
+    """A CUDA-graphed step keeps its learning rates in device tensors the schedule fills, with capturable Adam;
+    its checkpoints still hold numbers and capturable=False, so any run (a CPU one too) continues from them.
+    (The capture itself needs a GPU: scripts/gpu_check.py compares graphed and plain runs bit for bit there.)"""
+    from pipeline.train import GraphedStep, Nets, Runtime, StepTargets, TrainState, train_step
+
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"optim.fused={str(fused).lower()}"])
+    state = TrainState.initial(cfg, torch.device("cpu"))
+    nets = Nets.wrap(state, cfg, Runtime())
+    targets = StepTargets(torch.ones(8), torch.zeros(8), torch.ones(8))
+    train_step(  # one plain step: Adam's state exists, as after a graphed run's warm-up steps
+        nets, state, torch.zeros(8, 1, 28, 28), torch.randn(8, cfg.model.latent_dim), None, targets, 1.0
+    )
+    GraphedStep(nets, state, targets, torch.device("cpu"))
+    group = state.opt_g.param_groups[0]
+    assert group["capturable"] is True and isinstance(group["lr"], torch.Tensor)
+    lr_tensor = group["lr"]
+    state.set_learning_rates(1e-4, 3e-4)
+    assert group["lr"] is lr_tensor and lr_tensor.item() == pytest.approx(1e-4)  # filled, not replaced
+    assert state.learning_rates == {"lr_g": pytest.approx(1e-4), "lr_d": pytest.approx(3e-4)}
+    saved = state.to_checkpoint(cfg)
+    for key in ("opt_g", "opt_d"):
+        assert all(type(g["lr"]) is float and g["capturable"] is False for g in saved[key]["param_groups"])
+    assert state.opt_g.param_groups[0]["capturable"] is True  # the live optimizer is untouched
+    resumed = train_gan(load_config(CONFIGS / "smoke.yaml", ["train.epochs=2"]), fake_split, resume=saved, log=quiet)
+    assert resumed.epoch == 2
