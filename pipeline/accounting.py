@@ -2,14 +2,15 @@
 
 Every report of a Train run (pipeline.distributed) carries, from rank 0: ``worker_s``, the worker-seconds its
 training steps took since the previous report (step seconds x world size); ``eval_time_s`` when it scored;
-``checkpoint_s``, the seconds the previous report's checkpoint took to save and persist; and in a trial's
+``checkpoint_s``, the seconds the previous report's checkpoint took to save and persist; ``grown_cpu_s`` from a
+thread-elastic trial (pipeline.elastic), the CPU-seconds its steps used beyond its reservation; and in a trial's
 first report after each (re)start, ``start_s``, from its driver process loading our code to the first
 training step, split into ``start_driver_s`` (the trial's driver: MLflow run, evaluator, checks, up to Ray
 Train's fit), ``start_workers_s`` (Train controller and worker group, up to our code on the workers),
 ``start_data_s`` (dataset into memory) and ``start_setup_s`` (networks, evaluator, resume: up to the first step).
 
-    busy_fraction = worker-seconds in training steps x each worker's CPUs (GPUs on a GPU sweep)
-                    / (sweep wall seconds x the CPUs (GPUs) of the cluster)
+    busy_fraction = (worker-seconds in training steps x each worker's CPUs (GPUs on a GPU sweep)
+                     + grown CPU-seconds) / (sweep wall seconds x the CPUs (GPUs) of the cluster)
 
 Idle hardware, trial starts, evaluation, checkpoints and Tune's decisions all count against it.
 """
@@ -45,20 +46,22 @@ class TrialTime:
     checkpoint_s: float
     starts: tuple[float, ...]  # start-to-first-step of each (re)start, seconds
     phases: tuple[tuple[float, ...], ...]  # per start: START_PHASES
+    grown_s: float = 0.0  # CPU-seconds in training steps beyond the worker's reservation (thread-elastic)
 
     @classmethod
     def of(cls, reports: Iterable[Mapping[str, object]]) -> TrialTime:
-        worker_s = eval_s = checkpoint_s = 0.0
+        worker_s = grown_s = eval_s = checkpoint_s = 0.0
         starts, phases = [], []
         for report in reports:
             worker_s += _number(report, "worker_s") or 0.0
+            grown_s += _number(report, "grown_cpu_s") or 0.0
             eval_s += _number(report, "eval_time_s") or 0.0
             checkpoint_s += _number(report, "checkpoint_s") or 0.0
             start = _number(report, "start_s")
             if start is not None:
                 starts.append(start)
                 phases.append(tuple(_number(report, key) or 0.0 for key in START_PHASES))
-        return cls(worker_s, eval_s, checkpoint_s, tuple(starts), tuple(phases))
+        return cls(worker_s, eval_s, checkpoint_s, tuple(starts), tuple(phases), grown_s)
 
     @property
     def start_median_s(self) -> float:
@@ -107,7 +110,7 @@ def sweep_time(trials: Iterable[TrialTime], wall_s: float, capacity: float, per_
     trials = list(trials)
     starts = [s for t in trials for s in t.starts]
     phases = [p for t in trials for p in t.phases]
-    train_s = sum(t.worker_s for t in trials) * per_worker
+    train_s = sum(t.worker_s for t in trials) * per_worker + sum(t.grown_s for t in trials)
     return SweepTime(
         busy_fraction=train_s / (wall_s * capacity) if wall_s > 0 and capacity > 0 else math.nan,
         wall_s=wall_s,

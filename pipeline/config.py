@@ -155,7 +155,14 @@ class ScalingConfig:
     )
     cpus_per_worker: int | None = _f(
         None,
-        "CPUs per worker, also its torch threads; null = local CPUs / num_workers, 1 in a sweep or on a cluster",
+        "CPUs per worker, also its torch threads; null = local CPUs / num_workers, 1 in a sweep or on a cluster; "
+        "[min, max] makes a sweep's one-worker CPU trials grow their threads (sets max_cpus_per_worker)",
+        ge=1,
+    )
+    max_cpus_per_worker: int | None = _f(
+        None,
+        "a sweep's one-worker trials on CPUs: a trial's torch threads grow to this many while its node's CPUs are "
+        "free (no restart) and fall back to cpus_per_worker when trials wait to start; null = fixed",
         ge=1,
     )
     use_gpu: Literal["auto", "true", "false"] = _f("auto", "auto = use GPUs when the cluster has them")
@@ -327,19 +334,18 @@ def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}: {value!r} is out of range; must be {words.format(meta[name])}")
 
 
-def _worker_range(raw: dict[str, Any]) -> dict[str, Any]:
-    """``scaling.num_workers: [min, max]``: elastic trials, stored as num_workers=min and max_workers=max."""
-    given = raw["num_workers"]
+def _range(raw: dict[str, Any], key: str, max_key: str) -> dict[str, Any]:
+    """``scaling.<key>: [min, max]`` (elastic trials: ``num_workers``, or ``cpus_per_worker`` for threads), stored
+    as key=min and max_key=max."""
+    given = raw[key]
     if len(given) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in given):
-        raise ConfigError(f"scaling.num_workers: {given!r}; give one number or [min, max], e.g. [1, 4]")
+        raise ConfigError(f"scaling.{key}: {given!r}; give one number or [min, max], e.g. [1, 4]")
     low, high = given
     if low > high:
-        raise ConfigError(f"scaling.num_workers: [{low}, {high}]; min must not exceed max, e.g. [{high}, {low}]")
-    if raw.get("max_workers") not in (None, high):
-        raise ConfigError(
-            f"scaling.num_workers: [{low}, {high}] with scaling.max_workers={raw['max_workers']}; give the range once"
-        )
-    return {"num_workers": low, "max_workers": high}
+        raise ConfigError(f"scaling.{key}: [{low}, {high}]; min must not exceed max, e.g. [{high}, {low}]")
+    if raw.get(max_key) not in (None, high):
+        raise ConfigError(f"scaling.{key}: [{low}, {high}] with scaling.{max_key}={raw[max_key]}; give the range once")
+    return {key: low, max_key: high}
 
 
 def _build_section(name: str, cls: type, raw: Any) -> Any:
@@ -354,7 +360,9 @@ def _build_section(name: str, cls: type, raw: Any) -> Any:
             raise ConfigError(f"{name}.{key}: unknown key; {name} has: {', '.join(known)}")
     values = {}
     if name == "scaling" and isinstance(raw.get("num_workers"), list):
-        raw = {**raw, **_worker_range(raw)}
+        raw = {**raw, **_range(raw, "num_workers", "max_workers")}
+    if name == "scaling" and isinstance(raw.get("cpus_per_worker"), list):
+        raw = {**raw, **_range(raw, "cpus_per_worker", "max_cpus_per_worker")}
     for key, value in raw.items():
         dotted = f"{name}.{key}"
         coerced = _coerce(dotted, value, hints[key])
@@ -413,6 +421,19 @@ def _cross_checks(cfg: PipelineConfig) -> None:
                 f"size every size in the range divides (e.g. {even * 16}) or a narrower range"
             )
     most = max(cfg.scaling.num_workers, cfg.scaling.max_workers or 0)
+    threads = cfg.scaling.max_cpus_per_worker
+    if threads is not None:
+        if most > 1:
+            raise ConfigError(
+                f"scaling.max_cpus_per_worker: {threads} with up to {most} workers per run; growing threads is for "
+                "one-worker trials (several workers grow by scaling.num_workers: [min, max]): set "
+                "scaling.num_workers=1 or scaling.max_cpus_per_worker=null"
+            )
+        if cfg.scaling.cpus_per_worker is None or threads < cfg.scaling.cpus_per_worker:
+            raise ConfigError(
+                f"scaling.max_cpus_per_worker: {threads} needs scaling.cpus_per_worker (the minimum) at or below it; "
+                f"give both as scaling.cpus_per_worker=[1, {threads}]"
+            )
     if cfg.scaling.gpus_per_worker < 1.0 and most > 1:
         # Ray would place two workers of one run on one GPU, where NCCL refuses to start ("Duplicate GPU").
         raise ConfigError(

@@ -29,7 +29,7 @@ import torch
 
 from pipeline import PROJECT_ROOT, STARTED_AT, checkpoint
 from pipeline.config import ConfigError, PipelineConfig, UserError, registered_model_name
-from pipeline.elastic import ResizePoll, ask_allotment
+from pipeline.elastic import ResizePoll, ThreadShare, ask_allotment
 from pipeline.models import identity
 from pipeline.storage import check_storage, exists, resume_checkpoint_file, run_location, storage_root
 from pipeline.tracking import (
@@ -333,6 +333,7 @@ class ElasticJob:
     allotment: Any
     trial_id: str
     grow_min_s: float
+    threads: bool = False  # a one-worker trial in its own process: the allotment counts its torch threads
 
 
 @dataclass(frozen=True)
@@ -478,12 +479,6 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
             }
         )
 
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        if clock is not None:
-            clock(step, metrics)
-        if job.fault is not None:
-            job.fault.fire_if_due(rank, step)
-
     def on_resume(state: TrainState) -> None:
         # Where the weights came from, checked against the donor's checkpoint: the networks' fingerprint and
         # the learning rates the optimizers now hold (the perturbed ones).
@@ -500,6 +495,23 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
             )
 
     live = {key.split(".")[1]: cfg.flat()[key] for key in job.live_keys if key not in ("optim.lr_g", "optim.lr_d")}
+
+    share = None  # a thread-elastic trial's torch threads (pipeline.elastic)
+    if job.elastic is not None and job.elastic.threads:
+        ask = ask_allotment(job.elastic.allotment, job.elastic.trial_id, cfg.scaling.cpus_per_worker, nodes[rank])
+        share = ThreadShare(ask, cfg.scaling.cpus_per_worker, torch.set_num_threads)
+        tracker.log_metrics({"threads": share.threads}, step=int(resume["step"]) if resume else 0)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if clock is not None:
+            clock(step, metrics)
+        if job.fault is not None:
+            job.fault.fire_if_due(rank, step)
+        if share is not None:
+            changed = share()
+            if changed is not None:
+                say(f"[elastic] step {step}: {changed[0]} -> {changed[1]} thread(s)")
+                tracker.log_metrics({"threads": changed[1]}, step=step)
 
     bar = EpochProgress(cfg.train.epochs, cfg.train.batch_size) if is_main and job.show_progress else None
     first_step: list[float] = []
@@ -526,6 +538,9 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
             metrics = {**metrics, "fid": UNSCORED_FID}
         if is_main:
             metrics = {**metrics, **timing, "worker_s": metrics.get("train_s", 0.0) * world}
+            if share is not None:
+                metrics["grown_cpu_s"] = share.take()
+                share.pause()
             if "start_workers_s" in timing and first_step:
                 metrics.update(
                     start_s=first_step[0] - job.started_at,
@@ -558,7 +573,7 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
             job.verdicts.get()
 
     resize = None
-    if job.elastic is not None:
+    if job.elastic is not None and not job.elastic.threads:
 
         def broadcast(value: int) -> int:
             carrier = torch.tensor([value], dtype=torch.int64, device=device)
@@ -588,7 +603,7 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
                 runtime=runtime,
                 tracker=tracker,
                 report=report,
-                on_step=on_step if clock is not None or job.fault else None,
+                on_step=on_step if clock is not None or job.fault or share is not None else None,
                 resume=resume,
                 on_resume=on_resume,
                 evaluator=evaluator,

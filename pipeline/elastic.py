@@ -8,6 +8,11 @@ trial's rank 0 asks for its own count every few seconds (:class:`ResizePoll`, be
 differs from the worker group's size, the run checkpoints at that step and ends, and the trial's driver starts
 the next Train run from that checkpoint with the new size (the same MLflow run, its steps continuing).
 
+A one-worker trial that trains in its trial's own process (``scaling.cpus_per_worker: [min, max]`` on CPUs)
+grows differently: the same allotment, counted in CPUs of the trial's node, gives it a thread count, and
+:class:`ThreadShare` sets torch's threads to it between steps: no checkpoint, no restart, a few seconds after
+the CPUs free up (on the 2-core development machine 2 threads train 1.55x as fast as 1).
+
 Why not Ray's own pieces alone (Ray 2.60): Train V2's ``ElasticScalingPolicy`` asks Ray's autoscaling
 coordinator, which reserves the cluster for requests in the order they came, so with two elastic trials the
 first takes every CPU up to its maximum, the second waits for it to end, and nothing ever shrinks; Tune's
@@ -43,19 +48,75 @@ def shares(running: Sequence[str], capacity: int, low: int, high: int, waiting: 
 
 
 class Allotment:
-    """The sweep's worker counts (a Ray actor in a sweep: one per sweep, named after it)."""
+    """The sweep's worker counts (a Ray actor in a sweep: one per sweep, named after it). Counted in threads
+    (``node_cpus``: each node's CPUs), a trial's share comes from its own node's CPUs and the trials there."""
 
-    def __init__(self, capacity: int, low: int, high: int):
+    def __init__(self, capacity: int, low: int, high: int, node_cpus: dict[str, int] | None = None):
         self.capacity, self.low, self.high = capacity, low, high
+        self.node_cpus = node_cpus
         self.running: list[str] = []
         self.waiting = 0
+        self.nodes: dict[str, str] = {}  # trial -> the node it said it trains on
 
     def update(self, running: list[str], waiting: int) -> None:
         self.running, self.waiting = list(running), waiting
 
-    def want(self, trial_id: str) -> int:
-        """How many workers ``trial_id`` should train with now (``low`` for a trial Tune has not listed yet)."""
-        return shares(self.running, self.capacity, self.low, self.high, self.waiting).get(trial_id, self.low)
+    def want(self, trial_id: str, node: str | None = None) -> int:
+        """How many workers (threads) ``trial_id`` should train with now (``low`` for a trial Tune has not listed
+        yet, or on a node the allotment does not know)."""
+        if self.node_cpus is None:
+            return shares(self.running, self.capacity, self.low, self.high, self.waiting).get(trial_id, self.low)
+        if node is None or node not in self.node_cpus:
+            return self.low
+        self.nodes[trial_id] = node
+        # Trials not heard from yet count on every node: they may be here.
+        here = [t for t in self.running if self.nodes.get(t, node) == node]
+        return shares(here, self.node_cpus[node], self.low, self.high, self.waiting).get(trial_id, self.low)
+
+
+class ThreadShare:
+    """A one-worker trial's torch threads, told after every step: every POLL_EVERY_STEPS steps (at most every
+    ASK_EVERY_S) it asks the allotment and sets the count it gets. It also counts the CPU-seconds the trial
+    trained on beyond its reservation (``low``), for the sweep's accounting; :meth:`pause` at each report (the
+    seconds until the next step are not training) and :meth:`take` the seconds counted since the last."""
+
+    def __init__(
+        self,
+        ask: Callable[[], int],
+        low: int,
+        set_threads: Callable[[int], None],
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.ask, self.low, self.set_threads, self.clock = ask, low, set_threads, clock
+        self.threads = low
+        self.steps = 0
+        self.asked_at = float("-inf")
+        self.last: float | None = None
+        self.grown_s = 0.0
+
+    def __call__(self) -> tuple[int, int] | None:
+        """After a step: (old, new) when the thread count changed, else None."""
+        now = self.clock()
+        if self.last is not None:
+            self.grown_s += (now - self.last) * (self.threads - self.low)
+        self.last = now
+        self.steps += 1
+        if self.steps % POLL_EVERY_STEPS or now - self.asked_at < ASK_EVERY_S:
+            return None
+        self.asked_at = now
+        wanted = self.ask()
+        if wanted == self.threads:
+            return None
+        old, self.threads = self.threads, wanted
+        self.set_threads(wanted)
+        return old, wanted
+
+    def pause(self) -> None:
+        self.last = None
+
+    def take(self) -> float:
+        grown, self.grown_s = self.grown_s, 0.0
+        return grown
 
 
 class ResizePoll:
@@ -97,14 +158,15 @@ class ResizePoll:
         return None if target == self.world else target
 
 
-def ask_allotment(actor: Any, trial_id: str, fallback: int) -> Callable[[], int]:
-    """Rank 0's question to the sweep's allotment actor; an unreachable actor means no change."""
+def ask_allotment(actor: Any, trial_id: str, fallback: int, node: str | None = None) -> Callable[[], int]:
+    """Rank 0's question to the sweep's allotment actor (``node``: where a thread-counted trial trains); an
+    unreachable actor means no change."""
 
     def ask() -> int:
         import ray
 
         try:
-            return int(ray.get(actor.want.remote(trial_id), timeout=5))
+            return int(ray.get(actor.want.remote(trial_id, node), timeout=5))
         except Exception:  # noqa: BLE001 - resizing is an optimisation: training goes on at its size
             return fallback
 

@@ -157,7 +157,9 @@ def _trial_driver(
     try:
         if trains_in_trial(base):  # as the sweep decided when it reserved the trial's resources
             location = f"{run_location(base, sweep)}/{os.path.basename(ray.tune.get_context().get_trial_dir())}"
-            run(cfg, in_trial=_in_trial(given if start_from is None else None, note, location))
+            # Thread-elastic (an allotment counted in threads): the trial's torch threads follow its share.
+            threads = ElasticJob(allotment, trial_id, 0.0, threads=True) if allotment is not None else None
+            run(cfg, in_trial=_in_trial(given if start_from is None else None, note, location), elastic=threads)
             return
         elastic, workers = None, cfg.scaling.num_workers
         if allotment is not None:
@@ -494,29 +496,34 @@ def run_sweep(
         f"{parent_run_id} at {uri}"
     )
     callbacks = [close_child_runs(uri, cfg.tracking.experiment, name, cfg.train.epochs), sweep_status(cfg, progress)]
+    in_trial = trains_in_trial(cfg)
+    threads = bool(cfg.scaling.max_cpus_per_worker) and in_trial and not gpu
     allotment = None
-    if cfg.scaling.max_workers:
+    if cfg.scaling.max_workers or threads:
         # Elastic trials (pipeline.elastic): the allotment, owned by this driver, holds each running trial's
-        # worker count; Tune's side keeps it told which trials run and how many wait.
+        # worker (or thread) count; Tune's side keeps it told which trials run and how many wait.
         import ray
 
-        capacity = max(_workers_that_fit(cfg, gpu), cfg.scaling.num_workers)
+        if threads:
+            low, high = cfg.scaling.cpus_per_worker, cfg.scaling.max_cpus_per_worker
+            node_cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]}
+            capacity, unit = sum(node_cpus.values()), "thread(s) (CPUs of its node)"
+        else:
+            low, high, node_cpus = cfg.scaling.num_workers, cfg.scaling.max_workers, None
+            capacity, unit = max(_workers_that_fit(cfg, gpu), cfg.scaling.num_workers), "worker(s)"
         # Named: a resumed sweep's restored callback (Tune restores callbacks, not only trials) finds the new one.
         actor_name = f"pipeline-allotment-{name}"
-        allotment = (
-            ray.remote(num_cpus=0)(Allotment)
-            .options(name=actor_name)
-            .remote(capacity, cfg.scaling.num_workers, cfg.scaling.max_workers)
-        )
+        allotment = ray.remote(num_cpus=0)(Allotment).options(name=actor_name).remote(capacity, low, high, node_cpus)
         callbacks.append(elastic_shares(actor_name, _expected_trials(cfg)))
         progress(
-            f"[tune] elastic trials: {cfg.scaling.num_workers} to {cfg.scaling.max_workers} worker(s) each, "
-            f"{capacity} in all; a trial grows when no trial waits to start and shrinks when one does"
+            f"[tune] elastic trials: {low} to {high} {unit} each, {capacity} in all; a trial grows when no trial "
+            "waits to start and shrinks when one does"
         )
+    elif cfg.scaling.max_cpus_per_worker:  # the config allows it for one-worker trials only: these are on GPUs
+        progress(f"[tune] GPU trials keep {cfg.scaling.cpus_per_worker} CPU(s) each (max_cpus_per_worker: unused)")
     driver = functools.partial(
         _trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id, verbose=verbose, allotment=allotment
     )
-    in_trial = trains_in_trial(cfg)
     # A trial that trains in its own process holds what its one worker would; a Train run's driver only waits
     # on fit(): it reserves no CPU, or it would starve its own workers.
     resources = worker_resources(cfg, gpu) if in_trial else {"CPU": 0, "memory": 1}

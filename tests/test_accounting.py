@@ -41,6 +41,9 @@ def test_busy_fraction_is_resource_seconds_in_steps_over_the_hardware_held():
     assert sweep_time([a, b], 250.0, 4.0, 2.0).busy_fraction == pytest.approx(0.8)
     assert "busy_fraction 0.80" in spent.line() and "median 30.0 s" in spent.line()
     assert spent.metrics()["busy_fraction"] == pytest.approx(0.8)
+    # A thread-elastic trial's CPU-seconds beyond its reservation count too.
+    grown = TrialTime.of([{"worker_s": 100.0, "grown_cpu_s": 50.0}])
+    assert sweep_time([a, grown], 250.0, 2.0, 1.0).busy_fraction == pytest.approx(450.0 / 500.0)
 
 
 def test_a_sweep_without_reports_has_no_start_figures():

@@ -4,7 +4,7 @@ trial for real is in tests/test_tune.py."""
 import pytest
 
 from pipeline.config import ConfigError, load_config, with_overrides
-from pipeline.elastic import POLL_EVERY_STEPS, Allotment, ResizePoll, shares
+from pipeline.elastic import ASK_EVERY_S, POLL_EVERY_STEPS, Allotment, ResizePoll, ThreadShare, shares
 
 
 def test_a_lone_trial_takes_the_free_workers_up_to_its_max():
@@ -153,3 +153,57 @@ def test_the_shares_callback_pickles_without_its_actor_handle():
     callback.actor, callback.told = object(), (("a",), 0)  # as after a step: a live handle and what it told
     restored = cloudpickle.loads(cloudpickle.dumps(callback))
     assert restored.actor is None and restored.told is None
+
+
+def test_thread_shares_come_from_the_trials_own_node():
+    """Counted in threads, a trial's share is its node's CPUs over the trials there (a trial not heard from yet
+    may be anywhere, so it counts on every node); nothing grows while trials wait to start."""
+    allotment = Allotment(capacity=6, low=1, high=4, node_cpus={"a": 2, "b": 4})
+    allotment.update(["t1", "t2", "t3"], waiting=0)
+    assert allotment.want("t1", "a") == 1  # t2 and t3 unheard of: they may be on "a"
+    assert allotment.want("t2", "b") == 2  # t3 may be on "b" too: 4 CPUs for 2 trials
+    allotment.want("t3", "b")
+    assert allotment.want("t1", "a") == 2  # alone on its 2-CPU node
+    assert allotment.want("t2", "b") == 2 and allotment.want("t3", "b") == 2
+    allotment.update(["t1", "t2"], waiting=0)  # t3 ended
+    assert allotment.want("t2", "b") == 4
+    allotment.update(["t1", "t2", "t3"], waiting=1)
+    assert allotment.want("t1", "a") == 1 and allotment.want("t2", "b") == 1
+    assert allotment.want("t1", "nowhere") == 1 and allotment.want("t1") == 1
+
+
+def test_thread_share_sets_threads_at_its_polls_and_counts_the_grown_cpu_seconds():
+    now = [0.0]
+    answers = [2]
+    set_to = []
+    share = ThreadShare(lambda: answers[0], low=1, set_threads=set_to.append, clock=lambda: now[0])
+    changes = []
+    for _ in range(POLL_EVERY_STEPS):  # one step a second; the poll at step 10 grows it
+        now[0] += 1.0
+        changes.append(share())
+    assert changes[-1] == (1, 2) and set(changes[:-1]) == {None} and set_to == [2] and share.threads == 2
+    assert share.take() == 0.0  # every step so far ran on 1 thread, the reservation
+    for _ in range(5):
+        now[0] += 1.0
+        share()
+    assert share.take() == pytest.approx(5.0)  # 5 s on one thread beyond the reservation
+    share.pause()  # a report: evaluation and checkpoint time until the next step is not training
+    now[0] += 100.0
+    share()
+    assert share.take() == 0.0
+    answers[0] = 1  # trials wait: back to the reservation at the next poll, asked at most every ASK_EVERY_S
+    while share.threads == 2:
+        now[0] += ASK_EVERY_S
+        share()
+    assert set_to == [2, 1]
+
+
+def test_cpus_per_worker_takes_a_range_for_one_worker_trials():
+    cfg = load_config(None, ["scaling.cpus_per_worker=[1, 2]"])
+    assert (cfg.scaling.cpus_per_worker, cfg.scaling.max_cpus_per_worker) == (1, 2)
+    with pytest.raises(ConfigError, match=r"max_cpus_per_worker: 2 with up to 2 workers per run"):
+        load_config(None, ["scaling.cpus_per_worker=[1, 2]", "scaling.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"max_cpus_per_worker: 2 needs scaling.cpus_per_worker.*\[1, 2\]"):
+        load_config(None, ["scaling.max_cpus_per_worker=2"])
+    with pytest.raises(ConfigError, match=r"cpus_per_worker: \[3, 2\]; min must not exceed max"):
+        load_config(None, ["scaling.cpus_per_worker=[3, 2]"])

@@ -267,13 +267,16 @@ def test_a_one_worker_trial_trains_in_its_own_process_and_tune_retries_it_from_i
     """A one-worker trial trains in the trial's process (no Ray Train run), reporting every 4 steps; its process
     dies at step 20 (epoch 3 of 3, before that report): Tune starts it again from its step-16 checkpoint, and it
     finishes in its one MLflow run with every step logged once. Tune keeps its best checkpoints by FID and the
-    latest, as a Train run does."""
+    latest, as a Train run does. Alone on the 2 CPUs with ``cpus_per_worker: [1, 2]``, it grows to 2 threads at
+    its first poll (step 10), and starts again at its reservation after the restart."""
     uri, args = _sweep_args(
         tmp_path,
         "--set",
         "tune.search_space={optim.lr_g: {grid: [1.0e-3]}}",
         "--set",
         "tune.num_samples=1",
+        "--set",
+        "scaling.cpus_per_worker=[1, 2]",
         "--set",
         "tune.report_every_steps=4",
         "--name",
@@ -294,6 +297,9 @@ def test_a_one_worker_trial_trains_in_its_own_process_and_tune_retries_it_from_i
     )
     (child,) = _children(client, parent.info.run_id)
     assert child.data.tags["trained_in"] == "trial process"
+    assert out.count("[elastic] step 10: 1 -> 2 thread(s)") == 1
+    threads = [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "threads")]
+    assert sorted(threads) == [(0, 1), (10, 2), (16, 1)], threads
     assert [m.step for m in client.get_metric_history(child.info.run_id, "loss_d")] == list(range(2, 25, 2))
     assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == list(range(4, 25, 4))
     assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
