@@ -418,6 +418,13 @@ def test_cuda_graph_settings_are_refused_where_they_cannot_work_before_any_work(
             log=quiet,
         )
     assert steps == []  # refused before the first step
+    from pipeline.train import Runtime, uses_cuda_graphs
+
+    gpu = torch.device("cuda", 0)  # only the decision: nothing runs on it
+    assert uses_cuda_graphs("auto", Runtime(device=gpu)) and not uses_cuda_graphs("false", Runtime(device=gpu))
+    assert not uses_cuda_graphs("auto", Runtime(device=gpu, world_size=2))  # DDP: plain steps
+    with pytest.raises(ValueError, match=r"trains on cuda with 2 worker"):
+        uses_cuda_graphs("true", Runtime(device=gpu, world_size=2))
     auto = train_gan(load_config(CONFIGS / "smoke.yaml", ["train.cuda_graphs=auto"]), fake_split, log=quiet)
     plain = train_gan(load_config(CONFIGS / "smoke.yaml"), fake_split, log=quiet)
     assert all(torch.equal(v, plain.generator.state_dict()[k]) for k, v in auto.generator.state_dict().items())
