@@ -18,6 +18,8 @@ def test_every_shipped_config_loads_with_the_values_it_sets(path):
             got = getattr(getattr(cfg, section), key)
             if (section, key) == ("scaling", "num_workers") and isinstance(value, list):
                 got = [got, cfg.scaling.max_workers]  # an elastic range: [min, max]
+            if (section, key) == ("scaling", "cpus_per_worker") and isinstance(value, list):
+                got = [got, cfg.scaling.max_cpus_per_worker]  # elastic threads: [min, max]
             assert got == value, f"{path.name}: {section}.{key}"
     assert build_config(cfg.to_dict()) == cfg
 
