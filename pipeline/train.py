@@ -354,10 +354,15 @@ def linear_schedule(final: float, step: int, total_steps: int) -> float:
     return 1.0 - (1.0 - final) * step / total_steps
 
 
+def top_k_count(batch: int, share: float) -> int:
+    """How many of a batch's ``batch`` fakes top-k training keeps at ``share`` (at least one)."""
+    return max(1, round(batch * share))
+
+
 def most_real(logits: torch.Tensor, share: float) -> torch.Tensor:
     """Top-k training (Sinha et al. 2020): the ``share`` of D's logits for a batch of fakes that D rates most
     real, so the generator step drops the gradients of its worst-rated fakes; all of them when share >= 1."""
-    k = max(1, round(len(logits) * share))
+    k = top_k_count(len(logits), share)
     return logits if k >= len(logits) else torch.topk(logits, k, sorted=False).values
 
 
@@ -469,7 +474,7 @@ class GraphedStep:
         self.out: torch.Tensor | None = None
 
     def __call__(self, real: torch.Tensor, z: torch.Tensor, z_g: torch.Tensor | None, share: float) -> torch.Tensor:
-        k = max(1, round(self.batch * share))  # most_real's k: the one shape that changes between steps
+        k = top_k_count(self.batch, share)  # most_real's k: the one shape that changes between steps
         if self.warm < self.WARMUP:
             self.warm += 1
             side = torch.cuda.Stream()
@@ -480,22 +485,22 @@ class GraphedStep:
             return out
         given = [t for t in (real, z, z_g) if t is not None]
         if self.graph is None or k != self.k:
-            self._capture(given, z_g is not None, share, k)
+            self._capture(given, share, k)
         for static, value in zip(self.inputs, given, strict=True):
             static.copy_(value)
         self.graph.replay()
         return self.out
 
-    def _capture(self, given: list[torch.Tensor], fresh: bool, share: float, k: int) -> None:
+    def _capture(self, given: list[torch.Tensor], share: float, k: int) -> None:
         self.graph = self.out = None  # the previous capture's memory goes back before the next one takes its own
         for optimizer in (self.state.opt_g, self.state.opt_d):
             optimizer.zero_grad(set_to_none=True)  # gradients are allocated inside the capture, in its pool
         if not self.inputs:
             self.inputs = [t.clone() for t in given]
-        real, z, *rest = self.inputs
+        real, z, *fresh = self.inputs  # fresh: G's own noise, when it draws its own
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA meanwhile
-            self.out = train_step(self.nets, self.state, real, z, rest[0] if fresh else None, self.targets, share)
+            self.out = train_step(self.nets, self.state, real, z, *(fresh or [None]), self.targets, share)
         self.graph, self.k = graph, k
 
 

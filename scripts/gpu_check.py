@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -160,40 +161,59 @@ def main() -> int:
         report["graph_agreement"] = [graph_agreement(name, overrides, device) for name, overrides in AGREEMENT]
 
     print()
-    print(f"| variant ({report['device']}, {report['backend']}) | batch | img/s | first epoch s | peak MiB | finite |")
-    print("|---|---|---|---|---|---|")
-    for row in report["variants"]:
-        if "error" in row:
-            print(f"| {row['variant']} | | failed: {row['error'][:120]} | | | False |")
-            continue
-        print(
-            f"| {row['variant']} | {row['batch_size']} | {row['img_s_last_epoch']:.0f} | {row['first_epoch_s']:.1f} "
-            f"| {row.get('max_mem_mib', 0):.0f} | {row['finite']} |"
-        )
+    print_table(
+        [f"variant ({report['device']}, {report['backend']})", "batch", "img/s", "first epoch s", "peak MiB", "finite"],
+        "variant",
+        report["variants"],
+        lambda row: [
+            row["batch_size"],
+            f"{row['img_s_last_epoch']:.0f}",
+            f"{row['first_epoch_s']:.1f}",
+            f"{row.get('max_mem_mib', 0):.0f}",
+            row["finite"],
+        ],
+    )
     print(
         f"\nall_reduce ok: {report['all_reduce_ok']}; CPU vs device, one step, max |dW|: "
         f"{report['cpu_vs_device_max_abs_diff']:.2e}"
     )
     if report.get("graph_agreement"):
-        print(
-            "\n| CUDA graphs vs plain, same seed | steps | max |dW| of G: plain vs plain | graphs vs plain "
-            "| graphs resumed vs graphs | CPU step from its checkpoint | loss_d plain / graphs |"
+        print()
+        print_table(
+            [
+                "CUDA graphs vs plain, same seed",
+                "steps",
+                "max |dW| of G: plain vs plain",
+                "graphs vs plain",
+                "graphs resumed vs graphs",
+                "CPU step from its checkpoint",
+                "loss_d plain / graphs",
+            ],
+            "config",
+            report["graph_agreement"],
+            lambda row: [
+                row["steps"],
+                f"{row['plain_vs_plain']:.2e}",
+                f"{row['graphs_vs_plain']:.2e}",
+                f"{row['resumed_vs_graphs']:.2e}",
+                row["cpu_continues"],
+                f"{row['loss_d_plain']:.4f} / {row['loss_d_graphs']:.4f}",
+            ],
         )
-        print("|---|---|---|---|---|---|---|")
-        for row in report["graph_agreement"]:
-            if "error" in row:
-                print(f"| {row['config']} | failed: {row['error'][:160]} | | | | | |")
-                continue
-            print(
-                f"| {row['config']} | {row['steps']} | {row['plain_vs_plain']:.2e} | {row['graphs_vs_plain']:.2e} "
-                f"| {row['resumed_vs_graphs']:.2e} | {row['cpu_continues']} "
-                f"| {row['loss_d_plain']:.4f} / {row['loss_d_graphs']:.4f} |"
-            )
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     ok = report["all_reduce_ok"] and all(r.get("finite", False) for r in report["variants"])
     ok = ok and all("error" not in row for row in report.get("graph_agreement", []))
     return 0 if ok else 1
+
+
+def print_table(header: list[str], label: str, rows: list[dict], cells: Callable[[dict], list]) -> None:
+    """A markdown table: each row's ``label`` value, then ``cells(row)``; a row with an ``error`` says so."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        rest = [f"failed: {row['error'][:160]}", *[""] * (len(header) - 2)] if "error" in row else cells(row)
+        print("| " + " | ".join(str(cell) for cell in [row[label], *rest]) + " |")
 
 
 def graph_agreement(name: str, overrides: list[str], device: torch.device) -> dict:
