@@ -723,14 +723,19 @@ def checkpoint_config(cfg: PipelineConfig, cls: type) -> Any:
     return cls(num_to_keep=cfg.train.keep_checkpoints)
 
 
-def prepare_inputs(cfg: PipelineConfig, progress: Callable[[str], None] = print) -> dict[str, Any] | None:
+def prepare_inputs(
+    cfg: PipelineConfig, progress: Callable[[str], None] = print, evaluator: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Data and (if evaluating) the evaluator, made ready on this node before any worker starts; returns the
-    evaluator's payload for the workers."""
+    evaluator's payload for the workers. A sweep's trial is handed the sweep's ``evaluator``: every trial, on
+    any node, is scored by the same network, and none trains one on a node that has none cached."""
     from pipeline.data import prepare, resolve_root
 
     prepare(cfg.data.dataset, resolve_root(cfg.data), progress)
     if not cfg.eval.every_epochs:
         return None
+    if evaluator is not None:
+        return evaluator
     from pipeline.metrics import get_evaluator
 
     return get_evaluator(cfg.data, progress).payload()
@@ -752,10 +757,11 @@ def prepare_run(
     progress: Callable[[str], None] = print,
     mlflow_run_id: str | None = None,
     train_run: bool = True,
+    evaluator: dict[str, Any] | None = None,
 ) -> tuple[str, str, str, dict[str, Any] | None]:
-    """Check everything, prepare data and evaluator, then create the MLflow run (or find the one a resumed
-    run had, or take ``mlflow_run_id``, tagged now with this Train run's name): (run location, tracking URI,
-    MLflow run id, evaluator payload).
+    """Check everything, prepare data and evaluator (a sweep's trial gets the sweep's ``evaluator``), then
+    create the MLflow run (or find the one a resumed run had, or take ``mlflow_run_id``, tagged now with this
+    Train run's name): (run location, tracking URI, MLflow run id, evaluator payload).
 
     Everything here happens before Ray starts, cheap checks first, so bad input fails fast and leaves
     nothing behind (no MLflow run, no directory).
@@ -780,7 +786,7 @@ def prepare_run(
         )
     if resume and train_run:  # (a trial trained in its own process resumes from Tune's checkpoint)
         verify_latest_checkpoint(location)
-    evaluator = prepare_inputs(cfg, progress)
+    evaluator = prepare_inputs(cfg, progress, evaluator)
     if previous is not None:
         return location, uri, previous, evaluator
     if mlflow_run_id is not None:
@@ -846,6 +852,7 @@ def run_training(
     started_at: float | None = None,
     elastic: ElasticJob | None = None,
     in_trial: InTrial | None = None,
+    evaluator: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """One tracked, data-parallel training run: MLflow run, Ray Train fit, final artifacts and model. The
     workers' lines start with ``[label]`` when one is given (a sweep's trial id). A sweep's PBT trial goes on
@@ -855,7 +862,8 @@ def run_training(
     checkpoint, for its driver to continue it with another worker count: the MLflow run then stays open and
     ``TrainOutcome.resize_to`` says how many. ``started_at`` (wall clock) is when this start began, for the
     sweep's accounting (default: when this process began loading pipeline code). A one-worker sweep trial
-    trains ``in_trial``: in this process, its checkpoints kept by Tune, without a Ray Train run."""
+    trains ``in_trial``: in this process, its checkpoints kept by Tune, without a Ray Train run. A sweep's
+    trials are scored by the sweep's ``evaluator`` (its payload), not one of their node's."""
     cfg = resolve_scaling(cfg)
     check_resources(cfg)
     run_dir, uri, run_id, evaluator = prepare_run(
@@ -867,6 +875,7 @@ def run_training(
         progress=progress,
         mlflow_run_id=mlflow_run_id,
         train_run=in_trial is None,
+        evaluator=evaluator,
     )
     if in_trial is not None:
         run_dir = in_trial.location

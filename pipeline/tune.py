@@ -112,10 +112,11 @@ def _trial_driver(
     parent_run_id: str,
     verbose: bool = False,
     allotment: Any = None,
+    evaluator: dict[str, Any] | None = None,
 ) -> None:
     """One trial: a one-worker trial trains in this process (``trains_in_trial``), every report handed to Tune
     with its checkpoint; any other is a Ray Train run (data-parallel, checkpointed) whose reports Tune
-    receives as they come.
+    receives as they come. Every trial is scored by ``evaluator``, the sweep's (its payload).
 
     Under PBT each report also hands Tune a checkpoint (the Train checkpoint and its lineage), and a trial
     that Tune restarts from another trial's checkpoint (an exploit) goes on in a new Train run that begins
@@ -153,6 +154,7 @@ def _trial_driver(
         mlflow_run_id=child,
         start_from=start_from,
         live_keys=pbt_mutated_keys(base) if pbt else (),
+        evaluator=evaluator,
     )
     try:
         if trains_in_trial(base):  # as the sweep decided when it reserved the trial's resources
@@ -468,7 +470,9 @@ def run_sweep(
     # driver resolved, or their runs would land in a local store on their node, not under the parent.
     cfg = with_overrides(resolve_scaling(cfg, sweep=True), {"tracking.uri": uri})
     check_resources(cfg)
-    prepare_inputs(cfg, progress)
+    # Prepared once, here: each trial gets it through Ray's object store (``tune.with_parameters``), so a
+    # trial on a node without a cached evaluator starts training at once, scored like every other trial.
+    evaluator = prepare_inputs(cfg, progress)
 
     if parent_run_id is None:
         parent_run_id = start_run(
@@ -521,8 +525,16 @@ def run_sweep(
         )
     elif cfg.scaling.max_cpus_per_worker:  # the config allows it for one-worker trials only: these are on GPUs
         progress(f"[tune] GPU trials keep {cfg.scaling.cpus_per_worker} CPU(s) each (max_cpus_per_worker: unused)")
-    driver = functools.partial(
-        _trial_driver, base=cfg, sweep=name, parent_run_id=parent_run_id, verbose=verbose, allotment=allotment
+    # Through Ray's object store (the evaluator is megabytes), to a trainable still named _trial_driver (the
+    # name a sweep's resume must find again).
+    driver = ray.tune.with_parameters(
+        _trial_driver,
+        base=cfg,
+        sweep=name,
+        parent_run_id=parent_run_id,
+        verbose=verbose,
+        allotment=allotment,
+        evaluator=evaluator,
     )
     # A trial that trains in its own process holds what its one worker would; a Train run's driver only waits
     # on fit(): it reserves no CPU, or it would starve its own workers.

@@ -241,6 +241,7 @@ def test_ray_job_submit_of_a_sweep_over_two_nodes_with_s3_and_the_team_server(te
         # 512 images, a global batch of 64: 8 steps an epoch, a FID at the end of each
         assert [m.step for m in client.get_metric_history(child.info.run_id, "fid")] == [8, 16]
     assert any(k.startswith("runs/team-sweep/") for k in keys)  # Tune's experiment state
+    scored_by_the_sweeps_evaluator(team, children)
     assert "best_fid" in client.get_run(parent.info.run_id).data.metrics
 
 
@@ -370,6 +371,16 @@ def test_tune_resume_from_s3_after_the_driver_was_killed(team, s3):
         assert child.info.status == "FINISHED"
         assert len(client.get_metric_history(child.info.run_id, "fid")) == 2
         steps_once(client, child.info.run_id)
+    scored_by_the_sweeps_evaluator(team, children)
+
+
+def scored_by_the_sweeps_evaluator(team, children) -> None:
+    """Every trial of a sweep is scored by the evaluator the sweep's driver prepared on the head (Ray's object
+    store carries it to the trials): the same checksum on every child, and none trained on the worker node,
+    whose data root holds no evaluator cache (training one there takes minutes on one CPU)."""
+    head = {c.data.tags["evaluator_sha256"] for c in children}
+    assert len(head) == 1, head
+    assert not (Path(team["node_env"]["PIPELINE_DATA_ROOT"]) / "evaluators").exists()
 
 
 def test_strict_spread_needs_as_many_nodes_as_workers(team):
