@@ -112,11 +112,12 @@ def _trial_driver(
     parent_run_id: str,
     verbose: bool = False,
     allotment: Any = None,
-    evaluator: dict[str, Any] | None = None,
+    evaluators: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """One trial: a one-worker trial trains in this process (``trains_in_trial``), every report handed to Tune
     with its checkpoint; any other is a Ray Train run (data-parallel, checkpointed) whose reports Tune
-    receives as they come. Every trial is scored by ``evaluator``, the sweep's (its payload).
+    receives as they come. Every trial is scored by the sweep's evaluator of its dataset (``evaluators``:
+    dataset -> payload, prepared by the sweep's driver).
 
     Under PBT each report also hands Tune a checkpoint (the Train checkpoint and its lineage), and a trial
     that Tune restarts from another trial's checkpoint (an exploit) goes on in a new Train run that begins
@@ -154,7 +155,7 @@ def _trial_driver(
         mlflow_run_id=child,
         start_from=start_from,
         live_keys=pbt_mutated_keys(base) if pbt else (),
-        evaluator=evaluator,
+        evaluator=(evaluators or {}).get(cfg.data.dataset),
     )
     try:
         if trains_in_trial(base):  # as the sweep decided when it reserved the trial's resources
@@ -190,6 +191,20 @@ def _trial_driver(
     except RunDiverged as exc:
         # Tune already has its last result (the worst score); the rest of the sweep goes on.
         print(f"[{trial_id}] {exc}")
+
+
+def sweep_evaluators(cfg: PipelineConfig, progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """The data and FID/IS evaluator of each dataset the sweep's trials may train on (``data.dataset`` may be
+    searched), prepared once, here: each trial gets its dataset's evaluator through Ray's object store, so a
+    trial on a node without a cached evaluator starts training at once, scored like every other trial."""
+    spec = cfg.tune.search_space.get("data.dataset")
+    datasets = [cfg.data.dataset] if spec is None else sorted(set(next(iter(spec.values()))))
+    evaluators = {}
+    for dataset in datasets:
+        payload = prepare_inputs(with_overrides(cfg, {"data.dataset": dataset}), progress)
+        if payload is not None:
+            evaluators[dataset] = payload
+    return evaluators
 
 
 def trains_in_trial(cfg: PipelineConfig) -> bool:
@@ -470,9 +485,7 @@ def run_sweep(
     # driver resolved, or their runs would land in a local store on their node, not under the parent.
     cfg = with_overrides(resolve_scaling(cfg, sweep=True), {"tracking.uri": uri})
     check_resources(cfg)
-    # Prepared once, here: each trial gets it through Ray's object store (``tune.with_parameters``), so a
-    # trial on a node without a cached evaluator starts training at once, scored like every other trial.
-    evaluator = prepare_inputs(cfg, progress)
+    evaluators = sweep_evaluators(cfg, progress)
 
     if parent_run_id is None:
         parent_run_id = start_run(
@@ -534,7 +547,7 @@ def run_sweep(
         parent_run_id=parent_run_id,
         verbose=verbose,
         allotment=allotment,
-        evaluator=evaluator,
+        evaluators=evaluators,
     )
     # A trial that trains in its own process holds what its one worker would; a Train run's driver only waits
     # on fit(): it reserves no CPU, or it would starve its own workers.

@@ -515,3 +515,31 @@ def test_an_elastic_trial_grows_into_the_cpu_another_trial_left(tmp_path):
     assert [m.step for m in client.get_metric_history(grown.info.run_id, "fid")] == [128, 256, 384, 512]
     # The resize is a restart the accounting counts: 2 first starts and 1 more.
     assert client.get_run(parent_id).data.metrics["trial_starts"] == 3
+
+
+def test_a_sweep_prepares_the_evaluator_of_each_dataset_its_trials_may_train_on(monkeypatch):
+    """The sweep's driver prepares (data and) the evaluator once per dataset its trials can take, and each trial
+    picks its own dataset's: searching ``data.dataset`` must not score Fashion-MNIST with the MNIST network."""
+    import pipeline.tune
+    from pipeline.config import load_config
+
+    prepared = []
+
+    def prepare(cfg, progress):
+        prepared.append(cfg.data.dataset)
+        return {"dataset": cfg.data.dataset} if cfg.eval.every_epochs else None
+
+    monkeypatch.setattr(pipeline.tune, "prepare_inputs", prepare)
+    base = load_config(REPO / "configs" / "smoke.yaml")
+    assert pipeline.tune.sweep_evaluators(base, print) == {"mnist": {"dataset": "mnist"}}
+    searched = load_config(
+        REPO / "configs" / "smoke.yaml", ["tune.search_space={data.dataset: {choice: [fashion_mnist, mnist]}}"]
+    )
+    prepared.clear()
+    evaluators = pipeline.tune.sweep_evaluators(searched, print)
+    assert sorted(prepared) == ["fashion_mnist", "mnist"]
+    assert all(payload["dataset"] == dataset for dataset, payload in evaluators.items()) and len(evaluators) == 2
+    assert (
+        pipeline.tune.sweep_evaluators(load_config(REPO / "configs" / "smoke.yaml", ["eval.every_epochs=0"]), print)
+        == {}
+    )
