@@ -111,8 +111,8 @@ def _trial_driver(
     sweep: str,
     parent_run_id: str,
     verbose: bool = False,
+    evaluators: dict[str, dict[str, Any]],
     allotment: Any = None,
-    evaluators: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """One trial: a one-worker trial trains in this process (``trains_in_trial``), every report handed to Tune
     with its checkpoint; any other is a Ray Train run (data-parallel, checkpointed) whose reports Tune
@@ -155,7 +155,7 @@ def _trial_driver(
         mlflow_run_id=child,
         start_from=start_from,
         live_keys=pbt_mutated_keys(base) if pbt else (),
-        evaluator=(evaluators or {}).get(cfg.data.dataset),
+        evaluator=evaluators.get(cfg.data.dataset),
     )
     try:
         if trains_in_trial(base):  # as the sweep decided when it reserved the trial's resources

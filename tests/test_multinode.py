@@ -378,8 +378,8 @@ def scored_by_the_sweeps_evaluator(team, children) -> None:
     """Every trial of a sweep is scored by the evaluator the sweep's driver prepared on the head (Ray's object
     store carries it to the trials): the same checksum on every child, and none trained on the worker node,
     whose data root holds no evaluator cache (training one there takes minutes on one CPU)."""
-    head = {c.data.tags["evaluator_sha256"] for c in children}
-    assert len(head) == 1, head
+    checksums = {c.data.tags["evaluator_sha256"] for c in children}
+    assert len(checksums) == 1, checksums
     assert not (Path(team["node_env"]["PIPELINE_DATA_ROOT"]) / "evaluators").exists()
 
 
