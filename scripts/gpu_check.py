@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import load  # noqa: E402
-from pipeline.train import Runtime, all_reduce_mean, train_gan  # noqa: E402
+from pipeline.steps import Runtime  # noqa: E402
+from pipeline.train import LoopHooks, Report, all_reduce_mean, train_gan  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -64,11 +65,11 @@ AGREEMENT = [
 ]
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per variant; the last one is timed")
-    parser.add_argument("--limit", type=int, default=None, help="training images (default: all 60,000)")
+    parser.add_argument("--limit", type=int, default=None, help="training images (default: all of them)")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU with gloo if there is no GPU")
     parser.add_argument("--only", help="comma-separated variant labels to run (default: all; 'none': none)")
     parser.add_argument(
@@ -76,8 +77,11 @@ def main() -> int:
         action="store_true",
         help="deterministic kernels: the agreement runs then differ only where graphs change the numbers",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> int:
+    args = parse_args()
     cuda = torch.cuda.is_available()
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -86,23 +90,47 @@ def main() -> int:
     if not cuda and not args.allow_cpu:
         print("error: no CUDA device; pass --allow-cpu to dry-run the script on the CPU", file=sys.stderr)
         return 2
+    wanted = set(args.only.split(",")) if args.only else {label for label, _, _ in VARIANTS}
+    wanted.discard("none")
+    unknown = wanted - {label for label, _, _ in VARIANTS}
+    if unknown:
+        print(f"error: --only {sorted(unknown)}: unknown; variants are {[v[0] for v in VARIANTS]}", file=sys.stderr)
+        return 2
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    backend = "nccl" if cuda else "gloo"
+    report = process_group(device, cuda, args.deterministic)
+    report["variants"] = run_variants(args, wanted, device, cuda)
+    report["cpu_vs_device_max_abs_diff"] = cpu_vs_device(device)
+    dist.destroy_process_group()
+    if cuda:
+        report["graph_agreement"] = [graph_agreement(name, overrides, device) for name, overrides in AGREEMENT]
+    print_report(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    ok = report["all_reduce_ok"] and all(r.get("finite", False) for r in report["variants"])
+    ok = ok and all("error" not in row for row in report.get("graph_agreement", []))
+    return 0 if ok else 1
+
+
+def process_group(device: torch.device, cuda: bool, deterministic: bool) -> dict:
+    """A one-rank process group (NCCL on a GPU, gloo otherwise) and whether its all-reduce works."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29512")
-    dist.init_process_group(backend, rank=0, world_size=1)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
     probe = torch.arange(4.0, device=device)
     dist.all_reduce(probe)
-    report: dict = {
+    report = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "backend": dist.get_backend(),
         "all_reduce_ok": probe.tolist() == [0.0, 1.0, 2.0, 3.0],
-        "variants": [],
-        "deterministic": args.deterministic,
+        "deterministic": deterministic,
     }
     print(f"device: {report['device']}  torch {report['torch']}  backend {report['backend']}")
+    return report
 
+
+def run_variants(args: argparse.Namespace, wanted: set[str], device: torch.device, cuda: bool) -> list[dict]:
+    """Each wanted variant trained for ``args.epochs`` epochs: its images/s, memory and whether it stayed finite."""
     base = ["data.limit=null"] if args.limit is None else [f"data.limit={args.limit}"]
     data = load(load_config(CONFIGS / "mnist.yaml", base).data)
     ddp = Runtime(
@@ -110,26 +138,19 @@ def main() -> int:
         wrap_model=lambda m: DistributedDataParallel(m, device_ids=[0] if cuda else None),
         mean_over_workers=all_reduce_mean,
     )
-    wanted = set(args.only.split(",")) if args.only else {label for label, _, _ in VARIANTS}
-    wanted.discard("none")
-    unknown = wanted - {label for label, _, _ in VARIANTS}
-    if unknown:
-        print(f"error: --only {sorted(unknown)}: unknown; variants are {[v[0] for v in VARIANTS]}", file=sys.stderr)
-        return 2
+    rows = []
     for label, overrides, under_ddp in VARIANTS:
         if label not in wanted or (not under_ddp and not cuda):  # graphs, and their plain references: GPU only
             continue
-        runtime = ddp if under_ddp else Runtime(device=device)
         cfg = load_config(CONFIGS / "mnist.yaml", [*base, f"train.epochs={args.epochs}", *overrides])
-        epochs = []
+        epochs: list[dict] = []
         started = time.perf_counter()
+        hooks = LoopHooks(report=lambda r, out=epochs: out.append(dict(r.metrics)), log=print)
         try:
-            result = train_gan(
-                cfg, data, runtime=runtime, report=lambda m, s, out=epochs: out.append(dict(m)), log=print
-            )
+            result = train_gan(cfg, data, runtime=ddp if under_ddp else Runtime(device=device), hooks=hooks)
         except Exception as exc:  # one failing switch must not hide the others' numbers
             message = str(exc).strip().splitlines()
-            report["variants"].append({"variant": label, "error": f"{type(exc).__name__}: {message[:1]}"})
+            rows.append({"variant": label, "error": f"{type(exc).__name__}: {message[:1]}"})
             print(f"{label}: FAILED {type(exc).__name__}: {message[:1]}")
             continue
         row = {
@@ -145,21 +166,22 @@ def main() -> int:
         if cuda:
             row["max_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
             torch.cuda.reset_peak_memory_stats()
-        report["variants"].append(row)
+        rows.append(row)
+    return rows
 
-    # One fp32 step on the CPU and on this device from the same seed: the weights should agree closely
-    # (not exactly: TF32 and cuDNN's algorithms round differently).
+
+def cpu_vs_device(device: torch.device) -> float:
+    """One fp32 step on the CPU and on this device from the same seed: G's largest weight difference (small, not
+    zero: TF32 and cuDNN's algorithms round differently)."""
     step_cfg = load_config(CONFIGS / "smoke.yaml", ["data.limit=64", "train.batch_size=64", "train.epochs=1"])
     small = load(step_cfg.data)
-    on_cpu = train_gan(step_cfg, small, log=lambda _: None).generator.state_dict()
-    on_dev = train_gan(step_cfg, small, runtime=Runtime(device=device), log=lambda _: None).generator.state_dict()
-    report["cpu_vs_device_max_abs_diff"] = max(
-        (on_cpu[k].float() - on_dev[k].cpu().float()).abs().max().item() for k in on_cpu
-    )
-    dist.destroy_process_group()
-    if cuda:
-        report["graph_agreement"] = [graph_agreement(name, overrides, device) for name, overrides in AGREEMENT]
+    quiet = LoopHooks(log=lambda _: None)
+    on_cpu = train_gan(step_cfg, small, hooks=quiet).generator.state_dict()
+    on_dev = train_gan(step_cfg, small, runtime=Runtime(device=device), hooks=quiet).generator.state_dict()
+    return max((on_cpu[k].float() - on_dev[k].cpu().float()).abs().max().item() for k in on_cpu)
 
+
+def print_report(report: dict) -> None:
     print()
     print_table(
         [f"variant ({report['device']}, {report['backend']})", "batch", "img/s", "first epoch s", "peak MiB", "finite"],
@@ -177,34 +199,30 @@ def main() -> int:
         f"\nall_reduce ok: {report['all_reduce_ok']}; CPU vs device, one step, max |dW|: "
         f"{report['cpu_vs_device_max_abs_diff']:.2e}"
     )
-    if report.get("graph_agreement"):
-        print()
-        print_table(
-            [
-                "CUDA graphs vs plain, same seed",
-                "steps",
-                "max |dW| of G: plain vs plain",
-                "graphs vs plain",
-                "graphs resumed vs graphs",
-                "CPU step from its checkpoint",
-                "loss_d plain / graphs",
-            ],
-            "config",
-            report["graph_agreement"],
-            lambda row: [
-                row["steps"],
-                f"{row['plain_vs_plain']:.2e}",
-                f"{row['graphs_vs_plain']:.2e}",
-                f"{row['resumed_vs_graphs']:.2e}",
-                row["cpu_continues"],
-                f"{row['loss_d_plain']:.4f} / {row['loss_d_graphs']:.4f}",
-            ],
-        )
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    ok = report["all_reduce_ok"] and all(r.get("finite", False) for r in report["variants"])
-    ok = ok and all("error" not in row for row in report.get("graph_agreement", []))
-    return 0 if ok else 1
+    if not report.get("graph_agreement"):
+        return
+    print()
+    print_table(
+        [
+            "CUDA graphs vs plain, same seed",
+            "steps",
+            "max |dW| of G: plain vs plain",
+            "graphs vs plain",
+            "graphs resumed vs graphs",
+            "CPU step from its checkpoint",
+            "loss_d plain / graphs",
+        ],
+        "config",
+        report["graph_agreement"],
+        lambda row: [
+            row["steps"],
+            f"{row['plain_vs_plain']:.2e}",
+            f"{row['graphs_vs_plain']:.2e}",
+            f"{row['resumed_vs_graphs']:.2e}",
+            row["cpu_continues"],
+            f"{row['loss_d_plain']:.4f} / {row['loss_d_graphs']:.4f}",
+        ],
+    )
 
 
 def print_table(header: list[str], label: str, rows: list[dict], cells: Callable[[dict], list]) -> None:
@@ -228,10 +246,10 @@ def graph_agreement(name: str, overrides: list[str], device: torch.device) -> di
         runtime = Runtime(device=device)
         saved: list[bytes] = []
 
-        def keep_first(metrics: dict, state: dict | None) -> None:
-            if not saved and state is not None and metrics.get("epoch") == 1:
+        def keep_first(report: Report) -> None:
+            if not saved and report.checkpoint is not None and report.metrics.get("epoch") == 1:
                 buffer = io.BytesIO()
-                torch.save(state, buffer)
+                torch.save(report.checkpoint, buffer)
                 saved.append(buffer.getvalue())
 
         def g_weights(result) -> dict:
@@ -240,14 +258,14 @@ def graph_agreement(name: str, overrides: list[str], device: torch.device) -> di
         def largest(a: dict, b: dict) -> float:
             return max((a[k] - b[k]).abs().max().item() for k in a)
 
-        quiet = {"log": lambda _: None}
-        plain = train_gan(cfg, data, runtime=runtime, **quiet)
-        again = train_gan(cfg, data, runtime=runtime, **quiet)
-        with_graphs = train_gan(graphed, data, runtime=runtime, report=keep_first, **quiet)
+        quiet = LoopHooks(log=lambda _: None)
+        plain = train_gan(cfg, data, runtime, quiet)
+        again = train_gan(cfg, data, runtime, quiet)
+        with_graphs = train_gan(graphed, data, runtime, LoopHooks(report=keep_first, log=lambda _: None))
         checkpoint = torch.load(io.BytesIO(saved[0]), weights_only=True)
-        resumed = train_gan(graphed, data, runtime=runtime, resume=checkpoint, **quiet)
+        resumed = train_gan(graphed, data, runtime, quiet, resume=checkpoint)
         cpu_cfg = load_config(CONFIGS / name, [*overrides, "train.epochs=2"])
-        on_cpu = train_gan(cpu_cfg, data, resume=torch.load(io.BytesIO(saved[0]), weights_only=True), **quiet)
+        on_cpu = train_gan(cpu_cfg, data, hooks=quiet, resume=torch.load(io.BytesIO(saved[0]), weights_only=True))
         return {
             "config": f"{name} {' '.join(overrides)}",
             "steps": with_graphs.step,

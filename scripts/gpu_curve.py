@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.data import load  # noqa: E402
 from pipeline.metrics import get_evaluator  # noqa: E402
-from pipeline.train import Runtime, train_gan  # noqa: E402
+from pipeline.steps import Runtime  # noqa: E402
+from pipeline.train import LoopHooks, Report, train_gan  # noqa: E402
 
 
 def main() -> int:
@@ -47,14 +48,15 @@ def main() -> int:
         "epochs": [],
     }
 
-    def report(metrics: dict, _state: object) -> None:
+    def report(given: Report) -> None:
+        metrics = given.metrics
         row = {k: metrics[k] for k in ("epoch", "fid", "inception_score", "loss_d", "loss_g") if k in metrics}
         row["wall_s"] = round(time.perf_counter() - started, 1)
         curve["epochs"].append(row)
         if args.out:
             Path(args.out).write_text(json.dumps(curve, indent=2))
 
-    train_gan(cfg, data, runtime=Runtime(device=device), report=report, evaluator=evaluator, log=print)
+    train_gan(cfg, data, runtime=Runtime(device=device), hooks=LoopHooks(report=report, evaluator=evaluator, log=print))
     scored = [r for r in curve["epochs"] if "fid" in r]
     if scored:
         best = min(scored, key=lambda r: r["fid"])

@@ -30,7 +30,8 @@ def one(args: argparse.Namespace) -> int:
 
     from pipeline.config import load_config
     from pipeline.data import load
-    from pipeline.train import Runtime, train_gan
+    from pipeline.steps import Runtime
+    from pipeline.train import LoopHooks, train_gan
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
@@ -38,7 +39,12 @@ def one(args: argparse.Namespace) -> int:
     cfg = load_config(ROOT / "configs" / "tune_mnist.yaml", [f"train.epochs={args.epochs}", *args.overrides])
     data = load(cfg.data)
     epochs: list[dict] = []
-    train_gan(cfg, data, runtime=Runtime(device=device), report=lambda m, s: epochs.append(dict(m)), log=lambda _: None)
+    train_gan(
+        cfg,
+        data,
+        runtime=Runtime(device=device),
+        hooks=LoopHooks(report=lambda r: epochs.append(dict(r.metrics)), log=lambda _: None),
+    )
     print(json.dumps({"img_s": epochs[-1]["images_per_s"], "batch_size": cfg.train.batch_size}), flush=True)
     return 0
 

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.distributed import UI_RUNS_VIEW  # noqa: E402
+from pipeline.runs import UI_RUNS_VIEW  # noqa: E402
 
 WINDOW = "1600,1000"
 MODEL_TRAINING = "workflowType=machine_learning"  # MLflow 3.17's model-training view (see UI_RUNS_VIEW)

@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, build_config, describe_fields, load_config, read_yaml, with_overrides
+from pipeline.config import build_config, describe_fields, load_config, read_yaml, with_overrides
+from pipeline.errors import ConfigError
 from tests.conftest import CONFIGS, run_cli
 
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
@@ -128,7 +129,8 @@ def _drawn_points(cfg, storage) -> list[dict]:
     from ray.tune.experiment import Experiment
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipeline.tune import make_search_alg, search_space
+    from pipeline.search_space import tune_space
+    from pipeline.tune import make_search_alg
 
     assert make_search_alg(cfg) is None  # random search: Tune makes its generator, as here
     search_alg = BasicVariantGenerator(max_concurrent=0)  # 0: no limit, every trial drawn at once
@@ -137,7 +139,7 @@ def _drawn_points(cfg, storage) -> list[dict]:
             Experiment(
                 "s",
                 lambda config: None,
-                config=search_space(cfg),
+                config=tune_space(cfg.tune.search_space),
                 num_samples=cfg.tune.num_samples,
                 storage_path=storage,
             )
@@ -242,7 +244,7 @@ def test_pbt_settings_are_checked_with_one_line_errors(tune, words):
 
 
 def test_pbt_mutates_the_searched_keys_it_can_by_default():
-    from pipeline.config import pbt_mutated_keys
+    from pipeline.schedulers import pbt_mutated_keys
 
     cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE}})
     assert pbt_mutated_keys(cfg) == ["optim.lr_g"]  # model.latent_dim is searched, never mutated
@@ -256,10 +258,10 @@ def test_pbt_mutates_the_searched_keys_it_can_by_default():
 
 
 def test_a_pbt_sweep_needs_a_population():
-    from pipeline.tune import _check_sweep
+    from pipeline.validation import check_sweep
 
     cfg = build_config(
         {"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE, "num_samples": 1}}
     )
     with pytest.raises(ConfigError, match="tune.num_samples: 1 with tune.scheduler=pbt"):
-        _check_sweep(cfg)
+        check_sweep(cfg)

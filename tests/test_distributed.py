@@ -10,6 +10,7 @@ from torch.utils.data import DistributedSampler
 from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.data import load, to_model_range
+from pipeline.datasets import MNIST
 from pipeline.models import build_models
 from pipeline.train import epoch_noise_generator
 from tests.conftest import CONFIGS, run_cli
@@ -147,7 +148,10 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
     """
     import ray
 
-    from pipeline.distributed import WorkerJob, build_trainer, init_ray, prepare_inputs
+    from pipeline.distributed import build_trainer
+    from pipeline.ray_runtime import init_ray
+    from pipeline.runs import prepare_inputs
+    from pipeline.worker import WorkerJob
 
     cfg = load_config(
         CONFIGS / "smoke.yaml",
@@ -171,7 +175,7 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
 
     data = load(cfg.data)
     torch.manual_seed(cfg.train.seed)
-    generator, discriminator = build_models(cfg.model)
+    generator, discriminator = build_models(cfg.model, MNIST.image_shape)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g, betas=betas)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.lr_d, betas=betas)
@@ -217,7 +221,7 @@ def test_ray_actors_ask_their_own_ray_with_another_ray_started_after_it(capsys):
 
     import ray
 
-    from pipeline.distributed import init_ray
+    from pipeline.ray_runtime import init_ray
 
     init_ray()
     # The raylet's messages reach the console through Ray's print_to_stdstream, the workers' lines through

@@ -3,8 +3,9 @@ trial for real is in tests/test_tune.py."""
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, with_overrides
+from pipeline.config import load_config, with_overrides
 from pipeline.elastic import ASK_EVERY_S, POLL_EVERY_STEPS, Allotment, ResizePoll, ThreadShare, shares
+from pipeline.errors import ConfigError
 
 
 def test_a_lone_trial_takes_the_free_workers_up_to_its_max():
@@ -83,31 +84,46 @@ def test_a_shared_gpu_holds_one_worker_runs_only():
 
 
 def test_a_resize_stops_at_a_checkpoint_that_continues_exactly(fake_split, tmp_path):
-    """train_gan stops where ``resize`` names a new size: a report with ``resize_to`` and a checkpoint from
-    inside the epoch, no evaluation; continued (here at the same size), the run ends where a straight one did."""
+    """train_gan stops where ``resize`` names a new size: a Pause report with ``resize_to`` and a checkpoint from
+    inside the epoch, no evaluation; continued (here at the same size), the run ends where a straight one did.
+    Across Ray's report (a dict) the pause and its size reach the driver, and no other report reads as one."""
     import torch
 
     from pipeline import checkpoint
-    from pipeline.train import train_gan
+    from pipeline.train import EpochEnd, LoopHooks, Pause, result_resize_to, to_result, train_gan
 
     cfg = load_config(None, ["train.batch_size=64", "train.epochs=3", "model.g_channels=8", "model.d_channels=8"])
     straight: list = []
-    train_gan(cfg, fake_split, report=lambda m, s: straight.append((dict(m), s)), log=lambda _: None)
+    train_gan(
+        cfg,
+        fake_split,
+        hooks=LoopHooks(report=lambda r: straight.append((dict(r.metrics), r.checkpoint)), log=lambda _: None),
+    )
     reports: list = []
     paused = train_gan(
         cfg,
         fake_split,
-        report=lambda m, s: reports.append((dict(m), s)),
-        resize=lambda step, left: 2 if step == 6 else None,  # 4 steps an epoch: inside epoch 2
-        log=lambda _: None,
+        hooks=LoopHooks(
+            report=reports.append,
+            resize=lambda step, left: 2 if step == 6 else None,
+            log=lambda _: None,
+        ),
     )
     assert paused.resize_to == 2 and paused.step == 6
-    last, state = reports[-1]
-    assert (last["step"], last["resize_to"], last["progress"]) == (6, 2, 1.5) and "fid" not in last
+    assert [type(r) for r in reports] == [EpochEnd, Pause]
+    last, state = reports[-1], reports[-1].checkpoint
+    assert last.resize_to == 2 and (last.metrics["step"], last.metrics["progress"]) == (6, 1.5)
+    assert "fid" not in last.metrics
+    assert result_resize_to(to_result(last)) == 2 and result_resize_to(to_result(reports[0])) is None
     assert state["epoch_partial"] is not None and state["step"] == 6
     path = checkpoint.save(tmp_path / "pause.pt", state)
     rest: list = []
-    done = train_gan(cfg, fake_split, resume=checkpoint.load(path), report=lambda m, s: rest.append((dict(m), s)))
+    done = train_gan(
+        cfg,
+        fake_split,
+        hooks=LoopHooks(report=lambda r: rest.append((dict(r.metrics), r.checkpoint))),
+        resume=checkpoint.load(path),
+    )
     assert done.resize_to is None and [m["step"] for m, _ in rest] == [8, 12]
     a, b = straight[-1][1]["generator"], rest[-1][1]["generator"]
     assert all(torch.equal(a[k], b[k]) for k in a)

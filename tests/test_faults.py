@@ -4,7 +4,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.train import DivergedError, train_gan
+from pipeline.train import DivergedError, LoopHooks, train_gan
 from tests.conftest import CONFIGS, run_cli
 
 
@@ -74,7 +74,7 @@ def test_corrupted_checkpoint_on_resume_is_refused_before_ray(tmp_path):
 def test_nan_loss_raises_diverged(fake_split):
     cfg = load_config(CONFIGS / "smoke.yaml", ["optim.lr_d=1.0e+30", "optim.lr_g=1.0e+30", "train.epochs=2"])
     with pytest.raises(DivergedError, match="diverged at epoch 1"):
-        train_gan(cfg, fake_split, log=lambda _: None)
+        train_gan(cfg, fake_split, hooks=LoopHooks(log=lambda _: None))
 
 
 @pytest.mark.slow

@@ -2,12 +2,13 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.datasets import MNIST
 from pipeline.models import build_models
 
 
 def test_shapes_and_sizes():
     torch.manual_seed(0)
-    generator, discriminator = build_models(ModelConfig())
+    generator, discriminator = build_models(ModelConfig(), MNIST.image_shape)
     z = torch.randn(5, 100)
     images = generator(z)
     assert images.shape == (5, 1, 28, 28)
@@ -19,7 +20,7 @@ def test_shapes_and_sizes():
 
 
 def test_widths_come_from_config():
-    generator, discriminator = build_models(ModelConfig(latent_dim=7, g_channels=3, d_channels=5))
+    generator, discriminator = build_models(ModelConfig(latent_dim=7, g_channels=3, d_channels=5), MNIST.image_shape)
     assert generator.net[0].in_channels == 7 and generator.net[0].out_channels == 12
     assert discriminator.net[0].out_channels == 5
     assert generator(torch.randn(2, 7)).shape == (2, 1, 28, 28)
@@ -27,7 +28,7 @@ def test_widths_come_from_config():
 
 def test_dcgan_init():
     torch.manual_seed(0)
-    generator, discriminator = build_models(ModelConfig())
+    generator, discriminator = build_models(ModelConfig(), MNIST.image_shape)
     convs = [
         m
         for m in [*generator.modules(), *discriminator.modules()]
@@ -43,7 +44,7 @@ def test_dcgan_init():
 
 def test_spectral_norm_discriminator_has_unit_spectral_norm_and_no_batchnorm():
     torch.manual_seed(0)
-    _, discriminator = build_models(ModelConfig(d_norm="spectral", d_dropout=0.3))
+    _, discriminator = build_models(ModelConfig(d_norm="spectral", d_dropout=0.3), MNIST.image_shape)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in discriminator.modules())
     assert sum(isinstance(m, torch.nn.Dropout) for m in discriminator.modules()) == 2
     convs = [m for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -60,13 +61,13 @@ def test_spectral_norm_discriminator_has_unit_spectral_norm_and_no_batchnorm():
 
 
 def test_seed_discriminator_unchanged_by_default():
-    _, discriminator = build_models(ModelConfig())
+    _, discriminator = build_models(ModelConfig(), MNIST.image_shape)
     kinds = [type(m).__name__ for m in discriminator.net]
     assert kinds == ["Conv2d", "LeakyReLU", "Conv2d", "BatchNorm2d", "LeakyReLU", "Conv2d"]
 
 
 def test_deeper_discriminator():
-    _, discriminator = build_models(ModelConfig(d_extra_layers=2, d_channels=8))
+    _, discriminator = build_models(ModelConfig(d_extra_layers=2, d_channels=8), MNIST.image_shape)
     convs = [m for m in discriminator.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [m.kernel_size for m in convs] == [(4, 4), (4, 4), (3, 3), (3, 3), (7, 7)]
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in discriminator.modules()) == 3
@@ -74,10 +75,10 @@ def test_deeper_discriminator():
 
 
 def test_seed_generator_unchanged_by_default_and_deeper_generator():
-    generator, _ = build_models(ModelConfig())
+    generator, _ = build_models(ModelConfig(), MNIST.image_shape)
     kinds = [type(m).__name__ for m in generator.net]
     assert kinds == ["ConvTranspose2d", "BatchNorm2d", "ReLU"] * 2 + ["ConvTranspose2d", "Tanh"]
-    deeper, _ = build_models(ModelConfig(g_extra_layers=2, g_channels=8))
+    deeper, _ = build_models(ModelConfig(g_extra_layers=2, g_channels=8), MNIST.image_shape)
     convs = [m for m in deeper.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
     assert [m.kernel_size for m in convs] == [(7, 7), (4, 4), (3, 3), (3, 3), (4, 4)]
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in deeper.modules()) == 4

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.storage import RAY_TRAIN_RECORD
+from pipeline.ray_runtime import TRAIN_RECORD as RAY_TRAIN_RECORD
 from tests.conftest import REPO, run_cli
 from tests.servers import BIN, MLflowServer, RayCluster, S3Server, free_port
 
@@ -57,12 +57,13 @@ NO_IMDS = {"AWS_EC2_METADATA_DISABLED": "true"}
 def node_data_root(path: Path) -> Path:
     """A worker node's own data root, holding only the .gz copies it prepares MNIST from (nothing the head wrote
     is read there)."""
-    from pipeline.data import SPECS, default_root, prepare
+    from pipeline.data import default_root, prepare
+    from pipeline.datasets import MNIST
 
     source = prepare("mnist", default_root())
-    raw = path / SPECS["mnist"].folder / "raw"
+    raw = path / MNIST.folder / "raw"
     raw.mkdir(parents=True)
-    for name in SPECS["mnist"].files:
+    for name in MNIST.files:
         with open(source / name, "rb") as plain, gzip.open(raw / f"{name}.gz", "wb", compresslevel=1) as packed:
             shutil.copyfileobj(plain, packed)
     return path

@@ -13,8 +13,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
 from pipeline.config import with_overrides
+from pipeline.datasets import MNIST
 from pipeline.models import build_generator
-from pipeline.tracking import CHAMPION, MLflowTracker, register_generator, start_run
+from pipeline.registry import CHAMPION, register_generator
+from pipeline.tracking import MLflowTracker, start_run
 from tests.conftest import run_together
 
 EVALUATOR = "e" * 64
@@ -45,7 +47,7 @@ def store(tmp_path_factory):
     tracker.log_metrics({"fid": 80.0, "inception_score": 2.5}, step=16)
     tracker.flush()
     model_uri = tracker.log_generator(
-        build_generator(smoke_cfg.model), smoke_cfg.model.latent_dim, ("fid", "inception_score")
+        build_generator(smoke_cfg.model, MNIST.image_shape), smoke_cfg.model.latent_dim, ("fid", "inception_score")
     )
     tracker.end()
     return uri, run_id, model_uri
@@ -145,7 +147,8 @@ def test_experiments_open_on_their_training_runs(store):
 
 
 def test_registered_model_names_are_checked(smoke_cfg):
-    from pipeline.config import ConfigError, registered_model_name
+    from pipeline.config import registered_model_name
+    from pipeline.errors import ConfigError
 
     assert registered_model_name(smoke_cfg) == "gan-mnist"
     assert registered_model_name(with_overrides(smoke_cfg, {"data.dataset": "fashion_mnist"})) == "gan-fashion-mnist"

@@ -5,11 +5,11 @@ import torch
 
 from pipeline import PROJECT_ROOT
 from pipeline.config import PipelineConfig
+from pipeline.runs import flat_params
 from pipeline.tracking import (
     MLflowTracker,
     TrackingError,
     check_tracking_uri,
-    flat_params,
     resolve_tracking_uri,
     start_run,
 )

@@ -192,7 +192,7 @@ def test_pbt_copies_the_donor_into_the_weaker_trial_and_a_killed_pbt_sweep_resum
     trial, every step once, each exploit's weights the donor's and its learning rates the perturbed ones."""
     import torch
 
-    from pipeline.train import weights_digest
+    from pipeline.train_state import weights_digest
 
     uri, args = _sweep_args(
         tmp_path,
@@ -332,10 +332,10 @@ def test_asha_stops_at_a_rung_but_never_at_the_final_epoch(epochs):
     from ray.tune.schedulers import TrialScheduler
 
     from pipeline.config import build_config
-    from pipeline.tune import make_scheduler
+    from pipeline.schedulers import scheduler_of
 
     cfg = build_config({"train": {"epochs": epochs}, "tune": {"grace_period": 1, "reduction_factor": 2}})
-    scheduler = make_scheduler(cfg)
+    scheduler = scheduler_of(cfg).make(cfg)
     scheduler.set_search_properties("fid", "min")
     good, bad = _fake_trial("good"), _fake_trial("bad")
     for trial in (good, bad):
@@ -357,10 +357,10 @@ def test_a_grace_period_at_or_past_the_last_epoch_means_no_early_stop(grace_peri
     from ray.tune.schedulers import TrialScheduler
 
     from pipeline.config import build_config
-    from pipeline.tune import make_scheduler
+    from pipeline.schedulers import scheduler_of
 
     cfg = build_config({"train": {"epochs": 3}, "tune": {"grace_period": grace_period, "reduction_factor": 2}})
-    scheduler = make_scheduler(cfg)
+    scheduler = scheduler_of(cfg).make(cfg)
     scheduler.set_search_properties("fid", "min")
     good, bad = _fake_trial("good"), _fake_trial("bad")
     for trial in (good, bad):
@@ -373,7 +373,7 @@ def test_a_grace_period_at_or_past_the_last_epoch_means_no_early_stop(grace_peri
 def test_sweep_status_prints_the_trials_table_on_change_and_not_more_often(monkeypatch):
     from ray.tune.experiment import Trial
 
-    from pipeline import tune as sweep
+    from pipeline import sweep_report as sweep
     from pipeline.config import build_config
 
     cfg = build_config(
@@ -438,11 +438,11 @@ def test_a_failed_trial_does_not_hang_synchronous_pbt():
     from ray.tune.schedulers import TrialScheduler
 
     from pipeline.config import build_config
-    from pipeline.tune import make_scheduler
+    from pipeline.schedulers import scheduler_of
 
     space = {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-2]}}
     cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": space}})
-    scheduler = make_scheduler(cfg)
+    scheduler = scheduler_of(cfg).make(cfg)
     scheduler.set_search_properties("fid", "min")
     alive, failed = _fake_trial("alive"), _fake_trial("failed")
     for trial in (alive, failed):
@@ -467,7 +467,7 @@ def test_the_sweep_status_callback_pickles_after_ray_replaced_print(monkeypatch)
     import ray.cloudpickle
 
     from pipeline.config import build_config
-    from pipeline.tune import print_line, sweep_status
+    from pipeline.sweep_report import print_line, sweep_status
 
     cfg = build_config({"tune": {"search_space": {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-3]}}}})
     original = builtins.print

@@ -1,0 +1,333 @@
+"""Ray start-up, the console's filter for Ray's own lines, and every private Ray API the project touches.
+
+Each private API sits behind one function here, and :data:`PRIVATE_APIS` names a probe for each that fails with
+a message naming the API when a Ray upgrade moves or changes it (tests/test_private_apis.py runs them all).
+It imports nothing of the package but its errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from pipeline.errors import PrivateApiChanged
+
+# Lines of Ray's own processes that tell a user nothing they can act on, hidden unless --verbose (with the
+# traceback that follows one, if any): the C++ core worker's complaint about Ray's own PreemptionWatcher actor
+# (ray-project/ray#53727) and its kin, each worker's full TrainingReport(...) (the epoch line above it says the
+# same, readably), and Train's controller's warning that a resource request to Ray's autoscaling coordinator
+# took over 5 s (retried every 20 s; it says itself that it is safe to ignore).
+RAY_NOISE = (
+    "core_worker.cc",
+    "PreemptionWatcher",
+    "Reporting training result",
+    "Failed to send resource request",
+    "worker processes have been started on node",  # the raylet's note on its own worker start-up rate
+    "Checkpoint successfully created at",  # Tune, each time a trial hands it a checkpoint (PBT: every report)
+    "from checkpoint: Checkpoint(",  # Tune restoring a paused or copied trial: our [pbt] line says which
+)
+# Ray's internal actors whose every line is for Ray's developers: the placement-group janitor of each Train
+# run ("Detected that the Ray Train controller actor ... is dead. Cleaning up placement group").
+RAY_NOISY_ACTORS = ("PlacementGroupCleaner",)
+# A local Ray says that it turned token authentication on (as it should): hidden unless --verbose. Its
+# warning that authentication is *off* is always shown.
+RAY_AUTH_ON_NOTICE = "Token authentication is enabled for this Ray cluster"
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+# Ray Train's record of a run's checkpoints, next to them; the one it names as latest is where a resumed run
+# starts (a checkpoint uploaded but not yet recorded when the driver died is not used).
+TRAIN_RECORD = "checkpoint_manager_snapshot.json"
+# Ray Train's own variables (read by its controller and workers; Train propagates them from the driver).
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+
+
+def init_ray(verbose: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a fresh local Ray (never a stale one)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Ray folds log lines that differ only in their numbers into one: that would hide every worker's
+    # and trial's epoch line but the first.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    level = logging.INFO if verbose else logging.WARNING
+    if not verbose:
+        logging.getLogger(AUTH_LOGGER).addFilter(_auth_on_notice)
+    if address == "local":
+        with _state_api_pinned() as dashboard_port:
+            ray.init(address="local", log_to_driver=True, logging_level=level, dashboard_port=dashboard_port)
+    else:
+        ray.init(address=address, log_to_driver=True, logging_level=level)
+    if not verbose:
+        hide_worker_lines(RAY_NOISE, RAY_NOISY_ACTORS)
+
+
+def _auth_on_notice(record: Any) -> bool:
+    """A logging filter (adding it twice keeps one): drops Ray's notice that authentication is on."""
+    return not record.getMessage().startswith(RAY_AUTH_ON_NOTICE)
+
+
+@contextlib.contextmanager
+def _state_api_pinned() -> Iterator[int | None]:
+    """Yield a free port for the local Ray's dashboard, with RAY_API_SERVER_ADDRESS naming it in the
+    environment that the processes Ray starts inherit (restored in this one afterwards).
+
+    Ray Train's actors ask Ray's state API whether the controller is alive without an address; with no
+    address Ray looks for *the* Ray on this machine, and with a second local Ray running (two runs at once)
+    it raises 'Found multiple active Ray instances' in every run's PlacementGroupCleaner."""
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):  # the user's choice stands
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        yield port
+    finally:
+        del os.environ["RAY_API_SERVER_ADDRESS"]
+
+
+def hide_worker_lines(patterns: Sequence[str], actors: Sequence[str] = ()) -> None:
+    """Put a `NoiseFilter` in front of Ray's printer of forwarded output: the workers' lines (through the
+    printer the log dispatcher holds) and the raylet's messages (printed through the module's function). Ray
+    has no public hook for this: if its internals moved, everything is printed as before."""
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
+    if (
+        len(printers) != 1
+        or not isinstance(printers[0], functools.partial)
+        or not callable(getattr(ray_worker, "print_to_stdstream", None))
+    ):
+        return
+    original = getattr(ray_worker.print_to_stdstream, "unfiltered", ray_worker.print_to_stdstream)
+    noise = NoiseFilter(patterns, actors)
+
+    def filtered(data: dict, ignore_prefix: bool) -> None:
+        lines = noise(data.get("pid"), data.get("lines", []), data.get("actor_name") or "")
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    filtered.unfiltered = original  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", functools.partial(filtered, **printers[0].keywords))
+
+
+class NoiseFilter:
+    """Drops the lines containing any of ``patterns`` and the Python traceback right after such a line,
+    following each process's output across batches, and every line of the actors named in ``actors``."""
+
+    def __init__(self, patterns: Sequence[str], actors: Sequence[str] = ()):
+        self.patterns, self.actors = tuple(patterns), tuple(actors)
+        self.state: dict[Any, str] = {}  # per process: "noise" after a hidden line, "traceback" inside its traceback
+
+    def __call__(self, source: Any, lines: Sequence[str], actor: str = "") -> list[str]:
+        if actor and any(name in actor for name in self.actors):
+            return []
+        kept = []
+        for line in lines:
+            now = self.state.get(source, "")
+            if any(p in line for p in self.patterns):
+                self.state[source] = "noise"
+            elif now and line.startswith("Traceback (most recent call last)"):
+                self.state[source] = "traceback"
+            elif now == "traceback" and (line.startswith(" ") or not line.strip()):
+                pass
+            elif now == "traceback" and _ends_traceback(line):
+                self.state[source] = ""
+            else:
+                self.state[source] = ""
+                kept.append(line)
+        return kept
+
+
+def _ends_traceback(line: str) -> bool:
+    """The last line of a Python traceback: ``module.ExceptionName: message`` (or just the name)."""
+    head = line.split(":", 1)[0]
+    return bool(head) and head.replace(".", "").replace("_", "").isalnum() and head.rsplit(".", 1)[-1][:1].isupper()
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray Train
+
+
+def startup_timed_out(exc: BaseException) -> bool:
+    """Whether a Train run failed because its worker group could not start in time (a node lost for good)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    return isinstance(getattr(exc, "controller_failure", None), WorkerGroupStartupTimeoutError)
+
+
+def set_worker_group_start_timeout(seconds: float) -> None:
+    """How long Train waits for a worker group's CPUs/GPUs (Ray's default, 60 s, is retried for ever: a lost node
+    that never comes back would hang the run). Train propagates the driver's value to its controller."""
+    os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(seconds)
+
+
+def train_worker_env() -> dict[str, str]:
+    """The environment of Train's workers: Train's print patch off (it tees each line to stdout *and* its logger
+    when stdout is wrapped: every line twice), unbuffered output."""
+    return {PRINT_PATCH_ENV: "0", "PYTHONUNBUFFERED": "1"}
+
+
+def latest_recorded_checkpoint(record: str) -> str | None:
+    """The directory name of the checkpoint Ray Train's record (the text of :data:`TRAIN_RECORD`) names as latest;
+    None when it names none."""
+    try:
+        latest = json.loads(record).get("latest_checkpoint_result") or {}
+    except (ValueError, AttributeError):
+        return None
+    return latest.get("checkpoint_dir_name") or None
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray Tune
+
+
+def perturbations(scheduler: Any) -> int:
+    """How many times Ray's PopulationBasedTraining has copied a trial into another so far (0 for others)."""
+    return getattr(scheduler, "_num_perturbations", 0)
+
+
+def save_sweep_state(controller: Any) -> None:
+    """Write the sweep's state now (Tune's controller otherwise saves it every few seconds)."""
+    controller.checkpoint(force=True, wait=True)
+
+
+class WithoutFailedTrials:
+    """Tune's controller as a scheduler sees it, minus the trials that failed. Ray keeps a failed trial among
+    the "live" ones, and synchronous PBT waits for every live trial to reach the next decision point: one failed
+    trial would hang the sweep (every other trial paused, none chosen to run)."""
+
+    def __init__(self, controller: Any):
+        self._controller = controller
+
+    def get_live_trials(self) -> set[Any]:
+        return {t for t in self._controller.get_live_trials() if t.status != "ERROR"}
+
+    def get_trials(self) -> list[Any]:
+        return [t for t in self._controller.get_trials() if t.status != "ERROR"]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._controller, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes: each private API above, checked against the installed Ray
+
+
+def _expect(ok: bool, api: str, what: str) -> None:
+    if not ok:
+        raise PrivateApiChanged(f"{api}: {what}; update the function that wraps it")
+
+
+def _probe_worker_printer() -> None:
+    from ray._private import ray_logging
+    from ray._private import worker as ray_worker
+
+    api = "ray._private.worker.print_to_stdstream / ray_logging.global_worker_stdstream_dispatcher"
+    _expect(callable(getattr(ray_worker, "print_to_stdstream", None)), api, "print_to_stdstream is gone")
+    parameters = list(inspect.signature(ray_worker.print_to_stdstream).parameters)
+    _expect(parameters[:2] == ["data", "ignore_prefix"], api, f"print_to_stdstream takes {parameters}")
+    dispatcher = getattr(ray_logging, "global_worker_stdstream_dispatcher", None)
+    _expect(
+        all(hasattr(dispatcher, name) for name in ("handlers", "add_handler", "remove_handler")),
+        api,
+        "the dispatcher has no handlers/add_handler/remove_handler",
+    )
+
+
+def _probe_auth_logger() -> None:
+    import importlib
+
+    try:
+        source = inspect.getsource(importlib.import_module(AUTH_LOGGER))
+    except ImportError:
+        source = ""
+    _expect(RAY_AUTH_ON_NOTICE in source, AUTH_LOGGER, f"no longer logs {RAY_AUTH_ON_NOTICE!r}")
+
+
+def _probe_startup_timeout() -> None:
+    from ray.train.v2.api.exceptions import ControllerError
+
+    api = "ray.train.v2._internal.exceptions.WorkerGroupStartupTimeoutError"
+    try:
+        from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+        failure = WorkerGroupStartupTimeoutError(1)
+    except (ImportError, TypeError) as exc:
+        raise PrivateApiChanged(f"{api}: {exc}; update startup_timed_out") from None
+    _expect(startup_timed_out(ControllerError(failure)), api, "ControllerError.controller_failure no longer holds it")
+
+
+def _probe_train_constants() -> None:
+    from ray.train.v2._internal import constants
+
+    api = "ray.train.v2._internal.constants"
+    _expect(
+        constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == TRAIN_RECORD, api, f"Train's record is not {TRAIN_RECORD}"
+    )
+    _expect(
+        constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR == WORKER_GROUP_START_TIMEOUT_ENV
+        and WORKER_GROUP_START_TIMEOUT_ENV in constants.ENV_VARS_TO_PROPAGATE,
+        api,
+        f"{WORKER_GROUP_START_TIMEOUT_ENV} is no longer read and propagated",
+    )
+    _expect(constants.ENABLE_PRINT_PATCH_ENV_VAR == PRINT_PATCH_ENV, api, f"{PRINT_PATCH_ENV} is no longer read")
+
+
+def _probe_train_record() -> None:
+    from ray.train.v2._internal.execution.checkpoint import checkpoint_manager
+
+    api = "ray.train.v2 checkpoint manager snapshot (latest_checkpoint_result.checkpoint_dir_name)"
+
+    def fields(name: str) -> set[str]:
+        model = getattr(checkpoint_manager, name, None)
+        return set(getattr(model, "model_fields", None) or getattr(model, "__fields__", None) or ())
+
+    _expect("latest_checkpoint_result" in fields("_CheckpointManagerState"), api, "the record's layout changed")
+    _expect("checkpoint_dir_name" in fields("_TrainingResultState"), api, "the record's layout changed")
+
+
+def _probe_pbt_perturbations() -> None:
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    scheduler = PopulationBasedTraining(time_attr="progress", hyperparam_mutations={"x": [1, 2]})
+    _expect(
+        isinstance(getattr(scheduler, "_num_perturbations", None), int),
+        "ray.tune.schedulers.PopulationBasedTraining._num_perturbations",
+        "the counter of exploits is gone",
+    )
+
+
+def _probe_tune_controller() -> None:
+    from ray.tune.execution.tune_controller import TuneController
+
+    api = "ray.tune.execution.tune_controller.TuneController"
+    _expect({"force", "wait"} <= set(inspect.signature(TuneController.checkpoint).parameters), api, "checkpoint()")
+    _expect(all(hasattr(TuneController, n) for n in ("get_live_trials", "get_trials")), api, "get_(live_)trials()")
+
+
+PRIVATE_APIS: dict[str, Callable[[], None]] = {
+    "worker output printer": _probe_worker_printer,
+    "token authentication notice": _probe_auth_logger,
+    "Train worker-group start timeout": _probe_startup_timeout,
+    "Train constants and variables": _probe_train_constants,
+    "Train checkpoint record": _probe_train_record,
+    "PBT exploit counter": _probe_pbt_perturbations,
+    "Tune controller": _probe_tune_controller,
+}

@@ -1,0 +1,101 @@
+"""Every private Ray and MLflow API the project touches has a probe (pipeline.ray_runtime.PRIVATE_APIS and
+pipeline.tracking.PRIVATE_APIS): each passes against the installed versions, and each fails with a message that
+names its API when that API moves (here: broken on purpose, one at a time)."""
+
+import pytest
+
+from pipeline import ray_runtime, tracking
+from pipeline.errors import PrivateApiChanged
+
+PROBES = {**ray_runtime.PRIVATE_APIS, **tracking.PRIVATE_APIS}
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_each_private_api_is_where_the_code_expects_it(name):
+    PROBES[name]()
+
+
+def _break_printer(monkeypatch):
+    from ray._private import worker
+
+    monkeypatch.delattr(worker, "print_to_stdstream")
+
+
+def _break_auth_notice(monkeypatch):
+    monkeypatch.setattr(ray_runtime, "RAY_AUTH_ON_NOTICE", "Token authentication is now announced otherwise")
+
+
+def _break_startup_timeout(monkeypatch):
+    from ray.train.v2._internal import exceptions
+
+    monkeypatch.delattr(exceptions, "WorkerGroupStartupTimeoutError")
+
+
+def _break_train_constants(monkeypatch):
+    from ray.train.v2._internal import constants
+
+    monkeypatch.setattr(constants, "CHECKPOINT_MANAGER_SNAPSHOT_FILENAME", "checkpoints.json")
+
+
+def _break_train_record(monkeypatch):
+    from ray.train.v2._internal.execution.checkpoint import checkpoint_manager
+
+    monkeypatch.delattr(checkpoint_manager, "_CheckpointManagerState")
+
+
+def _break_pbt_counter(monkeypatch):
+    from ray.tune import schedulers
+
+    class Renamed(schedulers.PopulationBasedTraining):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            del self._num_perturbations
+
+    monkeypatch.setattr(schedulers, "PopulationBasedTraining", Renamed)
+
+
+def _break_tune_controller(monkeypatch):
+    from ray.tune.execution.tune_controller import TuneController
+
+    monkeypatch.setattr(TuneController, "checkpoint", lambda self, force=False: None)
+
+
+def _break_tracking_uri(monkeypatch):
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.delattr(utils, "_tracking_uri")
+
+
+def _break_system_metrics(monkeypatch):
+    from mlflow.system_metrics import system_metrics_monitor
+
+    class Monitor:
+        def __init__(self, run_id, sampling_interval=10):
+            pass
+
+    monkeypatch.setattr(system_metrics_monitor, "SystemMetricsMonitor", Monitor)
+
+
+BREAKS = {
+    "worker output printer": (_break_printer, "print_to_stdstream"),
+    "token authentication notice": (_break_auth_notice, ray_runtime.AUTH_LOGGER),
+    "Train worker-group start timeout": (_break_startup_timeout, "WorkerGroupStartupTimeoutError"),
+    "Train constants and variables": (_break_train_constants, "ray.train.v2._internal.constants"),
+    "Train checkpoint record": (_break_train_record, "latest_checkpoint_result.checkpoint_dir_name"),
+    "PBT exploit counter": (_break_pbt_counter, "PopulationBasedTraining._num_perturbations"),
+    "Tune controller": (_break_tune_controller, "TuneController"),
+    "MLflow's global tracking URI": (_break_tracking_uri, "_tracking_service.utils._tracking_uri"),
+    "MLflow's system-metrics monitor": (_break_system_metrics, "SystemMetricsMonitor"),
+}
+
+
+def test_every_probe_has_a_break_below():
+    assert sorted(BREAKS) == sorted(PROBES)
+
+
+@pytest.mark.parametrize("name", sorted(BREAKS))
+def test_a_moved_private_api_fails_its_probe_with_its_name(monkeypatch, name):
+    breaks, named = BREAKS[name]
+    breaks(monkeypatch)
+    with pytest.raises(PrivateApiChanged, match=named.replace(".", r"\.")):
+        PROBES[name]()
