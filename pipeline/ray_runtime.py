@@ -46,6 +46,8 @@ AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 TRAIN_RECORD = "checkpoint_manager_snapshot.json"
 # Ray Train's own variables (read by its controller and workers; Train propagates them from the driver).
 WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Where Ray's state API (which Train's actors ask whether the controller lives) finds the dashboard.
+STATE_API_ENV = "RAY_API_SERVER_ADDRESS"
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
@@ -84,17 +86,17 @@ def _state_api_pinned() -> Iterator[int | None]:
     Ray Train's actors ask Ray's state API whether the controller is alive without an address; with no
     address Ray looks for *the* Ray on this machine, and with a second local Ray running (two runs at once)
     it raises 'Found multiple active Ray instances' in every run's PlacementGroupCleaner."""
-    if os.environ.get("RAY_API_SERVER_ADDRESS"):  # the user's choice stands
+    if os.environ.get(STATE_API_ENV):  # the user's choice stands
         yield None
         return
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    os.environ[STATE_API_ENV] = f"http://127.0.0.1:{port}"
     try:
         yield port
     finally:
-        del os.environ["RAY_API_SERVER_ADDRESS"]
+        del os.environ[STATE_API_ENV]
 
 
 def hide_worker_lines(patterns: Sequence[str], actors: Sequence[str] = ()) -> None:
@@ -184,12 +186,12 @@ def train_worker_env() -> dict[str, str]:
     return {PRINT_PATCH_ENV: "0", "PYTHONUNBUFFERED": "1"}
 
 
-def latest_recorded_checkpoint(record: str) -> str | None:
-    """The directory name of the checkpoint Ray Train's record (the text of :data:`TRAIN_RECORD`) names as latest;
-    None when it names none."""
+def latest_recorded_checkpoint(record: bytes | str) -> str | None:
+    """The directory name of the checkpoint Ray Train's record (the contents of :data:`TRAIN_RECORD`) names as
+    latest; None when it names none, or cannot be read (damaged: not JSON, not text)."""
     try:
         latest = json.loads(record).get("latest_checkpoint_result") or {}
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
         return None
     return latest.get("checkpoint_dir_name") or None
 
@@ -249,6 +251,23 @@ def _probe_worker_printer() -> None:
         api,
         "the dispatcher has no handlers/add_handler/remove_handler",
     )
+    # hide_worker_lines replaces the handler ray.init registers: a partial of print_to_stdstream, named so.
+    registered = inspect.getsource(ray_worker.connect)
+    _expect(
+        '"ray_print_logs"' in registered and "functools.partial(print_to_stdstream" in registered,
+        api,
+        "ray.init no longer registers functools.partial(print_to_stdstream) as the handler 'ray_print_logs'",
+    )
+
+
+def _probe_state_api_address() -> None:
+    from ray._private import ray_constants
+    from ray.dashboard import utils
+
+    api = f"ray._private.ray_constants.RAY_API_SERVER_ADDRESS_ENVIRONMENT_VARIABLE ({STATE_API_ENV})"
+    name = getattr(ray_constants, "RAY_API_SERVER_ADDRESS_ENVIRONMENT_VARIABLE", None)
+    _expect(name == STATE_API_ENV, api, f"the variable is {name!r}")
+    _expect("RAY_API_SERVER_ADDRESS_ENVIRONMENT_VARIABLE" in inspect.getsource(utils), api, "the state API ignores it")
 
 
 def _probe_auth_logger() -> None:
@@ -324,6 +343,7 @@ def _probe_tune_controller() -> None:
 
 PRIVATE_APIS: dict[str, Callable[[], None]] = {
     "worker output printer": _probe_worker_printer,
+    "state API address": _probe_state_api_address,
     "token authentication notice": _probe_auth_logger,
     "Train worker-group start timeout": _probe_startup_timeout,
     "Train constants and variables": _probe_train_constants,

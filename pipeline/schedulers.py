@@ -25,11 +25,9 @@ from pipeline.search_space import spec_kind, tune_domain
 
 @dataclass(frozen=True)
 class Summary:
-    """What a scheduler adds to the end of a sweep: text for the console and the values SweepOutcome keeps."""
+    """What a scheduler adds to the end of a sweep (besides what it logs on the parent run)."""
 
     text: str | None = None  # printed after the trials table
-    exploits: int = 0  # PBT: copies of one trial into another
-    schedule: str | None = None  # PBT: the best trial's hyperparameters along its lineage, a markdown table
 
 
 def _no_checks(cfg: Any) -> None:
@@ -51,7 +49,8 @@ class Scheduler:
     make: Callable[[Any], Any]  # cfg -> the Tune scheduler (None: Tune's FIFO, every trial to its end)
     describe: Callable[[Any], str]  # cfg -> how the sweep's first line says what it does
     validate: Callable[[Any], None] = _no_checks  # cfg -> ConfigError for bad values (with a search space)
-    min_trials: int = 1  # fewer trials than this in a sweep are refused
+    min_trials: int = 1  # fewer trials than this in a sweep are refused ...
+    too_few_trials: str = ""  # ... with this reason and fix
     needs_checkpoints: bool = False  # each report hands Tune a checkpoint (PBT copies them between trials)
     live_keys: Callable[[Any], list[str]] = _no_live_keys  # cfg -> searched keys that change mid-run
     # (cfg, the parent run's tracker, the child runs, the best row or None) -> what the summary adds
@@ -268,9 +267,12 @@ class Segment:
         ]
 
 
+EXPLOIT_TAG = "pbt.exploit.step_"  # + the step: a trial's run records each copy into it (pipeline.worker)
+
+
 def exploits_of(tags: dict[str, str]) -> list[dict[str, Any]]:
-    """A trial's exploits as its run's tags record them (pbt.exploit.step_<step>), oldest first."""
-    records = [json.loads(value) for key, value in tags.items() if key.startswith("pbt.exploit.step_")]
+    """A trial's exploits as its run's tags record them (EXPLOIT_TAG<step>), oldest first."""
+    records = [json.loads(value) for key, value in tags.items() if key.startswith(EXPLOIT_TAG)]
     return sorted(records, key=lambda record: record["step"])
 
 
@@ -295,10 +297,9 @@ def _summarise_pbt(cfg: Any, parent: Any, children: Sequence[Any], best: dict[st
     parent.log_metrics({"pbt_exploits": exploits}, step=0)
     parent.flush()
     if best is None or not best["run_id"]:
-        return Summary(exploits=exploits)
+        return Summary(f"PBT: {exploits} exploit(s)")
     schedule = _log_schedule(cfg, parent, best)
-    text = f"PBT: {exploits} exploit(s); the best trial's schedule along its lineage:\n{schedule}"
-    return Summary(text=text, exploits=exploits, schedule=schedule)
+    return Summary(f"PBT: {exploits} exploit(s); the best trial's schedule along its lineage:\n{schedule}")
 
 
 def _log_schedule(cfg: Any, parent: Any, best: dict[str, Any]) -> str:
@@ -346,6 +347,7 @@ PBT = Scheduler(
     describe=_describe_pbt,
     validate=_validate_pbt,
     min_trials=2,
+    too_few_trials="PBT evolves a population: use at least 2 trials (4 or more lets a quarter copy the best quarter)",
     needs_checkpoints=True,
     live_keys=pbt_mutated_keys,
     summarise=_summarise_pbt,

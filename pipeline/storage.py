@@ -75,7 +75,7 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
     filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
     try:
         with filesystem.open_input_stream(f"{root}/{TRAIN_RECORD}") as stream:
-            name = latest_recorded_checkpoint(stream.read().decode())
+            name = latest_recorded_checkpoint(stream.read())
     except OSError:  # no record: nothing to check
         name = None
     if not name:

@@ -35,8 +35,9 @@ def print_line(line: str) -> None:
 
 
 def ended_status(last: dict[str, Any], final_epoch: int) -> str:
-    """How a trial that ended without an error ended, from its last result."""
-    if result_kind(last) == Diverged.kind:
+    """How a trial that ended without an error ended, from its last result (``diverged: 1`` in results that a
+    resumed sweep's trials reported before the typed reports)."""
+    if result_kind(last) == Diverged.kind or last.get("diverged"):
         return "diverged"
     return "finished" if int(last.get("epoch", 0)) >= final_epoch else "early_stopped"
 
@@ -184,10 +185,8 @@ class SweepOutcome:
     rows: list[dict[str, Any]]  # one per trial, best first
     best: dict[str, Any] | None
     registration: Registration | None = None  # the best trial's generator in the Model Registry
-    schedule: str | None = None  # PBT: the best trial's hyperparameter schedule along its lineage, a table
-    exploits: int = 0  # PBT: how many times a trial continued from another's checkpoint
     time: SweepTime | None = None  # where the hardware's time went (this invocation's part of the sweep)
-    scheduler_text: str | None = None  # what the scheduler adds after the trials table
+    scheduler_text: str | None = None  # what the scheduler adds after the trials table (PBT: its lineage)
 
 
 @dataclass(frozen=True)
@@ -234,18 +233,7 @@ def summarise(cfg: PipelineConfig, name: str, parent: MLflowTracker, results: An
     registration = _register_best_generator(cfg, parent.uri, scored, searched)
     parent.set_tags({"status": "finished"})
     parent.end("FINISHED")
-    return SweepOutcome(
-        name,
-        parent.run_id,
-        parent.uri,
-        rows,
-        best,
-        registration,
-        summary.schedule,
-        summary.exploits,
-        spent,
-        summary.text,
-    )
+    return SweepOutcome(name, parent.run_id, parent.uri, rows, best, registration, spent, summary.text)
 
 
 def _register_best_generator(

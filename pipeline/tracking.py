@@ -128,7 +128,9 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
-        if "mlflow.experimentKind" not in exp.tags:  # made before this tag was set, or by someone else
+        if (
+            "mlflow.experimentKind" not in exp.tags
+        ):  # made without the tag (another tool, or this one's earlier versions)
             for key, value in EXPERIMENT_KIND.items():
                 client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
@@ -283,7 +285,7 @@ class MLflowTracker:
         example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
         with using_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id):
             # The requirements named, not inferred: MLflow would load the model in a new Python process to see
-            # what it imports (10-20 s of each run's end on 2 cores) and find torch, which these pins say.
+            # what it imports (seconds of each run's end) and find torch, which these pins say.
             info = mlflow.pytorch.log_model(
                 generator,
                 name="generator",

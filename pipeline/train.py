@@ -98,9 +98,9 @@ RESULT_KIND = "report_kind"
 RESULT_RESIZE_TO = "resize_to"
 
 
-def to_result(report: Report, metric: str = "fid") -> dict[str, Any]:
-    """``report`` as the dict Ray receives. A diverged run's result carries the worst ``metric`` there is (Tune
-    requires the sweep's metric in every result and must rank a diverged trial last): FID infinite, IS 0."""
+def to_result(report: Report) -> dict[str, Any]:
+    """``report`` as the dict Ray receives. A diverged run's result carries the worst scores there are, FID
+    infinite and IS 0: Tune requires the sweep's metric in every result, and must rank a diverged trial last."""
     result = {**report.metrics, RESULT_KIND: report.kind}
     if isinstance(report, Pause):
         result[RESULT_RESIZE_TO] = report.resize_to
@@ -168,7 +168,7 @@ def train_gan(
     ``tune.report_every_steps`` steps, and where ``hooks.resize`` asks for a new worker count: the run then
     returns with ``TrainResult.resize_to`` set, for the caller to continue with that many workers."""
     rt, hooks = runtime or Runtime(), hooks or LoopHooks()
-    run = LoopSetup.of(cfg, data, rt, hooks, resume)
+    run = LoopRun.of(cfg, data, rt, hooks, resume)
     state, device, batch, latent = run.state, rt.device, run.local_batch, cfg.model.latent_dim
     report: Report | None = None
     for epoch in range(state.epoch, cfg.train.epochs):
@@ -217,7 +217,7 @@ class Tally:
     started: float  # when the current interval's steps began (perf_counter): reports and scoring are not steps
 
     @classmethod
-    def start(cls, run: LoopSetup, epoch: int, noise: torch.Generator) -> Tally:
+    def start(cls, run: LoopRun, epoch: int, noise: torch.Generator) -> Tally:
         sums = torch.zeros(len(LOSS_KEYS), device=run.rt.device, dtype=torch.float64)
         first, earlier_s = run.state.step - epoch * run.num_steps, 0.0
         if first:  # a checkpoint from inside this epoch: the noise drawn forward to its step, its sums back
@@ -230,8 +230,9 @@ class Tally:
 
 
 @dataclass
-class LoopSetup:
-    """What the loop trains with: config, runtime, hooks, state and networks, the step, the data and its counts."""
+class LoopRun:
+    """One run of the loop: what it trains with (config, runtime, hooks, state and networks, the step, the data and
+    its counts) and how it closes an interval (:meth:`close`, the one way out to its caller)."""
 
     cfg: PipelineConfig
     rt: Runtime
@@ -249,7 +250,7 @@ class LoopSetup:
     @classmethod
     def of(
         cls, cfg: PipelineConfig, data: Split, rt: Runtime, hooks: LoopHooks, resume: dict[str, Any] | None
-    ) -> LoopSetup:
+    ) -> LoopRun:
         """Refuse what cannot work before any work, then build networks and optimizers from the seed; a resumed
         run takes the checkpoint's weights and counters, and the config's learning rates and betas."""
         num_steps = steps_per_epoch(len(data), cfg.train.batch_size)

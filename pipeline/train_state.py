@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from pipeline.config import PipelineConfig
 from pipeline.datasets import dataset_spec
@@ -35,8 +36,8 @@ class EmaGenerator:
     @torch.no_grad()
     def update(self, generator: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        for mine, theirs in zip(self.model.parameters(), generator.parameters(), strict=True):
-            mine.lerp_(theirs, 1.0 - decay)
+        # torch's EMA of a parameter list: one foreach kernel over all of them (a launch per step on a GPU).
+        get_ema_multi_avg_fn(decay)(list(self.model.parameters()), list(generator.parameters()), None)
         for mine, theirs in zip(self.model.buffers(), generator.buffers(), strict=True):
             mine.copy_(theirs)
 

@@ -68,7 +68,7 @@ def _trial_driver(point: dict[str, Any], *, setup: TrialSetup) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     given = ray.tune.get_checkpoint()
     name, start_from = continuation(setup.sweep, trial_id, given)
-    lineage = Lineage(
+    note = CheckpointNote(
         resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT), cfg.tracking.experiment, setup.sweep, trial_id, name
     )
     scheduler = scheduler_of(setup.base)
@@ -81,7 +81,7 @@ def _trial_driver(point: dict[str, Any], *, setup: TrialSetup) -> None:
         progress=lambda msg: print(f"[{trial_id}] {msg}"),
         verbose=setup.verbose,
         label=trial_id,
-        mlflow_run_id=lineage.child_run(),
+        mlflow_run_id=note.child_run(),
         start_from=start_from,
         live_keys=tuple(scheduler.live_keys(setup.base)),
         evaluator=setup.evaluators.get(cfg.data.dataset),
@@ -94,16 +94,16 @@ def _trial_driver(point: dict[str, Any], *, setup: TrialSetup) -> None:
             # Thread-elastic (an allotment counted in threads): the trial's torch threads follow its share.
             threads = ElasticJob(setup.allotment, trial_id, 0.0, threads=True) if setup.allotment is not None else None
             restored = given if start_from is None else None
-            run_training(cfg, dataclasses.replace(request, elastic=threads), InTrial(restored, lineage, location))
+            run_training(cfg, dataclasses.replace(request, elastic=threads), InTrial(restored, note, location))
         else:
-            train_runs(cfg, request, setup.allotment, lineage if scheduler.needs_checkpoints else None)
+            train_runs(cfg, request, trial_id, setup.allotment, note if scheduler.needs_checkpoints else None)
     except RunDiverged as exc:
         # Tune already has its last result (the worst score); the rest of the sweep goes on.
         print(f"[{trial_id}] {exc}")
 
 
 @dataclass
-class Lineage:
+class CheckpointNote:
     """What a trial's Tune checkpoint says about itself: whose it is, from which Train run and MLflow run, where."""
 
     uri: str
@@ -145,11 +145,11 @@ def continuation(sweep: str, trial_id: str, given: Any) -> tuple[str, StartFrom 
 class InTrial:
     """The executor of a one-worker trial trained in the trial's own process, without a Ray Train run: the worker's
     code resumes from ``restored`` (the trial's own Tune checkpoint, or None) and hands each report to Tune with a
-    checkpoint that carries its ``lineage``; Tune's report returns once Tune lets the trial go on, and Tune keeps
+    checkpoint that carries its lineage (``note``); Tune's report returns once Tune lets the trial go on, and Tune keeps
     the checkpoints under ``where``."""
 
     restored: Any
-    lineage: Callable[[dict[str, Any]], dict[str, Any]]
+    note: Callable[[dict[str, Any]], dict[str, Any]]
     where: str
     trained_in: ClassVar[str] = "trial process"
 
@@ -176,7 +176,7 @@ class InTrial:
             if directory is None:
                 ray.tune.report(result)
                 return
-            (Path(directory) / LINEAGE_FILE).write_text(json.dumps(self.lineage(result)))
+            (Path(directory) / LINEAGE_FILE).write_text(json.dumps(self.note(result)))
             ray.tune.report(result, checkpoint=ray.tune.Checkpoint.from_directory(directory))
 
         place = WorkerPlace(
@@ -195,14 +195,18 @@ class InTrial:
 
 
 def train_runs(
-    cfg: PipelineConfig, request: RunRequest, allotment: Any, lineage: Callable[[dict[str, Any]], dict] | None
+    cfg: PipelineConfig,
+    request: RunRequest,
+    trial_id: str,
+    allotment: Any,
+    note: Callable[[dict[str, Any]], dict] | None,
 ) -> None:
-    """A trial as Ray Train runs, each report handed to Tune as it comes (with a Tune checkpoint when ``lineage``
-    is given). An elastic trial (``allotment``) starts with the worker count the allotment gives it and, each
-    time its run stops to change size, continues the same Train run from that checkpoint with the new count."""
+    """A trial as Ray Train runs, each report handed to Tune as it comes (with a Tune checkpoint that ``note``
+    describes, when given). An elastic trial (``allotment``) starts with the worker count the allotment gives it
+    and, each time its run stops to change size, continues the same Train run from that checkpoint with the new
+    count."""
     elastic, workers = None, cfg.scaling.num_workers
     if allotment is not None:
-        trial_id = request.label
         elastic = ElasticJob(allotment, trial_id, cfg.scaling.elastic_grow_min_s)
         workers = ask_allotment(allotment, trial_id, workers)()
     request = dataclasses.replace(request, elastic=elastic)
@@ -211,7 +215,7 @@ def train_runs(
         # An elastic trial's run has one size; the trial changes it between runs.
         sized = with_overrides(cfg, {"scaling.num_workers": workers, "scaling.max_workers": None}) if elastic else cfg
         outcome, carried = fit_reporting(
-            lambda executor, c=sized, r=request: run_training(c, r, executor), lineage, carried
+            lambda executor, c=sized, r=request: run_training(c, r, executor), note, carried
         )
         if outcome is None or outcome.resize_to is None:
             return
@@ -227,12 +231,12 @@ CARRIED_KEYS = ("train_s", "worker_s", "checkpoint_s")
 
 def fit_reporting(
     fit: Callable[[RayTrainRun], TrainOutcome],
-    lineage: Callable[[dict[str, Any]], dict[str, Any]] | None,
+    note: Callable[[dict[str, Any]], dict[str, Any]] | None,
     carried: dict[str, float] | None = None,
 ) -> tuple[TrainOutcome | None, dict[str, float]]:
     """Run ``fit`` (run_training given its executor) in a thread and hand each of its reports to Tune from this
     one, the trial's, in lock-step: the run waits after each report until Tune lets it go on, so a stopped or
-    paused trial trains and logs nothing past the report Tune decided on. With ``lineage`` (PBT) each report
+    paused trial trains and logs nothing past the report Tune decided on. With ``note`` (PBT) each report
     carries a Tune checkpoint: the Train checkpoint's file and what it says about whose it is. A pause (an
     elastic trial stopping to change size) is not Tune's: its seconds are ``carried`` into the next report Tune
     gets. Ends when ``fit`` does (returning what it returned and what is still carried; raising what it raised)
@@ -255,7 +259,7 @@ def fit_reporting(
     # When Tune stops or pauses the trial, ray.tune.report ends this thread (SystemExit) and Ray then ends the
     # process, the Train run with it: the queues stay up till then, or the run would fail first (and mark its
     # MLflow run FAILED) while the trial was only stopped.
-    carried = TuneHandOff(lineage, dict(carried or {})).drain(runner, reports, verdicts)
+    carried = TuneHandOff(note, dict(carried or {})).drain(runner, reports, verdicts)
     reports.shutdown()
     verdicts.shutdown()
     runner.join()
@@ -267,9 +271,9 @@ def fit_reporting(
 @dataclass
 class TuneHandOff:
     """Each report of a trial's Train run, handed to Tune: the accounting's seconds put right, a Tune checkpoint
-    made from the Train checkpoint (with ``lineage``), a pause's seconds carried to the next report."""
+    made from the Train checkpoint (with ``note``: its lineage), a pause's seconds carried to the next report."""
 
-    lineage: Callable[[dict[str, Any]], dict[str, Any]] | None
+    note: Callable[[dict[str, Any]], dict[str, Any]] | None
     carried: dict[str, float]
     copying_s: float = 0.0  # the previous Tune checkpoint's copy, counted with the next report's checkpoint
     reported: bool = False
@@ -303,13 +307,13 @@ class TuneHandOff:
             return
         result = {**result, **{key: result.get(key, 0.0) + self.carried.pop(key) for key in list(self.carried)}}
         # ray.tune.report returns once Tune lets the trial go on (it ends this thread otherwise).
-        if self.lineage is None or train_checkpoint is None:
+        if self.note is None or train_checkpoint is None:
             ray.tune.report(result)
             return
         with tempfile.TemporaryDirectory() as tmp, train_checkpoint.as_directory() as source:
             copying = time.perf_counter()
             shutil.copy(Path(source) / CHECKPOINT_FILE, Path(tmp) / CHECKPOINT_FILE)
-            (Path(tmp) / LINEAGE_FILE).write_text(json.dumps(self.lineage(result)))
+            (Path(tmp) / LINEAGE_FILE).write_text(json.dumps(self.note(result)))
             # (Tune's own copy into the sweep's storage, inside report, is not told apart from its verdict.)
             self.copying_s = time.perf_counter() - copying
             ray.tune.report(result, checkpoint=ray.tune.Checkpoint.from_directory(tmp))

@@ -29,7 +29,7 @@ from pipeline.runs import prepare_inputs
 from pipeline.schedulers import scheduler_of
 from pipeline.search_space import tune_space
 from pipeline.storage import check_storage, exists, run_location
-from pipeline.sweep_report import SweepClock, SweepOutcome, close_child_runs, print_line, summarise, sweep_status
+from pipeline.sweep_report import SweepClock, SweepOutcome, close_child_runs, summarise, sweep_status
 from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, resolve_tracking_uri, start_run
 from pipeline.trial import TrialSetup, _trial_driver, trains_in_trial
 from pipeline.validation import check_sweep
@@ -40,7 +40,7 @@ SWEEP_STATE_SYNC_S = 10
 # by their pipeline.tune names; they stay importable here so that every saved sweep still resumes
 # (tests/test_sweep_state.py unpickles such states).
 from pipeline.ray_runtime import WithoutFailedTrials  # noqa: E402, F401
-from pipeline.sweep_report import best_first, ended_status, format_rows, live_row  # noqa: E402, F401
+from pipeline.sweep_report import best_first, ended_status, format_rows, live_row, print_line  # noqa: E402, F401
 
 
 def run_sweep(

@@ -256,8 +256,7 @@ def check_sweep(cfg: Any) -> None:
     scheduler = scheduler_of(cfg)
     if cfg.tune.num_samples < scheduler.min_trials:
         raise ConfigError(
-            f"tune.num_samples: {cfg.tune.num_samples} with tune.scheduler={scheduler.name}; it needs a population: "
-            f"use at least {scheduler.min_trials} trials"
+            f"tune.num_samples: {cfg.tune.num_samples} with tune.scheduler={scheduler.name}; {scheduler.too_few_trials}"
         )
     expected_mode = "min" if cfg.tune.metric == "fid" else "max"
     if cfg.tune.mode != expected_mode:

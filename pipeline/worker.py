@@ -25,6 +25,7 @@ from pipeline import checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.elastic import ResizePoll, ThreadShare, ask_allotment
 from pipeline.models import identity
+from pipeline.schedulers import EXPLOIT_TAG
 from pipeline.steps import Runtime, uses_bf16
 from pipeline.tracking import MLflowTracker, NullTracker, Tracker, system_metrics
 from pipeline.train import Diverged, DivergedError, LoopHooks, Report, to_result, train_gan
@@ -225,7 +226,7 @@ def exploit_record(
         # the steps in between stay in the run's history as this trial trained them before the copy (a step
         # is never logged twice); the record says up to where.
         entry["logged_through"] = max((step for step, _ in tracker.metric_history("loss_d")), default=0)
-        tracker.set_tags({f"pbt.exploit.step_{state.step}": json.dumps(entry, sort_keys=True)})
+        tracker.set_tags({f"{EXPLOIT_TAG}{state.step}": json.dumps(entry, sort_keys=True)})
         say(
             f"[pbt] continues from trial {exploit['donor_trial']}'s checkpoint at step {state.step} (epoch "
             f"{exploit['donor_epoch']:g}), weights {entry['weights_sha256'][:12]}"
@@ -262,7 +263,7 @@ class ThreadHook:
 
     def figures(self, rank: int) -> dict[str, float]:
         grown = self.share.take()
-        self.share.pause()
+        self.share.pause()  # a report is not a step: its seconds until the next step are not grown training
         return {"grown_cpu_s": grown}
 
 

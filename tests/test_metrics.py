@@ -8,6 +8,7 @@ import torch
 from pipeline import metrics
 from pipeline.config import DataConfig
 from pipeline.data import Split
+from pipeline.datasets import MNIST
 from pipeline.metrics import EvaluatorError, frechet_distance, get_evaluator, inception_score, statistics
 
 
@@ -102,7 +103,7 @@ def test_real_mnist_evaluator_and_reference(tmp_path):
     shutil.copytree(default_root() / "MNIST", tmp_path / "MNIST")
     cfg = DataConfig(dataset="mnist", root=str(tmp_path))
     evaluator = get_evaluator(cfg, lambda _: None)
-    assert evaluator.test_accuracy >= metrics.MIN_ACCURACY["mnist"]
+    assert evaluator.test_accuracy >= MNIST.evaluator_min_accuracy
     ref = metrics.real_reference(cfg, progress=lambda _: None)
     assert ref["inception_score_test"] > 9.0  # near 10: confident and balanced over the 10 digits
     assert 0 < ref["fid_train_vs_test"] < 20

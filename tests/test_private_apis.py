@@ -21,6 +21,21 @@ def _break_printer(monkeypatch):
     monkeypatch.delattr(worker, "print_to_stdstream")
 
 
+def _break_printer_registration(monkeypatch):
+    from ray._private import worker
+
+    def connect(*args, **kwargs):
+        dispatcher.add_handler("ray_print_logs", print_logs)  # noqa: F821 - never run: only its source is read
+
+    monkeypatch.setattr(worker, "connect", connect)
+
+
+def _break_state_api_address(monkeypatch):
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(ray_constants, "RAY_API_SERVER_ADDRESS_ENVIRONMENT_VARIABLE", "RAY_STATE_API_ADDRESS")
+
+
 def _break_auth_notice(monkeypatch):
     monkeypatch.setattr(ray_runtime, "RAY_AUTH_ON_NOTICE", "Token authentication is now announced otherwise")
 
@@ -78,6 +93,7 @@ def _break_system_metrics(monkeypatch):
 
 BREAKS = {
     "worker output printer": (_break_printer, "print_to_stdstream"),
+    "state API address": (_break_state_api_address, "RAY_API_SERVER_ADDRESS"),
     "token authentication notice": (_break_auth_notice, ray_runtime.AUTH_LOGGER),
     "Train worker-group start timeout": (_break_startup_timeout, "WorkerGroupStartupTimeoutError"),
     "Train constants and variables": (_break_train_constants, "ray.train.v2._internal.constants"),
@@ -91,6 +107,23 @@ BREAKS = {
 
 def test_every_probe_has_a_break_below():
     assert sorted(BREAKS) == sorted(PROBES)
+
+
+def test_the_printer_probe_also_sees_the_handler_registration_change(monkeypatch):
+    _break_printer_registration(monkeypatch)
+    with pytest.raises(PrivateApiChanged, match="ray_print_logs"):
+        PROBES["worker output printer"]()
+
+
+def test_a_damaged_train_record_names_no_checkpoint():
+    """Ray Train's record of a run's checkpoints, read for the check before a resume: a torn or binary one is
+    treated as no record (Ray would not resume from it either), never a crash."""
+    assert (
+        ray_runtime.latest_recorded_checkpoint(b'{"latest_checkpoint_result": {"checkpoint_dir_name": "c_1"}}') == "c_1"
+    )
+    assert ray_runtime.latest_recorded_checkpoint(b"\xff\xfe not json") is None
+    assert ray_runtime.latest_recorded_checkpoint('{"latest_checkpoint_result": null}') is None
+    assert ray_runtime.latest_recorded_checkpoint("[1, 2]") is None
 
 
 @pytest.mark.parametrize("name", sorted(BREAKS))

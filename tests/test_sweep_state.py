@@ -70,12 +70,15 @@ def test_a_saved_status_callback_prints_todays_trials_table(capsys):
     from ray.tune.experiment import Trial
 
     status = next(c for c in load_state("elastic")["_run_config"].callbacks if type(c).__name__ == "SweepStatus")
-    trials = _trials("abc_00000", "abc_00001")
+    trials = _trials("abc_00000", "abc_00001", "abc_00002")
     trials[0].set_status(Trial.RUNNING)
     trials[1].set_status(Trial.TERMINATED)
     trials[1].update_last_result({"epoch": 3, "fid": 12.5, "inception_score": 2.0, "report_kind": "epoch"})
+    # A trial that diverged before the sweep was resumed: its last result says so in the old way.
+    trials[2].set_status(Trial.TERMINATED)
+    trials[2].update_last_result({"diverged": 1, "epoch": 1, "fid": float("inf"), "inception_score": 0.0})
     status.on_trial_start(0, trials, trials[0])
     status.on_step_end(0, trials)
     printed = capsys.readouterr().out
-    assert "1 finished, 1 running; best fid 12.500 (abc_00001)" in printed
+    assert "1 diverged, 1 finished, 1 running; best fid 12.500 (abc_00001)" in printed
     assert "| abc_00001 | - | 3 | 12.500 | 2.000 | finished |" in printed  # train.epochs searched, not set

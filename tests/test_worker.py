@@ -1,0 +1,88 @@
+"""One worker's run in this process (pipeline.worker.run_worker) with a place that records what it hands on:
+every report's result as Ray receives it (the typed report's kind, the accounting's figures, the hooks'), its
+checkpoint, and the hooks told of every step. And which Train runs rank their checkpoints by FID."""
+
+import torch
+
+from pipeline import checkpoint, data
+from pipeline.config import load_config
+from pipeline.train import result_kind
+from pipeline.worker import ElasticJob, WorkerJob, WorkerPlace, run_worker
+from tests.conftest import CONFIGS
+
+
+class Steps:
+    """A worker hook that counts the steps it sees and adds a figure to every report."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+
+    def place(self, place):
+        return place
+
+    def on_step(self, rank, step):
+        self.steps.append(step)
+
+    def figures(self, rank):
+        return {"hook_steps": len(self.steps)}
+
+
+def test_a_worker_hands_on_each_report_with_its_figures_and_checkpoint(monkeypatch, fake_split):
+    monkeypatch.setattr(data, "load", lambda cfg, train=True, progress=print: fake_split)
+    overrides = ["train.epochs=2", "tune.report_every_steps=3", "eval.every_epochs=0", "scaling.cpus_per_worker=1"]
+    cfg = load_config(CONFIGS / "smoke.yaml", overrides)
+    handed: list = []
+
+    def report(result, directory):
+        saved = checkpoint.load(f"{directory}/{checkpoint.FILENAME}") if directory else None
+        handed.append((dict(result), saved))
+
+    hook = Steps()
+    place = WorkerPlace(0, 1, 0, torch.device("cpu"), None, report, node_ids=lambda: ["node-a"])
+    job = WorkerJob(cfg, hooks=(hook,), started_at=100.0, fit_at=101.0)
+    run_worker(job, place, entered=103.0)
+
+    # 256 images in batches of 64: reports at step 3 (inside epoch 1), 4 (its end), 6 (inside epoch 2), 8
+    assert [(r["step"], result_kind(r)) for r, _ in handed] == [
+        (3, "interval"),
+        (4, "epoch"),
+        (6, "interval"),
+        (8, "epoch"),
+    ]
+    assert hook.steps == list(range(1, 9)) and [r["hook_steps"] for r, _ in handed] == [3, 4, 6, 8]
+    first, later = handed[0][0], [r for r, _ in handed[1:]]
+    # Where this start went, in the first report only: driver (started_at -> fit_at), workers (-> entered), data,
+    # set-up (-> first step)
+    assert (first["start_driver_s"], first["start_workers_s"]) == (1.0, 2.0)
+    assert first["start_s"] > 3.0 and first["start_data_s"] >= 0 and first["start_setup_s"] > 0
+    assert not any(key.startswith("start_") for r in later for key in r)
+    # Worker-seconds in steps every report; the previous report's checkpoint seconds from the second on
+    assert all(r["worker_s"] == r["train_s"] > 0 for r, _ in handed)
+    assert first["checkpoint_s"] == 0.0 and all(r["checkpoint_s"] > 0 for r in later)
+    # The checkpoint each report carries is the state at its step (inside an epoch: with the epoch so far)
+    assert [s["step"] for _, s in handed] == [3, 4, 6, 8]
+    assert handed[0][1]["epoch_partial"] is not None and handed[1][1]["epoch_partial"] is None
+
+
+def test_only_runs_whose_every_checkpoint_is_scored_rank_them_by_fid():
+    from pipeline.distributed import checkpoint_config, ranks_by_fid
+
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    assert ranks_by_fid(WorkerJob(cfg))
+    assert not ranks_by_fid(WorkerJob(load_config(CONFIGS / "smoke.yaml", ["eval.every_epochs=2"])))
+    # A worker-elastic trial's pause to resize is not scored: its Train run keeps the latest checkpoints
+    assert not ranks_by_fid(WorkerJob(cfg, elastic=ElasticJob(None, "t", 60.0)))
+    assert ranks_by_fid(WorkerJob(cfg, elastic=ElasticJob(None, "t", 0.0, threads=True)))  # threads never pause
+
+    class Config(dict):
+        def __init__(self, **kwargs):
+            super().__init__(kwargs)
+
+    assert checkpoint_config(WorkerJob(cfg), Config) == {
+        "num_to_keep": cfg.train.keep_checkpoints,
+        "checkpoint_score_attribute": "fid",
+        "checkpoint_score_order": "min",
+    }
+    assert checkpoint_config(WorkerJob(cfg, elastic=ElasticJob(None, "t", 60.0)), Config) == {
+        "num_to_keep": cfg.train.keep_checkpoints
+    }
