@@ -10,6 +10,7 @@ a report inside an epoch, or a pause for an elastic resize.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -363,7 +364,7 @@ class LoopRun:
         the ones a sweep is judged by come first), then the tracker's buffered steps. Only once the report, and
         its checkpoint, is out are those steps safe: a restart resumes after them, never before."""
         ordered = {key: report.metrics[key] for key in TABLE_KEYS if key in report.metrics} | report.metrics
-        report = type(report)(**{**report.__dict__, "metrics": ordered})
+        report = dataclasses.replace(report, metrics=ordered)
         if self.hooks.report is not None:
             self.hooks.report(report)
         self.hooks.tracker.flush()

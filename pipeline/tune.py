@@ -27,8 +27,8 @@ from pipeline.errors import ConfigError
 from pipeline.ray_runtime import init_ray
 from pipeline.runs import prepare_inputs
 from pipeline.schedulers import scheduler_of
-from pipeline.search_space import tune_space
-from pipeline.storage import check_storage, exists, run_location
+from pipeline.search_space import spec_kind, tune_space
+from pipeline.storage import check_storage, exists, run_location, storage_root
 from pipeline.sweep_report import SweepClock, SweepOutcome, close_child_runs, summarise, sweep_status
 from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, resolve_tracking_uri, start_run
 from pipeline.trial import TrialSetup, _trial_driver, trains_in_trial
@@ -151,7 +151,7 @@ def _new_tuner(
         ),
         run_config=ray.tune.RunConfig(
             name=name,
-            storage_path=run_location(cfg, name).rsplit("/", 1)[0],
+            storage_path=storage_root(cfg),
             # The sweep's state (a few kB) reaches remote storage every 10 s, not Ray's default 5 min: a driver
             # killed before then would leave a state without its trials to --resume from.
             sync_config=ray.tune.SyncConfig(sync_period=SWEEP_STATE_SYNC_S),
@@ -178,7 +178,7 @@ def sweep_evaluators(cfg: PipelineConfig, progress: Callable[[str], None]) -> di
     searched), prepared once, here: each trial gets its dataset's evaluator through Ray's object store, so a
     trial on a node without a cached evaluator starts training at once, scored like every other trial."""
     spec = cfg.tune.search_space.get("data.dataset")
-    datasets = [cfg.data.dataset] if spec is None else sorted(set(next(iter(spec.values()))))
+    datasets = [cfg.data.dataset] if spec is None else sorted(set(spec_kind(spec)[1]))
     evaluators = {}
     for dataset in datasets:
         payload = prepare_inputs(with_overrides(cfg, {"data.dataset": dataset}), progress)

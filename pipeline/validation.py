@@ -222,11 +222,11 @@ def _check_threads_and_gpus(cfg: Any) -> None:
 
 
 def _check_gpu_options(cfg: Any) -> None:
-    graphs = cfg.train.cuda_graphs
-    if graphs == "true" and most_workers(cfg) > 1:
+    graphs, most = cfg.train.cuda_graphs, most_workers(cfg)
+    if graphs == "true" and most > 1:
         # A captured step would have to hold DDP's all-reduces too; one-worker runs are where launches bound.
         raise ConfigError(
-            f"train.cuda_graphs: true with up to {most_workers(cfg)} workers per run; CUDA graphs replay one-worker "
+            f"train.cuda_graphs: true with up to {most} workers per run; CUDA graphs replay one-worker "
             "steps only: set scaling.num_workers=1 (no range) or train.cuda_graphs=false"
         )
     if graphs == "true" and cfg.scaling.use_gpu == "false":

@@ -152,6 +152,7 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
     if place.is_main:
         announce(cfg, place, tracker, nodes, say)
     hooks = [*job.hooks, *thread_share(job, place, tracker, nodes, say, resume)]
+    bar = EpochProgress(cfg.train.epochs, cfg.train.batch_size) if job.show_progress else None
     loop = LoopHooks(
         tracker=tracker,
         evaluator=evaluator,
@@ -159,9 +160,7 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
         log=say,
         on_step=steps_to(hooks, place.rank) if hooks else None,
         on_resume=exploit_record(exploit, tracker, say) if place.is_main and exploit else None,
-        progress=timing.progress(EpochProgress(cfg.train.epochs, cfg.train.batch_size) if job.show_progress else None)
-        if place.is_main
-        else None,
+        progress=timing.progress(bar) if place.is_main else None,
         resize=resize_poll(job, place),
     )
     runtime = Runtime(place.rank, place.world, place.device, place.wrap_model, place.mean_over_workers)
