@@ -209,9 +209,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from pipeline.registry import generator_uri, load_generator
     from pipeline.sampling import generate_images
-    from pipeline.tracking import resolve_tracking_uri, save_image_grid
+    from pipeline.tracking import save_image_grid
+    from pipeline.uris import resolve_tracking_uri
 
-    uri = args.tracking_uri or resolve_tracking_uri(None, PROJECT_ROOT)
+    uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
     generator, params = load_generator(uri, generator_uri(args.run_id, args.model))
     images = generate_images(generator, args.num, int(params["latent_dim"]), args.seed, torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -267,9 +268,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         from pipeline.registry import generator_uri, load_generator
         from pipeline.sampling import generate_images
-        from pipeline.tracking import resolve_tracking_uri
+        from pipeline.uris import resolve_tracking_uri
 
-        uri = args.tracking_uri or resolve_tracking_uri(None, PROJECT_ROOT)
+        uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
         model_uri = generator_uri(args.run_id, args.model)
         generator, params = load_generator(uri, model_uri)
         images = generate_images(generator, args.num, int(params["latent_dim"]), 0, torch.device("cpu"))

@@ -48,6 +48,11 @@ class ModelConfig:
     )
     d_dropout: float = _f(0.0, "dropout after each hidden discriminator layer; 0 = off, e.g. 0.3", ge=0.0, lt=1.0)
     d_extra_layers: int = _f(0, "3x3 conv layers the discriminator adds at 7x7 before its last layer", ge=0)
+    sync_batchnorm: bool = _f(
+        False,
+        "with several workers, BatchNorm statistics over the global batch (SyncBatchNorm: one process's "
+        "numbers); false = each worker normalises over its own shard (no extra all-reduce per layer)",
+    )
 
 
 @dataclass

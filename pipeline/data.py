@@ -317,5 +317,7 @@ def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Spl
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:  # noqa: F821
-    """uint8 (B, H, W) -> float (B, 1, H, W) in [-1, 1], the generator's Tanh range."""
-    return images_uint8.unsqueeze(1).float().div_(127.5).sub_(1.0)
+    """uint8 (B, H, W) -> float (B, 1, H, W) in [-1, 1], the generator's Tanh range (torch's default dtype)."""
+    import torch
+
+    return images_uint8.unsqueeze(1).to(torch.get_default_dtype()).div_(127.5).sub_(1.0)

@@ -282,7 +282,7 @@ class Executor(Protocol):
     trained_in: str  # the run's tag
 
     def location(self, cfg: PipelineConfig, name: str) -> str: ...
-    def check_resume(self, location: str) -> None: ...
+    def check_resume(self, cfg: PipelineConfig, location: str) -> None: ...
     def describe(self, cfg: PipelineConfig, gpu: bool) -> str: ...
     def fit(self, job: WorkerJob, name: str, gpu: bool, verbose: bool) -> Any: ...
 
@@ -299,8 +299,8 @@ class RayTrainRun:
     def location(self, cfg: PipelineConfig, name: str) -> str:
         return run_location(cfg, name)
 
-    def check_resume(self, location: str) -> None:
-        verify_latest_checkpoint(location)
+    def check_resume(self, cfg: PipelineConfig, location: str) -> None:
+        verify_latest_checkpoint(cfg, location)
 
     def describe(self, cfg: PipelineConfig, gpu: bool) -> str:
         elastic = ", elastic (Ray Train sizes the group)" if cfg.scaling.max_workers else ""

@@ -3,7 +3,7 @@ which: MNIST's 1 x 28 x 28), upsampling from (and downsampling to) a quarter of 
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -100,6 +100,76 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+class GlobalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are over the global batch of every data-parallel worker, on any device.
+
+    torch's ``nn.SyncBatchNorm`` does this on GPUs only (its forward refuses CPU tensors), so CPU workers (gloo)
+    use this: per channel, the sum and count of the activations and then their squared deviations are summed over
+    the workers with an all-reduce whose backward sums the gradients the same way (:class:`AllReduceSum`). Alone, or
+    in eval mode, it is plain BatchNorm; its state_dict is BatchNorm's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in fp32 at least, as autocast keeps BN
+        dims, shape = (0, 2, 3), (1, -1, 1, 1)
+        count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
+        total = AllReduceSum.apply(torch.cat([x.sum(dims), count]))
+        n = total[-1]
+        mean = total[:-1] / n
+        centred = x - mean.view(shape)
+        var = AllReduceSum.apply(centred.square().sum(dims)) / n
+        with torch.no_grad():  # running statistics as BatchNorm keeps them (an unbiased variance)
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), factor)
+        return centred * torch.rsqrt(var + self.eps).view(shape) * self.weight.view(shape) + self.bias.view(shape)
+
+
+class AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over all workers, differentiable: the gradient of each worker's input is the sum of
+    the workers' output gradients (torch.distributed.nn.functional.all_reduce, now deprecated, did this)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with each BatchNorm2d computing its statistics over all workers (``model.sync_batchnorm``): torch's
+    SyncBatchNorm on a CUDA device, :class:`GlobalBatchNorm` elsewhere. Parameters and buffers are the same
+    tensors (optimizers built on them go on), and state_dict keys stay BatchNorm's."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            norm = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, True)
+            norm.weight, norm.bias = child.weight, child.bias
+            norm.running_mean, norm.running_var = child.running_mean, child.running_var
+            norm.num_batches_tracked = child.num_batches_tracked
+            norm.train(child.training)
+            setattr(module, name, norm)
+        else:
+            sync_batchnorm(child, device)
+    return module
 
 
 def build_generator(cfg: ModelConfig, image_shape: ImageShape) -> Generator:

@@ -25,8 +25,9 @@ from pipeline.datasets import dataset_spec
 from pipeline.errors import ConfigError, UserError
 from pipeline.registry import Registration, register_generator
 from pipeline.storage import check_storage, exists, resume_checkpoint_file, run_location
-from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, resolve_tracking_uri, start_run
+from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, start_run
 from pipeline.train_state import TrainState
+from pipeline.uris import resolve_tracking_uri
 from pipeline.worker import ElasticJob, StartFrom
 
 
@@ -99,7 +100,7 @@ def prepare_run(
     location = run_location(cfg, name)
     check_root(cfg.data)
     uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, cfg.tracking.experiment)
     check_storage(cfg)
     previous = find_run(uri, cfg.tracking.experiment, {"ray_train_run": name})
     if request.resume and previous is None:
@@ -113,7 +114,7 @@ def prepare_run(
             f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
         )
     if request.resume:
-        check_resume(location)
+        check_resume(cfg, location)
     evaluator = prepare_inputs(cfg, request.progress, request.evaluator)
     if previous is not None:
         return uri, previous, evaluator
@@ -126,12 +127,36 @@ def prepare_run(
     return uri, start_run(uri, cfg.tracking.experiment, name, tags), evaluator
 
 
-def verify_latest_checkpoint(location: str) -> None:
-    """The checkpoint a resumed Train run starts from must load (on S3 too): refuse a damaged one here, not in
-    a retrying worker."""
+# What a run cannot change when it resumes: the data's order and size and the networks' shapes, which its
+# checkpoint holds (model.d_dropout is no parameter; the rest of model.* is).
+RESUME_FIXED = ("data.dataset", "data.limit", "train.batch_size") + tuple(
+    f"model.{key}" for key in ("latent_dim", "g_channels", "g_extra_layers", "d_channels", "d_norm", "d_extra_layers")
+)
+
+
+def check_resume_config(cfg: PipelineConfig, saved: dict[str, Any], source: str) -> None:
+    """Refuse a resume whose config changes a key in :data:`RESUME_FIXED` from the checkpoint's (``saved``, its
+    config as a dict), naming the key, both values and the fix."""
+    given = cfg.to_dict()
+    for key in RESUME_FIXED:
+        section, name = key.split(".")
+        if name not in saved.get(section, {}):  # a checkpoint from before the key existed
+            continue
+        was, now = saved[section][name], given[section][name]
+        if was != now:
+            raise ConfigError(
+                f"{key}: {now!r} differs from the checkpoint's {was!r} ({source}); a resumed run keeps it: "
+                f"set {key}={'null' if was is None else was}, or start a new run (another --name) to change it"
+            )
+
+
+def verify_latest_checkpoint(cfg: PipelineConfig, location: str) -> None:
+    """The checkpoint a resumed Train run starts from must load (on S3 too) and fit ``cfg``: refuse a damaged one,
+    or a config that changed its data or shapes, here, not in a retrying worker."""
     with resume_checkpoint_file(location, checkpoint.FILENAME) as latest:
         if latest is not None:
-            checkpoint.load(latest[0], source=latest[1])
+            state = checkpoint.load(latest[0], source=latest[1])
+            check_resume_config(cfg, state.get("config", {}), latest[1])
 
 
 # Config sections whose keys become run parameters; `tracking` is left out (its URI may hold credentials).

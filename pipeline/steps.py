@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import PipelineConfig
-from pipeline.models import identity
+from pipeline.models import identity, sync_batchnorm
 from pipeline.train_state import TrainState
 
 
@@ -54,6 +54,9 @@ class Nets:
     def wrap(cls, state: TrainState, cfg: PipelineConfig, rt: Runtime, graphs: bool = False) -> Nets:
         """``graphs``: the steps will be captured as CUDA graphs (autocast then keeps no cast cache)."""
         layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        if cfg.model.sync_batchnorm and rt.world_size > 1:  # in place: the state's modules and optimizers go on
+            sync_batchnorm(state.generator, rt.device)
+            sync_batchnorm(state.discriminator, rt.device)
         state.generator.to(memory_format=layout)
         state.discriminator.to(memory_format=layout)
         # Compile the inner modules and wrap those: checkpoints keep the plain modules' state_dict keys.

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PrivateApiChanged, UserError, make_writable_dir
+from pipeline.uris import local_store_dir
 
 
 class Tracker(Protocol):
@@ -70,31 +71,10 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
 # MLflow
 
 
-def resolve_tracking_uri(cfg_uri: str | None, project_root: Path) -> str:
-    """$MLFLOW_TRACKING_URI, else ``tracking.uri``, else an absolute sqlite store in the project directory."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg_uri
-    if not uri:
-        return f"sqlite:///{(project_root / 'mlflow.db').resolve()}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # A relative sqlite path depends on the working directory (lost under `ray job submit`).
-        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
-    elif "://" not in uri:
-        uri = Path(uri).resolve().as_uri()
-    return uri
-
-
-def _local_store_dir(uri: str) -> Path | None:
-    """The directory of a local sqlite/file store, where its artifacts go too; None for servers."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :]).parent
-    if uri.startswith("file://"):
-        return Path(uri[len("file://") :])
-    return None
-
-
-def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, with a hint, when the tracking store cannot be reached or created."""
-    store = _local_store_dir(uri)
+def check_tracking_uri(uri: str, experiment: str | None = None, timeout_s: float = 5.0) -> None:
+    """Fail fast, with a hint, when the tracking store cannot be reached or created, or when ``experiment`` is
+    a deleted experiment (MLflow keeps its name until it is purged, and refuses runs in it)."""
+    store = local_store_dir(uri)
     if store is not None:
         make_writable_dir(
             store,
@@ -102,8 +82,8 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
             "MLflow store directory",
             "set tracking.uri or MLFLOW_TRACKING_URI to a writable location",
         )
-        return
-    if uri.startswith(("http://", "https://")):
+        existing = Path(uri[len("sqlite:///") :]).is_file() if uri.startswith("sqlite:///") else True
+    elif uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request
 
@@ -115,6 +95,21 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
                 f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server --host "
                 "127.0.0.1 --port 5000 ...) or fix tracking.uri / MLFLOW_TRACKING_URI"
             ) from None
+        existing = True
+    else:
+        existing = True
+    if experiment and existing:  # a store not made yet holds no experiment (and asking would make it)
+        _check_not_deleted(mlflow_client(uri), experiment, uri)
+
+
+def _check_not_deleted(client: Any, name: str, uri: str) -> None:
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"tracking.experiment: {name!r} was deleted in {uri} (id {found.experiment_id}); restore it "
+            f"(mlflow experiments restore --experiment-id {found.experiment_id}), purge it (mlflow gc), or set "
+            "tracking.experiment to another name"
+        )
 
 
 class TrackingError(UserError):
@@ -134,7 +129,7 @@ def get_or_create_experiment(client: Any, name: str, uri: str) -> str:
             for key, value in EXPERIMENT_KIND.items():
                 client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
-    store = _local_store_dir(uri)
+    store = local_store_dir(uri)
     location = (store / "mlartifacts").as_uri() if store is not None else None
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)

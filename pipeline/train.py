@@ -134,6 +134,7 @@ class TrainResult:
     metrics: dict[str, float]  # the last report's
     epoch: int  # epochs completed
     step: int  # optimizer steps completed
+    state: TrainState = field(repr=False)  # the networks and optimizers as the run left them
     resize_to: int | None = None  # elastic: stopped inside an epoch to continue with this many workers
 
 
@@ -170,16 +171,16 @@ def train_gan(
     returns with ``TrainResult.resize_to`` set, for the caller to continue with that many workers."""
     rt, hooks = runtime or Runtime(), hooks or LoopHooks()
     run = LoopRun.of(cfg, data, rt, hooks, resume)
-    state, device, batch, latent = run.state, rt.device, run.local_batch, cfg.model.latent_dim
+    state, device, batch = run.state, rt.device, run.local_batch
     report: Report | None = None
     for epoch in range(state.epoch, cfg.train.epochs):
-        # Shuffling and noise depend only on (seed, epoch, rank): resuming at an epoch boundary is exact, and
-        # inside an epoch too (the noise is drawn forward to the step, the epoch's loss sums come back).
+        # Shuffling and noise depend only on (seed, epoch): resuming at an epoch boundary is exact, and inside
+        # an epoch too (the noise is drawn forward to the step, the epoch's loss sums come back).
         run.nets.generator.train()
         run.nets.discriminator.train()
         run.sampler.set_epoch(epoch)
         order = torch.tensor(list(run.sampler), device=device)
-        noise = epoch_noise_generator(cfg.train.seed, epoch, rt.rank, device)
+        noise = epoch_noise_generator(cfg.train.seed, epoch, device)
         tally = Tally.start(run, epoch, noise)
         for i in range(tally.first, run.num_steps):
             real = to_model_range(run.images[order[i * batch : (i + 1) * batch]])
@@ -189,8 +190,8 @@ def train_gan(
                 scale = linear_schedule(cfg.optim.lr_final_scale, state.step, run.total_steps)
                 state.set_learning_rates(cfg.optim.lr_g * scale, cfg.optim.lr_d * scale)
             share = linear_schedule(cfg.train.top_k_final, state.step, run.total_steps)
-            z = torch.randn(batch, latent, device=device, generator=noise)
-            z_g = torch.randn(batch, latent, device=device, generator=noise) if cfg.train.g_fresh_noise else None
+            z = run.noise(noise)
+            z_g = run.noise(noise) if cfg.train.g_fresh_noise else None
             values = run.step(real, z, z_g, share).double()
             state.step += 1
             if state.ema is not None:
@@ -203,9 +204,9 @@ def train_gan(
             if i + 1 < run.num_steps:
                 report = run.stop_inside_epoch(tally, epoch, i + 1)
                 if isinstance(report, Pause):
-                    return TrainResult(state.sampler, report.metrics, state.epoch, state.step, report.resize_to)
+                    return TrainResult(state.sampler, report.metrics, state.epoch, state.step, state, report.resize_to)
         report = run.close(tally, epoch, run.num_steps)
-    return TrainResult(state.sampler, report.metrics if report else {}, state.epoch, state.step)
+    return TrainResult(state.sampler, report.metrics if report else {}, state.epoch, state.step, state)
 
 
 @dataclass
@@ -224,7 +225,7 @@ class Tally:
         if first:  # a checkpoint from inside this epoch: the noise drawn forward to its step, its sums back
             draws = 2 if run.cfg.train.g_fresh_noise else 1
             for _ in range(first * draws):
-                torch.randn(run.local_batch, run.cfg.model.latent_dim, device=run.rt.device, generator=noise)
+                run.noise(noise)
             sums += torch.tensor(run.partial["sums"], device=run.rt.device, dtype=torch.float64)
             earlier_s = run.partial["elapsed_s"]
         return cls(sums, first, earlier_s, time.perf_counter())
@@ -281,6 +282,15 @@ class LoopRun:
         )
         images = data.images.to(rt.device)
         return cls(cfg, rt, hooks, state, nets, step, images, sampler, local_batch, num_steps, total_steps, partial)
+
+    def noise(self, generator: torch.Generator) -> torch.Tensor:
+        """The next global batch of noise, of which this worker keeps its rank's rows: N workers together use
+        the noise one process would, so a run's numbers do not depend on how many workers share it."""
+        rows = self.rt.rank * self.local_batch
+        drawn = torch.randn(
+            self.cfg.train.batch_size, self.cfg.model.latent_dim, device=self.rt.device, generator=generator
+        )
+        return drawn[rows : rows + self.local_batch]
 
     def log_step(self, values: torch.Tensor) -> None:
         """The step's losses to ``on_step`` (every step) and the tracker (every ``tracking.log_every``-th)."""
@@ -380,9 +390,10 @@ def running_means(sums: torch.Tensor, steps: int, epoch: int, step: int, num_ste
     return {**metrics, "epoch": epoch, "step": step, "progress": round(step / num_steps, 6)}
 
 
-def epoch_noise_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
-    """Noise depends only on (seed, epoch, rank), so resuming at an epoch boundary is exact."""
-    value = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+def epoch_noise_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The epoch's noise, from (seed, epoch) alone: resuming at an epoch boundary is exact, and every worker
+    draws the same global batches of noise (each keeps its rank's rows: see :meth:`LoopRun.noise`)."""
+    value = int(np.random.SeedSequence([seed, epoch, 0]).generate_state(1)[0])
     return torch.Generator(device=device).manual_seed(value)
 
 

@@ -34,8 +34,9 @@ from pipeline.runs import RunDiverged, RunRequest, TrainOutcome, existing_run
 from pipeline.schedulers import scheduler_of
 from pipeline.search_space import flat_point
 from pipeline.storage import run_location
-from pipeline.tracking import find_run, resolve_tracking_uri
+from pipeline.tracking import find_run
 from pipeline.train import Pause, result_kind
+from pipeline.uris import resolve_tracking_uri
 from pipeline.worker import ElasticJob, StartFrom, WorkerJob, WorkerPlace, run_worker
 
 LINEAGE_FILE = "lineage.json"  # in each Tune checkpoint: whose Train run and MLflow run it came from
@@ -156,7 +157,7 @@ class InTrial:
     def location(self, cfg: PipelineConfig, name: str) -> str:
         return self.where
 
-    def check_resume(self, location: str) -> None:
+    def check_resume(self, cfg: PipelineConfig, location: str) -> None:
         """Nothing: the worker loads Tune's checkpoint itself (a damaged one fails the trial, which Tune retries)."""
 
     def describe(self, cfg: PipelineConfig, gpu: bool) -> str:

@@ -30,8 +30,9 @@ from pipeline.schedulers import scheduler_of
 from pipeline.search_space import spec_kind, tune_space
 from pipeline.storage import check_storage, exists, run_location, storage_root
 from pipeline.sweep_report import SweepClock, SweepOutcome, close_child_runs, summarise, sweep_status
-from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, resolve_tracking_uri, start_run
+from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, start_run
 from pipeline.trial import TrialSetup, _trial_driver, trains_in_trial
+from pipeline.uris import resolve_tracking_uri
 from pipeline.validation import check_sweep
 
 SWEEP_STATE_SYNC_S = 10
@@ -99,7 +100,7 @@ def _check_name(cfg: PipelineConfig, name: str, uri: str, resume: bool) -> str |
     import ray.tune
 
     sweep_dir = run_location(cfg, name)
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, cfg.tracking.experiment)
     check_storage(cfg)
     parent_run_id = find_run(uri, cfg.tracking.experiment, {"kind": "sweep", "sweep": name})
     if resume and (parent_run_id is None or not ray.tune.Tuner.can_restore(sweep_dir)):

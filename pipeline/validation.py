@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pipeline.datasets import dataset_spec
 from pipeline.errors import ConfigError
 from pipeline.schedulers import scheduler_of
+from pipeline.uris import storage_path_problem, tracking_uri_problem
 
 
 def describe_type(tp: Any) -> str:
@@ -146,12 +147,22 @@ def check_across_keys(cfg: Any) -> None:
     _check_scaling(cfg)
     _check_threads_and_gpus(cfg)
     _check_gpu_options(cfg)
+    _check_locations(cfg)
     name = cfg.tracking.registered_model
     if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise ConfigError(
             f"tracking.registered_model: {name!r} cannot be a model name in models:/NAME@champion; use letters, "
             "digits, '.', '_' and '-' (or '' not to register)"
         )
+
+
+def _check_locations(cfg: Any) -> None:
+    """The tracking URI and the storage path by their form (a missing scheme or '//' would go somewhere else)."""
+    problem = (cfg.tracking.uri and tracking_uri_problem(cfg.tracking.uri, "tracking.uri")) or (
+        cfg.train.storage_path and storage_path_problem(cfg.train.storage_path)
+    )
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_data(cfg: Any) -> None:

@@ -3,16 +3,12 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
-from torch.utils.data import DistributedSampler
 
 from pipeline import checkpoint
 from pipeline.config import load_config
-from pipeline.data import load, to_model_range
-from pipeline.datasets import MNIST
-from pipeline.models import build_models
-from pipeline.train import epoch_noise_generator
+from pipeline.data import load
+from pipeline.train import LoopHooks, train_gan
 from tests.conftest import CONFIGS, run_cli
 
 pytestmark = pytest.mark.slow
@@ -139,12 +135,10 @@ def test_two_workers_then_resume_then_sample(store, tmp_path):
     assert unknown.returncode == 2 and "no MLflow run" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
-def test_data_parallel_step_matches_single_process_reference(tmp_path):
-    """One 2-worker DDP step equals one step over the same global batch computed in one process.
-
-    Without SyncBatchNorm each worker's BatchNorm normalises over its own shard, so the reference
-    processes the global batch as the same two shards and averages their gradients: exactly the
-    step that correct data parallelism takes (and what a wrong all-reduce or sharding would break).
+def test_ray_train_workers_train_what_one_process_trains(tmp_path):
+    """Two Ray Train workers (Ray's process group and prepare_model) with model.sync_batchnorm take the steps one
+    process takes over the same global batches. Four float32 steps: tests/test_ddp.py proves the loop's data
+    parallelism over 20 steps in float64, where GAN training's sensitivity to float rounding cannot hide a bug.
     """
     import ray
 
@@ -156,10 +150,11 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
     cfg = load_config(
         CONFIGS / "smoke.yaml",
         [
-            "data.limit=64",
+            "data.limit=256",
             "train.batch_size=64",
             "train.epochs=1",
             "scaling.num_workers=2",
+            "model.sync_batchnorm=true",
             f"train.storage_path={tmp_path}",
         ],
     )
@@ -169,44 +164,26 @@ def test_data_parallel_step_matches_single_process_reference(tmp_path):
     finally:
         ray.shutdown()
     trained = checkpoint.load(f"{result.checkpoint.path}/{checkpoint.FILENAME}")
-    assert trained["step"] == 1
+    assert trained["step"] == 4
     # Quality metrics travel in Ray Train's reported results (what Tune optimises).
     assert result.metrics["fid"] > 0 and 1 <= result.metrics["inception_score"] <= 10
 
-    data = load(cfg.data)
-    torch.manual_seed(cfg.train.seed)
-    generator, discriminator = build_models(cfg.model, MNIST.image_shape)
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.lr_d, betas=betas)
-    shards = []
-    for rank in range(2):
-        sampler = DistributedSampler(
-            range(64), num_replicas=2, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+    alone = train_gan(cfg, load(cfg.data), hooks=LoopHooks(log=lambda _: None)).state
+    expected = {f"generator.{k}": v for k, v in alone.generator.state_dict().items()}
+    expected |= {f"discriminator.{k}": v for k, v in alone.discriminator.state_dict().items()}
+    for name, optimizer in (("opt_g", alone.opt_g), ("opt_d", alone.opt_d)):
+        for index, moments in optimizer.state_dict()["state"].items():
+            expected |= {f"{name}.{index}.{k}": v for k, v in moments.items()}
+    for key, want in expected.items():
+        first, *rest = key.split(".")
+        got = (
+            trained[first]["state"][int(rest[0])][rest[1]]
+            if first.startswith("opt")
+            else trained[first][".".join(rest)]
         )
-        sampler.set_epoch(0)
-        noise = epoch_noise_generator(cfg.train.seed, 0, rank, torch.device("cpu"))
-        real = to_model_range(data.images[list(sampler)])
-        z_d = torch.randn(32, cfg.model.latent_dim, generator=noise)
-        z_g = torch.randn(32, cfg.model.latent_dim, generator=noise)
-        shards.append((real, z_d, z_g))
-    ones, zeros = torch.ones(32), torch.zeros(32)
-    opt_d.zero_grad()
-    for real, z_d, _ in shards:
-        with torch.no_grad():
-            fake = generator(z_d)
-        loss = F.binary_cross_entropy_with_logits(discriminator(real), ones)
-        loss = loss + F.binary_cross_entropy_with_logits(discriminator(fake), zeros)
-        (loss / 2).backward()
-    opt_d.step()
-    opt_g.zero_grad()
-    for _, _, z_g in shards:
-        (F.binary_cross_entropy_with_logits(discriminator(generator(z_g)), ones) / 2).backward()
-    opt_g.step()
-
-    for name, module in (("generator", generator), ("discriminator", discriminator)):
-        for key, value in module.named_parameters():
-            torch.testing.assert_close(trained[name][key], value.detach(), rtol=1e-4, atol=1e-6, msg=f"{name}.{key}")
+        # float32 sums in another order: within 1e-5 of the tensor's largest value after four steps.
+        scale = want.abs().max().float().clamp_min(1e-30)
+        assert (got.float() - want.float()).abs().max() <= 1e-5 * scale, key
 
 
 def test_ray_actors_ask_their_own_ray_with_another_ray_started_after_it(capsys):

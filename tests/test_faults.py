@@ -1,6 +1,7 @@
 """Faults and bad input: the pipeline keeps going, loses nothing, and says clearly what is wrong."""
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
@@ -24,7 +25,11 @@ def _store(tmp_path):
             "train.batch_size: 100000 is larger than the 60000 training images",
         ),
         (["--set", "scaling.num_workers=64"], "need 64 CPUs but this machine has"),
-        (["--set", "scaling.use_gpu=true"], "scaling.use_gpu: true with 1 workers needs that many GPUs"),
+        pytest.param(
+            ["--set", "scaling.use_gpu=true"],
+            "scaling.use_gpu: true with 1 workers needs that many GPUs",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU"),
+        ),
         (
             ["--set", "scaling.num_workers=2", "--set", "scaling.placement_strategy=STRICT_SPREAD"],
             "STRICT_SPREAD puts each of 2 workers on a node of its own, but without RAY_ADDRESS",
@@ -40,6 +45,17 @@ def _store(tmp_path):
         ),
         (["--set", "tracking.uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 is unreachable"),
         (["--resume", "never-was"], "nothing to resume"),
+        (
+            ["--set", "tracking.uri=127.0.0.1:5000"],
+            "tracking.uri: '127.0.0.1:5000' has no scheme, so MLflow would make a local store of that name; "
+            "use http://127.0.0.1:5000",
+        ),
+        (["--set", "tracking.uri=htp://127.0.0.1:5000"], "tracking.uri: 'htp://127.0.0.1:5000' has the unknown scheme"),
+        (
+            ["--set", "train.storage_path=s3:/bucket/runs"],
+            "train.storage_path: 's3:/bucket/runs' looks like a s3: URI without '//' and would be a local "
+            "directory; use s3://bucket/runs",
+        ),
     ],
 )
 def test_bad_input_stops_before_ray_with_exit_2(tmp_path, args, words):
@@ -53,15 +69,36 @@ def test_bad_input_stops_before_ray_with_exit_2(tmp_path, args, words):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written
 
 
+def test_a_bad_tracking_uri_in_the_environment_is_named(tmp_path):
+    _, store = _store(tmp_path)
+    result = run_cli("train", "-c", "configs/smoke.yaml", *store, env={"MLFLOW_TRACKING_URI": "localhost:5000"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: $MLFLOW_TRACKING_URI: 'localhost:5000' has no scheme" in result.stderr
+    assert "use http://localhost:5000" in result.stderr
+    assert not (tmp_path / "localhost:5000").exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
-def test_corrupted_checkpoint_on_resume_is_refused_before_ray(tmp_path):
+def test_a_changed_or_corrupted_checkpoint_on_resume_is_refused_before_ray(tmp_path):
     from pipeline import checkpoint
 
-    _, store = _store(tmp_path)
+    uri, store = _store(tmp_path)
     first = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=1", *store, "--name", "c")
     assert first.returncode == 0, first.stderr[-2000:]
     (latest,) = sorted(p for p in (tmp_path / "runs" / "c").glob("checkpoint_*") if p.is_dir())[-1:]
     target = latest / checkpoint.FILENAME
+    written = sorted(p.name for p in (tmp_path / "runs" / "c").iterdir())
+    for key, value in (("train.batch_size", "32"), ("data.limit", "1024"), ("model.latent_dim", "32")):
+        smoke = load_config(CONFIGS / "smoke.yaml")
+        was = smoke.to_dict()[key.split(".")[0]][key.split(".")[1]]
+        changed = run_cli("train", "-c", "configs/smoke.yaml", "--set", f"{key}={value}", *store, "--resume", "c")
+        assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-2000:]
+        assert changed.stderr.startswith(f"error: {key}: {value} differs from the checkpoint's {was} ("), changed.stderr
+        assert f"set {key}={was}, or start a new run" in changed.stderr
+        assert len(changed.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "runs" / "c").iterdir()) == written  # nothing written
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("gan-pipeline").experiment_id])
+    assert run.info.status == "FINISHED"
     target.write_bytes(target.read_bytes()[:1000])
     again = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", *store, "--resume", "c")
     assert again.returncode == 2 and "corrupted or truncated" in again.stderr and "Traceback" not in again.stderr

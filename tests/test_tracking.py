@@ -10,9 +10,10 @@ from pipeline.tracking import (
     MLflowTracker,
     TrackingError,
     check_tracking_uri,
-    resolve_tracking_uri,
+    mlflow_client,
     start_run,
 )
+from pipeline.uris import resolve_tracking_uri
 from tests.conftest import run_together
 
 
@@ -45,6 +46,21 @@ def test_unreachable_server_fails_fast_with_a_hint():
     with pytest.raises(TrackingError, match="unreachable.*mlflow server"):
         check_tracking_uri("http://127.0.0.1:9/", timeout_s=3)
     assert time.monotonic() - started < 10
+
+
+def test_a_deleted_experiment_is_refused_by_name_and_an_unmade_store_stays_unmade(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    check_tracking_uri(uri, "gan-pipeline")
+    assert not (tmp_path / "mlflow.db").exists()  # the check made no store
+    start_run(uri, "gan-pipeline", "r1")
+    check_tracking_uri(uri, "gan-pipeline")  # a live experiment passes
+    client = mlflow_client(uri)
+    client.delete_experiment(client.get_experiment_by_name("gan-pipeline").experiment_id)
+    with pytest.raises(
+        TrackingError, match="tracking.experiment: 'gan-pipeline' was deleted in .*mlflow experiments restore"
+    ):
+        check_tracking_uri(uri, "gan-pipeline")
+    check_tracking_uri(uri, "another")
 
 
 def test_buffered_metrics_reach_the_run_only_on_flush(tmp_path):
