@@ -212,7 +212,7 @@ class TuneConfig:
 class TrackingConfig:
     uri: str | None = _f(None, "MLflow tracking URI; $MLFLOW_TRACKING_URI wins; null = <project>/mlflow.db")
     experiment: str = _f("gan-pipeline", "MLflow experiment name")
-    log_every: int = _f(50, "log per-step losses every N global steps", ge=1)
+    log_every: int = _f(50, "every N global steps, log the losses' mean over those N steps of every worker", ge=1)
     registered_model: str | None = _f(
         None,
         "Model Registry name for the best generator of each train/tune (alias `champion` = lowest FID); "

@@ -198,7 +198,7 @@ def train_gan(
                 state.ema.update(state.generator, state.step)
             if hooks.progress is not None:
                 hooks.progress(epoch + 1, i + 1, run.num_steps)
-            # Every step counts towards the epoch means; the tracker gets every tracking.log_every-th.
+            # Every step counts towards the epoch means and the tracker's next mean (every tracking.log_every).
             tally.sums += values
             run.log_step(values)
             if i + 1 < run.num_steps:
@@ -248,6 +248,12 @@ class LoopRun:
     num_steps: int  # per epoch
     total_steps: int
     partial: dict[str, Any] | None  # a resumed checkpoint's record of the epoch it was taken inside
+    # The losses' sums since the tracker's last log, and how many steps they hold (on the device).
+    window: torch.Tensor = field(init=False)
+    window_steps: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.window = torch.zeros(len(LOSS_KEYS), device=self.rt.device, dtype=torch.float64)
 
     @classmethod
     def of(
@@ -293,16 +299,20 @@ class LoopRun:
         return drawn[rows : rows + self.local_batch]
 
     def log_step(self, values: torch.Tensor) -> None:
-        """The step's losses to ``on_step`` (every step) and the tracker (every ``tracking.log_every``-th)."""
+        """The step's losses to ``on_step`` (every step, this worker's); every ``tracking.log_every`` global steps
+        the mean of every worker's steps since the last log to the tracker. Between logs the steps add up on the
+        device: no host sync, and one all-reduce per log."""
         hooks, step = self.hooks, self.state.step
-        logged = step % self.cfg.tracking.log_every == 0
-        if hooks.on_step is None and not logged:
-            return  # no host sync for the step's values
-        step_metrics = dict(zip(LOSS_KEYS, values.tolist(), strict=True))
+        self.window += values
+        self.window_steps += 1
         if hooks.on_step is not None:
-            hooks.on_step(step, step_metrics)
-        if logged:
-            hooks.tracker.log_metrics(step_metrics, step=step)
+            hooks.on_step(step, dict(zip(LOSS_KEYS, values.tolist(), strict=True)))
+        if step % self.cfg.tracking.log_every:
+            return
+        means = self.rt.mean_over_workers(self.window) / self.window_steps  # every worker, at the same steps
+        self.window.zero_()
+        self.window_steps = 0
+        hooks.tracker.log_metrics(dict(zip(LOSS_KEYS, means.tolist(), strict=True)), step=step)
 
     def stop_inside_epoch(self, tally: Tally, epoch: int, done: int) -> Report | None:
         """After step ``done`` of an epoch (not its last): a pause if ``hooks.resize`` names a new worker count,
@@ -364,7 +374,10 @@ class LoopRun:
         if not self.rt.is_main:
             return
         hooks.log(report_line(metrics, cfg.train.epochs) if inside else epoch_line(metrics, cfg.train.epochs))
-        hooks.tracker.log_metrics({k: metrics[k] for k in EPOCH_KEYS if k in metrics}, step=state.step)
+        figures = {k: metrics[k] for k in EPOCH_KEYS if k in metrics}
+        # The epoch's means over every worker (so far, at a report inside it), beside the logged steps' means.
+        figures |= {f"epoch_{k}": metrics[k] for k in LOSS_KEYS}
+        hooks.tracker.log_metrics(figures, step=state.step)
         if not inside:
             grid = sample_images(state.sampler, fixed_noise(cfg.model.latent_dim, cfg.train.seed, self.rt.device))
             hooks.tracker.log_image_grid(grid, f"samples/epoch_{state.epoch:03d}.png")

@@ -69,8 +69,14 @@ def everything(result: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().double() for k, v in tensors.items()}
 
 
-def _worker(rank: int, port: int, overrides: list[str], data: Split, summed: bool, out: str) -> None:
+def _worker(
+    rank: int, port: int, overrides: list[str], data: Split, summed: bool, out: str, run: tuple[str, str] | None
+) -> None:
+    """One DDP worker: trains, then saves every tensor and its own per-step losses. With ``run`` (an MLflow
+    store and run id) rank 0 logs into that run, as a Ray Train worker's rank 0 does."""
     import torch.distributed as dist
+
+    from pipeline.tracking import MLflowTracker, NullTracker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -79,17 +85,25 @@ def _worker(rank: int, port: int, overrides: list[str], data: Split, summed: boo
     try:
         cfg = load_config(CONFIGS / "smoke.yaml", overrides)
         runtime = Runtime(rank, WORLD, torch.device("cpu"), _wrap(summed), all_reduce_mean)
-        result = train_gan(cfg, data, runtime, LoopHooks(log=lambda _: None))
-        torch.save({"step": result.step, "tensors": everything(result)}, f"{out}/rank{rank}.pt")
+        tracker = MLflowTracker(*run) if run and rank == 0 else NullTracker()
+        steps: dict[int, dict[str, float]] = {}
+        hooks = LoopHooks(
+            tracker=tracker, log=lambda _: None, on_step=lambda step, losses: steps.update({step: losses})
+        )
+        result = train_gan(cfg, data, runtime, hooks)
+        saved = {"step": result.step, "tensors": everything(result), "losses": steps}
+        torch.save(saved, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def data_parallel(tmp_path, overrides: list[str], data: Split, summed: bool = False) -> list[dict[str, Any]]:
+def data_parallel(
+    tmp_path, overrides: list[str], data: Split, summed: bool = False, run: tuple[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Train ``overrides`` with two DDP workers; what each rank ended with."""
     out = tmp_path / f"{'summed' if summed else 'averaged'}-{len(list(tmp_path.iterdir()))}"
     out.mkdir()
-    torch.multiprocessing.spawn(_worker, (_free_port(), overrides, data, summed, str(out)), nprocs=WORLD)
+    torch.multiprocessing.spawn(_worker, (_free_port(), overrides, data, summed, str(out), run), nprocs=WORLD)
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
@@ -151,3 +165,37 @@ def test_batchnorm_nets_match_one_process_only_with_sync_batchnorm(tmp_path, ima
     # The workers agree with each other on what DDP keeps equal: the weights and both Adams.
     kept = {k: v for k, v in per_shard[0]["tensors"].items() if ".running_" not in k and "num_batches" not in k}
     assert disagreeing({k: per_shard[1]["tensors"][k] for k in kept}, kept, "rank 1 vs rank 0") == []
+
+
+def test_mlflow_holds_the_mean_of_every_workers_losses(tmp_path, images):
+    """The two shards are made to differ (one worker's real images all black, the other's as they are), so the
+    workers' losses differ; every logged figure is the mean over both workers' steps since the last log, and the
+    epoch's means are there too."""
+    from torch.utils.data import DistributedSampler
+
+    from pipeline.tracking import MLflowTracker, start_run
+
+    overrides = [*SETTINGS, "train.epochs=1", "tracking.log_every=2"]
+    first = DistributedSampler(range(len(images)), num_replicas=WORLD, rank=0, shuffle=True, seed=0, drop_last=True)
+    first.set_epoch(0)
+    darkened = images.images.clone()
+    darkened[list(first)] = 0
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "ddp", "two-workers")
+    ranks = data_parallel(tmp_path, overrides, Split(darkened, images.labels), run=(uri, run_id))
+    per_rank = [ranks[r]["losses"] for r in range(WORLD)]
+    assert sorted(per_rank[0]) == sorted(per_rank[1]) == list(range(1, 11))
+    tracker = MLflowTracker(uri, run_id)
+    for key in ("loss_d", "loss_g", "d_real", "d_fake"):
+        apart = [abs(per_rank[0][s][key] - per_rank[1][s][key]) for s in range(1, 11)]
+        if key == "d_real":
+            assert sum(apart) / len(apart) > 0.01, apart  # the shards differ: rank 0's alone would show
+        logged = tracker.metric_history(key)
+        expected = [
+            (s, sum(per_rank[r][t][key] for r in range(WORLD) for t in (s - 1, s)) / 4) for s in (2, 4, 6, 8, 10)
+        ]
+        assert [step for step, _ in logged] == [step for step, _ in expected]
+        for (_, got), (_, want) in zip(logged, expected, strict=True):
+            assert got == pytest.approx(want, rel=1e-9), key
+        epoch_mean = sum(per_rank[r][s][key] for r in range(WORLD) for s in range(1, 11)) / 20
+        assert tracker.metric_history(f"epoch_{key}") == [(10, pytest.approx(epoch_mean, rel=1e-9))]
