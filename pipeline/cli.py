@@ -213,8 +213,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from pipeline.uris import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
-    generator, params = load_generator(uri, generator_uri(args.run_id, args.model))
-    images = generate_images(generator, args.num, int(params["latent_dim"]), args.seed, torch.device("cpu"))
+    generator, facts = load_generator(uri, generator_uri(args.run_id, args.model))
+    images = generate_images(generator, args.num, facts["latent_dim"], args.seed, torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
     import numpy as np
 
@@ -272,16 +272,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
         model_uri = generator_uri(args.run_id, args.model)
-        generator, params = load_generator(uri, model_uri)
-        images = generate_images(generator, args.num, int(params["latent_dim"]), 0, torch.device("cpu"))
+        generator, facts = load_generator(uri, model_uri)
+        images = generate_images(generator, args.num, facts["latent_dim"], 0, torch.device("cpu"))
         label = args.model or f"run {args.run_id}"
-        data_cfg = DataConfig(dataset=params.get("dataset", args.dataset), root=args.root)
+        data_cfg = DataConfig(dataset=facts.get("dataset") or args.dataset, root=args.root)
     from pipeline.metrics import get_evaluator
 
     scores = get_evaluator(data_cfg).score(images)
     print(
         f"{label}: {len(images)} images  FID={scores['fid']:.3f}  "
-        f"IS={scores['inception_score']:.3f} +- {scores['inception_score_std']:.3f}  ({args.dataset} evaluator)"
+        f"IS={scores['inception_score']:.3f} +- {scores['inception_score_std']:.3f}  ({data_cfg.dataset} evaluator)"
     )
     return 0
 

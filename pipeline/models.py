@@ -172,6 +172,15 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
+# The model.* keys that decide the networks' parameters (model.d_dropout and model.sync_batchnorm do not).
+SHAPE_KEYS = ("latent_dim", "g_channels", "g_extra_layers", "d_channels", "d_norm", "d_extra_layers")
+
+
+def network_shape(cfg: ModelConfig) -> dict[str, int | str]:
+    """What a network of ``cfg`` is, as its weights need it: the values of :data:`SHAPE_KEYS`."""
+    return {key: getattr(cfg, key) for key in SHAPE_KEYS}
+
+
 def build_generator(cfg: ModelConfig, image_shape: ImageShape) -> Generator:
     """The generator ``cfg`` describes for images of ``image_shape``, uninitialised (to load a state dict into)."""
     return Generator(cfg.latent_dim, cfg.g_channels, cfg.g_extra_layers, image_shape)

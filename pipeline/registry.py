@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pipeline.tracking import TrackingError, mlflow_client, using_tracking_uri
+from pipeline.tracking import GENERATOR_FACTS, TrackingError, mlflow_client, using_tracking_uri
 
 
 def generator_uri(run_id: str | None, model: str | None) -> str:
@@ -26,9 +26,12 @@ def generator_uri(run_id: str | None, model: str | None) -> str:
     return f"runs:/{run_id}/generator"
 
 
-def load_generator(uri: str, model_uri: str) -> tuple[torch.nn.Module, dict[str, str]]:
+def load_generator(uri: str, model_uri: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The generator at ``model_uri`` (``runs:/ID/generator``, ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``
-    or a logged model's ``models:/m-...``) and the params of the run that trained it; a clear error if missing."""
+    or a logged model's ``models:/m-...``) and its facts: ``latent_dim``, ``dataset`` and, for a model that
+    carries them, ``image_shape`` and ``network``. They come from the model's own metadata; a model logged
+    before models carried them falls back on the params of the run that trained it (``facts_from`` says which).
+    A clear error if anything is missing."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -50,11 +53,19 @@ def load_generator(uri: str, model_uri: str) -> tuple[torch.nn.Module, dict[str,
     try:
         with using_tracking_uri(uri):
             model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+            metadata = mlflow.models.get_model_info(model_uri).metadata or {}
     except (MlflowException, OSError) as exc:
         raise TrackingError(
             f"{model_uri}: no loadable generator ({str(exc).splitlines()[0]}); did that training finish?"
         ) from None
-    return model, dict(run.data.params)
+    if GENERATOR_FACTS in metadata:
+        return model, {**metadata[GENERATOR_FACTS], "facts_from": "model metadata"}
+    params = run.data.params
+    return model, {
+        "latent_dim": int(params["latent_dim"]),
+        "dataset": params.get("dataset"),
+        "facts_from": "run params",
+    }
 
 
 def _source_run(client: Any, model_uri: str) -> str:

@@ -23,6 +23,7 @@ from pipeline import PROJECT_ROOT, checkpoint
 from pipeline.config import PipelineConfig, registered_model_name
 from pipeline.datasets import dataset_spec
 from pipeline.errors import ConfigError, UserError
+from pipeline.models import SHAPE_KEYS, network_shape
 from pipeline.registry import Registration, register_generator
 from pipeline.storage import check_storage, exists, resume_checkpoint_file, run_location
 from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, start_run
@@ -128,10 +129,8 @@ def prepare_run(
 
 
 # What a run cannot change when it resumes: the data's order and size and the networks' shapes, which its
-# checkpoint holds (model.d_dropout is no parameter; the rest of model.* is).
-RESUME_FIXED = ("data.dataset", "data.limit", "train.batch_size") + tuple(
-    f"model.{key}" for key in ("latent_dim", "g_channels", "g_extra_layers", "d_channels", "d_norm", "d_extra_layers")
-)
+# checkpoint holds.
+RESUME_FIXED = ("data.dataset", "data.limit", "train.batch_size") + tuple(f"model.{key}" for key in SHAPE_KEYS)
 
 
 def check_resume_config(cfg: PipelineConfig, saved: dict[str, Any], source: str) -> None:
@@ -266,6 +265,18 @@ class TrainOutcome:
     resize_to: int | None = None  # an elastic trial's run that stopped to continue with this many workers
 
 
+def generator_facts(cfg: PipelineConfig) -> dict[str, Any]:
+    """What the logged generator carries about itself (MLflow model metadata): the noise it takes, the images it
+    makes and the networks' shape. ``sample``, ``evaluate`` and the registry read these, not the run's params,
+    which keep a run's starting values (a PBT trial may continue with another trial's network)."""
+    return {
+        "latent_dim": cfg.model.latent_dim,
+        "image_shape": list(dataset_spec(cfg.data.dataset).image_shape),
+        "dataset": cfg.data.dataset,
+        "network": network_shape(cfg.model),
+    }
+
+
 def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: str, result: Any) -> TrainOutcome:
     """Loss curve, last checkpoint and the generator model into the MLflow run; close it. ``result`` has the
     last report's ``metrics`` and the run's latest ``checkpoint`` (a Ray Checkpoint or None)."""
@@ -285,7 +296,7 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
             tracker.log_artifact(str(Path(local) / checkpoint.FILENAME), "checkpoints")
         generator = build_generator(cfg.model, dataset_spec(cfg.data.dataset).image_shape)
         generator.load_state_dict(TrainState.sampling_weights(state))
-        model_uri = tracker.log_generator(generator, cfg.model.latent_dim, scores=("fid", "inception_score"))
+        model_uri = tracker.log_generator(generator, generator_facts(cfg), scores=("fid", "inception_score"))
         tracker.set_tags({"generator_model": model_uri})
     fids = [value for _, value in tracker.metric_history("fid")]
     if fids:

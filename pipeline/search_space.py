@@ -86,3 +86,13 @@ def flat_point(point: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(values, dict)
         for key, value in values.items()
     }
+
+
+def trial_count(num_samples: int, search_space: Mapping[str, Mapping[str, Any]]) -> int:
+    """How many trials a sweep runs: ``num_samples`` repeats of every grid axis's values (Tune's grid search)."""
+    count = num_samples
+    for spec in search_space.values():
+        kind, args = spec_kind(spec)
+        if kind == "grid":
+            count *= len(args)
+    return count

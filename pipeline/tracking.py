@@ -116,6 +116,9 @@ class TrackingError(UserError):
     """The MLflow store or run cannot be used; the message says how to fix it."""
 
 
+# The key of a logged generator's own facts in its MLflow model metadata (pipeline.runs.generator_facts).
+GENERATOR_FACTS = "gan_pipeline"
+
 # MLflow's UI opens an experiment of this kind on its training runs (not on the GenAI overview and traces).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -269,15 +272,16 @@ class MLflowTracker:
         paths = sorted(a.path for a in self.client.list_artifacts(self.run_id, artifact_dir))
         return self.client.download_artifacts(self.run_id, paths[-1], dest) if paths else None
 
-    def log_generator(self, generator: torch.nn.Module, latent_dim: int, scores: Sequence[str] = ()) -> str:
-        """Log G as the MLflow PyTorch model ``generator`` (pt2 format: loads without unpickling code) and link
-        the run's last value of each metric in ``scores`` to it, so the UI's model list shows and sorts them.
-        Returns the model's URI (``models:/m-...``)."""
+    def log_generator(self, generator: torch.nn.Module, facts: dict[str, Any], scores: Sequence[str] = ()) -> str:
+        """Log G as the MLflow PyTorch model ``generator`` (pt2 format: loads without unpickling code) carrying
+        ``facts`` (its ``latent_dim``, image shape, dataset, network) as the model's metadata, and link the run's
+        last value of each metric in ``scores`` to it, so the UI's model list shows and sorts them. Returns the
+        model's URI (``models:/m-...``)."""
         import mlflow
         from mlflow.entities import Metric
 
         generator = generator.cpu().eval()
-        example = np.random.default_rng(0).standard_normal((4, latent_dim)).astype(np.float32)
+        example = np.random.default_rng(0).standard_normal((4, facts["latent_dim"])).astype(np.float32)
         with using_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id):
             # The requirements named, not inferred: MLflow would load the model in a new Python process to see
             # what it imports (seconds of each run's end) and find torch, which these pins say.
@@ -286,6 +290,7 @@ class MLflowTracker:
                 name="generator",
                 input_example=example,
                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                metadata={GENERATOR_FACTS: facts},
             )
         linked = []
         for key in scores:

@@ -10,7 +10,6 @@ the end-of-sweep summary are pipeline.sweep_report's.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 import warnings
@@ -27,7 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.ray_runtime import init_ray
 from pipeline.runs import prepare_inputs
 from pipeline.schedulers import scheduler_of
-from pipeline.search_space import spec_kind, tune_space
+from pipeline.search_space import spec_kind, trial_count, tune_space
 from pipeline.storage import check_storage, exists, run_location, storage_root
 from pipeline.sweep_report import SweepClock, SweepOutcome, close_child_runs, summarise, sweep_status
 from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, start_run
@@ -215,12 +214,6 @@ def _default_concurrency(cfg: PipelineConfig, gpu: bool) -> int:
     return max(1, _workers_that_fit(cfg, gpu) // cfg.scaling.num_workers)
 
 
-def _expected_trials(cfg: PipelineConfig) -> int:
-    """Trials the sweep will run: num_samples, times every grid axis's length."""
-    grids = [len(spec["grid"]) for spec in cfg.tune.search_space.values() if "grid" in spec]
-    return cfg.tune.num_samples * math.prod(grids)
-
-
 def _elastic_allotment(
     cfg: PipelineConfig, name: str, gpu: bool, callbacks: list[Any], progress: Callable[[str], None]
 ) -> Any:
@@ -244,7 +237,7 @@ def _elastic_allotment(
     # Named: a resumed sweep's restored callback (Tune restores callbacks, not only trials) finds the new one.
     actor_name = f"pipeline-allotment-{name}"
     allotment = ray.remote(num_cpus=0)(Allotment).options(name=actor_name).remote(capacity, low, high, node_cpus)
-    callbacks.append(elastic_shares(actor_name, _expected_trials(cfg)))
+    callbacks.append(elastic_shares(actor_name, trial_count(cfg.tune.num_samples, cfg.tune.search_space)))
     progress(
         f"[tune] elastic trials: {low} to {high} {unit} each, {capacity} in all; a trial grows when no trial "
         "waits to start and shrinks when one does"

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pipeline.datasets import dataset_spec
 from pipeline.errors import ConfigError
 from pipeline.schedulers import scheduler_of
+from pipeline.search_space import trial_count
 from pipeline.uris import storage_path_problem, tracking_uri_problem
 
 
@@ -265,9 +266,11 @@ def check_sweep(cfg: Any) -> None:
             "(ASHA compares trials at each epoch); set eval.every_epochs=1"
         )
     scheduler = scheduler_of(cfg)
-    if cfg.tune.num_samples < scheduler.min_trials:
+    trials = trial_count(cfg.tune.num_samples, cfg.tune.search_space)
+    if trials < scheduler.min_trials:
         raise ConfigError(
-            f"tune.num_samples: {cfg.tune.num_samples} with tune.scheduler={scheduler.name}; {scheduler.too_few_trials}"
+            f"tune.num_samples: {cfg.tune.num_samples} ({trials} trial(s)) with tune.scheduler={scheduler.name}; "
+            f"{scheduler.too_few_trials}"
         )
     expected_mode = "min" if cfg.tune.metric == "fid" else "max"
     if cfg.tune.mode != expected_mode:

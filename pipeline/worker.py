@@ -24,7 +24,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import PipelineConfig
 from pipeline.elastic import ResizePoll, ThreadShare, ask_allotment
-from pipeline.models import identity
+from pipeline.models import identity, network_shape
 from pipeline.schedulers import EXPLOIT_TAG
 from pipeline.steps import Runtime, uses_bf16
 from pipeline.tracking import MLflowTracker, NullTracker, Tracker, system_metrics
@@ -159,7 +159,9 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
         report=Reporter(job, place, tracker, hooks, timing),
         log=say,
         on_step=steps_to(hooks, place.rank) if hooks else None,
-        on_resume=exploit_record(exploit, tracker, say) if place.is_main and exploit else None,
+        on_resume=exploit_record({**exploit, "network": network_shape(cfg.model)}, tracker, say)
+        if place.is_main and exploit
+        else None,
         progress=timing.progress(bar) if place.is_main else None,
         resize=resize_poll(job, place),
     )
@@ -216,8 +218,9 @@ def exploit_record(
     exploit: dict[str, Any], tracker: Tracker, say: Callable[[str], None]
 ) -> Callable[[TrainState], None]:
     """What rank 0 records when a PBT trial continues from its donor's checkpoint: the tag
-    ``pbt.exploit.step_<step>`` with the donor, the networks' fingerprint and the learning rates the optimizers
-    now hold (the perturbed ones), and a line."""
+    ``pbt.exploit.step_<step>`` with the donor, the network it continues with (``network``: the donor's shape,
+    which may not be the one the run's params started with), the networks' fingerprint and the learning rates
+    the optimizers now hold (the perturbed ones), and a line."""
 
     def record(state: TrainState) -> None:
         entry = {**exploit, "step": state.step, "weights_sha256": state.fingerprint(), **state.learning_rates}

@@ -263,5 +263,10 @@ def test_a_pbt_sweep_needs_a_population():
     cfg = build_config(
         {"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE, "num_samples": 1}}
     )
-    with pytest.raises(ConfigError, match="tune.num_samples: 1 with tune.scheduler=pbt"):
+    with pytest.raises(ConfigError, match=r"tune.num_samples: 1 \(1 trial\(s\)\) with tune.scheduler=pbt"):
         check_sweep(cfg)
+    # A grid axis multiplies the trials: one sample of a two-value grid is a population of two.
+    space = {**PBT_SPACE, "model.latent_dim": {"grid": [16, 32]}}
+    check_sweep(
+        build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": space, "num_samples": 1}})
+    )

@@ -16,6 +16,7 @@ from pipeline.config import with_overrides
 from pipeline.datasets import MNIST
 from pipeline.models import build_generator
 from pipeline.registry import CHAMPION, register_generator
+from pipeline.runs import generator_facts
 from pipeline.tracking import MLflowTracker, start_run
 from tests.conftest import run_together
 
@@ -47,7 +48,7 @@ def store(tmp_path_factory):
     tracker.log_metrics({"fid": 80.0, "inception_score": 2.5}, step=16)
     tracker.flush()
     model_uri = tracker.log_generator(
-        build_generator(smoke_cfg.model, MNIST.image_shape), smoke_cfg.model.latent_dim, ("fid", "inception_score")
+        build_generator(smoke_cfg.model, MNIST.image_shape), generator_facts(smoke_cfg), ("fid", "inception_score")
     )
     tracker.end()
     return uri, run_id, model_uri

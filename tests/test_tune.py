@@ -190,7 +190,9 @@ def _kill_sweep_once(args: list[str], db, query: str, timeout: float = 600) -> N
 def test_pbt_copies_the_donor_into_the_weaker_trial_and_a_killed_pbt_sweep_resumes(tmp_path):
     """Two PBT trials at once on one sqlite store, reporting inside epochs too; the sweep's driver is killed
     once a trial has continued from the other's checkpoint, then --resume finishes it: one child run per
-    trial, every step once, each exploit's weights the donor's and its learning rates the perturbed ones."""
+    trial, every step once, each exploit's weights the donor's and its learning rates the perturbed ones. The two
+    trials have networks of two sizes (model.latent_dim 16 and 32): an exploit crosses sizes, and every child and
+    the champion still sample and evaluate (the generator carries its latent size)."""
     import torch
 
     from pipeline.train_state import weights_digest
@@ -200,9 +202,10 @@ def test_pbt_copies_the_donor_into_the_weaker_trial_and_a_killed_pbt_sweep_resum
         "--set",
         "tune.scheduler=pbt",
         "--set",
-        "tune.search_space={optim.lr_g: {loguniform: [1.0e-4, 1.0e-2]}, optim.lr_d: {loguniform: [1.0e-4, 1.0e-2]}}",
+        "tune.search_space={optim.lr_g: {loguniform: [1.0e-4, 1.0e-2]}, optim.lr_d: {loguniform: [1.0e-4, 1.0e-2]}, "
+        "model.latent_dim: {grid: [16, 32]}}",
         "--set",
-        "tune.num_samples=2",
+        "tune.num_samples=1",
         "--set",
         "tune.max_concurrent_trials=2",
         "--set",
@@ -257,6 +260,15 @@ def test_pbt_copies_the_donor_into_the_weaker_trial_and_a_killed_pbt_sweep_resum
             assert record[key] != pytest.approx(donor[key]), (key, record, donor)
             # params keep the starting values; the later ones are metrics and exploit records, not tags
             assert f"resumed_with.{key}" not in child.data.tags
+    # The recipient continued with the donor's network; its params keep the size it started with.
+    assert any(record["network"]["latent_dim"] != int(child.data.params["latent_dim"]) for child, record in exploits)
+    for model in [f"runs:/{child.info.run_id}/generator" for child in children] + ["models:/gan-mnist@champion"]:
+        sampled = run_cli(
+            "sample", "--model", model, "--num", "8", "--out", str(tmp_path / "s.npz"), "--tracking-uri", uri
+        )
+        assert sampled.returncode == 0 and "wrote 8 samples (8, 28, 28)" in sampled.stdout, sampled.stderr[-2000:]
+        scored = run_cli("evaluate", "--model", model, "--num", "100", "--tracking-uri", uri)
+        assert scored.returncode == 0 and "FID=" in scored.stdout, scored.stderr[-2000:]
     parent = client.get_run(parents[0].info.run_id)
     assert parent.data.metrics["pbt_exploits"] == len(exploits)
     assert "plots/pbt_schedule.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
