@@ -228,12 +228,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.config import DataConfig
+    from pipeline.metrics import shared_evaluator
+    from pipeline.uris import resolve_tracking_uri
 
+    # Scored by the evaluator every run on the store shares: the figures compare with the runs'.
+    uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
     data_cfg = DataConfig(dataset=args.dataset, root=args.root)
     if args.real:
         from pipeline.metrics import real_reference
 
-        ref = real_reference(data_cfg)
+        ref = real_reference(data_cfg, shared_evaluator(data_cfg, uri))
         print(f"{args.dataset} real-data reference (evaluator test accuracy {ref['evaluator_test_accuracy']:.4f}):")
         print(f"  FID, 10,000 training images vs the test split: {ref['fid_train_vs_test']:.3f}")
         print(
@@ -268,17 +272,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         from pipeline.registry import generator_uri, load_generator
         from pipeline.sampling import generate_images
-        from pipeline.uris import resolve_tracking_uri
 
-        uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
         model_uri = generator_uri(args.run_id, args.model)
         generator, facts = load_generator(uri, model_uri)
         images = generate_images(generator, args.num, facts["latent_dim"], 0, torch.device("cpu"))
         label = args.model or f"run {args.run_id}"
         data_cfg = DataConfig(dataset=facts.get("dataset") or args.dataset, root=args.root)
-    from pipeline.metrics import get_evaluator
-
-    scores = get_evaluator(data_cfg).score(images)
+    scores = shared_evaluator(data_cfg, uri).score(images)
     print(
         f"{label}: {len(images)} images  FID={scores['fid']:.3f}  "
         f"IS={scores['inception_score']:.3f} +- {scores['inception_score_std']:.3f}  ({data_cfg.dataset} evaluator)"

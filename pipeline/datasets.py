@@ -63,6 +63,14 @@ class DatasetSpec:
             )
 
     @property
+    def digest(self) -> str:
+        """SHA-256 of its files' names and checksums: one figure for the data (an evaluator records it)."""
+        import hashlib
+
+        listed = "\n".join(f"{name} {raw.sha256}" for name, raw in sorted(self.files.items()))
+        return hashlib.sha256(listed.encode()).hexdigest()
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         """(channels, height, width), as the networks take an image."""
         return self.channels, self.image_size, self.image_size

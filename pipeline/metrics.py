@@ -4,14 +4,22 @@ Inception-v3 weights cannot be downloaded everywhere, and for small grey images 
 usual yardstick (TF-GAN's ``mnist_score`` / ``mnist_frechet_distance``). The evaluator is trained the
 first time it is needed, checked against an accuracy gate, and cached under the data root with its
 metadata and the test split's feature statistics. These FIDs are *not* comparable with Inception-FIDs.
+
+Everyone who shares a tracking store shares one evaluator per dataset (:func:`shared_evaluator`): the first run
+that needs it registers its own as ``evaluator-<dataset>`` in the store, and every later run, on any host,
+downloads that one, checks its checksums and caches it by checksum. FIDs from different hosts then compare.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +31,9 @@ from pipeline.config import DataConfig
 from pipeline.data import Split, file_sha256, load, resolve_root, to_model_range
 from pipeline.datasets import DatasetSpec, dataset_spec
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.registry import SharedVersion
 
 EVALUATOR_VERSION = 1
 FEATURE_DIM = 128
@@ -165,6 +176,75 @@ def cache_dir(cfg: DataConfig) -> Path:
     return resolve_root(cfg) / "evaluators" / cfg.dataset
 
 
+EVALUATOR_FILES = ("evaluator.pt", "test_stats.npz", "meta.json")  # meta.json last: it marks a cache valid
+
+
+def shared_evaluator(cfg: DataConfig, uri: str, progress=print) -> Evaluator:
+    """The evaluator of ``cfg.dataset`` that every run on the tracking store ``uri`` uses: the first version of
+    ``evaluator-<dataset>`` registered there for this dataset's files and this evaluator's version. With none,
+    this host's own (cached, or trained now) is registered first. A downloaded one is checked against the
+    checksums it was registered with and cached under the data root by checksum."""
+    from pipeline.registry import register_evaluator, shared_evaluator_version
+
+    name = f"evaluator-{cfg.dataset}"
+    match = {"dataset_sha256": dataset_spec(cfg.dataset).digest, "evaluator_version": str(EVALUATOR_VERSION)}
+    directory = cache_dir(cfg)
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory / ".shared.lock"), timeout=3600):
+        shared = shared_evaluator_version(uri, name, match)
+        if shared is None:
+            own = get_evaluator(cfg, progress)
+            meta = json.loads((directory / "meta.json").read_text())
+            tags = {
+                **match,
+                "dataset": cfg.dataset,
+                "weights_sha256": own.checksum,
+                "stats_sha256": meta["stats_sha256"],
+                "test_accuracy": repr(own.test_accuracy),
+            }
+            register_evaluator(uri, name, [directory / f for f in EVALUATOR_FILES], tags)
+            shared = shared_evaluator_version(uri, name, match)  # the first registered, if two hosts raced
+            progress(f"[eval] registered this host's {cfg.dataset} evaluator as {name} in {uri}")
+        return _shared_copy(cfg, uri, shared, progress)
+
+
+def _shared_copy(cfg: DataConfig, uri: str, shared: SharedVersion, progress) -> Evaluator:
+    """The evaluator ``shared`` from this host's cache (its own, or a copy kept by checksum), else downloaded,
+    verified and cached."""
+    from pipeline.registry import download_evaluator
+
+    checksum, directory = shared.tags["weights_sha256"], cache_dir(cfg)
+    where = f"{shared.name} version {shared.version} in {uri}"
+    kept = directory / f"sha256-{checksum}"
+    for candidate in (directory, kept):
+        cached = _load_cached(candidate, cfg.dataset)
+        if cached is not None and cached.checksum == checksum:
+            return cached
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        files = download_evaluator(uri, shared, Path(tmp))
+        got = {
+            key: file_sha256(files / f)
+            for key, f in (("weights_sha256", "evaluator.pt"), ("stats_sha256", "test_stats.npz"))
+        }
+        wrong = [key for key, value in got.items() if shared.tags.get(key) != value]
+        if wrong:
+            raise EvaluatorError(
+                f"the shared {cfg.dataset} evaluator ({where}) does not match its registered {', '.join(wrong)}: "
+                "its files were changed after registration; delete that model version so that the next run "
+                "registers a good one"
+            )
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(files, kept)
+    evaluator = _load_cached(kept, cfg.dataset)
+    if evaluator is None:
+        raise EvaluatorError(f"the shared {cfg.dataset} evaluator ({where}) cannot be loaded from {kept}")
+    progress(
+        f"[eval] {cfg.dataset} evaluator: {where} (sha256 {checksum[:12]}, test accuracy "
+        f"{evaluator.test_accuracy:.4f}), verified and cached in {kept}"
+    )
+    return evaluator
+
+
 def train_classifier(
     spec: DatasetSpec, train: Split, test: Split, epochs: int = 4, seed: int = 0, progress=print
 ) -> tuple[Classifier, float]:
@@ -280,9 +360,9 @@ def _load_cached(directory: Path, dataset: str) -> Evaluator | None:
     return Evaluator(model.eval(), dataset, float(meta["test_accuracy"]), mu, sigma, meta["weights_sha256"])
 
 
-def real_reference(cfg: DataConfig, num: int = 10_000, progress=print) -> dict[str, float]:
-    """The real-data yardstick: FID of ``num`` training images vs the test split; IS of the test split."""
-    evaluator = get_evaluator(cfg, progress)
+def real_reference(cfg: DataConfig, evaluator: Evaluator, num: int = 10_000, progress=print) -> dict[str, float]:
+    """The real-data yardstick, scored by ``evaluator``: FID of ``num`` training images vs the test split; IS of
+    the test split."""
     full = DataConfig(dataset=cfg.dataset, root=cfg.root, limit=None)
     train = load(full, train=True, progress=progress)
     test = load(full, train=False, progress=progress)

@@ -1,17 +1,29 @@
-"""The logged generator as a model: the Model Registry (a version per train or sweep, the ``champion`` alias on
-the best FID) and loading a generator back by its URI (``runs:/``, ``models:/NAME@ALIAS``, ``models:/NAME/N``).
+"""The Model Registry: the logged generator as a model (a version per train or sweep, the ``champion`` alias on
+the best FID), loading a generator back by its URI (``runs:/``, ``models:/NAME@ALIAS``, ``models:/NAME/N``), and
+the FID/IS evaluators every run on a tracking store shares (``evaluator-<dataset>``, files and checksums).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.tracking import GENERATOR_FACTS, TrackingError, mlflow_client, using_tracking_uri
+from pipeline.errors import UserError
+from pipeline.tracking import (
+    GENERATOR_FACTS,
+    TrackingError,
+    get_or_create_experiment,
+    mlflow_client,
+    using_tracking_uri,
+)
 
 
 def generator_uri(run_id: str | None, model: str | None) -> str:
@@ -97,46 +109,39 @@ class Registration:
     message: str  # one line for the log: registered, and whether the champion moved
 
 
-def register_generator(uri: str, name: str, model_uri: str, tags: dict[str, str]) -> Registration:
+# A version's model URI -> its scores by the current evaluator, as version tags (fid, inception_score,
+# evaluator_sha256, eval_num_samples).
+Rescore = Callable[[str], dict[str, str]]
+
+# What two versions' FIDs must share to be compared: the data, the evaluator and the number of samples scored
+# (FID's bias falls as the sample grows).
+COMPARED_ON = ("dataset", "evaluator_sha256", "eval_num_samples")
+
+
+def register_generator(
+    uri: str, name: str, model_uri: str, tags: dict[str, str], rescore: Rescore | None = None
+) -> Registration:
     """Register ``model_uri`` as a new version of ``name`` with ``tags`` (``fid``, ``dataset``,
-    ``evaluator_sha256``, ...), then give it the ``champion`` alias if its FID beats the champion's.
+    ``evaluator_sha256``, ``eval_num_samples``, ...), then give it the ``champion`` alias if its FID beats the
+    champion's.
 
-    FIDs are compared only among versions with the same dataset and evaluator; a champion scored by another
-    evaluator (or dataset) is not comparable, and the alias goes to the best version of the new one's dataset
-    and evaluator. Concurrent registrations
-    (sweeps ending at once) converge: each writer sets the alias to the best version it can see, then reads
-    again and repeats until the alias is where it should be, so the last writer always saw every version
-    registered before its final check, and no later one can leave the alias on a worse model.
+    FIDs are compared only between versions that share :data:`COMPARED_ON`. A champion of the same dataset scored
+    otherwise (another evaluator, another sample count, or before versions recorded them) is first re-scored by
+    ``rescore`` (its generator is in the registry) and its tags updated; without that evidence it keeps the alias.
+    A champion of another dataset under the same name gives it up. Concurrent registrations (sweeps ending at
+    once) converge: each writer sets the alias to the best version it can see, then reads again and repeats until
+    the alias is where it should be, so the last writer always saw every version registered before its final
+    check, and no later one can leave the alias on a worse model.
     """
-    from mlflow.exceptions import MlflowException
-
     client = mlflow_client(uri)
-    # The client API, not mlflow.register_model: that one sets the process-wide tracking URI (not thread-safe)
-    # and prints to stderr.
-    model_id = model_uri.rstrip("/").split("/")[-1]
-    for attempt in range(3):
-        try:
-            logged = client.get_logged_model(model_id)
-            with contextlib.suppress(MlflowException):  # it exists already (or another process just made it)
-                client.create_registered_model(name)
-            version = client.create_model_version(
-                name, logged.artifact_location, run_id=logged.source_run_id, tags=tags, model_id=model_id
-            ).version
-            break
-        except MlflowException:
-            # A sqlite store read in the middle of another writer's transaction can miss a row; nothing was
-            # created then. Rare, so try again a moment later.
-            if attempt == 2:
-                raise
-            time.sleep(0.5 * (attempt + 1))
+    version = _new_version(client, name, model_uri, tags)
     previous = _champion(client, name)
-    for _ in range(20):
-        current = _champion(client, name)
-        best = _best_version(client, name, tags)
-        if current is not None and (str(current.version) == str(best.version) or not _beats(best, current, tags)):
-            break
-        with contextlib.suppress(MlflowException):  # two writers at once (a unique-key clash): read and try again
-            client.set_registered_model_alias(name, CHAMPION, best.version)
+    note, hold = "", False
+    if previous is not None and previous.tags.get("dataset") == tags.get("dataset") and not _comparable(previous, tags):
+        note, hold = _rescore(client, name, previous, tags, rescore)
+        previous = _champion(client, name)
+    if not hold:
+        _move_alias(client, name, tags)
     champion = _champion(client, name)
     fid = float(tags["fid"])
     if champion is not None and str(champion.version) == str(version):
@@ -153,8 +158,71 @@ def register_generator(uri: str, name: str, model_uri: str, tags: dict[str, str]
         )
     else:
         outcome = "no champion"
-    message = f"registered model {name!r} version {version} (FID {fid:.3f}); {outcome}; models:/{name}@{CHAMPION}"
+    message = f"registered model {name!r} version {version} (FID {fid:.3f}); {note}{outcome}; models:/{name}@{CHAMPION}"
     return Registration(name, str(version), str(champion.version) if champion is not None else "", message)
+
+
+def _new_version(client: Any, name: str, model_uri: str, tags: dict[str, str]) -> str:
+    """``model_uri`` registered as a new version of ``name`` (the model made if need be); its number."""
+    from mlflow.exceptions import MlflowException
+
+    # The client API, not mlflow.register_model: that one sets the process-wide tracking URI (not thread-safe)
+    # and prints to stderr.
+    model_id = model_uri.rstrip("/").split("/")[-1]
+    for attempt in range(3):
+        try:
+            logged = client.get_logged_model(model_id)
+            with contextlib.suppress(MlflowException):  # it exists already (or another process just made it)
+                client.create_registered_model(name)
+            return str(
+                client.create_model_version(
+                    name, logged.artifact_location, run_id=logged.source_run_id, tags=tags, model_id=model_id
+                ).version
+            )
+        except MlflowException:
+            # A sqlite store read in the middle of another writer's transaction can miss a row; nothing was
+            # created then. Rare, so try again a moment later.
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _rescore(client: Any, name: str, champion: Any, tags: dict[str, str], rescore: Rescore | None) -> tuple[str, bool]:
+    """Re-score ``champion`` the way ``tags`` were scored and record it on the version: (a note for the log line,
+    whether the alias must stay where it is for want of evidence)."""
+    was = {key: champion.tags.get(key, "") for key in ("fid", "evaluator_sha256", "eval_num_samples")}
+    scored = f"evaluator {was['evaluator_sha256'][:12] or 'unknown'}, {was['eval_num_samples'] or 'unknown'} samples"
+    if rescore is None:
+        return (
+            f"champion version {champion.version} was scored otherwise ({scored}) and cannot be re-scored here; ",
+            True,
+        )
+    try:
+        fresh = rescore(f"models:/{name}/{champion.version}")
+    except UserError as exc:
+        return f"champion version {champion.version} could not be re-scored ({exc}); ", True
+    for key, value in {**fresh, "rescored_from": json.dumps(was, sort_keys=True)}.items():
+        client.set_model_version_tag(name, champion.version, key, value)
+    return (
+        f"champion version {champion.version} re-scored with evaluator {fresh['evaluator_sha256'][:12]} at "
+        f"{fresh['eval_num_samples']} samples (was {scored}): FID {float(was['fid'] or 'nan'):.3f} -> "
+        f"{float(fresh['fid']):.3f}; ",
+        False,
+    )
+
+
+def _move_alias(client: Any, name: str, tags: dict[str, str]) -> None:
+    """The alias onto the best version comparable with ``tags``, until a read shows it there (writers racing)."""
+    from mlflow.exceptions import MlflowException
+
+    for _ in range(20):
+        current = _champion(client, name)
+        best = _best_version(client, name, tags)
+        if current is not None and (str(current.version) == str(best.version) or not _beats(best, current, tags)):
+            return
+        with contextlib.suppress(MlflowException):  # two writers at once (a unique-key clash): read and try again
+            client.set_registered_model_alias(name, CHAMPION, best.version)
 
 
 def _champion(client: Any, name: str) -> Any:
@@ -167,7 +235,7 @@ def _champion(client: Any, name: str) -> Any:
 
 
 def _comparable(version: Any, tags: dict[str, str]) -> bool:
-    return all(version.tags.get(k) == tags.get(k) for k in ("dataset", "evaluator_sha256")) and "fid" in version.tags
+    return all(version.tags.get(k) == tags.get(k) for k in COMPARED_ON) and "fid" in version.tags
 
 
 def _fid(version: Any) -> float:
@@ -185,5 +253,62 @@ def _best_version(client: Any, name: str, tags: dict[str, str]) -> Any:
 
 def _beats(candidate: Any, champion: Any, tags: dict[str, str]) -> bool:
     """Whether ``candidate`` should take the alias from ``champion``: a strictly lower FID, or a champion that
-    cannot be compared (another dataset or evaluator)."""
+    cannot be compared (another dataset; one of the same dataset was re-scored first, or holds the alias)."""
     return not _comparable(champion, tags) or _fid(candidate) < _fid(champion)
+
+
+# ------------------------------------------------------------------------------------------- Shared evaluators
+
+EVALUATOR_EXPERIMENT = "gan-pipeline-evaluators"  # where each registered evaluator's files are a run's artifacts
+EVALUATOR_ARTIFACTS = "evaluator"
+
+
+@dataclass(frozen=True)
+class SharedVersion:
+    """A registered evaluator version: its model name and number, tags (checksums, accuracy) and files' run."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+    run_id: str
+
+
+def shared_evaluator_version(uri: str, name: str, match: dict[str, str]) -> SharedVersion | None:
+    """The first version (the lowest number) of the registered model ``name`` whose tags hold ``match``: every
+    host asking the same store gets the same one, also when two registered at once. None if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow_client(uri).search_model_versions(f"name = '{name}'")
+    except MlflowException:  # no such model yet
+        return None
+    fitting = [v for v in versions if all(v.tags.get(k) == value for k, value in match.items())]
+    if not fitting:
+        return None
+    first = min(fitting, key=lambda v: int(v.version))
+    return SharedVersion(name, str(first.version), dict(first.tags), str(first.run_id))
+
+
+def register_evaluator(uri: str, name: str, files: list[Path], tags: dict[str, str]) -> None:
+    """``files`` (weights, statistics, metadata) as the artifacts of a run in :data:`EVALUATOR_EXPERIMENT`, and
+    that run as a new version of the registered model ``name`` with ``tags``."""
+    import shutil
+
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(uri)
+    experiment_id = get_or_create_experiment(client, EVALUATOR_EXPERIMENT, uri)
+    run_id = client.create_run(experiment_id, run_name=name, tags={"kind": "evaluator", **tags}).info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in files:
+            shutil.copy2(path, tmp)
+        client.log_artifacts(run_id, tmp, EVALUATOR_ARTIFACTS)
+    client.set_terminated(run_id)
+    with contextlib.suppress(MlflowException):  # it exists already (or another host just made it)
+        client.create_registered_model(name, description="The FID/IS evaluator every run on this store uses")
+    client.create_model_version(name, f"runs:/{run_id}/{EVALUATOR_ARTIFACTS}", run_id=run_id, tags=tags)
+
+
+def download_evaluator(uri: str, shared: SharedVersion, into: Path) -> Path:
+    """The files of ``shared`` downloaded into the directory ``into``; returns the folder holding them."""
+    return Path(mlflow_client(uri).download_artifacts(shared.run_id, EVALUATOR_ARTIFACTS, str(into)))

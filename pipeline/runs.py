@@ -24,7 +24,7 @@ from pipeline.config import PipelineConfig, registered_model_name
 from pipeline.datasets import dataset_spec
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import SHAPE_KEYS, network_shape
-from pipeline.registry import Registration, register_generator
+from pipeline.registry import Registration, Rescore, load_generator, register_generator
 from pipeline.storage import check_storage, exists, resume_checkpoint_file, run_location
 from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, start_run
 from pipeline.train_state import TrainState
@@ -65,10 +65,14 @@ class RunRequest:
 
 
 def prepare_inputs(
-    cfg: PipelineConfig, progress: Callable[[str], None] = print, evaluator: dict[str, Any] | None = None
+    cfg: PipelineConfig,
+    progress: Callable[[str], None] = print,
+    evaluator: dict[str, Any] | None = None,
+    uri: str | None = None,
 ) -> dict[str, Any] | None:
     """Data and (if evaluating) the evaluator, made ready on this node before any worker starts; returns the
-    evaluator's payload for the workers. A sweep's trial is handed the sweep's ``evaluator``: every trial, on
+    evaluator's payload for the workers: the one every run on the tracking store ``uri`` shares (None: this
+    host's own, for tools without a store). A sweep's trial is handed the sweep's ``evaluator``: every trial, on
     any node, is scored by the same network, and none trains one on a node that has none cached."""
     from pipeline.data import prepare, resolve_root
 
@@ -77,9 +81,10 @@ def prepare_inputs(
         return None
     if evaluator is not None:
         return evaluator
-    from pipeline.metrics import get_evaluator
+    from pipeline.metrics import get_evaluator, shared_evaluator
 
-    return get_evaluator(cfg.data, progress).payload()
+    own = shared_evaluator(cfg.data, uri, progress) if uri else get_evaluator(cfg.data, progress)
+    return own.payload()
 
 
 def existing_run(cfg: PipelineConfig, name: str) -> str | None:
@@ -116,7 +121,7 @@ def prepare_run(
         )
     if request.resume:
         check_resume(cfg, location)
-    evaluator = prepare_inputs(cfg, request.progress, request.evaluator)
+    evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
     if previous is not None:
         return uri, previous, evaluator
     if request.mlflow_run_id is not None:
@@ -229,7 +234,8 @@ def register_best(
     cfg: PipelineConfig, uri: str, run_id: str, model_uri: str | None, progress: Callable[[str], None] = print
 ) -> Registration | None:
     """Register the run's logged generator in the Model Registry (``tracking.registered_model``) with its FID,
-    IS, run id, config digest and evaluator checksum; the alias ``champion`` moves only on a better FID."""
+    IS, run id, config digest, evaluator checksum and sample count; the alias ``champion`` moves only on a better
+    FID by the same evaluator at the same sample count (a champion scored otherwise is re-scored first)."""
     name = registered_model_name(cfg)
     if not name or model_uri is None:
         return None
@@ -246,10 +252,35 @@ def register_best(
         "dataset": cfg.data.dataset,
         "config_digest": tags.get("config_digest") or config_digest(cfg),
         "evaluator_sha256": tags.get("evaluator_sha256", "unknown"),
+        "eval_num_samples": str(cfg.eval.num_samples),
     }
-    registration = register_generator(uri, name, model_uri, version_tags)
+    registration = register_generator(uri, name, model_uri, version_tags, rescorer(cfg, uri, progress))
     progress(f"[registry] {registration.message}")
     return registration
+
+
+def rescorer(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> Rescore:
+    """How a registered generator is scored again as ``cfg``'s runs are: by the store's shared evaluator of
+    ``cfg.data.dataset``, ``cfg.eval.num_samples`` images from the noise of ``cfg.train.seed``."""
+
+    def rescore(model_uri: str) -> dict[str, str]:
+        from pipeline.metrics import shared_evaluator
+        from pipeline.sampling import generate_images
+
+        evaluator = shared_evaluator(cfg.data, uri, progress)
+        generator, facts = load_generator(uri, model_uri)
+        images = generate_images(
+            generator, cfg.eval.num_samples, facts["latent_dim"], cfg.train.seed, torch.device("cpu")
+        )
+        scores = evaluator.score(images)
+        return {
+            "fid": repr(scores["fid"]),
+            "inception_score": repr(scores["inception_score"]),
+            "evaluator_sha256": evaluator.checksum,
+            "eval_num_samples": str(cfg.eval.num_samples),
+        }
+
+    return rescore
 
 
 @dataclass

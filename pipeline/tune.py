@@ -59,7 +59,7 @@ def run_sweep(
     # driver resolved, or their runs would land in a local store on their node, not under the parent.
     cfg = with_overrides(resolve_scaling(cfg, sweep=True), {"tracking.uri": uri})
     check_resources(cfg)
-    evaluators = sweep_evaluators(cfg, progress)
+    evaluators = sweep_evaluators(cfg, uri, progress)
     parent = _parent_run(cfg, name, uri, parent_run_id, resume)
 
     init_ray(verbose)
@@ -173,7 +173,7 @@ def _new_tuner(
     )
 
 
-def sweep_evaluators(cfg: PipelineConfig, progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+def sweep_evaluators(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     """The data and FID/IS evaluator of each dataset the sweep's trials may train on (``data.dataset`` may be
     searched), prepared once, here: each trial gets its dataset's evaluator through Ray's object store, so a
     trial on a node without a cached evaluator starts training at once, scored like every other trial."""
@@ -181,7 +181,7 @@ def sweep_evaluators(cfg: PipelineConfig, progress: Callable[[str], None]) -> di
     datasets = [cfg.data.dataset] if spec is None else sorted(set(spec_kind(spec)[1]))
     evaluators = {}
     for dataset in datasets:
-        payload = prepare_inputs(with_overrides(cfg, {"data.dataset": dataset}), progress)
+        payload = prepare_inputs(with_overrides(cfg, {"data.dataset": dataset}), progress, uri=uri)
         if payload is not None:
             evaluators[dataset] = payload
     return evaluators

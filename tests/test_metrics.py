@@ -104,9 +104,39 @@ def test_real_mnist_evaluator_and_reference(tmp_path):
     cfg = DataConfig(dataset="mnist", root=str(tmp_path))
     evaluator = get_evaluator(cfg, lambda _: None)
     assert evaluator.test_accuracy >= MNIST.evaluator_min_accuracy
-    ref = metrics.real_reference(cfg, progress=lambda _: None)
+    ref = metrics.real_reference(cfg, evaluator, progress=lambda _: None)
     assert ref["inception_score_test"] > 9.0  # near 10: confident and balanced over the 10 digits
     assert 0 < ref["fid_train_vs_test"] < 20
     one_digit = metrics.load(cfg, train=False)
     sevens = one_digit.images[one_digit.labels == 7][:500]
     assert evaluator.score(sevens)["inception_score"] < 1.5
+
+
+TRAIN_AND_HASH = """
+import hashlib, io, sys, torch
+from pipeline.config import DataConfig
+from pipeline.data import Split, load
+from pipeline.datasets import MNIST
+from pipeline.metrics import train_classifier
+
+cfg = DataConfig(dataset="mnist")
+train, test = load(cfg), load(cfg, train=False)
+small = Split(train.images[:4096], train.labels[:4096]), Split(test.images[:1000], test.labels[:1000])
+model, _ = train_classifier(MNIST, *small, epochs=1, progress=lambda _: None)
+buffer = io.BytesIO()
+torch.save(model.state_dict(), buffer)
+print(hashlib.sha256(buffer.getvalue()).hexdigest())
+"""
+
+
+def test_the_evaluator_trains_to_the_same_bytes_in_two_processes():
+    """Seeded training, one CPU type: two processes with nothing in common make the same weights, byte for byte
+    (what lets every host that trains its own agree; the shared copy covers CPUs that round otherwise)."""
+    from tests.conftest import run_python
+
+    digests = []
+    for _ in range(2):
+        done = run_python("-c", TRAIN_AND_HASH)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digests.append(done.stdout.strip())
+    assert digests[0] == digests[1] and len(digests[0]) == 64

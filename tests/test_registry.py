@@ -4,6 +4,7 @@ the logged generator carries its run's final FID/IS; experiments open on their t
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -54,8 +55,8 @@ def store(tmp_path_factory):
     return uri, run_id, model_uri
 
 
-def tags(fid: float, evaluator: str = EVALUATOR, dataset: str = "mnist") -> dict[str, str]:
-    return {"fid": repr(fid), "dataset": dataset, "evaluator_sha256": evaluator}
+def tags(fid: float, evaluator: str = EVALUATOR, dataset: str = "mnist", samples: int = 1000) -> dict[str, str]:
+    return {"fid": repr(fid), "dataset": dataset, "evaluator_sha256": evaluator, "eval_num_samples": str(samples)}
 
 
 def champion(uri: str, name: str) -> tuple[str, float]:
@@ -74,11 +75,28 @@ def test_champion_moves_only_when_the_fid_improves(store):
     better = register_generator(uri, "gan-mnist", model_uri, tags(40.0))
     assert better.champion == "4" and "from version 1 (FID 50.000)" in better.message
     assert champion(uri, "gan-mnist") == ("4", 40.0)
-    # Scored by another evaluator, FIDs are not comparable: the champion follows the evaluator of the latest
-    # registration, and among its versions the lowest FID.
-    other = register_generator(uri, "gan-mnist", model_uri, tags(70.0, evaluator="f" * 64))
-    assert other.champion == "5"
-    assert register_generator(uri, "gan-mnist", model_uri, tags(45.0)).champion == "4"
+    # Scored by another evaluator (or at another sample count), FIDs are not compared as they stand: the champion
+    # is re-scored the new way first, and its version records it.
+    asked = []
+
+    def rescore(version_uri: str) -> dict[str, str]:
+        asked.append(version_uri)
+        return {**tags(65.0, evaluator="f" * 64), "inception_score": "2.0"}
+
+    other = register_generator(uri, "gan-mnist", model_uri, tags(70.0, evaluator="f" * 64), rescore)
+    assert asked == ["models:/gan-mnist/4"] and other.champion == "4"
+    assert (
+        "champion version 4 re-scored with evaluator ffffffffffff at 1000 samples (was evaluator eeeeeeeeeeee, "
+        "1000 samples): FID 40.000 -> 65.000; champion stays version 4 (FID 65.000 is better)" in other.message
+    )
+    rescored = MlflowClient(uri).get_model_version("gan-mnist", "4").tags
+    assert rescored["evaluator_sha256"] == "f" * 64 and json.loads(rescored["rescored_from"])["fid"] == "40.0"
+    assert register_generator(uri, "gan-mnist", model_uri, tags(60.0, evaluator="f" * 64)).champion == "6"
+    # Without a way to re-score it (or when that fails), a champion scored otherwise keeps the alias.
+    held = register_generator(uri, "gan-mnist", model_uri, tags(10.0, samples=5000))
+    assert held.champion == "6" and "scored otherwise (evaluator ffffffffffff, 1000 samples)" in held.message
+    # Another dataset under the same name is no comparison at all: the alias follows the new one.
+    assert register_generator(uri, "gan-mnist", model_uri, tags(90.0, dataset="fashion_mnist")).champion == "8"
 
 
 @pytest.mark.parametrize("round_", range(3))

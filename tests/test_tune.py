@@ -538,21 +538,24 @@ def test_a_sweep_prepares_the_evaluator_of_each_dataset_its_trials_may_train_on(
 
     prepared = []
 
-    def prepare(cfg, progress):
+    def prepare(cfg, progress, uri):
+        assert uri == "sqlite:///store.db"  # the sweep's store: its trials share its evaluators
         prepared.append(cfg.data.dataset)
         return {"dataset": cfg.data.dataset} if cfg.eval.every_epochs else None
 
     monkeypatch.setattr(pipeline.tune, "prepare_inputs", prepare)
     base = load_config(REPO / "configs" / "smoke.yaml")
-    assert pipeline.tune.sweep_evaluators(base, print) == {"mnist": {"dataset": "mnist"}}
+    assert pipeline.tune.sweep_evaluators(base, "sqlite:///store.db", print) == {"mnist": {"dataset": "mnist"}}
     searched = load_config(
         REPO / "configs" / "smoke.yaml", ["tune.search_space={data.dataset: {choice: [fashion_mnist, mnist]}}"]
     )
     prepared.clear()
-    evaluators = pipeline.tune.sweep_evaluators(searched, print)
+    evaluators = pipeline.tune.sweep_evaluators(searched, "sqlite:///store.db", print)
     assert sorted(prepared) == ["fashion_mnist", "mnist"]
     assert all(payload["dataset"] == dataset for dataset, payload in evaluators.items()) and len(evaluators) == 2
     assert (
-        pipeline.tune.sweep_evaluators(load_config(REPO / "configs" / "smoke.yaml", ["eval.every_epochs=0"]), print)
+        pipeline.tune.sweep_evaluators(
+            load_config(REPO / "configs" / "smoke.yaml", ["eval.every_epochs=0"]), "sqlite:///store.db", print
+        )
         == {}
     )
