@@ -173,7 +173,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.runs import ui_command
+    from pipeline.runs import RunFailed, ui_command
     from pipeline.sweep_report import format_rows
     from pipeline.tune import default_sweep_name, run_sweep
 
@@ -182,7 +182,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         raise ConfigError("--resume: which sweep? pass --name NAME (or set tune.name) of the sweep to finish")
     name = name or default_sweep_name(cfg)
     started = time.perf_counter()
-    outcome = run_sweep(cfg, name, resume=args.resume, verbose=args.verbose)
+    try:
+        outcome = run_sweep(cfg, name, resume=args.resume, verbose=args.verbose)
+    except RunFailed as exc:  # the sweep stopped, resumable (its store failed)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"\nsweep {name!r}: {len(outcome.rows)} trials in {time.perf_counter() - started:.0f}s")
     print(format_rows(outcome.rows, list(cfg.tune.search_space)))
     if outcome.time is not None:

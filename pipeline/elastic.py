@@ -158,16 +158,28 @@ class ResizePoll:
         return None if target == self.world else target
 
 
-def ask_allotment(actor: Any, trial_id: str, fallback: int, node: str | None = None) -> Callable[[], int]:
-    """Rank 0's question to the sweep's allotment actor (``node``: where a thread-counted trial trains); an
-    unreachable actor means no change."""
+def ask_allotment(
+    actor: Any, trial_id: str, fallback: int, node: str | None = None, say: Callable[[str], None] = print
+) -> Callable[[], int]:
+    """Rank 0's question to the sweep's allotment actor (``node``: where a thread-counted trial trains). An
+    unreachable actor (its node lost, the driver gone) means the trial goes on with ``fallback`` (what it holds):
+    said once, then asked again quietly (an actor Ray restarts answers again)."""
+    told = False
 
     def ask() -> int:
         import ray
 
+        nonlocal told
         try:
             return int(ray.get(actor.want.remote(trial_id, node), timeout=5))
-        except Exception:  # noqa: BLE001 - resizing is an optimisation: training goes on at its size
+        except Exception as exc:  # noqa: BLE001 - resizing is an optimisation: training goes on at its size
+            if not told:
+                told = True
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                say(
+                    f"[elastic] trial {trial_id}: the sweep's allotment cannot be reached ({type(exc).__name__}: "
+                    f"{reason[:160]}); it goes on with {fallback}, as reserved"
+                )
             return fallback
 
     return ask

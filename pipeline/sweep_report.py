@@ -18,7 +18,7 @@ from pipeline.accounting import SweepTime, TrialTime, sweep_time
 from pipeline.config import PipelineConfig, trial_config
 from pipeline.distributed import finish_from_storage
 from pipeline.registry import Registration
-from pipeline.runs import register_best
+from pipeline.runs import RunFailed, register_best
 from pipeline.schedulers import scheduler_of
 from pipeline.search_space import flat_point
 from pipeline.tracking import MLflowTracker, RunRecord, find_run
@@ -42,6 +42,10 @@ def ended_status(last: dict[str, Any], final_epoch: int) -> str:
     return "finished" if int(last.get("epoch", 0)) >= final_epoch else "early_stopped"
 
 
+class SweepStoreFailed(RunFailed):
+    """The MLflow store failed in the sweep's own bookkeeping (a Tune callback): the sweep stops, resumable."""
+
+
 def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) -> Any:
     """A Tune callback that ends each trial's MLflow child run when the trial ends, so its duration is the
     trial's: an early-stopped trial's run ends KILLED (tag ``status=early_stopped``), an errored one FAILED, a
@@ -51,14 +55,21 @@ def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) ->
 
     class CloseChildRuns(Callback):
         def _close(self, trial: Any, status: str | None, tag: str | None) -> None:
-            run_id = find_run(uri, experiment, {"sweep": sweep, "trial_id": trial.trial_id})
-            if run_id is None:
-                return
-            now = int(time.time() * 1000)
-            run = MLflowTracker(uri, run_id)
-            run.set_tags({"trial_end_ms": str(now), **({"status": tag} if tag else {})})
-            if status is not None:
-                run.end(status, end_time_ms=now)
+            try:
+                run_id = find_run(uri, experiment, {"sweep": sweep, "trial_id": trial.trial_id})
+                if run_id is None:
+                    return
+                now = int(time.time() * 1000)
+                run = MLflowTracker(uri, run_id)
+                run.set_tags({"trial_end_ms": str(now), **({"status": tag} if tag else {})})
+                if status is not None:
+                    run.end(status, end_time_ms=now)
+            except Exception as exc:  # noqa: BLE001 - whatever MLflow or its transport raised: one line
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise SweepStoreFailed(
+                    f"the MLflow store {uri} failed while sweep {sweep!r} closed trial {trial.trial_id}'s run "
+                    f"({type(exc).__name__}: {reason[:200]})"
+                ) from exc
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if ended_status(trial.last_result or {}, final_epoch) == "early_stopped":

@@ -178,14 +178,18 @@ class RunRecord:
     tags: dict[str, str]
 
 
+# A run's count of metric points computed again after a restart and not written twice (MLflowTracker.flush).
+REPLAYED_TAG = "replayed_steps"
+
+
 class MLflowTracker:
     """Logs into one existing MLflow run (by id).
 
     Step metrics are buffered and written by :meth:`flush`, which the trainer calls after each epoch's
     checkpoint is saved. A run restarted from an earlier checkpoint than the one its metrics reached
     (the driver killed between the two) recomputes steps that are already logged; resuming is exact, so
-    their values are the same, and a step already in a metric's history is not written again: metric
-    histories never hold a step twice.
+    their values are the same, and a step already in a metric's history is not written again (metric
+    histories never hold a step twice), only counted in the tag ``replayed_steps``.
     """
 
     def __init__(self, uri: str, run_id: str):
@@ -218,7 +222,10 @@ class MLflowTracker:
         self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
     def flush(self) -> None:
-        fresh = []
+        """Write the buffered metrics, each step once. Points at a step the run already holds (a restart from an
+        earlier checkpoint than its metrics reached) are not written again; their count is added to the run's
+        tag ``replayed_steps``, so a run (and a test) can see that it happened."""
+        fresh, replayed = [], 0
         for metric in self._pending:
             if metric.key not in self._logged_through:
                 history = self.client.get_metric_history(self.run_id, metric.key)
@@ -226,9 +233,14 @@ class MLflowTracker:
             if metric.step > self._logged_through[metric.key]:
                 fresh.append(metric)
                 self._logged_through[metric.key] = metric.step
+            else:
+                replayed += 1
         self._pending = []
         for i in range(0, len(fresh), 1000):
             self.client.log_batch(self.run_id, metrics=fresh[i : i + 1000])
+        if replayed:
+            before = int(self.client.get_run(self.run_id).data.tags.get(REPLAYED_TAG, "0"))
+            self.set_tags({REPLAYED_TAG: str(before + replayed)})
 
     def log_image_grid(self, images: torch.Tensor, artifact_path: str) -> None:
         directory, _, name = artifact_path.rpartition("/")

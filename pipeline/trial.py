@@ -209,7 +209,7 @@ def train_runs(
     elastic, workers = None, cfg.scaling.num_workers
     if allotment is not None:
         elastic = ElasticJob(allotment, trial_id, cfg.scaling.elastic_grow_min_s)
-        workers = ask_allotment(allotment, trial_id, workers)()
+        workers = ask_allotment(allotment, trial_id, workers, say=request.progress)()
     request = dataclasses.replace(request, elastic=elastic)
     carried: dict[str, float] = {}
     while True:

@@ -28,7 +28,7 @@ from pipeline.runs import prepare_inputs
 from pipeline.schedulers import scheduler_of
 from pipeline.search_space import spec_kind, trial_count, tune_space
 from pipeline.storage import check_storage, exists, run_location, storage_root
-from pipeline.sweep_report import SweepClock, SweepOutcome, close_child_runs, summarise, sweep_status
+from pipeline.sweep_report import SweepClock, SweepOutcome, SweepStoreFailed, close_child_runs, summarise, sweep_status
 from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, start_run
 from pipeline.trial import TrialSetup, _trial_driver, trains_in_trial
 from pipeline.uris import resolve_tracking_uri
@@ -86,11 +86,38 @@ def run_sweep(
     else:
         tuner = _new_tuner(cfg, name, trainable, concurrency, callbacks, verbose)
     fit_started = time.time()
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except Exception as exc:
+        stopped = _cause(exc, SweepStoreFailed)
+        if stopped is None:
+            raise
+        raise SweepStoreFailed(f"{stopped}; {_fail_runs(uri, cfg.tracking.experiment, name, parent)}") from None
     capacity = ray.cluster_resources().get("GPU" if gpu else "CPU", 0.0)
     per_worker = cfg.scaling.gpus_per_worker if gpu else cfg.scaling.cpus_per_worker
     clock = SweepClock(fit_started, time.time() - fit_started, capacity, per_worker)
     return summarise(cfg, name, parent, results, clock)
+
+
+def _cause(exc: BaseException | None, kind: type[Exception]) -> Exception | None:
+    """The first exception of type ``kind`` in ``exc``'s chain (Tune wraps what its callbacks raise)."""
+    while exc is not None and not isinstance(exc, kind):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _fail_runs(uri: str, experiment: str, name: str, parent: MLflowTracker) -> str:
+    """The sweep's parent run and its running child runs ended FAILED, where the store still answers; what to do."""
+    resume = f"once it works, finish the sweep with --name {name} --resume"
+    try:
+        for child in parent.children():
+            if child.status == "RUNNING":
+                parent.run(child.run_id).end("FAILED")
+        parent.set_tags({"status": "failed"})
+        parent.end("FAILED")
+    except Exception:  # noqa: BLE001 - the store that failed may still be down
+        return f"its MLflow runs could not be marked FAILED (the store is down); {resume}"
+    return f"its MLflow runs are marked FAILED; {resume}"
 
 
 def _check_name(cfg: PipelineConfig, name: str, uri: str, resume: bool) -> str | None:
@@ -256,9 +283,10 @@ def elastic_shares(actor_name: str, expected: int) -> Any:
         def __init__(self) -> None:
             self.told: tuple[tuple[str, ...], int] | None = None
             self.actor: Any = None
+            self.lost = False  # said once that the actor is gone
 
         def __getstate__(self) -> dict[str, Any]:
-            return {"told": None, "actor": None}
+            return {"told": None, "actor": None, "lost": False}
 
         def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
             import ray
@@ -267,8 +295,17 @@ def elastic_shares(actor_name: str, expected: int) -> Any:
             waiting = sum(t.status in ("PENDING", "PAUSED") for t in trials) + max(0, expected - len(trials))
             if (running, waiting) != self.told:
                 self.told = (running, waiting)
-                self.actor = self.actor or ray.get_actor(actor_name)
-                self.actor.update.remote(list(running), waiting)
+                try:
+                    self.actor = self.actor or ray.get_actor(actor_name)
+                    self.actor.update.remote(list(running), waiting)
+                except Exception as exc:  # noqa: BLE001 - the trials go on with what they hold
+                    self.actor = None
+                    if not getattr(self, "lost", False):  # (a sweep state pickled before it was kept)
+                        self.lost = True
+                        print(
+                            f"[elastic] the sweep's allotment {actor_name!r} is gone ({type(exc).__name__}); "
+                            "trials go on with what they hold"
+                        )
 
     return ElasticShares()
 

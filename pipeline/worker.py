@@ -163,7 +163,7 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
         if place.is_main and exploit
         else None,
         progress=timing.progress(bar) if place.is_main else None,
-        resize=resize_poll(job, place),
+        resize=resize_poll(job, place, say),
     )
     runtime = Runtime(place.rank, place.world, place.device, place.wrap_model, place.mean_over_workers)
     monitor = (
@@ -276,13 +276,13 @@ def thread_share(
     if job.elastic is None or not job.elastic.threads:
         return []
     low = job.config.scaling.cpus_per_worker
-    ask = ask_allotment(job.elastic.allotment, job.elastic.trial_id, low, nodes[place.rank])
+    ask = ask_allotment(job.elastic.allotment, job.elastic.trial_id, low, nodes[place.rank], say)
     share = ThreadShare(ask, low, torch.set_num_threads)
     tracker.log_metrics({"threads": share.threads}, step=int(resume["step"]) if resume else 0)
     return [ThreadHook(share, tracker, say)]
 
 
-def resize_poll(job: WorkerJob, place: WorkerPlace) -> ResizePoll | None:
+def resize_poll(job: WorkerJob, place: WorkerPlace, say: Callable[[str], None]) -> ResizePoll | None:
     """An elastic trial's poll of its worker count (rank 0 asks the allotment; every rank learns the answer
     through one broadcast); None for other runs."""
     if job.elastic is None or job.elastic.threads:
@@ -293,7 +293,7 @@ def resize_poll(job: WorkerJob, place: WorkerPlace) -> ResizePoll | None:
         torch.distributed.broadcast(carrier, src=0)
         return int(carrier.item())
 
-    ask = ask_allotment(job.elastic.allotment, job.elastic.trial_id, place.world) if place.is_main else None
+    ask = ask_allotment(job.elastic.allotment, job.elastic.trial_id, place.world, say=say) if place.is_main else None
     return ResizePoll(ask, place.world, broadcast, job.elastic.grow_min_s)
 
 

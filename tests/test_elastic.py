@@ -223,3 +223,21 @@ def test_cpus_per_worker_takes_a_range_for_one_worker_trials():
         load_config(None, ["scaling.max_cpus_per_worker=2"])
     with pytest.raises(ConfigError, match=r"cpus_per_worker: \[3, 2\]; min must not exceed max"):
         load_config(None, ["scaling.cpus_per_worker=[3, 2]"])
+
+
+def test_an_allotment_that_cannot_be_reached_is_said_once_and_the_trial_keeps_what_it_holds():
+    from pipeline.elastic import ask_allotment
+
+    class Gone:
+        class want:  # noqa: N801 - the actor method's name
+            @staticmethod
+            def remote(*args):
+                raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+    said = []
+    ask = ask_allotment(Gone(), "t1", fallback=2, say=said.append)
+    assert [ask() for _ in range(3)] == [2, 2, 2]
+    assert said == [
+        "[elastic] trial t1: the sweep's allotment cannot be reached (RuntimeError: The actor died unexpectedly "
+        "before finishing this task.); it goes on with 2, as reserved"
+    ]

@@ -95,8 +95,11 @@ def test_a_step_already_logged_is_not_written_again(tmp_path):
     restarted = MLflowTracker(uri, run_id)  # a new worker, resumed from the checkpoint at step 2
     for step in (4, 6, 8):
         restarted.log_metrics({"loss_d": float(step)}, step=step)
+    assert "replayed_steps" not in first.tags()  # nothing computed twice so far
     restarted.flush()
     assert restarted.metric_history("loss_d") == [(2, 2.0), (4, 4.0), (6, 6.0), (8, 8.0)]
+    # The store holds each step once; the run says how many points it dropped as recomputed.
+    assert restarted.tags()["replayed_steps"] == "2"
 
 
 def test_two_runs_logging_the_same_new_dataset_at_once_both_get_it(tmp_path):

@@ -559,3 +559,50 @@ def test_a_sweep_prepares_the_evaluator_of_each_dataset_its_trials_may_train_on(
         )
         == {}
     )
+
+
+def test_a_store_failing_in_the_sweeps_bookkeeping_stops_it_with_one_line_and_failed_resumable_runs(
+    tmp_path, monkeypatch
+):
+    """The MLflow store fails inside a Tune callback (a trial's run being closed): one line naming the store, the
+    sweep and the way on, never a traceback; the sweep's runs are marked FAILED where the store still answers."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's client retries for minutes otherwise
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    from types import SimpleNamespace
+
+    from ray.tune.error import TuneError
+
+    from pipeline.sweep_report import SweepStoreFailed, close_child_runs
+    from pipeline.tracking import MLflowTracker, start_run
+    from pipeline.tune import _cause, _fail_runs
+
+    closing = close_child_runs("http://127.0.0.1:9", "gan-pipeline", "s", 3)
+    with pytest.raises(SweepStoreFailed) as caught:
+        closing.on_trial_error(1, [], SimpleNamespace(trial_id="t1", last_result={}))
+    message = str(caught.value)
+    assert message.startswith("the MLflow store http://127.0.0.1:9 failed while sweep 's' closed trial t1's run (")
+    assert "\n" not in message
+    # Tune hands it on wrapped: the sweep finds it in the chain.
+    try:
+        try:
+            raise caught.value
+        except SweepStoreFailed as inner:
+            raise TuneError("The Ray Tune run failed.") from inner
+    except TuneError as wrapped:
+        assert _cause(wrapped, SweepStoreFailed) is caught.value
+    assert _cause(TuneError("other"), SweepStoreFailed) is None
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = MLflowTracker(uri, start_run(uri, "gan-pipeline", "s", {"kind": "sweep", "sweep": "s"}))
+    running = start_run(uri, "gan-pipeline", "t1", {"mlflow.parentRunId": parent.run_id})
+    finished = start_run(uri, "gan-pipeline", "t2", {"mlflow.parentRunId": parent.run_id})
+    MLflowTracker(uri, finished).end("FINISHED")
+    assert _fail_runs(uri, "gan-pipeline", "s", parent) == (
+        "its MLflow runs are marked FAILED; once it works, finish the sweep with --name s --resume"
+    )
+    assert parent.status() == "FAILED" and MLflowTracker(uri, running).status() == "FAILED"
+    assert MLflowTracker(uri, finished).status() == "FINISHED"
+    gone = MLflowTracker("http://127.0.0.1:9", parent.run_id)
+    assert "could not be marked FAILED (the store is down)" in _fail_runs(
+        "http://127.0.0.1:9", "gan-pipeline", "s", gone
+    )
