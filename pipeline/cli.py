@@ -211,9 +211,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: {args.out!r} must end in .npz")
     import torch
 
+    from pipeline.pictures import save_image_grid
     from pipeline.registry import generator_uri, load_generator
     from pipeline.sampling import generate_images
-    from pipeline.tracking import save_image_grid
     from pipeline.uris import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)

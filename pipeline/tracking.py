@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import PrivateApiChanged, UserError, make_writable_dir
+from pipeline.pictures import figure, save_image_grid
 from pipeline.uris import local_store_dir
 
 
@@ -58,13 +59,6 @@ class NullTracker:
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return []
-
-
-def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
-    """uint8 images (N, H, W) -> a PNG grid with ``nrow`` images per row."""
-    from torchvision.utils import save_image
-
-    save_image(images.unsqueeze(1).float().div(255.0), path, nrow=nrow, padding=2, pad_value=0.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,26 +355,6 @@ class MLflowTracker:
         """Close the run with ``status`` at ``end_time_ms`` (default now)."""
         self.flush()
         self.client.set_terminated(self.run_id, status=status, end_time=end_time_ms)
-
-
-@contextlib.contextmanager
-def figure(path: str, xlabel: str, ylabel: str, size: tuple[float, float] = (7, 4)) -> Iterator[Any]:
-    """A matplotlib axes to draw on; labelled, gridded and saved as a PNG at ``path`` when the block ends."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=size)
-    try:
-        yield ax
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-    finally:
-        plt.close(fig)
 
 
 @contextlib.contextmanager
