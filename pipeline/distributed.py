@@ -25,7 +25,13 @@ import torch
 from pipeline import STARTED_AT
 from pipeline.config import PipelineConfig
 from pipeline.errors import ConfigError
-from pipeline.ray_runtime import init_ray, set_worker_group_start_timeout, startup_timed_out, train_worker_env
+from pipeline.ray_runtime import (
+    init_ray,
+    lost_ranks,
+    set_worker_group_start_timeout,
+    startup_timed_out,
+    train_worker_env,
+)
 from pipeline.runs import (
     RunDiverged,
     RunRequest,
@@ -38,7 +44,7 @@ from pipeline.runs import (
     register_best,
     verify_latest_checkpoint,
 )
-from pipeline.storage import run_location, storage_root
+from pipeline.storage import recorded_progress, run_location, storage_root
 from pipeline.tracking import MLflowTracker
 from pipeline.train import DIVERGENCE_HINT, all_reduce_mean, result_resize_to
 from pipeline.worker import WorkerJob, WorkerPlace, run_worker
@@ -216,7 +222,7 @@ def build_trainer(
             storage_path=str(storage_root(cfg)),
             checkpoint_config=checkpoint_config(job, CheckpointConfig),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, lost_workers(run_location(cfg, name), cfg.train.max_failures)],
             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
             worker_runtime_env={"env_vars": train_worker_env()},
         ),
@@ -257,6 +263,33 @@ def forward_reports(queue: Any) -> Any:
             queue.put((dict(metrics[0]), checkpoint))
 
     return ForwardReports()
+
+
+def lost_workers(location: str, max_failures: int) -> Any:
+    """A Ray Train callback (it runs in Train's controller) that says in one line when workers are lost (their
+    process or node died): which ranks, and the checkpoint the group restarts from. Ray's own tracebacks of
+    it are hidden unless --verbose (ray_runtime.RAY_NOISE)."""
+    from ray.train import UserCallback
+
+    class LostWorkers(UserCallback):
+        def __init__(self) -> None:
+            self.said: set[tuple[int, ...]] = set()
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            lost = lost_ranks(worker_exceptions)
+            if not lost or tuple(lost) in self.said:  # said once per loss, not at every poll that sees it
+                return
+            self.said.add(tuple(lost))
+            ranks = ", ".join(f"rank {rank} ({cause})" for rank, cause in lost.items())
+            progress = recorded_progress(location)
+            where = (
+                f"training resumes from epoch {progress[0]} (step {progress[1]}) of the recorded checkpoint"
+                if progress
+                else "training starts over: no checkpoint was recorded yet"
+            )
+            print(f"[train] lost worker(s) {ranks}; {where} (up to train.max_failures={max_failures} times)")
+
+    return LostWorkers()
 
 
 def finish_from_storage(cfg: PipelineConfig, name: str, uri: str, run_id: str, result: Any = None) -> TrainOutcome:

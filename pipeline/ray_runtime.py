@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -32,7 +33,22 @@ RAY_NOISE = (
     "worker processes have been started on node",  # the raylet's note on its own worker start-up rate
     "Checkpoint successfully created at",  # Tune, each time a trial hands it a checkpoint (PBT: every report)
     "from checkpoint: Checkpoint(",  # Tune restoring a paused or copied trial: our [pbt] line says which
+    # A node lost: the controller's failed shutdown of the dead group, the raylet's and GCS's notes, a surviving
+    # worker's broken collective. The run's own "[train] lost worker" line says what happened and what follows.
+    "Graceful shutdown of backend failed",
+    "has been marked dead because the detector has missed too many heartbeats",
+    "bundle(s) for placement group",
+    "Connection reset by peer",
+    "A worker died or was killed while executing a task by an unexpected system error",
+    "class_name: RayTrainWorker",
+    "The actor is dead because its worker process has died",
+    "The actor died unexpectedly before finishing this task",
 )
+# How a worker's training function fails when a peer is lost (its collective broken): that traceback is hidden
+# too, as a consequence the "[train] lost worker" line explains. Any other error of a worker shows in full.
+TRAINING_ERROR = "Error in training function"
+RAY_LOST_PEER = ("Connection closed by peer", "Connection reset by peer")
+HELD_MOST = 400  # lines of a held error at most
 # Ray's internal actors whose every line is for Ray's developers: the placement-group janitor of each Train
 # run ("Detected that the Ray Train controller actor ... is dead. Cleaning up placement group").
 RAY_NOISY_ACTORS = ("PlacementGroupCleaner",)
@@ -53,13 +69,14 @@ PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 def init_ray(verbose: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS, else start a fresh local Ray (never a stale one)."""
+    # Ray folds log lines that differ only in their numbers into one: that would hide every worker's and
+    # trial's epoch line but the first. It reads the variable when it is imported: set it first.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
     if ray.is_initialized():
         return
-    # Ray folds log lines that differ only in their numbers into one: that would hide every worker's
-    # and trial's epoch line but the first.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    _log_dedup_as_set()
     address = os.environ.get("RAY_ADDRESS") or "local"
     level = logging.INFO if verbose else logging.WARNING
     if not verbose:
@@ -70,7 +87,15 @@ def init_ray(verbose: bool = False) -> None:
     else:
         ray.init(address=address, log_to_driver=True, logging_level=level)
     if not verbose:
-        hide_worker_lines(RAY_NOISE, RAY_NOISY_ACTORS)
+        hide_worker_lines(RAY_NOISE, RAY_NOISY_ACTORS, RAY_LOST_PEER)
+
+
+def _log_dedup_as_set() -> None:
+    """Ray's log deduplication as $RAY_DEDUP_LOGS says now, also where Ray was imported before it was set (a
+    `ray job submit` entrypoint, a script that imported ray first): Ray keeps the value it read at import."""
+    from ray._private import ray_logging
+
+    ray_logging.RAY_DEDUP_LOGS = os.environ.get("RAY_DEDUP_LOGS", "1").lower() not in ("0", "false")
 
 
 def _auth_on_notice(record: Any) -> bool:
@@ -99,7 +124,7 @@ def _state_api_pinned() -> Iterator[int | None]:
         del os.environ[STATE_API_ENV]
 
 
-def hide_worker_lines(patterns: Sequence[str], actors: Sequence[str] = ()) -> None:
+def hide_worker_lines(patterns: Sequence[str], actors: Sequence[str] = (), consequences: Sequence[str] = ()) -> None:
     """Put a `NoiseFilter` in front of Ray's printer of forwarded output: the workers' lines (through the
     printer the log dispatcher holds) and the raylet's messages (printed through the module's function). Ray
     has no public hook for this: if its internals moved, everything is printed as before."""
@@ -116,7 +141,7 @@ def hide_worker_lines(patterns: Sequence[str], actors: Sequence[str] = ()) -> No
     ):
         return
     original = getattr(ray_worker.print_to_stdstream, "unfiltered", ray_worker.print_to_stdstream)
-    noise = NoiseFilter(patterns, actors)
+    noise = NoiseFilter(patterns, actors, consequences)
 
     def filtered(data: dict, ignore_prefix: bool) -> None:
         lines = noise(data.get("pid"), data.get("lines", []), data.get("actor_name") or "")
@@ -130,31 +155,56 @@ def hide_worker_lines(patterns: Sequence[str], actors: Sequence[str] = ()) -> No
 
 
 class NoiseFilter:
-    """Drops the lines containing any of ``patterns`` and the Python traceback right after such a line,
-    following each process's output across batches, and every line of the actors named in ``actors``."""
+    """Drops the lines containing any of ``patterns``, with the indented lines and the Python traceback right
+    after such a line, following each process's output across batches; every line of the actors named in
+    ``actors``; and a worker's "Error in training function" traceback that ends in one of ``consequences`` (a
+    surviving worker's collective broken by a lost peer), which is held until its end to decide."""
 
-    def __init__(self, patterns: Sequence[str], actors: Sequence[str] = ()):
-        self.patterns, self.actors = tuple(patterns), tuple(actors)
+    def __init__(self, patterns: Sequence[str], actors: Sequence[str] = (), consequences: Sequence[str] = ()):
+        self.patterns, self.actors, self.consequences = tuple(patterns), tuple(actors), tuple(consequences)
         self.state: dict[Any, str] = {}  # per process: "noise" after a hidden line, "traceback" inside its traceback
+        self.held: dict[Any, list[str]] = {}  # per process: a training-function error, until its traceback ends
 
     def __call__(self, source: Any, lines: Sequence[str], actor: str = "") -> list[str]:
         if actor and any(name in actor for name in self.actors):
             return []
-        kept = []
+        kept: list[str] = []
         for line in lines:
-            now = self.state.get(source, "")
-            if any(p in line for p in self.patterns):
-                self.state[source] = "noise"
-            elif now and line.startswith("Traceback (most recent call last)"):
-                self.state[source] = "traceback"
-            elif now == "traceback" and (line.startswith(" ") or not line.strip()):
-                pass
-            elif now == "traceback" and _ends_traceback(line):
-                self.state[source] = ""
+            if source in self.held:
+                self._hold(source, line, kept)
+            elif self.consequences and line.startswith(TRAINING_ERROR):
+                self.held[source] = [line]
             else:
-                self.state[source] = ""
-                kept.append(line)
+                self._filter(source, line, kept)
         return kept
+
+    def _hold(self, source: Any, line: str, kept: list[str]) -> None:
+        held = self.held[source]
+        held.append(line)
+        if not (line.startswith(("Traceback", " ")) or not line.strip()) and _ends_traceback(line):
+            del self.held[source]
+            if any(c in line for c in self.consequences):
+                self.state[source] = "noise"  # and the blank line after it
+            else:
+                kept.extend(held)
+        elif len(held) > HELD_MOST:  # not the traceback expected: show it as it came
+            kept.extend(self.held.pop(source))
+
+    def _filter(self, source: Any, line: str, kept: list[str]) -> None:
+        now = self.state.get(source, "")
+        if any(p in line for p in self.patterns):
+            self.state[source] = "noise"
+        elif now and line.startswith("Traceback (most recent call last)"):
+            self.state[source] = "traceback"
+        elif now == "traceback" and (line.startswith(" ") or not line.strip()):
+            pass
+        elif now == "traceback" and _ends_traceback(line):
+            self.state[source] = ""
+        elif now == "noise" and (line.startswith(("\t", "  ")) or not line.strip()):
+            pass  # the hidden message's indented continuation
+        else:
+            self.state[source] = ""
+            kept.append(line)
 
 
 def _ends_traceback(line: str) -> bool:
@@ -174,6 +224,21 @@ def startup_timed_out(exc: BaseException) -> bool:
     return isinstance(getattr(exc, "controller_failure", None), WorkerGroupStartupTimeoutError)
 
 
+def lost_ranks(worker_exceptions: dict[int, Exception]) -> dict[int, str]:
+    """The ranks of a Train worker group whose worker is gone (its process or node died, or it stopped
+    answering), each with the cause in a few words; not the ranks that raised an error of their own."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+    lost = {}
+    for rank, exc in sorted(worker_exceptions.items()):
+        if isinstance(exc, WorkerHealthCheckTimeoutError):
+            lost[rank] = "stopped answering"
+        elif isinstance(exc, WorkerHealthCheckFailedError):
+            node = re.search(r"node_ip='([^']+)'", str(exc))  # the worker's description in the error
+            lost[rank] = type(exc.health_check_failure).__name__ + (f" on node {node.group(1)}" if node else "")
+    return lost
+
+
 def set_worker_group_start_timeout(seconds: float) -> None:
     """How long Train waits for a worker group's CPUs/GPUs (Ray's default, 60 s, is retried for ever: a lost node
     that never comes back would hang the run). Train propagates the driver's value to its controller."""
@@ -186,14 +251,20 @@ def train_worker_env() -> dict[str, str]:
     return {PRINT_PATCH_ENV: "0", "PYTHONUNBUFFERED": "1"}
 
 
-def latest_recorded_checkpoint(record: bytes | str) -> str | None:
-    """The directory name of the checkpoint Ray Train's record (the contents of :data:`TRAIN_RECORD`) names as
-    latest; None when it names none, or cannot be read (damaged: not JSON, not text)."""
+def latest_recorded_result(record: bytes | str) -> dict[str, Any]:
+    """What Ray Train's record (the contents of :data:`TRAIN_RECORD`) says of its latest checkpoint:
+    ``checkpoint_dir_name`` and the ``metrics`` reported with it; empty when it names none, or cannot be read
+    (damaged: not JSON, not text)."""
     try:
         latest = json.loads(record).get("latest_checkpoint_result") or {}
     except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
-        return None
-    return latest.get("checkpoint_dir_name") or None
+        return {}
+    return latest if isinstance(latest, dict) else {}
+
+
+def latest_recorded_checkpoint(record: bytes | str) -> str | None:
+    """The directory name of the checkpoint Ray Train's record names as latest; None when it names none."""
+    return latest_recorded_result(record).get("checkpoint_dir_name") or None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,6 +331,15 @@ def _probe_worker_printer() -> None:
     )
 
 
+def _probe_log_dedup() -> None:
+    from ray._private import ray_logging
+
+    api = "ray._private.ray_logging.RAY_DEDUP_LOGS"
+    _expect(isinstance(getattr(ray_logging, "RAY_DEDUP_LOGS", None), bool), api, "the module has no such flag")
+    source = inspect.getsource(ray_logging.LogDeduplicator.deduplicate)
+    _expect("if not RAY_DEDUP_LOGS" in source, api, "LogDeduplicator.deduplicate no longer reads it")
+
+
 def _probe_state_api_address() -> None:
     from ray._private import ray_constants
     from ray.dashboard import utils
@@ -291,6 +371,19 @@ def _probe_startup_timeout() -> None:
     except (ImportError, TypeError) as exc:
         raise PrivateApiChanged(f"{api}: {exc}; update startup_timed_out") from None
     _expect(startup_timed_out(ControllerError(failure)), api, "ControllerError.controller_failure no longer holds it")
+
+
+def _probe_lost_ranks() -> None:
+    api = "ray.train.v2._internal.exceptions.WorkerHealthCheckFailedError / WorkerHealthCheckTimeoutError"
+    try:
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+        died = WorkerHealthCheckFailedError("Worker(metadata=(node_ip='10.0.0.7'))", failure=RuntimeError("gone"))
+        silent = WorkerHealthCheckTimeoutError("no answer")
+    except (ImportError, TypeError) as exc:
+        raise PrivateApiChanged(f"{api}: {exc}; update lost_ranks") from None
+    found = lost_ranks({0: died, 1: silent, 2: ValueError("its own")})
+    _expect(found == {0: "RuntimeError on node 10.0.0.7", 1: "stopped answering"}, api, f"lost_ranks saw {found}")
 
 
 def _probe_train_constants() -> None:
@@ -343,9 +436,11 @@ def _probe_tune_controller() -> None:
 
 PRIVATE_APIS: dict[str, Callable[[], None]] = {
     "worker output printer": _probe_worker_printer,
+    "log deduplication flag": _probe_log_dedup,
     "state API address": _probe_state_api_address,
     "token authentication notice": _probe_auth_logger,
     "Train worker-group start timeout": _probe_startup_timeout,
+    "Train worker health-check errors": _probe_lost_ranks,
     "Train constants and variables": _probe_train_constants,
     "Train checkpoint record": _probe_train_record,
     "PBT exploit counter": _probe_pbt_perturbations,

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from pipeline import PROJECT_ROOT
 from pipeline.config import PipelineConfig
 from pipeline.errors import UserError, make_writable_dir
-from pipeline.ray_runtime import TRAIN_RECORD, latest_recorded_checkpoint
+from pipeline.ray_runtime import TRAIN_RECORD, latest_recorded_checkpoint, latest_recorded_result
 
 
 class StorageError(UserError):
@@ -73,11 +73,7 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
     import pyarrow.fs
 
     filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
-    try:
-        with filesystem.open_input_stream(f"{root}/{TRAIN_RECORD}") as stream:
-            name = latest_recorded_checkpoint(stream.read())
-    except OSError:  # no record: nothing to check
-        name = None
+    name = latest_recorded_checkpoint(_train_record(location))
     if not name:
         yield None
         return
@@ -96,6 +92,27 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
         ):
             shutil.copyfileobj(remote, out)
         yield local, source
+
+
+def _train_record(location: str) -> bytes:
+    """Ray Train's record of the run at ``location`` (empty when there is none yet)."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
+    try:
+        with filesystem.open_input_stream(f"{root}/{TRAIN_RECORD}") as stream:
+            return stream.read()
+    except OSError:  # no record yet
+        return b""
+
+
+def recorded_progress(location: str) -> tuple[int, int] | None:
+    """(epochs completed, step) of the checkpoint a restart of the run at ``location`` begins from: the latest that
+    Ray Train's record names; None when it names none (the run starts over)."""
+    metrics = latest_recorded_result(_train_record(location)).get("metrics") or {}
+    if "step" not in metrics:
+        return None
+    return int(metrics.get("epoch", 0)), int(metrics["step"])
 
 
 def _check_s3_bucket(root: str) -> None:

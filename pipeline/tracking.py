@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -158,6 +159,8 @@ def start_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | N
 def mlflow_client(uri: str) -> Any:
     """MLflow's client of the store at ``uri`` (pipeline.registry's way in too)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: URL" whenever a run on a server ends; the commands print their own link.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -365,6 +368,8 @@ def system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[
     # the monitor itself logs into any run by id.
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    # Its INFO lines (started, stopping, no GPU to log) say nothing a user acts on; warnings still show.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
     monitor.start()
     try:

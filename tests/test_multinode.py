@@ -223,6 +223,14 @@ def test_ray_job_submit_of_a_sweep_over_two_nodes_with_s3_and_the_team_server(te
     # The job's own log says where everything went.
     assert f"trials and sweep state in s3://{BUCKET}/runs/team-sweep" in job.stdout
     assert f"at {server.uri}" in job.stdout and "MLflow parent run id" in job.stdout
+    # A console a person can follow: each trial's every epoch line once, none folded into another's by Ray's
+    # deduplication, and none of MLflow's own notices.
+    output = job.stdout + job.stderr
+    for epoch in (1, 2):
+        lines = re.findall(rf"\[(\w+)\] epoch {epoch}/2 ", output)
+        assert len(lines) == 2 and len(set(lines)) == 2, (epoch, lines, output[-5000:])
+    for noise in ("repeated", "View run", "system_metrics", "INFO mlflow"):
+        assert noise not in output, (noise, output[-5000:])
 
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("gan-pipeline")
@@ -260,10 +268,16 @@ def test_a_lost_node_is_replaced_and_the_run_finishes_from_its_s3_checkpoint(tea
     cluster.add_node(num_cpus=1, env=team["node_env"])
     resumed = driver.wait_for("resuming from epoch", 600)
     code, output = driver.finish(900)
+    (team["base"] / "spot.log").write_text(output)
+    print(f"driver output: {team['base'] / 'spot.log'}")
     assert code == 0, output[-5000:]
     epoch = int(RESUMED.search(output).group(1))
     assert 1 <= epoch < NODE_LOSS_EPOCHS, epoch  # from a checkpoint, with epochs still to train
     print(f"node lost -> training resumed from the S3 checkpoint of epoch {epoch}: {resumed - lost:.0f} s")
+    # A console a person can follow: one line for the loss (which rank, from which checkpoint), no tracebacks.
+    (said,) = re.findall(r"\[train\] lost worker\(s\) rank 1 \(.*", output)
+    assert f"training resumes from epoch {epoch} " in said, said
+    assert "Traceback" not in output and "marked dead" not in output, output[-5000:]
 
     client, run = run_of(team, "spot")
     assert run.info.status == "FINISHED" and run.data.tags["num_train_nodes"] == "2"

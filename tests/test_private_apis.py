@@ -46,6 +46,22 @@ def _break_startup_timeout(monkeypatch):
     monkeypatch.delattr(exceptions, "WorkerGroupStartupTimeoutError")
 
 
+def _break_log_dedup(monkeypatch):
+    from ray._private import ray_logging
+
+    monkeypatch.delattr(ray_logging, "RAY_DEDUP_LOGS")
+
+
+def _break_health_check_errors(monkeypatch):
+    from ray.train.v2._internal import exceptions
+
+    class Renamed(exceptions.WorkerHealthCheckFailedError):
+        def __init__(self, message, failure):
+            super().__init__("no worker description", failure)
+
+    monkeypatch.setattr(exceptions, "WorkerHealthCheckFailedError", Renamed)
+
+
 def _break_train_constants(monkeypatch):
     from ray.train.v2._internal import constants
 
@@ -96,6 +112,8 @@ BREAKS = {
     "state API address": (_break_state_api_address, "RAY_API_SERVER_ADDRESS"),
     "token authentication notice": (_break_auth_notice, ray_runtime.AUTH_LOGGER),
     "Train worker-group start timeout": (_break_startup_timeout, "WorkerGroupStartupTimeoutError"),
+    "log deduplication flag": (_break_log_dedup, "ray_logging.RAY_DEDUP_LOGS"),
+    "Train worker health-check errors": (_break_health_check_errors, "WorkerHealthCheckFailedError"),
     "Train constants and variables": (_break_train_constants, "ray.train.v2._internal.constants"),
     "Train checkpoint record": (_break_train_record, "latest_checkpoint_result.checkpoint_dir_name"),
     "PBT exploit counter": (_break_pbt_counter, "PopulationBasedTraining._num_perturbations"),

@@ -309,6 +309,39 @@ def test_ray_noise_and_its_traceback_are_hidden_and_nothing_else():
     assert noise(11, ["epoch 1/2"], actor="RayTrainWorker") == ["epoch 1/2"]
 
 
+def test_a_lost_peers_consequences_are_hidden_and_other_worker_errors_shown():
+    """A node lost, as the console showed it: the raylet's and controller's notes (with their indented
+    continuation) and a surviving worker's broken collective are hidden; a worker's own error is shown whole."""
+    from pipeline.ray_runtime import RAY_LOST_PEER, RAY_NOISE, NoiseFilter
+
+    noise = NoiseFilter(RAY_NOISE, (), RAY_LOST_PEER)
+    controller = [
+        "\tclass_name: RayTrainWorker",
+        "\tactor_id: 72aae88a",
+        "\tip: 192.0.2.2",
+        "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR",
+        "[train] lost worker(s) rank 1 (ActorDiedError on node 192.0.2.2); training resumes from epoch 1",
+    ]
+    assert noise(1, controller) == [controller[-1]]
+    broken = [
+        "Error in training function:",
+        "Traceback (most recent call last):",
+        '  File "train.py", line 43',
+        "    dist.all_reduce(values)",
+    ]
+    assert noise(2, broken) == []  # held: its end decides
+    assert noise(
+        2,
+        [
+            "RuntimeError: [gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:3801.",
+            "",
+            "epoch 2/3  loss_d=1.0966",
+        ],
+    ) == ["epoch 2/3  loss_d=1.0966"]
+    own = [*broken[:3], "ValueError: a bug of our own"]
+    assert noise(3, own) == own
+
+
 @pytest.mark.parametrize(
     "flags, expected",
     [({"avx512f", "avx2"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_tile", "amx_bf16"}, True)],
