@@ -214,9 +214,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from pipeline.pictures import save_image_grid
     from pipeline.registry import generator_uri, load_generator
     from pipeline.sampling import generate_images
+    from pipeline.tracking import check_tracking_uri
     from pipeline.uris import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
+    check_tracking_uri(uri)
     generator, facts = load_generator(uri, generator_uri(args.run_id, args.model))
     images = generate_images(generator, args.num, facts["latent_dim"], args.seed, torch.device("cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,10 +235,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.config import DataConfig
     from pipeline.metrics import shared_evaluator
+    from pipeline.tracking import check_tracking_uri
     from pipeline.uris import resolve_tracking_uri
 
     # Scored by the evaluator every run on the store shares: the figures compare with the runs'.
     uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
+    check_tracking_uri(uri)
     data_cfg = DataConfig(dataset=args.dataset, root=args.root)
     if args.real:
         from pipeline.metrics import real_reference

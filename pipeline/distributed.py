@@ -268,12 +268,15 @@ def forward_reports(queue: Any) -> Any:
 def lost_workers(location: str, max_failures: int) -> Any:
     """A Ray Train callback (it runs in Train's controller) that says in one line when workers are lost (their
     process or node died): which ranks, and the checkpoint the group restarts from. Ray's own tracebacks of
-    it are hidden unless --verbose (ray_runtime.RAY_NOISE)."""
+    it are hidden unless --verbose (console.RAY_NOISE)."""
     from ray.train import UserCallback
 
     class LostWorkers(UserCallback):
         def __init__(self) -> None:
             self.said: set[tuple[int, ...]] = set()
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            self.said.clear()  # training goes on: a later loss is a new one
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             lost = lost_ranks(worker_exceptions)

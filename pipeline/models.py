@@ -160,7 +160,7 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
+        if type(child) is nn.BatchNorm2d and child.affine and child.track_running_stats:  # as the networks make them
             norm = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, True)
             norm.weight, norm.bias = child.weight, child.bias
             norm.running_mean, norm.running_var = child.running_mean, child.running_var

@@ -6,7 +6,6 @@ the FID/IS evaluators every run on a tracking store shares (``evaluator-<dataset
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -16,7 +15,6 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import UserError
 from pipeline.tracking import (
     GENERATOR_FACTS,
     TrackingError,
@@ -127,7 +125,8 @@ def register_generator(
 
     FIDs are compared only between versions that share :data:`COMPARED_ON`. A champion of the same dataset scored
     otherwise (another evaluator, another sample count, or before versions recorded them) is first re-scored by
-    ``rescore`` (its generator is in the registry) and its tags updated; without that evidence it keeps the alias.
+    ``rescore`` (its generator is in the registry), the figure kept beside its own (tag ``fid.<sha12>.<n>``: its
+    own tags stay what its run measured); without that evidence it keeps the alias.
     A champion of another dataset under the same name gives it up. Concurrent registrations (sweeps ending at
     once) converge: each writer sets the alias to the best version it can see, then reads again and repeats until
     the alias is where it should be, so the last writer always saw every version registered before its final
@@ -145,16 +144,19 @@ def register_generator(
     champion = _champion(client, name)
     fid = float(tags["fid"])
     if champion is not None and str(champion.version) == str(version):
+        before = _fid_for(previous, tags) if previous is not None else None
         was = (
-            f"version {previous.version} (FID {float(previous.tags.get('fid', 'nan')):.3f})"
+            f"version {previous.version} (FID {before if before is None else f'{before:.3f}'})"
             if previous is not None
             else "no champion before"
         )
         outcome = f"champion moved to it from {was}"
     elif champion is not None:
+        comparable = _fid_for(champion, tags)
         outcome = (
-            f"champion stays version {champion.version} (FID {float(champion.tags.get('fid', 'nan')):.3f}"
-            f"{' is better' if _comparable(champion, tags) else ''})"
+            f"champion stays version {champion.version} (FID {comparable:.3f} is better)"
+            if comparable is not None
+            else f"champion stays version {champion.version} (FID {_float(champion.tags.get('fid'))}, not comparable)"
         )
     else:
         outcome = "no champion"
@@ -188,28 +190,31 @@ def _new_version(client: Any, name: str, model_uri: str, tags: dict[str, str]) -
     raise AssertionError("unreachable")
 
 
+def score_key(tags: dict[str, str]) -> str:
+    """The version tag that holds a re-score by the evaluator and sample count of ``tags``: fid.<sha12>.<n>."""
+    return f"fid.{tags.get('evaluator_sha256', '')[:12]}.{tags.get('eval_num_samples', '')}"
+
+
 def _rescore(client: Any, name: str, champion: Any, tags: dict[str, str], rescore: Rescore | None) -> tuple[str, bool]:
-    """Re-score ``champion`` the way ``tags`` were scored and record it on the version: (a note for the log line,
-    whether the alias must stay where it is for want of evidence)."""
-    was = {key: champion.tags.get(key, "") for key in ("fid", "evaluator_sha256", "eval_num_samples")}
-    scored = f"evaluator {was['evaluator_sha256'][:12] or 'unknown'}, {was['eval_num_samples'] or 'unknown'} samples"
+    """Re-score ``champion`` the way ``tags`` were scored and record it on the version beside its own figures (tag
+    :func:`score_key`): (a note for the log line, whether the alias must stay for want of evidence)."""
+    was = f"evaluator {champion.tags.get('evaluator_sha256', '')[:12] or 'unknown'}, "
+    was += f"{champion.tags.get('eval_num_samples') or 'unknown'} samples"
+    held = f"champion version {champion.version} was scored otherwise ({was})"
     if rescore is None:
-        return (
-            f"champion version {champion.version} was scored otherwise ({scored}) and cannot be re-scored here; ",
-            True,
-        )
+        return f"{held} and cannot be re-scored here; ", True
     try:
         fresh = rescore(f"models:/{name}/{champion.version}")
-    except UserError as exc:
-        return f"champion version {champion.version} could not be re-scored ({exc}); ", True
-    for key, value in {**fresh, "rescored_from": json.dumps(was, sort_keys=True)}.items():
-        client.set_model_version_tag(name, champion.version, key, value)
-    return (
+        client.set_model_version_tag(name, champion.version, score_key(fresh), fresh["fid"])
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the alias stays without evidence
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return f"{held} and could not be re-scored ({type(exc).__name__}: {reason}); ", True
+    note = (
         f"champion version {champion.version} re-scored with evaluator {fresh['evaluator_sha256'][:12]} at "
-        f"{fresh['eval_num_samples']} samples (was {scored}): FID {float(was['fid'] or 'nan'):.3f} -> "
-        f"{float(fresh['fid']):.3f}; ",
-        False,
+        f"{fresh['eval_num_samples']} samples (was {was}, FID {_float(champion.tags.get('fid'))}): FID "
+        f"{float(fresh['fid']):.3f}; "
     )
+    return note, score_key(fresh) != score_key(tags)  # another evaluator than this version's: still no comparison
 
 
 def _move_alias(client: Any, name: str, tags: dict[str, str]) -> None:
@@ -234,27 +239,44 @@ def _champion(client: Any, name: str) -> Any:
         return None
 
 
-def _comparable(version: Any, tags: dict[str, str]) -> bool:
-    return all(version.tags.get(k) == tags.get(k) for k in COMPARED_ON) and "fid" in version.tags
-
-
-def _fid(version: Any) -> float:
+def _float(text: str | None) -> str:
     try:
-        return float(version.tags["fid"])
-    except (KeyError, ValueError):
-        return float("inf")
+        return f"{float(text or 'nan'):.3f}"
+    except ValueError:
+        return str(text)
+
+
+def _fid_for(version: Any, tags: dict[str, str]) -> float | None:
+    """``version``'s FID measured as ``tags`` were (same dataset, evaluator and sample count): its own, or a
+    re-score recorded on it; None when it has none."""
+    if version.tags.get("dataset") != tags.get("dataset"):
+        return None
+    own = all(version.tags.get(k) == tags.get(k) for k in COMPARED_ON)
+    value = version.tags.get("fid") if own else version.tags.get(score_key(tags))
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _comparable(version: Any, tags: dict[str, str]) -> bool:
+    return _fid_for(version, tags) is not None
 
 
 def _best_version(client: Any, name: str, tags: dict[str, str]) -> Any:
     """The version with the lowest FID among those comparable with ``tags`` (the oldest of equals)."""
     versions = [v for v in client.search_model_versions(f"name = '{name}'") if _comparable(v, tags)]
-    return min(versions, key=lambda v: (_fid(v), int(v.version)))
+    return min(versions, key=lambda v: (_fid_for(v, tags), int(v.version)))
 
 
 def _beats(candidate: Any, champion: Any, tags: dict[str, str]) -> bool:
-    """Whether ``candidate`` should take the alias from ``champion``: a strictly lower FID, or a champion that
-    cannot be compared (another dataset; one of the same dataset was re-scored first, or holds the alias)."""
-    return not _comparable(champion, tags) or _fid(candidate) < _fid(champion)
+    """Whether ``candidate`` should take the alias from ``champion``: a strictly lower FID by the same evaluator
+    and sample count, or a champion of another dataset (no comparison: the name's latest dataset wins). A
+    champion of the same dataset without a comparable FID keeps it: no evidence."""
+    if champion.tags.get("dataset") != tags.get("dataset"):
+        return True
+    held = _fid_for(champion, tags)
+    return held is not None and _fid_for(candidate, tags) < held
 
 
 # ------------------------------------------------------------------------------------------- Shared evaluators
@@ -279,9 +301,12 @@ def shared_evaluator_version(uri: str, name: str, match: dict[str, str]) -> Shar
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = mlflow_client(uri).search_model_versions(f"name = '{name}'")
-    except MlflowException:  # no such model yet
-        return None
+        versions = mlflow_client(uri).search_model_versions(f"name = '{name}'")  # none yet: []
+    except MlflowException as exc:
+        raise TrackingError(
+            f"the MLflow store {uri} cannot list the {name} versions ({str(exc).splitlines()[0]}); check that it "
+            "is up and tracking.uri / MLFLOW_TRACKING_URI"
+        ) from None
     fitting = [v for v in versions if all(v.tags.get(k) == value for k, value in match.items())]
     if not fitting:
         return None

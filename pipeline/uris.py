@@ -36,9 +36,12 @@ def tracking_uri_problem(uri: str, key: str) -> str | None:
     scheme = _scheme(uri)
     examples = "http://127.0.0.1:5000 (a server), sqlite:////abs/path/mlflow.db or file:///abs/path/mlruns"
     if scheme is None or (scheme not in TRACKING_SCHEMES and "://" not in uri):
-        host_port = re.fullmatch(r"[\w.-]+:\d+/?", uri)
-        fix = f"http://{uri}" if host_port else f"{Path(uri).resolve().as_uri()} for a folder, or {examples}"
-        return f"{key}: {uri!r} has no scheme, so MLflow would make a local store of that name; use {fix}"
+        if re.fullmatch(r"[\w.-]+:\d+/?", uri):
+            return f"{key}: {uri!r} has no scheme, so MLflow would make a local folder of that name; use http://{uri}"
+        return (
+            f"{key}: {uri!r} is a path, not a URI; say which store it is: {Path(uri).resolve().as_uri()} (a folder) "
+            f"or sqlite:///{Path(uri).resolve()} (a database file)"
+        )
     if scheme not in TRACKING_SCHEMES:
         known = ", ".join(TRACKING_SCHEMES)
         return f"{key}: {uri!r} has the unknown scheme {scheme!r}; use one of {known}, e.g. {examples}"

@@ -9,7 +9,7 @@ from pipeline import checkpoint
 from pipeline.config import load_config
 from pipeline.data import load
 from pipeline.train import LoopHooks, train_gan
-from tests.conftest import CONFIGS, run_cli
+from tests.conftest import CONFIGS, run_cli, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -243,3 +243,22 @@ def test_ray_actors_ask_their_own_ray_with_another_ray_started_after_it(capsys):
             other.wait(timeout=60)
             ray.shutdown()
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # nothing leaks into later runs of this process
+
+
+def test_rays_log_folding_is_off_even_where_ray_was_imported_first():
+    """Ray folds lines that differ only in their numbers (one trial's epoch line into another's) unless
+    RAY_DEDUP_LOGS=0, which it reads once, at import: a `ray job submit` entrypoint or a script may import ray
+    before our code can set it."""
+    script = (
+        "import os; os.environ.pop('RAY_DEDUP_LOGS', None)\n"
+        "import ray\n"
+        "from ray._private import ray_logging\n"
+        "before = ray_logging.RAY_DEDUP_LOGS\n"
+        "from pipeline.ray_runtime import init_ray\n"
+        "init_ray()\n"
+        "print(before, ray_logging.RAY_DEDUP_LOGS)\n"
+        "ray.shutdown()\n"
+    )
+    done = run_python("-c", script, env={"RAY_ADDRESS": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["True", "False"], done.stdout

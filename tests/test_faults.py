@@ -49,7 +49,7 @@ def _store(tmp_path):
         (["--resume", "never-was"], "nothing to resume"),
         (
             ["--set", "tracking.uri=127.0.0.1:5000"],
-            "tracking.uri: '127.0.0.1:5000' has no scheme, so MLflow would make a local store of that name; "
+            "tracking.uri: '127.0.0.1:5000' has no scheme, so MLflow would make a local folder of that name; "
             "use http://127.0.0.1:5000",
         ),
         (["--set", "tracking.uri=htp://127.0.0.1:5000"], "tracking.uri: 'htp://127.0.0.1:5000' has the unknown scheme"),

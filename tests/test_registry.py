@@ -4,7 +4,6 @@ the logged generator carries its run's final FID/IS; experiments open on their t
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def test_champion_moves_only_when_the_fid_improves(store):
     assert better.champion == "4" and "from version 1 (FID 50.000)" in better.message
     assert champion(uri, "gan-mnist") == ("4", 40.0)
     # Scored by another evaluator (or at another sample count), FIDs are not compared as they stand: the champion
-    # is re-scored the new way first, and its version records it.
+    # is re-scored the new way first, the figure kept beside the ones its run measured.
     asked = []
 
     def rescore(version_uri: str) -> dict[str, str]:
@@ -87,16 +86,25 @@ def test_champion_moves_only_when_the_fid_improves(store):
     assert asked == ["models:/gan-mnist/4"] and other.champion == "4"
     assert (
         "champion version 4 re-scored with evaluator ffffffffffff at 1000 samples (was evaluator eeeeeeeeeeee, "
-        "1000 samples): FID 40.000 -> 65.000; champion stays version 4 (FID 65.000 is better)" in other.message
+        "1000 samples, FID 40.000): FID 65.000; champion stays version 4 (FID 65.000 is better)" in other.message
     )
-    rescored = MlflowClient(uri).get_model_version("gan-mnist", "4").tags
-    assert rescored["evaluator_sha256"] == "f" * 64 and json.loads(rescored["rescored_from"])["fid"] == "40.0"
-    assert register_generator(uri, "gan-mnist", model_uri, tags(60.0, evaluator="f" * 64)).champion == "6"
-    # Without a way to re-score it (or when that fails), a champion scored otherwise keeps the alias.
+    kept = MlflowClient(uri).get_model_version("gan-mnist", "4").tags
+    assert (kept["fid"], kept["evaluator_sha256"], kept["fid.ffffffffffff.1000"]) == ("40.0", EVALUATOR, "65.0")
+    assert register_generator(uri, "gan-mnist", model_uri, tags(60.0, evaluator="f" * 64), rescore).champion == "6"
+    assert len(asked) == 1  # the re-score is kept: not asked again
+    # A re-score by another evaluator than the new version's is no comparison either: the alias stays.
+    assert register_generator(uri, "gan-mnist", model_uri, tags(45.0), rescore).champion == "6"
+    # Without a way to re-score it, or when that fails, a champion scored otherwise keeps the alias.
     held = register_generator(uri, "gan-mnist", model_uri, tags(10.0, samples=5000))
     assert held.champion == "6" and "scored otherwise (evaluator ffffffffffff, 1000 samples)" in held.message
+
+    def broken(version_uri: str) -> dict[str, str]:
+        raise KeyError("latent_dim")
+
+    failed = register_generator(uri, "gan-mnist", model_uri, tags(10.0, samples=5000), broken)
+    assert failed.champion == "6" and "could not be re-scored (KeyError: 'latent_dim')" in failed.message
     # Another dataset under the same name is no comparison at all: the alias follows the new one.
-    assert register_generator(uri, "gan-mnist", model_uri, tags(90.0, dataset="fashion_mnist")).champion == "8"
+    assert register_generator(uri, "gan-mnist", model_uri, tags(90.0, dataset="fashion_mnist")).champion == "10"
 
 
 @pytest.mark.parametrize("round_", range(3))

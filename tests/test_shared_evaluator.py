@@ -105,9 +105,9 @@ def test_two_hosts_share_one_evaluator_and_the_champion_moves_only_on_evidence(s
     # sevens only: FID in between (one digit of ten); blank: far worse; all digits: far better
     models = {"sevens": Replay(test.images[test.labels == 7]), "blank": Blank(), "replay": Replay(test.images[:2000])}
 
-    def register(name: str, data: DataConfig) -> str:
+    def register(name: str, data: DataConfig, samples: int = SAMPLES) -> str:
         evaluator = shared_evaluator(data, uri, lines.append)
-        images = generate_images(models[name], SAMPLES, cfg.model.latent_dim, 0, torch.device("cpu"))
+        images = generate_images(models[name], samples, cfg.model.latent_dim, 0, torch.device("cpu"))
         fid = evaluator.score(images)["fid"]
         run_id = start_run(uri, "gan-pipeline", name)
         model_uri = MLflowTracker(uri, run_id).log_generator(models[name].eval(), generator_facts(cfg))
@@ -115,19 +115,22 @@ def test_two_hosts_share_one_evaluator_and_the_champion_moves_only_on_evidence(s
             "fid": repr(fid),
             "dataset": "mnist",
             "evaluator_sha256": evaluator.checksum,
-            "eval_num_samples": str(SAMPLES),
+            "eval_num_samples": str(samples),
         }
-        host_cfg = load_config(CONFIGS / "smoke.yaml", [f"eval.num_samples={SAMPLES}", f"data.root={data.root}"])
+        host_cfg = load_config(CONFIGS / "smoke.yaml", [f"eval.num_samples={samples}", f"data.root={data.root}"])
         registration = register_generator(uri, "gan-mnist", model_uri, tags, rescorer(host_cfg, uri, lines.append))
         lines.append(f"[registry] {registration.message}")
         return registration.champion
 
     assert register("sevens", a) == "1"
     assert register("blank", b) == "1"  # worse, by the same evaluator: the alias stays
-    assert register("replay", b) == "3"  # better: it moves
+    # Scored on fewer samples (FID's bias differs): the champion's own generator is scored the same way first.
+    assert register("replay", a, samples=500) == "3"  # better: it moves
+    assert f"champion version 1 re-scored with evaluator {own_a[:12]} at 500 samples (was evaluator " in lines[-1]
     print("\n".join(lines))
     client = MlflowClient(uri)
     assert client.get_model_version_by_alias("gan-mnist", CHAMPION).version == "3"
+    assert f"fid.{own_a[:12]}.500" in client.get_model_version("gan-mnist", "1").tags
 
 
 def test_a_shared_evaluator_whose_files_changed_is_refused(server, tmp_path):

@@ -275,7 +275,7 @@ def test_the_epoch_progress_bar_renders_steps_and_images(capsys):
 
 def test_ray_noise_and_its_traceback_are_hidden_and_nothing_else():
     """Lines as a Ray Train controller printed them on a busy machine, in two batches."""
-    from pipeline.ray_runtime import RAY_NOISE, RAY_NOISY_ACTORS, NoiseFilter
+    from pipeline.console import RAY_NOISE, RAY_NOISY_ACTORS, NoiseFilter
 
     noise = NoiseFilter(RAY_NOISE, RAY_NOISY_ACTORS)
     first = [
@@ -312,7 +312,7 @@ def test_ray_noise_and_its_traceback_are_hidden_and_nothing_else():
 def test_a_lost_peers_consequences_are_hidden_and_other_worker_errors_shown():
     """A node lost, as the console showed it: the raylet's and controller's notes (with their indented
     continuation) and a surviving worker's broken collective are hidden; a worker's own error is shown whole."""
-    from pipeline.ray_runtime import RAY_LOST_PEER, RAY_NOISE, NoiseFilter
+    from pipeline.console import RAY_LOST_PEER, RAY_NOISE, NoiseFilter
 
     noise = NoiseFilter(RAY_NOISE, (), RAY_LOST_PEER)
     controller = [
