@@ -41,13 +41,17 @@ class DataConfig:
 class ModelConfig:
     latent_dim: int = _f(100, "size of the generator's noise vector", ge=1)
     g_channels: int = _f(64, "generator width: channels of its last hidden layer", ge=1)
-    g_extra_layers: int = _f(0, "3x3 conv layers the generator adds at 14x14 before its last layer", ge=0)
+    g_extra_layers: int = _f(
+        0, "3x3 conv layers the generator adds at half the image side (MNIST: 14x14) before its last layer", ge=0
+    )
     d_channels: int = _f(64, "discriminator width: channels of its first layer", ge=1)
     d_norm: Literal["batch", "spectral", "none"] = _f(
         "batch", "discriminator normalisation: BatchNorm (the seed's), spectral norm on every layer, or none"
     )
     d_dropout: float = _f(0.0, "dropout after each hidden discriminator layer; 0 = off, e.g. 0.3", ge=0.0, lt=1.0)
-    d_extra_layers: int = _f(0, "3x3 conv layers the discriminator adds at 7x7 before its last layer", ge=0)
+    d_extra_layers: int = _f(
+        0, "3x3 conv layers the discriminator adds at its smallest side (MNIST: 7x7) before its last layer", ge=0
+    )
     sync_batchnorm: bool = _f(
         False,
         "with several workers, BatchNorm statistics over the global batch (SyncBatchNorm: one process's "

@@ -1,8 +1,10 @@
-"""DCGAN generator and discriminator for square images whose side is a multiple of 4 (the dataset's spec says
-which: MNIST's 1 x 28 x 28), upsampling from (and downsampling to) a quarter of the side."""
+"""DCGAN generator and discriminator for square images whose side is a multiple of 4, of any number of channels
+(the dataset's spec says which: MNIST's 1 x 28 x 28): as many stride-2 layers as the side allows
+(:func:`network_plan`), so 32-128 px images get 3-5."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, TypeVar
 
 import torch
@@ -14,16 +16,23 @@ T = TypeVar("T")
 ImageShape = tuple[int, int, int]  # (channels, height, width)
 
 
-def quarter_side(image_shape: ImageShape) -> int:
-    """The side of the networks' smallest feature map: a quarter of the image's (two stride-2 layers)."""
+def network_plan(image_shape: ImageShape) -> tuple[int, int]:
+    """(side of the networks' smallest feature map, stride-2 layers between it and the image): the image's side
+    halved while it stays even and its half is at least 3, at least twice. MNIST's 28: (7, 2); 32: (4, 3);
+    64: (4, 4); 128: (4, 5)."""
     channels, height, width = image_shape
     if height != width or height % 4:
         raise ValueError(f"images of {height}x{width} pixels: the networks need a square whose side divides by 4")
-    return height // 4
+    side, layers = height, 0
+    while layers < 2 or (side % 2 == 0 and side // 2 >= 3):
+        side, layers = side // 2, layers + 1
+    return side, layers
 
 
 class Generator(nn.Module):
-    """Latent vector (B, latent_dim) -> image (B, C, S, S) in [-1, 1]: 1x1 -> S/4 -> S/2 -> S (MNIST: 7, 14, 28).
+    """Latent vector (B, latent_dim) -> image (B, C, S, S) in [-1, 1]: 1x1 -> the smallest side, then doubling to
+    S (:func:`network_plan`; MNIST: 7, 14, 28; 64 px: 4, 8, 16, 32, 64). The hidden widths halve from
+    ``channels * 2**layers`` to ``channels * 2`` (MNIST: 4c, 2c).
 
     ``extra_layers`` adds 3x3 convolutions (BatchNorm, ReLU) at S/2 before the last layer: a deeper G,
     each doubling its FLOPs at the default width.
@@ -32,16 +41,17 @@ class Generator(nn.Module):
     def __init__(self, latent_dim: int, channels: int, extra_layers: int, image_shape: ImageShape):
         super().__init__()
         self.latent_dim = latent_dim
-        c, side = channels, quarter_side(image_shape)
+        side, layers = network_plan(image_shape)
+        widths = [channels * 2 ** (layers - i) for i in range(layers)]
 
         def block(conv: nn.Module) -> list[nn.Module]:
             return [conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU(True)]
 
         self.net = nn.Sequential(
-            *block(nn.ConvTranspose2d(latent_dim, c * 4, side, 1, 0, bias=False)),
-            *block(nn.ConvTranspose2d(c * 4, c * 2, 4, 2, 1, bias=False)),
-            *[m for _ in range(extra_layers) for m in block(nn.Conv2d(c * 2, c * 2, 3, 1, 1, bias=False))],
-            nn.ConvTranspose2d(c * 2, image_shape[0], 4, 2, 1, bias=False),
+            *block(nn.ConvTranspose2d(latent_dim, widths[0], side, 1, 0, bias=False)),
+            *[m for a, b in itertools.pairwise(widths) for m in block(nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False))],
+            *[m for _ in range(extra_layers) for m in block(nn.Conv2d(widths[-1], widths[-1], 3, 1, 1, bias=False))],
+            nn.ConvTranspose2d(widths[-1], image_shape[0], 4, 2, 1, bias=False),
             nn.Tanh(),
         )
 
@@ -50,17 +60,19 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Image (B, C, S, S) -> one logit per image (B,): S -> S/2 -> S/4 -> 1x1 (MNIST: 28, 14, 7, 1).
+    """Image (B, C, S, S) -> one logit per image (B,): halving S to the smallest side, then 1x1 (MNIST: 28, 14, 7,
+    1); the widths double from ``channels`` (MNIST: c, 2c).
 
-    ``norm``: "batch" (the seed's BatchNorm after the first layer), "spectral" (spectral normalisation of
-    every layer's weight, Miyato et al. 2018; no BatchNorm) or "none". ``dropout`` follows each hidden
-    layer. ``extra_layers`` adds 3x3 convolutions at S/4 before the last layer (a deeper D judges the
-    image's global shape with more than one linear layer).
+    ``norm``: "batch" (the seed's BatchNorm after every hidden layer but the first), "spectral" (spectral
+    normalisation of every layer's weight, Miyato et al. 2018; no BatchNorm) or "none". ``dropout`` follows each
+    hidden layer. ``extra_layers`` adds 3x3 convolutions at the smallest side before the last layer (a deeper D
+    judges the image's global shape with more than one linear layer).
     """
 
     def __init__(self, channels: int, norm: str, dropout: float, extra_layers: int, image_shape: ImageShape):
         super().__init__()
-        c, side = channels, quarter_side(image_shape)
+        side, layers = network_plan(image_shape)
+        widths = [channels * 2**i for i in range(layers)]
         wrap = nn.utils.parametrizations.spectral_norm if norm == "spectral" else identity
 
         def block(conv: nn.Conv2d, batch_norm: bool) -> list[nn.Module]:
@@ -71,11 +83,12 @@ class Discriminator(nn.Module):
                 *([nn.Dropout(dropout)] if dropout > 0 else []),
             ]
 
+        last = widths[-1]
         self.net = nn.Sequential(
-            *block(nn.Conv2d(image_shape[0], c, 4, 2, 1, bias=False), batch_norm=False),
-            *block(nn.Conv2d(c, c * 2, 4, 2, 1, bias=False), batch_norm=True),
-            *[m for _ in range(extra_layers) for m in block(nn.Conv2d(c * 2, c * 2, 3, 1, 1, bias=False), True)],
-            wrap(nn.Conv2d(c * 2, 1, side, 1, 0, bias=False)),
+            *block(nn.Conv2d(image_shape[0], widths[0], 4, 2, 1, bias=False), batch_norm=False),
+            *[m for a, b in itertools.pairwise(widths) for m in block(nn.Conv2d(a, b, 4, 2, 1, bias=False), True)],
+            *[m for _ in range(extra_layers) for m in block(nn.Conv2d(last, last, 3, 1, 1, bias=False), True)],
+            wrap(nn.Conv2d(last, 1, side, 1, 0, bias=False)),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -83,3 +83,35 @@ def test_seed_generator_unchanged_by_default_and_deeper_generator():
     assert [m.kernel_size for m in convs] == [(7, 7), (4, 4), (3, 3), (3, 3), (4, 4)]
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in deeper.modules()) == 4
     assert deeper(torch.randn(3, 100)).shape == (3, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "side, plan", [(28, (7, 2)), (12, (3, 2)), (32, (4, 3)), (64, (4, 4)), (128, (4, 5)), (20, (5, 2))]
+)
+def test_the_networks_have_as_many_stride_2_layers_as_the_side_allows(side, plan):
+    from pipeline.models import network_plan
+
+    assert network_plan((1, side, side)) == plan
+    with pytest.raises(ValueError, match="a square whose side divides by 4"):
+        network_plan((1, side, side + 4))
+
+
+@pytest.mark.parametrize("side", [32, 64, 128])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_networks_scale_with_the_images_and_keep_every_option(side, channels):
+    """Generator and discriminator for 32-128 px images of 1 or 3 channels: the shapes follow, the widths halve
+    (G) and double (D) per block, and spectral norm, dropout and extra layers still apply."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(latent_dim=16, g_channels=4, d_channels=4, g_extra_layers=1, d_extra_layers=1)
+    generator, discriminator = build_models(cfg, (channels, side, side))
+    images = generator(torch.randn(3, 16))
+    assert images.shape == (3, channels, side, side)
+    assert discriminator(images).shape == (3,)
+    stride_2 = [m for m in generator.net if isinstance(m, torch.nn.ConvTranspose2d)]
+    blocks = {32: 3, 64: 4, 128: 5}[side]
+    assert [m.out_channels for m in stride_2] == [4 * 2 ** (blocks - i) for i in range(blocks)] + [channels]
+    spectral = ModelConfig(latent_dim=16, d_channels=4, d_norm="spectral", d_dropout=0.3, d_extra_layers=1)
+    _, critic = build_models(spectral, (channels, side, side))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in critic.modules())
+    assert sum(isinstance(m, torch.nn.Dropout) for m in critic.modules()) == blocks + 1
+    assert critic(images.detach()).shape == (3,)
