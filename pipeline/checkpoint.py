@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -48,7 +48,7 @@ def load(
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(
             f"checkpoint {shown!r} is corrupted or truncated ({first}); delete it to start fresh "
             "or point to an intact one"

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipeline.errors import first_line
+
 POLL_EVERY_STEPS = 10  # every rank stops at these steps to learn rank 0's answer (one tiny broadcast)
 ASK_EVERY_S = 3.0  # rank 0 asks the allotment at most this often
 
@@ -175,7 +177,7 @@ def ask_allotment(
         except Exception as exc:  # noqa: BLE001 - resizing is an optimisation: training goes on at its size
             if not told:
                 told = True
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc)
                 say(
                     f"[elastic] trial {trial_id}: the sweep's allotment cannot be reached ({type(exc).__name__}: "
                     f"{reason[:160]}); it goes on with {fallback}, as reserved"

@@ -21,6 +21,12 @@ class PrivateApiChanged(AssertionError):
     """A private Ray or MLflow API the project relies on is gone or changed (an upgrade); the message names it."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none: an error in one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def make_writable_dir(path: Path, error: type[UserError], what: str, fix: str) -> None:
     """Create ``path`` (with parents) and check a file can be written in it, before any expensive work.
 

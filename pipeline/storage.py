@@ -72,7 +72,6 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
     start the run afresh (no recorded checkpoint)."""
     import pyarrow.fs
 
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
     name = latest_recorded_checkpoint(_train_record(location))
     if not name:
         yield None
@@ -82,6 +81,7 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
         yield directory / name / filename, str(directory / name / filename)
         return
     source = f"{location}/{name}/{filename}"
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / filename
         # A missing file is reported as such by whoever loads it (nothing copied, nothing there).

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.accounting import SweepTime, TrialTime, sweep_time
 from pipeline.config import PipelineConfig, trial_config
 from pipeline.distributed import finish_from_storage
+from pipeline.errors import first_line
 from pipeline.registry import Registration
 from pipeline.runs import RunFailed, register_best
 from pipeline.schedulers import scheduler_of
@@ -65,7 +66,7 @@ def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) ->
                 if status is not None:
                     run.end(status, end_time_ms=now)
             except Exception as exc:  # noqa: BLE001 - whatever MLflow or its transport raised: one line
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc)
                 raise SweepStoreFailed(
                     f"the MLflow store {uri} failed while sweep {sweep!r} closed trial {trial.trial_id}'s run "
                     f"({type(exc).__name__}: {reason[:200]})"
