@@ -35,6 +35,8 @@ class Tracker(Protocol):
     def log_artifact(self, local_path: str, artifact_dir: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def flush(self) -> None: ...
+    def metric_history(self, key: str) -> list[tuple[int, float]]: ...
+    def tags(self) -> dict[str, str]: ...
 
 
 class NullTracker:
@@ -60,6 +62,9 @@ class NullTracker:
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return []
+
+    def tags(self) -> dict[str, str]:
+        return {}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -214,6 +214,9 @@ def announce(cfg: PipelineConfig, place: WorkerPlace, tracker: Tracker, nodes: l
     )
 
 
+SAME_EXPLOIT = ("donor_trial", "donor_epoch", "weights_sha256", "lr_g", "lr_d")  # a replayed copy has these
+
+
 def exploit_record(
     exploit: dict[str, Any], tracker: Tracker, say: Callable[[str], None]
 ) -> Callable[[TrainState], None]:
@@ -228,11 +231,19 @@ def exploit_record(
         # the steps in between stay in the run's history as this trial trained them before the copy (a step
         # is never logged twice); the record says up to where.
         entry["logged_through"] = max((step for step, _ in tracker.metric_history("loss_d")), default=0)
-        tracker.set_tags({f"{EXPLOIT_TAG}{state.step}": json.dumps(entry, sort_keys=True)})
-        say(
+        line = (
             f"[pbt] continues from trial {exploit['donor_trial']}'s checkpoint at step {state.step} (epoch "
             f"{exploit['donor_epoch']:g}), weights {entry['weights_sha256'][:12]}"
         )
+        key = f"{EXPLOIT_TAG}{state.step}"
+        before = tracker.tags().get(key)
+        if before and all(json.loads(before).get(k) == entry[k] for k in SAME_EXPLOIT):
+            # The same copy again (a resumed sweep restarts the trial from it): the record stays the first one,
+            # whose logged_through says where the copy's own steps begin.
+            say(f"{line}, as recorded before")
+            return
+        tracker.set_tags({key: json.dumps(entry, sort_keys=True)})
+        say(line)
 
     return record
 

@@ -86,3 +86,51 @@ def test_only_runs_whose_every_checkpoint_is_scored_rank_them_by_fid():
     assert checkpoint_config(WorkerJob(cfg, elastic=ElasticJob(None, "t", 60.0)), Config) == {
         "num_to_keep": cfg.train.keep_checkpoints
     }
+
+
+class History:
+    """A tracker holding tags and a loss history, as an MLflow run does across a trial's restarts."""
+
+    def __init__(self):
+        self.tag_values: dict[str, str] = {}
+        self.steps: list[int] = []
+
+    def metric_history(self, key):
+        return [(step, 1.0) for step in self.steps]
+
+    def tags(self):
+        return dict(self.tag_values)
+
+    def set_tags(self, tags):
+        self.tag_values.update(tags)
+
+
+class Copied:
+    """What exploit_record reads of the state a trial continues from."""
+
+    def __init__(self, step, lr_g):
+        self.step, self.learning_rates = step, {"lr_g": lr_g, "lr_d": 1e-3}
+
+    def fingerprint(self):
+        return "ab" * 32
+
+
+def test_a_pbt_copy_replayed_by_a_resumed_sweep_keeps_its_first_record_and_a_new_one_is_recorded():
+    """A resumed sweep restarts a trial from the copy it made before: the copy's record keeps where the trial's
+    own steps began (logged_through), though the run has logged further since; a new copy is recorded."""
+    import json
+
+    from pipeline.worker import exploit_record
+
+    tracker, said = History(), []
+    tracker.steps = [2, 4]
+    exploit = {"donor_trial": "t1", "donor_epoch": 1.5}
+    record = exploit_record(exploit, tracker, said.append)
+    record(Copied(12, 2e-3))
+    tracker.steps += [14, 16, 18, 20]  # trained on, then the sweep was killed and resumed from the copy
+    record(Copied(12, 2e-3))
+    assert json.loads(tracker.tag_values["pbt.exploit.step_12"])["logged_through"] == 4
+    assert said[-1].endswith("as recorded before")
+    record(Copied(12, 1e-3))  # another copy at the same step (other learning rates): that one is recorded
+    assert json.loads(tracker.tag_values["pbt.exploit.step_12"])["lr_g"] == 1e-3
+    assert not said[-1].endswith("as recorded before")
