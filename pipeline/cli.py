@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import describe_fields, load_config
-from pipeline.datasets import DATASETS, DEFAULT_DATASET, dataset_spec
+from pipeline.config import DataConfig, describe_fields, load_config
+from pipeline.datasets import DATASETS, DEFAULT_DATASET, IMAGE_SIZES, IMAGES, dataset_names, dataset_spec
 from pipeline.errors import ConfigError, UserError
+from pipeline.images import TEST_FRACTION
 
 EXIT_USAGE = 2
 MODEL_HELP = (
@@ -42,9 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="download or convert a dataset into torchvision's layout")
-    prep.add_argument("--dataset", default=DEFAULT_DATASET, choices=list(DATASETS))
+    prep = data_sub.add_parser(
+        "prepare",
+        help="download or convert a dataset into torchvision's layout, or prepare a folder of your own images "
+        "(--dataset images) into compressed shards",
+    )
+    prep.add_argument("--dataset", default=DEFAULT_DATASET, choices=dataset_names())
     prep.add_argument("--root", help="data directory (default: $PIPELINE_DATA_ROOT or the per-user cache)")
+    prep.add_argument("--path", help="images: the folder, a directory or s3://bucket/prefix (a subfolder per class)")
+    prep.add_argument("--image-size", type=int, help=f"images: the side to prepare at, one of {IMAGE_SIZES}")
+    prep.add_argument("--channels", type=int, default=1, help="images: 1 (grey, the default) or 3 (RGB)")
+    prep.add_argument("--out", help="images: where the shards go (default: <path>.prepared/<side>px-<c>ch)")
+    prep.add_argument(
+        "--test-fraction", type=float, default=TEST_FRACTION, help=f"images: share held out (default {TEST_FRACTION})"
+    )
 
     train = sub.add_parser("train", help="train one GAN on Ray Train, tracked in MLflow")
     _add_config_args(train)
@@ -64,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--run-id", help="MLflow run id (printed at the end of `train`)")
     generator.add_argument("--model", help=MODEL_HELP)
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    sample.add_argument("--out", required=True, help="output .npz: key `images`, uint8 (N, height, width)")
+    sample.add_argument(
+        "--out", required=True, help="output .npz: key `images`, uint8 (N, H, W) grey or (N, 3, H, W) RGB"
+    )
     sample.add_argument("--grid", help="also write a PNG grid of the samples")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sample.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
@@ -131,9 +145,36 @@ def main(argv: list[str] | None = None) -> int:
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from pipeline.data import default_root, prepare
 
+    if args.dataset == IMAGES:
+        return _prepare_image_folder(args)
+    if args.path or args.image_size or args.out or args.channels != 1:
+        raise ConfigError(
+            f"--path, --image-size, --channels and --out are for --dataset images; {args.dataset} is fetched as it is"
+        )
     root = Path(args.root).expanduser().resolve() if args.root else default_root()
     raw = prepare(args.dataset, root)
     print(f"{args.dataset}: ready in {raw}")
+    return 0
+
+
+def _prepare_image_folder(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from pipeline.images import prepare_folder, prepared_of
+    from pipeline.validation import check_image_folder
+
+    data = DataConfig(
+        dataset=IMAGES, path=args.path, image_size=args.image_size, channels=args.channels, prepared=args.out
+    )
+    check_image_folder(data, {"path": "--path", "image_size": "--image-size", "channels": "--channels"})
+    if not 0.0 <= args.test_fraction < 1.0:
+        raise ConfigError(f"--test-fraction: {args.test_fraction}; hold out a fraction in [0, 1), e.g. 0.1")
+    prepared = prepare_folder(replace(prepared_of(data), test_fraction=args.test_fraction))
+    print(
+        f"images: ready in {prepared.location}; train with --set data.dataset=images --set data.path={args.path} "
+        f"--set data.image_size={args.image_size} --set data.channels={args.channels}"
+        + (f" --set data.prepared={args.out}" if args.out else "")
+    )
     return 0
 
 
@@ -233,7 +274,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.config import DataConfig
     from pipeline.metrics import shared_evaluator
     from pipeline.tracking import check_tracking_uri
     from pipeline.uris import resolve_tracking_uri

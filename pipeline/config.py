@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.datasets import DATASETS, DEFAULT_DATASET
+from pipeline.datasets import DEFAULT_DATASET, IMAGE_SIZES, dataset_names
 from pipeline.errors import ConfigError
 from pipeline.schedulers import DEFAULT_SCHEDULER, SCHEDULERS, scheduler_of
 from pipeline.search_space import check_spec
@@ -32,9 +32,17 @@ def _f(default: Any, doc: str, **checks: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f(DEFAULT_DATASET, f"which dataset to train on: {', '.join(DATASETS)}", one_of=lambda: DATASETS)
+    dataset: str = _f(
+        DEFAULT_DATASET,
+        f"which dataset to train on: {', '.join(dataset_names())} (a folder of your own)",
+        one_of=dataset_names,
+    )
     root: str | None = _f(None, "data directory; null = $PIPELINE_DATA_ROOT, else ~/.cache/gan-pipeline/data")
     limit: int | None = _f(None, "train on the first N training images only; null = all", ge=1)
+    path: str | None = _f(None, "images only: the folder (a directory or s3://bucket/prefix), one subfolder per class")
+    image_size: int | None = _f(None, f"images only: the side images are prepared at, one of {IMAGE_SIZES}")
+    channels: int = _f(1, "images only: 1 (grey) or 3 (RGB)", ge=1, le=3)
+    prepared: str | None = _f(None, "images only: where the prepared shards go; null = <path>.prepared/<side>px-<c>ch")
 
 
 @dataclass

@@ -28,7 +28,7 @@ import numpy as np
 from filelock import FileLock
 
 from pipeline.config import DataConfig
-from pipeline.datasets import DatasetSpec, DebianMirror, WheelMirror, dataset_spec
+from pipeline.datasets import IMAGES, DatasetSpec, DebianMirror, WheelMirror, dataset_spec
 from pipeline.errors import UserError, make_writable_dir
 
 Progress = Callable[[str], None]
@@ -82,7 +82,10 @@ def _check_writable(root: Path) -> None:
 
 
 def check_root(cfg: DataConfig) -> None:
-    """Cheap, early: a dataset that still needs preparing needs a writable data root."""
+    """Cheap, early: a dataset that still needs preparing needs a writable data root (an image folder's are
+    checked where its shards go, when it is prepared)."""
+    if cfg.dataset == IMAGES:
+        return
     root = resolve_root(cfg)
     spec = dataset_spec(cfg.dataset)
     raw_dir = root / spec.folder / "raw"
@@ -277,7 +280,8 @@ def _from_debian_mirror(spec: DatasetSpec, raw_dir: Path, progress: Progress) ->
 
 @dataclass
 class Split:
-    """One split in memory: ``images`` uint8 (N, height, width), ``labels`` int64 (N,)."""
+    """One split in memory: ``images`` uint8 (N, height, width) grey or (N, channels, height, width), ``labels``
+    int64 (N,)."""
 
     images: torch.Tensor  # noqa: F821 - torch is imported lazily
     labels: torch.Tensor  # noqa: F821
@@ -300,15 +304,33 @@ def read_idx(path: Path) -> np.ndarray:
     return raw[4 + 4 * ndim :].reshape(shape)
 
 
+def prepare_data(cfg: DataConfig, progress: Progress = print) -> int:
+    """Make the data ready for workers (a dataset's IDX files on this node, an image folder's shards where the
+    config says); the number of training images."""
+    if cfg.dataset == IMAGES:
+        from pipeline.images import prepare_folder, prepared_of
+
+        return prepare_folder(prepared_of(cfg), progress).count("train")
+    prepare(cfg.dataset, resolve_root(cfg), progress)
+    return dataset_spec(cfg.dataset).train_images
+
+
 def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Split:
-    """Prepare if needed, then read a split's IDX files into uint8 images and int64 labels (as torchvision's
-    classes for these datasets give them)."""
+    """Prepare if needed, then read a split's IDX files into uint8 images (N, H, W) and int64 labels (as
+    torchvision's classes for these datasets give them); an image folder's prepared shards into uint8 images
+    (N, C, H, W) and int64 labels (-1 when it has no classes)."""
     import torch
 
-    raw_dir = prepare(cfg.dataset, resolve_root(cfg), progress)
-    split = "train" if train else "t10k"
-    images = torch.from_numpy(read_idx(raw_dir / f"{split}-images-idx3-ubyte"))
-    labels = torch.from_numpy(read_idx(raw_dir / f"{split}-labels-idx1-ubyte").astype(np.int64))
+    if cfg.dataset == IMAGES:
+        from pipeline.images import load_split
+
+        pixels, numbers = load_split(cfg, train)
+        images, labels = torch.from_numpy(pixels), torch.from_numpy(numbers)
+    else:
+        raw_dir = prepare(cfg.dataset, resolve_root(cfg), progress)
+        split = "train" if train else "t10k"
+        images = torch.from_numpy(read_idx(raw_dir / f"{split}-images-idx3-ubyte"))
+        labels = torch.from_numpy(read_idx(raw_dir / f"{split}-labels-idx1-ubyte").astype(np.int64))
     if train and cfg.limit is not None:
         if cfg.limit > len(labels):
             raise DataError(f"data.limit: {cfg.limit} exceeds the {len(labels)} training images; lower it")
@@ -317,7 +339,10 @@ def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Spl
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:  # noqa: F821
-    """uint8 (B, H, W) -> float (B, 1, H, W) in [-1, 1], the generator's Tanh range (torch's default dtype)."""
+    """uint8 (B, H, W) grey or (B, C, H, W) -> float (B, C, H, W) in [-1, 1], the generator's Tanh range (torch's
+    default dtype)."""
     import torch
 
-    return images_uint8.unsqueeze(1).to(torch.get_default_dtype()).div_(127.5).sub_(1.0)
+    if images_uint8.dim() == 3:
+        images_uint8 = images_uint8.unsqueeze(1)
+    return images_uint8.to(torch.get_default_dtype()).div_(127.5).sub_(1.0)

@@ -3,12 +3,18 @@
 Every other module asks a spec (image shape, training images, files and their checksums, where an offline
 copy comes from, the evaluator's accuracy gate) rather than knowing a dataset itself, so a new dataset is one
 entry in :data:`DATASETS`. Files are kept in torchvision's layout, ``<root>/<folder>/raw/*-ubyte``.
+
+A folder of your own images (``data.dataset: images``) is the one dataset described by its config rather than
+by an entry: :func:`spec_of` gives its spec from ``data.path``, ``data.image_size`` and ``data.channels``;
+its counts and classes are in the manifest that preparing it writes (pipeline.images).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError
 
@@ -52,14 +58,15 @@ class DatasetSpec:
     num_classes: int
     train_images: int  # images in the training split
     evaluator_min_accuracy: float  # the FID/IS evaluator must reach this test accuracy, or it is refused
-    files: Mapping[str, RawFile]  # raw file name -> size and checksum
-    mirror: WheelMirror | DebianMirror  # the offline source tried when no download works
+    files: Mapping[str, RawFile] = field(default_factory=dict)  # raw file name -> size and checksum (IDX)
+    mirror: WheelMirror | DebianMirror | None = None  # the offline source tried when no download works
+    prepared: str | None = None  # an image folder's shards and manifest (a directory or s3:// URI)
 
     def __post_init__(self) -> None:
-        if self.channels != 1 or self.image_size % 4:
+        if self.channels not in (1, 3) or self.image_size % 4 or (self.files and self.channels != 1):
             raise ValueError(
-                f"dataset {self.name!r}: {self.channels} channel(s) of {self.image_size} px; the IDX files hold grey "
-                "images (1 channel), and the networks need a side that divides by 4"
+                f"dataset {self.name!r}: {self.channels} channel(s) of {self.image_size} px; images have 1 or 3 "
+                "channels (IDX files hold grey ones), and the networks need a side that divides by 4"
             )
 
     @property
@@ -120,6 +127,8 @@ FASHION_MNIST = DatasetSpec(
 
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}
 DEFAULT_DATASET = MNIST.name  # what data.dataset, `data prepare` and `evaluate` take when not told
+IMAGES = "images"  # data.dataset for a folder of your own images (data.path, data.image_size, data.channels)
+IMAGE_SIZES = (32, 64, 128)  # the sides an image folder is prepared at
 
 
 def dataset_spec(name: str) -> DatasetSpec:
@@ -128,3 +137,33 @@ def dataset_spec(name: str) -> DatasetSpec:
         return DATASETS[name]
     except KeyError:
         raise ConfigError(f"data.dataset: {name!r} is not a dataset; choose one of {', '.join(DATASETS)}") from None
+
+
+def dataset_names() -> list[str]:
+    """What ``data.dataset`` accepts: the registered datasets and ``images``."""
+    return [*DATASETS, IMAGES]
+
+
+def spec_of(data: Any) -> DatasetSpec:
+    """The spec of the dataset a ``DataConfig`` names: a registry entry, or an image folder's own, described by
+    its ``path``, ``image_size``, ``channels`` and ``prepared`` location (counts and classes are in its manifest:
+    0 here)."""
+    if data.dataset != IMAGES:
+        return dataset_spec(data.dataset)
+    path = data.path if "://" in data.path else str(Path(data.path).expanduser().resolve())
+    return DatasetSpec(
+        name=IMAGES,
+        folder=path,
+        image_size=data.image_size,
+        channels=data.channels,
+        num_classes=0,
+        train_images=0,
+        evaluator_min_accuracy=0.0,
+        prepared=prepared_location(path, data.image_size, data.channels, data.prepared),
+    )
+
+
+def prepared_location(path: str, image_size: int, channels: int, chosen: str | None = None) -> str:
+    """Where an image folder's shards and manifest go: ``chosen``, else beside the folder
+    (``<path>.prepared/<side>px-<channels>ch``), never inside it (it would read as a class)."""
+    return (chosen or f"{path.rstrip('/')}.prepared/{image_size}px-{channels}ch").rstrip("/")

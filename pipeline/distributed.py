@@ -42,6 +42,7 @@ from pipeline.runs import (
     open_run,
     prepare_run,
     register_best,
+    scores_unavailable,
     verify_latest_checkpoint,
 )
 from pipeline.storage import recorded_progress, run_location, storage_root
@@ -238,7 +239,7 @@ def ranks_by_fid(job: WorkerJob) -> bool:
     """Ray Train keeps the best checkpoints by FID (beside the latest) when every checkpoint is scored: every
     epoch is evaluated, and the run is not a worker-elastic trial's (its pauses to resize are not scored)."""
     resizes = job.elastic is not None and not job.elastic.threads
-    return job.config.eval.every_epochs == 1 and not resizes
+    return job.config.eval.every_epochs == 1 and not resizes and scores_unavailable(job.config) is None
 
 
 def checkpoint_config(job: WorkerJob, cls: type) -> Any:

@@ -10,10 +10,12 @@ import torch
 
 
 def save_image_grid(images: torch.Tensor, path: str, nrow: int = 8) -> None:
-    """uint8 images (N, H, W) -> a PNG grid with ``nrow`` images per row."""
+    """uint8 images (N, H, W) grey or (N, C, H, W) -> a PNG grid with ``nrow`` images per row."""
     from torchvision.utils import save_image
 
-    save_image(images.unsqueeze(1).float().div(255.0), path, nrow=nrow, padding=2, pad_value=0.5)
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    save_image(images.float().div(255.0), path, nrow=nrow, padding=2, pad_value=0.5)
 
 
 @contextlib.contextmanager

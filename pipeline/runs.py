@@ -21,7 +21,7 @@ import torch
 
 from pipeline import PROJECT_ROOT, checkpoint
 from pipeline.config import PipelineConfig, registered_model_name
-from pipeline.datasets import dataset_spec
+from pipeline.datasets import IMAGES, dataset_spec, spec_of
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import SHAPE_KEYS, network_shape
 from pipeline.registry import Registration, Rescore, load_generator, register_generator
@@ -74,10 +74,15 @@ def prepare_inputs(
     evaluator's payload for the workers: the one every run on the tracking store ``uri`` shares (None: this
     host's own, for tools without a store). A sweep's trial is handed the sweep's ``evaluator``: every trial, on
     any node, is scored by the same network, and none trains one on a node that has none cached."""
-    from pipeline.data import prepare, resolve_root
+    from pipeline.data import prepare_data
+    from pipeline.validation import check_counts
 
-    prepare(cfg.data.dataset, resolve_root(cfg.data), progress)
+    check_counts(cfg, prepare_data(cfg.data, progress))
     if not cfg.eval.every_epochs:
+        return None
+    unavailable = scores_unavailable(cfg)
+    if unavailable:
+        progress(f"[eval] FID and IS: not available ({unavailable}); everything else is logged")
         return None
     if evaluator is not None:
         return evaluator
@@ -85,6 +90,14 @@ def prepare_inputs(
 
     own = shared_evaluator(cfg.data, uri, progress) if uri else get_evaluator(cfg.data, progress)
     return own.payload()
+
+
+def scores_unavailable(cfg: PipelineConfig) -> str | None:
+    """Why FID and IS cannot be measured for the run's data (None when they can): they need an evaluator
+    trained on the data's classes."""
+    if cfg.data.dataset == IMAGES:
+        return f"no evaluator for the image folder {cfg.data.path} yet: FID and IS need a classifier of its classes"
+    return None
 
 
 def existing_run(cfg: PipelineConfig, name: str) -> str | None:
@@ -215,6 +228,24 @@ def log_dataset(cfg: PipelineConfig, tracker: MLflowTracker) -> None:
     """The training split as the run's MLflow dataset input: its pinned SHA-256, split and ``data.limit``."""
     from pipeline.data import TRAIN_IMAGES_FILE, resolve_root
 
+    if cfg.data.dataset == IMAGES:
+        from pipeline.images import load_prepared
+
+        prepared = load_prepared(cfg.data)
+        count = prepared.count("train")
+        tracker.log_dataset(
+            name=f"images:{cfg.data.path}",
+            digest=prepared.manifest["digest"],
+            source=prepared.location,
+            profile={
+                "sha256": prepared.manifest["digest"],
+                "split": "train",
+                "limit": cfg.data.limit,
+                "num_images": min(count, cfg.data.limit or count),
+                "classes": len(prepared.manifest["classes"]),
+            },
+        )
+        return
     spec = dataset_spec(cfg.data.dataset)
     sha256 = spec.files[TRAIN_IMAGES_FILE].sha256
     tracker.log_dataset(
@@ -242,7 +273,8 @@ def register_best(
     tracker = MLflowTracker(uri, run_id)
     scores = {key: max(tracker.metric_history(key), default=None) for key in ("fid", "inception_score")}
     if scores["fid"] is None:
-        progress(f"[registry] run {run_id} not registered in {name!r}: it has no FID (eval.every_epochs=0)")
+        why = scores_unavailable(cfg) or f"eval.every_epochs={cfg.eval.every_epochs}"
+        progress(f"[registry] run {run_id} not registered in {name!r}: it has no FID ({why})")
         return None
     tags = tracker.tags()
     version_tags = {
@@ -302,7 +334,7 @@ def generator_facts(cfg: PipelineConfig) -> dict[str, Any]:
     which keep a run's starting values (a PBT trial may continue with another trial's network)."""
     return {
         "latent_dim": cfg.model.latent_dim,
-        "image_shape": list(dataset_spec(cfg.data.dataset).image_shape),
+        "image_shape": list(spec_of(cfg.data).image_shape),
         "dataset": cfg.data.dataset,
         "network": network_shape(cfg.model),
     }
@@ -325,7 +357,7 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
         with result.checkpoint.as_directory() as local:
             state = checkpoint.load(Path(local) / checkpoint.FILENAME)
             tracker.log_artifact(str(Path(local) / checkpoint.FILENAME), "checkpoints")
-        generator = build_generator(cfg.model, dataset_spec(cfg.data.dataset).image_shape)
+        generator = build_generator(cfg.model, spec_of(cfg.data).image_shape)
         generator.load_state_dict(TrainState.sampling_weights(state))
         model_uri = tracker.log_generator(generator, generator_facts(cfg), scores=("fid", "inception_score"))
         tracker.set_tags({"generator_model": model_uri})

@@ -18,7 +18,8 @@ def fixed_noise(latent_dim: int, seed: int, device: torch.device) -> torch.Tenso
 
 @torch.no_grad()
 def sample_images(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Generate in eval mode (BatchNorm running statistics) as uint8 (N, H, W) on the CPU.
+    """Generate in eval mode (BatchNorm running statistics) as uint8 on the CPU: (N, H, W) grey images, (N, C, H, W)
+    with more channels.
 
     A generator loaded from MLflow (a torch.export program) was exported in eval mode and refuses
     mode switches; it is called as it is.

@@ -325,7 +325,7 @@ class MLflowTracker:
         dataset = Dataset(
             name=name,
             digest=digest[:36],  # MLflow's limit; the full digest is in the profile
-            source_type="local",
+            source_type="s3" if source.startswith("s3://") else "local",
             source=json.dumps({"uri": source}),
             profile=json.dumps(profile, sort_keys=True),
         )

@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from pipeline.config import PipelineConfig
-from pipeline.datasets import dataset_spec
+from pipeline.datasets import spec_of
 from pipeline.models import Generator, build_models
 
 
@@ -62,7 +62,7 @@ class TrainState:
     def initial(cls, cfg: PipelineConfig, device: torch.device) -> TrainState:
         """Fresh networks from ``train.seed`` (the same weights on every worker), one Adam each, the EMA copy."""
         torch.manual_seed(cfg.train.seed)
-        generator, discriminator = build_models(cfg.model, dataset_spec(cfg.data.dataset).image_shape)
+        generator, discriminator = build_models(cfg.model, spec_of(cfg.data).image_shape)
         generator.to(device)
         discriminator.to(device)
         # The fused kernel: the same Adam in one pass over all parameters (PyTorch's CPU default loops over them).

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from pipeline.datasets import dataset_spec
+from pipeline.datasets import IMAGE_SIZES, IMAGES, dataset_spec
 from pipeline.errors import ConfigError
 from pipeline.schedulers import scheduler_of
 from pipeline.search_space import trial_count
@@ -167,7 +167,21 @@ def _check_locations(cfg: Any) -> None:
 
 
 def _check_data(cfg: Any) -> None:
-    available = dataset_spec(cfg.data.dataset).train_images
+    if cfg.data.dataset == IMAGES:
+        check_image_folder(cfg.data)
+        return  # its counts are in its manifest: checked once it is prepared (check_counts)
+    given = [key for key in ("path", "image_size", "prepared") if getattr(cfg.data, key) is not None]
+    if given or cfg.data.channels != 1:
+        key = f"data.{given[0]}" if given else "data.channels"
+        raise ConfigError(
+            f"{key}: set for data.dataset={cfg.data.dataset!r}, whose images are fixed; it is for "
+            "data.dataset=images (a folder of your own), remove it or set data.dataset=images"
+        )
+    check_counts(cfg, dataset_spec(cfg.data.dataset).train_images)
+
+
+def check_counts(cfg: Any, available: int) -> None:
+    """``data.limit`` and ``train.batch_size`` against the ``available`` training images."""
     if cfg.data.limit is not None and cfg.data.limit > available:
         raise ConfigError(f"data.limit: {cfg.data.limit} exceeds the {available} training images; lower it")
     if cfg.data.limit is None and cfg.train.batch_size > available:
@@ -179,6 +193,26 @@ def _check_data(cfg: Any) -> None:
             f"train.batch_size: {cfg.train.batch_size} is larger than the training set "
             f"(data.limit={cfg.data.limit}); lower train.batch_size or raise data.limit"
         )
+
+
+def check_image_folder(data: Any, keys: dict[str, str] | None = None) -> None:
+    """An image folder's settings (``keys``: the name each has where it was given, e.g. a command-line flag)."""
+    key = {name: (keys or {}).get(name, f"data.{name}") for name in ("path", "image_size", "channels", "prepared")}
+    if not data.path:
+        raise ConfigError(f"{key['path']}: not set; images need the folder (a directory or s3://bucket/prefix)")
+    if data.image_size not in IMAGE_SIZES:
+        raise ConfigError(
+            f"{key['image_size']}: {'not set' if data.image_size is None else data.image_size}; images are prepared "
+            "at one of "
+            f"{', '.join(map(str, IMAGE_SIZES))}"
+        )
+    if data.channels not in (1, 3):
+        raise ConfigError(f"{key['channels']}: {data.channels}; use 1 (grey) or 3 (RGB)")
+    problem = storage_path_problem(data.path, key["path"]) or (
+        data.prepared and storage_path_problem(data.prepared, key["prepared"])
+    )
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_scaling(cfg: Any) -> None:
