@@ -43,6 +43,12 @@ class DataConfig:
     image_size: int | None = _f(None, f"images only: the side images are prepared at, one of {IMAGE_SIZES}")
     channels: int = _f(1, "images only: 1 (grey) or 3 (RGB)", ge=1, le=3)
     prepared: str | None = _f(None, "images only: where the prepared shards go; null = <path>.prepared/<side>px-<c>ch")
+    stream: bool | None = _f(
+        None,
+        "images only: each worker streams its part of the shards (a bounded buffer) instead of holding the whole "
+        "set; null = stream when the training images pass data.stream_above_mb",
+    )
+    stream_above_mb: int = _f(1024, "images only: with data.stream null, stream sets above this many MB (pixels)", ge=0)
 
 
 @dataclass

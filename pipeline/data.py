@@ -338,6 +338,23 @@ def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Spl
     return Split(images.contiguous(), labels.contiguous())
 
 
+def training_batches(cfg: DataConfig, device: torch.device, progress: Progress = print) -> Batches:  # noqa: F821
+    """A worker's training set: an image folder's shards streamed (``data.stream``, or null and larger than
+    ``data.stream_above_mb``), else the whole (limited) training split in memory, on ``device``."""
+    from pipeline.batches import InMemory, Streamed
+
+    if cfg.dataset == IMAGES:
+        from pipeline.images import load_prepared
+
+        prepared = load_prepared(cfg)
+        stream = Streamed(prepared.location, prepared.manifest, cfg.limit)
+        pixels = len(stream) * int(np.prod(stream.image_shape))
+        if cfg.stream or (cfg.stream is None and pixels > cfg.stream_above_mb << 20):
+            progress(f"[data] streaming {len(stream)} training images from {prepared.location}")
+            return stream
+    return InMemory(load(cfg, train=True, progress=progress).images, device)
+
+
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:  # noqa: F821
     """uint8 (B, H, W) grey or (B, C, H, W) -> float (B, C, H, W) in [-1, 1], the generator's Tanh range (torch's
     default dtype)."""

@@ -28,9 +28,10 @@ import numpy as np
 
 from pipeline.errors import UserError
 
-FORMAT = 1  # the manifest's and shards' layout; a different one is prepared again
+FORMAT = 2  # the manifest's and shards' layout; a different one is prepared again
 MANIFEST = "manifest.json"
 SHARD_BYTES = 64 << 20  # pixels per shard before compression
+GROUP_BYTES = 4 << 20  # pixels per Parquet row group: what a streaming worker reads at once
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 TEST_FRACTION = 0.1  # held out by a hash of the path
 DECODE_CHUNK = 64  # images a decoding process takes at once
@@ -273,12 +274,22 @@ def _write_shard(
         skipped += failed
     table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int32())})
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", row_group_size=1024)
+    group = max(1, GROUP_BYTES // one)  # the unit a streaming worker reads (pipeline.batches)
+    pq.write_table(table, sink, compression="zstd", row_group_size=group)
     blob = sink.getvalue().to_pybytes()
     file = f"{name}.parquet"
     if images:
         _write(job.location, file, blob)
-    return {"file": file, "rows": len(images), "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}, skipped
+    starts = range(0, len(images), group)
+    entry = {
+        "file": file,
+        "rows": len(images),
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "groups": [len(images[i : i + group]) for i in starts],
+        "group_sha256": [hashlib.sha256(b"".join(images[i : i + group])).hexdigest() for i in starts],
+    }
+    return entry, skipped
 
 
 def _write(location: str, name: str, blob: bytes) -> None:

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
+from pipeline.batches import Batches, InMemory, Plan
 from pipeline.config import PipelineConfig
 from pipeline.data import Split, to_model_range
 from pipeline.metrics import Evaluator
@@ -160,7 +160,7 @@ class LoopHooks:
 
 def train_gan(
     cfg: PipelineConfig,
-    data: Split,
+    data: Split | Batches,
     runtime: Runtime | None = None,
     hooks: LoopHooks | None = None,
     resume: dict[str, Any] | None = None,
@@ -171,20 +171,18 @@ def train_gan(
     returns with ``TrainResult.resize_to`` set, for the caller to continue with that many workers."""
     rt, hooks = runtime or Runtime(), hooks or LoopHooks()
     run = LoopRun.of(cfg, data, rt, hooks, resume)
-    state, device, batch = run.state, rt.device, run.local_batch
+    state, device = run.state, rt.device
     report: Report | None = None
     for epoch in range(state.epoch, cfg.train.epochs):
         # Shuffling and noise depend only on (seed, epoch): resuming at an epoch boundary is exact, and inside
         # an epoch too (the noise is drawn forward to the step, the epoch's loss sums come back).
         run.nets.generator.train()
         run.nets.discriminator.train()
-        run.sampler.set_epoch(epoch)
-        order = torch.tensor(list(run.sampler), device=device)
         noise = epoch_noise_generator(cfg.train.seed, epoch, device)
         tally = Tally.start(run, epoch, noise)
+        batches = run.data.epoch(epoch, tally.first, run.plan)
         for i in range(tally.first, run.num_steps):
-            real = to_model_range(run.images[order[i * batch : (i + 1) * batch]])
-            real = real.contiguous(memory_format=run.nets.layout)
+            real = to_model_range(next(batches)).contiguous(memory_format=run.nets.layout)
             # Schedules follow the global step, not the epoch, so a resumed run follows them too.
             if cfg.optim.lr_final_scale < 1.0:
                 scale = linear_schedule(cfg.optim.lr_final_scale, state.step, run.total_steps)
@@ -204,7 +202,9 @@ def train_gan(
             if i + 1 < run.num_steps:
                 report = run.stop_inside_epoch(tally, epoch, i + 1)
                 if isinstance(report, Pause):
+                    batches.close()  # a streamed epoch's reader stops
                     return TrainResult(state.sampler, report.metrics, state.epoch, state.step, state, report.resize_to)
+        batches.close()
         report = run.close(tally, epoch, run.num_steps)
     return TrainResult(state.sampler, report.metrics if report else {}, state.epoch, state.step, state)
 
@@ -242,9 +242,8 @@ class LoopRun:
     state: TrainState
     nets: Nets
     step: Callable[..., torch.Tensor]
-    images: torch.Tensor  # the whole (limited) training set, on the device
-    sampler: DistributedSampler
-    local_batch: int
+    data: Batches  # where each epoch's batches come from (in memory, or streamed)
+    plan: Plan  # what they depend on besides the epoch
     num_steps: int  # per epoch
     total_steps: int
     partial: dict[str, Any] | None  # a resumed checkpoint's record of the epoch it was taken inside
@@ -257,7 +256,7 @@ class LoopRun:
 
     @classmethod
     def of(
-        cls, cfg: PipelineConfig, data: Split, rt: Runtime, hooks: LoopHooks, resume: dict[str, Any] | None
+        cls, cfg: PipelineConfig, data: Split | Batches, rt: Runtime, hooks: LoopHooks, resume: dict[str, Any] | None
     ) -> LoopRun:
         """Refuse what cannot work before any work, then build networks and optimizers from the seed; a resumed
         run takes the checkpoint's weights and counters, and the config's learning rates and betas."""
@@ -277,17 +276,13 @@ class LoopRun:
         step: Callable[..., torch.Tensor] = TrainStep(nets, state, StepTargets.of(cfg, local_batch, rt.device))
         if graphs:
             step = GraphedStep(step, rt.device)
-        # The images stay on the device; each worker takes its own shard of one shuffled order per epoch.
-        sampler = DistributedSampler(
-            range(len(data)),
-            num_replicas=rt.world_size,
-            rank=rt.rank,
-            shuffle=True,
-            seed=cfg.train.seed,
-            drop_last=True,
-        )
-        images = data.images.to(rt.device)
-        return cls(cfg, rt, hooks, state, nets, step, images, sampler, local_batch, num_steps, total_steps, partial)
+        source = InMemory(data.images, rt.device) if isinstance(data, Split) else data
+        plan = Plan(cfg.train.seed, rt.rank, rt.world_size, local_batch, num_steps, rt.device)
+        return cls(cfg, rt, hooks, state, nets, step, source, plan, num_steps, total_steps, partial)
+
+    @property
+    def local_batch(self) -> int:
+        return self.plan.local_batch
 
     def noise(self, generator: torch.Generator) -> torch.Tensor:
         """The next global batch of noise, of which this worker keeps its rank's rows: N workers together use

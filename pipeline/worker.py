@@ -129,14 +129,14 @@ class EpochProgress:
 def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
     """One worker's whole run: load data, resume from the run's checkpoint (or ``job.start_from``), train,
     report through ``place``; ``entered`` (wall clock) is when this worker's code began."""
-    from pipeline.data import load
+    from pipeline.data import training_batches
     from pipeline.metrics import Evaluator
 
     for hook in job.hooks:
         place = hook.place(place)
     cfg = job.config
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    data = load(cfg.data, progress=print if place.local_rank == 0 else (lambda _: None))
+    data = training_batches(cfg.data, place.device, print if place.local_rank == 0 else (lambda _: None))
     timing = StartTiming.of(job, entered)
     resume, exploit = restored_state(job, place)
     tracker: Tracker = (

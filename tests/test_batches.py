@@ -1,0 +1,112 @@
+"""A worker's batches (pipeline.batches): an image folder's shards streamed in row groups, each worker its own
+disjoint part, reshuffled per epoch and deterministic by seed, resumable inside an epoch, checked by SHA-256;
+a run trained on the stream resumes inside an epoch exactly."""
+
+import copy
+import hashlib
+import json
+
+import pytest
+import torch
+
+from pipeline import batches, images
+from pipeline.batches import Plan, Streamed
+from pipeline.images import ImageFolderError, Preparation, prepare_folder
+from tests.image_folders import make_folder
+
+ONE = 3 * 32 * 32  # bytes of one 32x32 RGB image
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """150 images of 32x32 RGB in row groups of 8 (small groups and windows: many of both)."""
+    base = tmp_path_factory.mktemp("stream")
+    source = make_folder(base / "shapes", 50, broken=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(images, "GROUP_BYTES", 8 * ONE)
+        patch.setattr(images, "SHARD_BYTES", 40 * ONE)  # several shards too
+        return prepare_folder(Preparation(str(source), str(base / "out"), 32, 3), lambda _: None, workers=2)
+
+
+@pytest.fixture(autouse=True)
+def small_windows(monkeypatch):
+    monkeypatch.setattr(batches, "WINDOW_BYTES", 20 * ONE)  # windows of 3 row groups
+
+
+def digests(batch: torch.Tensor) -> list[str]:
+    return [hashlib.sha256(image.numpy().tobytes()).hexdigest() for image in batch]
+
+
+def epoch_of(stream: Streamed, epoch: int, rank: int, world: int, first: int = 0, seed: int = 0) -> list[torch.Tensor]:
+    local = 12 // world
+    steps = len(stream) // 12
+    return list(stream.epoch(epoch, first, Plan(seed, rank, world, local, steps, torch.device("cpu"))))
+
+
+def test_workers_stream_disjoint_parts_reshuffled_each_epoch_and_the_same_for_the_same_seed(prepared):
+    stream = Streamed(prepared.location, prepared.manifest)
+    assert len(stream) == prepared.count("train") and len(prepared.manifest["shards"]["train"]) > 1
+    steps = len(stream) // 12
+    one = epoch_of(stream, 0, 0, 1)
+    assert len(one) == steps and all(b.shape == (12, 3, 32, 32) for b in one)
+    # Two workers: each its own rows, none shared, together as many as one process trains.
+    parts = [sum((digests(b) for b in epoch_of(stream, 0, rank, 2)), []) for rank in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == steps * 6
+    assert not set(parts[0]) & set(parts[1]) and len(set(parts[0] + parts[1])) == steps * 12
+    # Deterministic by seed; another epoch or seed, another order.
+    flat = sum((digests(b) for b in one), [])
+    assert flat == sum((digests(b) for b in epoch_of(stream, 0, 0, 1)), [])
+    assert flat != sum((digests(b) for b in epoch_of(stream, 1, 0, 1)), [])
+    assert flat != sum((digests(b) for b in epoch_of(stream, 0, 0, 1, seed=1)), [])
+    # Inside an epoch: from step 5 on, the batches it would have had.
+    later = epoch_of(stream, 3, 1, 2, first=5)
+    assert [digests(b) for b in later] == [digests(b) for b in epoch_of(stream, 3, 1, 2)[5:]]
+    # data.limit: the first rows of the split only.
+    assert len(Streamed(prepared.location, prepared.manifest, limit=30)) == 30
+
+
+def test_a_changed_row_group_is_refused(prepared, tmp_path):
+    manifest = json.loads(json.dumps(prepared.manifest))
+    manifest["shards"]["train"][0]["group_sha256"][1] = "0" * 64  # as if the pixels changed
+    stream = Streamed(prepared.location, manifest)
+    with pytest.raises(ImageFolderError, match="row group 1 fails its SHA-256 check"):
+        for world_rank in range(2):
+            epoch_of(stream, 0, world_rank, 2)
+
+
+def test_a_streamed_run_resumed_inside_an_epoch_ends_where_the_straight_one_does(prepared, tmp_path):
+    from pipeline.config import load_config
+    from pipeline.data import training_batches
+    from pipeline.train import LoopHooks, train_gan
+    from pipeline.train_state import weights_digest
+    from tests.conftest import CONFIGS
+
+    source = prepared.manifest["source"]
+    overrides = [
+        "data.dataset=images",
+        f"data.path={source}",
+        "data.image_size=32",
+        "data.channels=3",
+        f"data.prepared={prepared.location}",
+        "data.limit=null",
+        "data.stream=true",
+        "eval.every_epochs=0",
+        "train.batch_size=12",  # resumed at step 3: 36 rows in, inside the second window of 24
+        "train.epochs=2",
+        "tune.report_every_steps=3",
+    ]
+    cfg = load_config(CONFIGS / "smoke.yaml", overrides)
+    data = training_batches(cfg.data, torch.device("cpu"), lambda _: None)
+    assert isinstance(data, Streamed)
+    checkpoints = []
+
+    def keep(report):  # copies: a report's state_dict holds the live tensors, which training changes
+        checkpoints.append(copy.deepcopy(report.checkpoint))
+
+    straight = train_gan(cfg, data, hooks=LoopHooks(log=lambda _: None, report=keep))
+    inside = next(c for c in checkpoints if c and c["step"] % (len(data) // 12))  # taken inside an epoch
+    resumed = train_gan(cfg, data, hooks=LoopHooks(log=lambda _: None), resume=inside)
+    assert resumed.step == straight.step
+    runs = (straight, resumed)
+    digest = [weights_digest(r.state.generator.state_dict(), r.state.discriminator.state_dict()) for r in runs]
+    assert digest[0] == digest[1]
