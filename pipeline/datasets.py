@@ -61,6 +61,7 @@ class DatasetSpec:
     files: Mapping[str, RawFile] = field(default_factory=dict)  # raw file name -> size and checksum (IDX)
     mirror: WheelMirror | DebianMirror | None = None  # the offline source tried when no download works
     prepared: str | None = None  # an image folder's shards and manifest (a directory or s3:// URI)
+    content_digest: str = ""  # an image folder's: its manifest's digest (the SHA-256 over its shards')
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3) or self.image_size % 4 or (self.files and self.channels != 1):
@@ -74,8 +75,16 @@ class DatasetSpec:
         """SHA-256 of its files' names and checksums: one figure for the data (an evaluator records it)."""
         import hashlib
 
+        if self.content_digest:
+            return self.content_digest
         listed = "\n".join(f"{name} {raw.sha256}" for name, raw in sorted(self.files.items()))
         return hashlib.sha256(listed.encode()).hexdigest()
+
+    @property
+    def key(self) -> str:
+        """What names the data where several may meet (evaluator caches and registered evaluators): the name, and
+        for an image folder its content too (``images-<digest12>``)."""
+        return f"{self.name}-{self.content_digest[:12]}" if self.content_digest else self.name
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -128,6 +137,7 @@ FASHION_MNIST = DatasetSpec(
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, FASHION_MNIST)}
 DEFAULT_DATASET = MNIST.name  # what data.dataset, `data prepare` and `evaluate` take when not told
 IMAGES = "images"  # data.dataset for a folder of your own images (data.path, data.image_size, data.channels)
+FOLDER_EVALUATOR_GATE = 0.80  # the held-out accuracy a labelled folder's evaluator must reach
 IMAGE_SIZES = (32, 64, 128)  # the sides an image folder is prepared at
 
 

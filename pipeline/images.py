@@ -77,6 +77,12 @@ def list_folder(path: str) -> Listing:
     try:
         fs, root = filesystem(path)
         if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+            bucket = root.split("/")[0]
+            if "://" in path and fs.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+                raise ImageFolderError(
+                    f"data.path: {path!r}: the bucket {bucket!r} does not exist, or these credentials cannot see it; "
+                    "check the path, AWS_ENDPOINT_URL and the AWS_* credentials"
+                )
             raise ImageFolderError(f"data.path: {path!r} is not a folder (nothing there); check the path")
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
     except ImageFolderError:
@@ -295,31 +301,41 @@ def _write_shard(
 def _write(location: str, name: str, blob: bytes) -> None:
     """Write a file under ``location`` whole: a local one through a temporary name, an object in one put."""
     fs, base = filesystem(location)
-    if "://" not in location:
-        os.makedirs(base, exist_ok=True)
-        tmp = f"{base}/.{name}.part"
-        with open(tmp, "wb") as out:
-            out.write(blob)
-        os.replace(tmp, f"{base}/{name}")
-        return
-    with fs.open_output_stream(f"{base}/{name}") as out:
-        out.write(blob)
-
-
-def _check_writable(location: str) -> None:
-    """Before any decoding: the place the shards go can be written (a probe file, removed again)."""
-    fs, base = filesystem(location)
     try:
         if "://" not in location:
             os.makedirs(base, exist_ok=True)
+            tmp = f"{base}/.{name}.part"
+            with open(tmp, "wb") as out:
+                out.write(blob)
+            os.replace(tmp, f"{base}/{name}")
+            return
+        with fs.open_output_stream(f"{base}/{name}") as out:
+            out.write(blob)
+    except (OSError, ValueError) as exc:
+        raise _unwritable(location, exc) from None
+
+
+def _unwritable(location: str, exc: BaseException) -> ImageFolderError:
+    return ImageFolderError(
+        f"data.prepared: {location!r} cannot be written ({str(exc).splitlines()[0]}); choose a writable place with "
+        "--out (data.prepared)"
+    )
+
+
+def _check_writable(location: str) -> None:
+    """Before any decoding, a local place for the shards can be written (a probe file, removed again). An object
+    store is not probed (a deleted probe would leave a folder marker behind): its first shard's write is the
+    check, before which nothing is written."""
+    if "://" in location:
+        return
+    fs, base = filesystem(location)
+    try:
+        os.makedirs(base, exist_ok=True)
         with fs.open_output_stream(f"{base}/.write-probe") as out:
             out.write(b"")
         fs.delete_file(f"{base}/.write-probe")
     except (OSError, ValueError) as exc:
-        raise ImageFolderError(
-            f"data.prepared: {location!r} cannot be written ({str(exc).splitlines()[0]}); choose a writable place "
-            "with --out (data.prepared)"
-        ) from None
+        raise _unwritable(location, exc) from None
 
 
 def _remove_unlisted(location: str, old: dict[str, Any], new: dict[str, Any]) -> None:
@@ -415,3 +431,20 @@ def load_split(cfg: Any, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
     if not parts:
         return np.zeros((0, *prepared.image_shape), np.uint8), np.zeros(0, np.int64)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def folder_spec(cfg: Any) -> Any:
+    """The full spec of a prepared folder (a ``DataConfig``'s): shape, classes, training images, its content's
+    digest, and the accuracy its evaluator must reach."""
+    from dataclasses import replace
+
+    from pipeline.datasets import FOLDER_EVALUATOR_GATE, spec_of
+
+    prepared = load_prepared(cfg)
+    return replace(
+        spec_of(cfg),
+        num_classes=len(prepared.manifest["classes"]),
+        train_images=prepared.count("train"),
+        evaluator_min_accuracy=FOLDER_EVALUATOR_GATE,
+        content_digest=prepared.manifest["digest"],
+    )

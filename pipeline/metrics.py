@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,7 @@ from torch import nn
 
 from pipeline.config import DataConfig
 from pipeline.data import Split, file_sha256, load, resolve_root, to_model_range
-from pipeline.datasets import DatasetSpec, dataset_spec
+from pipeline.datasets import IMAGES, DatasetSpec, dataset_spec
 from pipeline.errors import UserError
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 EVALUATOR_VERSION = 1
 FEATURE_DIM = 128
 EVAL_BATCH = 1000
+MIN_STEPS = 600  # the evaluator trains at least this many steps (MNIST's 4 epochs are 1,872)
 
 
 class EvaluatorError(UserError):
@@ -45,12 +46,16 @@ class EvaluatorError(UserError):
 
 
 class Classifier(nn.Module):
-    """Two conv blocks and a 128-unit layer (the FID features) before the class logits, for ``spec``'s images."""
+    """Two conv blocks and a 128-unit layer (the FID features) before the class logits, for ``spec``'s images;
+    images larger than 32 px are first averaged down to 32 px (2x2 or 4x4 average pooling): a cheap evaluator
+    whatever the side, which sees what a 32 px thumbnail shows."""
 
     def __init__(self, spec: DatasetSpec) -> None:
         super().__init__()
-        side = spec.image_size // 4  # after two 2x2 max-pools
+        scale = max(1, spec.image_size // 32)
+        side = spec.image_size // scale // 4  # after two 2x2 max-pools
         self.features = nn.Sequential(
+            *([nn.AvgPool2d(scale)] if scale > 1 else []),
             nn.Conv2d(spec.channels, 32, 3, padding=1),
             nn.BatchNorm2d(32),
             nn.ReLU(inplace=True),
@@ -65,6 +70,13 @@ class Classifier(nn.Module):
         )
         self.dropout = nn.Dropout(0.3)
         self.head = nn.Linear(FEATURE_DIM, spec.num_classes)
+        self.side = spec.image_size
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(channels, side, classes): what rebuilds this network elsewhere."""
+        first = next(m for m in self.features if isinstance(m, nn.Conv2d))
+        return first.in_channels, self.side, self.head.out_features
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features, logits) for images in [-1, 1]."""
@@ -139,6 +151,7 @@ class Evaluator:
         return {
             "weights": self.model.state_dict(),
             "dataset": self.dataset,
+            "shape": list(self.model.shape),
             "test_accuracy": self.test_accuracy,
             "test_mu": self.test_mu,
             "test_sigma": self.test_sigma,
@@ -147,7 +160,7 @@ class Evaluator:
 
     @classmethod
     def from_payload(cls, payload: dict) -> Evaluator:
-        model = Classifier(dataset_spec(payload["dataset"]))
+        model = Classifier(_payload_spec(payload))
         model.load_state_dict(payload["weights"])
         return cls(
             model.eval(),
@@ -172,8 +185,25 @@ class Evaluator:
         }
 
 
+def _payload_spec(payload: dict) -> DatasetSpec:
+    """The spec a shipped evaluator's network is built for: its recorded shape, or its dataset's entry."""
+    if "shape" not in payload:
+        return dataset_spec(payload["dataset"])
+    channels, side, classes = payload["shape"]
+    return DatasetSpec(payload["dataset"], "", side, channels, classes, 0, 0.0)
+
+
+def evaluator_spec(cfg: DataConfig) -> DatasetSpec:
+    """The spec the evaluator of ``cfg``'s data is built and named by (an image folder's read from its manifest)."""
+    if cfg.dataset == IMAGES:
+        from pipeline.images import folder_spec
+
+        return folder_spec(cfg)
+    return dataset_spec(cfg.dataset)
+
+
 def cache_dir(cfg: DataConfig) -> Path:
-    return resolve_root(cfg) / "evaluators" / cfg.dataset
+    return resolve_root(cfg) / "evaluators" / evaluator_spec(cfg).key
 
 
 EVALUATOR_FILES = ("evaluator.pt", "test_stats.npz", "meta.json")  # meta.json last: it marks a cache valid
@@ -186,8 +216,9 @@ def shared_evaluator(cfg: DataConfig, uri: str, progress=print) -> Evaluator:
     checksums it was registered with and cached under the data root by checksum."""
     from pipeline.registry import register_evaluator, shared_evaluator_version
 
-    name = f"evaluator-{cfg.dataset}"
-    match = {"dataset_sha256": dataset_spec(cfg.dataset).digest, "evaluator_version": str(EVALUATOR_VERSION)}
+    spec = evaluator_spec(cfg)
+    name = f"evaluator-{spec.key.replace('_', '-')}" if cfg.dataset == IMAGES else f"evaluator-{cfg.dataset}"
+    match = {"dataset_sha256": spec.digest, "evaluator_version": str(EVALUATOR_VERSION)}
     directory = cache_dir(cfg)
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory / ".shared.lock"), timeout=3600):
@@ -197,18 +228,18 @@ def shared_evaluator(cfg: DataConfig, uri: str, progress=print) -> Evaluator:
             meta = json.loads((directory / "meta.json").read_text())
             tags = {
                 **match,
-                "dataset": cfg.dataset,
+                "dataset": spec.key,
                 "weights_sha256": own.checksum,
                 "stats_sha256": meta["stats_sha256"],
                 "test_accuracy": repr(own.test_accuracy),
             }
             register_evaluator(uri, name, [directory / f for f in EVALUATOR_FILES], tags)
             shared = shared_evaluator_version(uri, name, match)  # the first registered, if two hosts raced
-            progress(f"[eval] registered this host's {cfg.dataset} evaluator as {name} in {uri}")
-        return _shared_copy(cfg, uri, shared, progress)
+            progress(f"[eval] registered this host's {spec.key} evaluator as {name} in {uri}")
+        return _shared_copy(cfg, spec, uri, shared, progress)
 
 
-def _shared_copy(cfg: DataConfig, uri: str, shared: SharedVersion, progress) -> Evaluator:
+def _shared_copy(cfg: DataConfig, spec: DatasetSpec, uri: str, shared: SharedVersion, progress) -> Evaluator:
     """The evaluator ``shared`` from this host's cache (its own, or a copy kept by checksum), else downloaded,
     verified and cached."""
     from pipeline.registry import download_evaluator
@@ -217,7 +248,7 @@ def _shared_copy(cfg: DataConfig, uri: str, shared: SharedVersion, progress) -> 
     where = f"{shared.name} version {shared.version} in {uri}"
     kept = directory / f"sha256-{checksum}"
     for candidate in (directory, kept):
-        cached = _load_cached(candidate, cfg.dataset)
+        cached = _load_cached(candidate, spec)
         if cached is not None and cached.checksum == checksum:
             return cached
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
@@ -229,17 +260,17 @@ def _shared_copy(cfg: DataConfig, uri: str, shared: SharedVersion, progress) -> 
         wrong = [key for key, value in got.items() if shared.tags.get(key) != value]
         if wrong:
             raise EvaluatorError(
-                f"the shared {cfg.dataset} evaluator ({where}) does not match its registered {', '.join(wrong)}: "
+                f"the shared {spec.key} evaluator ({where}) does not match its registered {', '.join(wrong)}: "
                 "its files were changed after registration; delete that model version so that the next run "
                 "registers a good one"
             )
         shutil.rmtree(kept, ignore_errors=True)
         os.replace(files, kept)
-    evaluator = _load_cached(kept, cfg.dataset)
+    evaluator = _load_cached(kept, spec)
     if evaluator is None:
-        raise EvaluatorError(f"the shared {cfg.dataset} evaluator ({where}) cannot be loaded from {kept}")
+        raise EvaluatorError(f"the shared {spec.key} evaluator ({where}) cannot be loaded from {kept}")
     progress(
-        f"[eval] {cfg.dataset} evaluator: {where} (sha256 {checksum[:12]}, test accuracy "
+        f"[eval] {spec.key} evaluator: {where} (sha256 {checksum[:12]}, test accuracy "
         f"{evaluator.test_accuracy:.4f}), verified and cached in {kept}"
     )
     return evaluator
@@ -248,17 +279,20 @@ def _shared_copy(cfg: DataConfig, uri: str, shared: SharedVersion, progress) -> 
 def train_classifier(
     spec: DatasetSpec, train: Split, test: Split, epochs: int = 4, seed: int = 0, progress=print
 ) -> tuple[Classifier, float]:
-    """Train the evaluator (Adam, one-cycle schedule, light shift augmentation); return it and its test accuracy."""
+    """Train the evaluator (Adam, one-cycle schedule, light shift augmentation) for ``epochs``, or for as many as
+    :data:`MIN_STEPS` steps take on a small set; return it and its test accuracy."""
     torch.manual_seed(seed)
     model = Classifier(spec)
     batch = 128
+    per_epoch = max(len(train) // batch, 1)
+    epochs = max(epochs, -(-MIN_STEPS // per_epoch))
     steps = epochs * (len(train) // batch)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 1))
     gen = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
     for epoch in range(epochs):
         model.train()
-        started = time.perf_counter()
         order = torch.randperm(len(train), generator=gen)
         for i in range(len(train) // batch):
             idx = order[i * batch : (i + 1) * batch]
@@ -272,6 +306,8 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
+        if (epoch + 1) % -(-epochs // 8) and epoch + 1 < epochs:
+            continue  # at most 8 lines however many epochs a small set takes
         accuracy = classifier_accuracy(model, test)
         progress(
             f"[eval] evaluator epoch {epoch + 1}/{epochs}: test accuracy {accuracy:.4f} "
@@ -295,30 +331,29 @@ def get_evaluator(cfg: DataConfig, progress=print, splits: tuple[Split, Split] |
 
     ``splits`` (train, test) replaces the dataset's own (tests use tiny fabricated ones).
     """
+    spec = evaluator_spec(cfg)
     directory = cache_dir(cfg)
-    cached = _load_cached(directory, cfg.dataset)
+    cached = _load_cached(directory, spec)
     if cached is not None:
         return cached
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory / ".lock"), timeout=3600):
-        cached = _load_cached(directory, cfg.dataset)
+        cached = _load_cached(directory, spec)
         if cached is not None:
             return cached
-        full = DataConfig(dataset=cfg.dataset, root=cfg.root, limit=None)
+        full = replace(cfg, limit=None)
         if splits is None:
             splits = load(full, train=True, progress=progress), load(full, train=False, progress=progress)
         train, test = splits
-        progress(f"[eval] training the {cfg.dataset} evaluator (once; cached in {directory})")
-        spec = dataset_spec(cfg.dataset)
+        progress(f"[eval] training the {spec.key} evaluator (once; cached in {directory})")
         model, accuracy = train_classifier(spec, train, test, progress=progress)
         gate = spec.evaluator_min_accuracy
         if accuracy < gate:
             raise EvaluatorError(
-                f"the {cfg.dataset} evaluator reached only {accuracy:.4f} test accuracy (< {gate}); "
-                "FID/IS from it would mislead, so nothing was cached. Check the data (python -m pipeline "
-                "data prepare) and try again"
+                f"the {spec.key} evaluator reached only {accuracy:.4f} test accuracy (< {gate}); "
+                f"FID/IS from it would mislead, so nothing was cached. {_evaluator_fix(cfg)}"
             )
-        evaluator = Evaluator(model, cfg.dataset, accuracy, np.zeros(FEATURE_DIM), np.eye(FEATURE_DIM))
+        evaluator = Evaluator(model, spec.key, accuracy, np.zeros(FEATURE_DIM), np.eye(FEATURE_DIM))
         feats, _ = evaluator.features_and_probs(test.images)
         evaluator.test_mu, evaluator.test_sigma = statistics(feats)
         weights = directory / "evaluator.pt"
@@ -329,7 +364,7 @@ def get_evaluator(cfg: DataConfig, progress=print, splits: tuple[Split, Split] |
         evaluator.checksum = file_sha256(weights)
         meta = {
             "version": EVALUATOR_VERSION,
-            "dataset": cfg.dataset,
+            "dataset": spec.key,
             "test_accuracy": accuracy,
             "weights_sha256": evaluator.checksum,
             "stats_sha256": file_sha256(directory / "test_stats.npz"),
@@ -339,31 +374,40 @@ def get_evaluator(cfg: DataConfig, progress=print, splits: tuple[Split, Split] |
         return evaluator
 
 
-def _load_cached(directory: Path, dataset: str) -> Evaluator | None:
+def _evaluator_fix(cfg: DataConfig) -> str:
+    if cfg.dataset == IMAGES:
+        return (
+            "Its classes must be told apart by their images: add images per class, or train without FID/IS "
+            "(eval.every_epochs=0)"
+        )
+    return "Check the data (python -m pipeline data prepare) and try again"
+
+
+def _load_cached(directory: Path, spec: DatasetSpec) -> Evaluator | None:
     """The cached evaluator if complete and intact (checksums match); None means (re)train it."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
         weights, stats = directory / "evaluator.pt", directory / "test_stats.npz"
         if (
             meta.get("version") != EVALUATOR_VERSION
-            or meta.get("dataset") != dataset
+            or meta.get("dataset") != spec.key
             or file_sha256(weights) != meta["weights_sha256"]
             or file_sha256(stats) != meta["stats_sha256"]
         ):
             return None
-        model = Classifier(dataset_spec(dataset))
+        model = Classifier(spec)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         with np.load(stats, allow_pickle=False) as arrays:
             mu, sigma = arrays["mu"], arrays["sigma"]
     except (OSError, KeyError, ValueError, json.JSONDecodeError, RuntimeError):
         return None
-    return Evaluator(model.eval(), dataset, float(meta["test_accuracy"]), mu, sigma, meta["weights_sha256"])
+    return Evaluator(model.eval(), spec.key, float(meta["test_accuracy"]), mu, sigma, meta["weights_sha256"])
 
 
 def real_reference(cfg: DataConfig, evaluator: Evaluator, num: int = 10_000, progress=print) -> dict[str, float]:
     """The real-data yardstick, scored by ``evaluator``: FID of ``num`` training images vs the test split; IS of
     the test split."""
-    full = DataConfig(dataset=cfg.dataset, root=cfg.root, limit=None)
+    full = replace(cfg, limit=None)
     train = load(full, train=True, progress=progress)
     test = load(full, train=False, progress=progress)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:num]

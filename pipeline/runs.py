@@ -96,7 +96,13 @@ def scores_unavailable(cfg: PipelineConfig) -> str | None:
     """Why FID and IS cannot be measured for the run's data (None when they can): they need an evaluator
     trained on the data's classes."""
     if cfg.data.dataset == IMAGES:
-        return f"no evaluator for the image folder {cfg.data.path} yet: FID and IS need a classifier of its classes"
+        from pipeline.images import folder_spec
+
+        if folder_spec(cfg.data).num_classes < 2:
+            return (
+                f"the image folder {cfg.data.path} has no classes (one subfolder per class): FID and IS need a "
+                "classifier of them"
+            )
     return None
 
 
