@@ -212,7 +212,7 @@ class WindowReader:
     def _read(self, piece: Slice) -> np.ndarray:
         import pyarrow.parquet as pq
 
-        from pipeline.images import ImageFolderError, filesystem, pixels_of
+        from pipeline.shards import ImageFolderError, filesystem, pixels_of
 
         shard = self.stream.manifest["shards"]["train"][piece.shard]
         if piece.shard not in self.files:

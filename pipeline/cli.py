@@ -16,7 +16,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.config import DataConfig, describe_fields, load_config
 from pipeline.datasets import DATASETS, DEFAULT_DATASET, IMAGE_SIZES, IMAGES, dataset_names, dataset_spec
 from pipeline.errors import ConfigError, UserError
-from pipeline.images import TEST_FRACTION
+from pipeline.shards import TEST_FRACTION
 
 EXIT_USAGE = 2
 MODEL_HELP = (
@@ -160,7 +160,8 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _prepare_image_folder(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from pipeline.images import prepare_folder, prepared_of
+    from pipeline.images import prepare_folder
+    from pipeline.shards import prepared_of
     from pipeline.validation import check_image_folder
 
     data = DataConfig(

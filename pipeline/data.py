@@ -308,7 +308,8 @@ def prepare_data(cfg: DataConfig, progress: Progress = print) -> int:
     """Make the data ready for workers (a dataset's IDX files on this node, an image folder's shards where the
     config says); the number of training images."""
     if cfg.dataset == IMAGES:
-        from pipeline.images import prepare_folder, prepared_of
+        from pipeline.images import prepare_folder
+        from pipeline.shards import prepared_of
 
         return prepare_folder(prepared_of(cfg), progress).count("train")
     prepare(cfg.dataset, resolve_root(cfg), progress)
@@ -322,7 +323,7 @@ def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Spl
     import torch
 
     if cfg.dataset == IMAGES:
-        from pipeline.images import load_split
+        from pipeline.shards import load_split
 
         pixels, numbers = load_split(cfg, train)
         images, labels = torch.from_numpy(pixels), torch.from_numpy(numbers)
@@ -344,7 +345,7 @@ def training_batches(cfg: DataConfig, device: torch.device, progress: Progress =
     from pipeline.batches import InMemory, Streamed
 
     if cfg.dataset == IMAGES:
-        from pipeline.images import load_prepared
+        from pipeline.shards import load_prepared
 
         prepared = load_prepared(cfg)
         stream = Streamed(prepared.location, prepared.manifest, cfg.limit)

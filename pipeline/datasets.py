@@ -62,6 +62,7 @@ class DatasetSpec:
     mirror: WheelMirror | DebianMirror | None = None  # the offline source tried when no download works
     prepared: str | None = None  # an image folder's shards and manifest (a directory or s3:// URI)
     content_digest: str = ""  # an image folder's: its manifest's digest (the SHA-256 over its shards')
+    evaluator_min_steps: int = 0  # the evaluator trains at least this many steps (a small folder: more epochs)
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3) or self.image_size % 4 or (self.files and self.channels != 1):
@@ -138,6 +139,7 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, FASHION_
 DEFAULT_DATASET = MNIST.name  # what data.dataset, `data prepare` and `evaluate` take when not told
 IMAGES = "images"  # data.dataset for a folder of your own images (data.path, data.image_size, data.channels)
 FOLDER_EVALUATOR_GATE = 0.80  # the held-out accuracy a labelled folder's evaluator must reach
+FOLDER_EVALUATOR_STEPS = 600  # and the steps it trains at least, however few images the folder has
 IMAGE_SIZES = (32, 64, 128)  # the sides an image folder is prepared at
 
 

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 EVALUATOR_VERSION = 1
 FEATURE_DIM = 128
 EVAL_BATCH = 1000
-MIN_STEPS = 600  # the evaluator trains at least this many steps (MNIST's 4 epochs are 1,872)
 
 
 class EvaluatorError(UserError):
@@ -196,7 +195,7 @@ def _payload_spec(payload: dict) -> DatasetSpec:
 def evaluator_spec(cfg: DataConfig) -> DatasetSpec:
     """The spec the evaluator of ``cfg``'s data is built and named by (an image folder's read from its manifest)."""
     if cfg.dataset == IMAGES:
-        from pipeline.images import folder_spec
+        from pipeline.shards import folder_spec
 
         return folder_spec(cfg)
     return dataset_spec(cfg.dataset)
@@ -280,12 +279,12 @@ def train_classifier(
     spec: DatasetSpec, train: Split, test: Split, epochs: int = 4, seed: int = 0, progress=print
 ) -> tuple[Classifier, float]:
     """Train the evaluator (Adam, one-cycle schedule, light shift augmentation) for ``epochs``, or for as many as
-    :data:`MIN_STEPS` steps take on a small set; return it and its test accuracy."""
+    the spec's ``evaluator_min_steps`` take on a small set (an image folder's); return it and its test accuracy."""
     torch.manual_seed(seed)
     model = Classifier(spec)
     batch = 128
     per_epoch = max(len(train) // batch, 1)
-    epochs = max(epochs, -(-MIN_STEPS // per_epoch))
+    epochs = max(epochs, -(-spec.evaluator_min_steps // per_epoch))
     steps = epochs * (len(train) // batch)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 1))

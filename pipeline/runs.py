@@ -96,7 +96,7 @@ def scores_unavailable(cfg: PipelineConfig) -> str | None:
     """Why FID and IS cannot be measured for the run's data (None when they can): they need an evaluator
     trained on the data's classes."""
     if cfg.data.dataset == IMAGES:
-        from pipeline.images import folder_spec
+        from pipeline.shards import folder_spec
 
         if folder_spec(cfg.data).num_classes < 2:
             return (
@@ -235,7 +235,7 @@ def log_dataset(cfg: PipelineConfig, tracker: MLflowTracker) -> None:
     from pipeline.data import TRAIN_IMAGES_FILE, resolve_root
 
     if cfg.data.dataset == IMAGES:
-        from pipeline.images import load_prepared
+        from pipeline.shards import load_prepared
 
         prepared = load_prepared(cfg.data)
         count = prepared.count("train")

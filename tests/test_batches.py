@@ -11,7 +11,8 @@ import torch
 
 from pipeline import batches, images
 from pipeline.batches import Plan, Streamed
-from pipeline.images import ImageFolderError, Preparation, prepare_folder
+from pipeline.images import prepare_folder
+from pipeline.shards import ImageFolderError, Preparation
 from tests.image_folders import make_folder
 
 ONE = 3 * 32 * 32  # bytes of one 32x32 RGB image

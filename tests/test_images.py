@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.images import ImageFolderError, Preparation, decode, iter_shards, list_folder, prepare_folder
+from pipeline.images import decode, list_folder, prepare_folder
+from pipeline.shards import ImageFolderError, Preparation, iter_shards
 from tests.conftest import run_cli
 from tests.image_folders import SHAPES, draw, make_folder
 

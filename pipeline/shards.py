@@ -1,0 +1,150 @@
+"""A prepared image folder, read back: its manifest, its shards checked by SHA-256, its split in memory and its
+spec (classes, counts, content digest). pipeline.images writes what this reads; pipeline.batches streams it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+MANIFEST = "manifest.json"
+TEST_FRACTION = 0.1  # held out by a hash of the path
+
+
+class ImageFolderError(UserError):
+    """An image folder that cannot be prepared or read: the message names it and the fix."""
+
+
+def filesystem(location: str) -> tuple[Any, str]:
+    """pyarrow's filesystem for a directory or URI, and the path on it."""
+    import pyarrow.fs
+
+    if "://" not in location:
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+    return pyarrow.fs.FileSystem.from_uri(location)
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What to prepare: the folder, where its shards go, the side and channels, the held-out fraction."""
+
+    path: str
+    location: str
+    image_size: int
+    channels: int
+    test_fraction: float = TEST_FRACTION
+
+
+@dataclass
+class Prepared:
+    """A prepared folder: where its manifest is, and the manifest."""
+
+    location: str
+    manifest: dict[str, Any]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.manifest["channels"], self.manifest["image_size"], self.manifest["image_size"]
+
+    def count(self, split: str) -> int:
+        return sum(shard["rows"] for shard in self.manifest["shards"][split])
+
+
+def read_manifest(location: str) -> dict[str, Any] | None:
+    """The manifest at ``location``, or None when there is none (not prepared, or not completely)."""
+    fs, base = filesystem(location)
+    try:
+        with fs.open_input_stream(f"{base}/{MANIFEST}") as stream:
+            return json.loads(stream.read())
+    except (OSError, FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def read_shard(
+    location: str, shard: dict[str, Any], image_shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One shard as (uint8 images (N, C, H, W), int64 labels), its SHA-256 checked first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, base = filesystem(location)
+    with fs.open_input_stream(f"{base}/{shard['file']}") as stream:
+        blob = stream.read()
+    if hashlib.sha256(blob).hexdigest() != shard["sha256"]:
+        raise ImageFolderError(
+            f"{location}/{shard['file']} fails its SHA-256 check (changed or corrupted); prepare again: "
+            "python -m pipeline data prepare --dataset images ..."
+        )
+    table = pq.read_table(pa.BufferReader(blob))
+    return pixels_of(table.column("image").combine_chunks(), image_shape), table.column("label").to_numpy().astype(
+        np.int64
+    )
+
+
+def pixels_of(column: Any, image_shape: tuple[int, int, int]) -> np.ndarray:
+    """A binary column of equal-sized images as one uint8 array (N, C, H, W), without a copy per image."""
+    offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+    data = np.frombuffer(column.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape(len(column), *image_shape)
+
+
+def iter_shards(prepared: Prepared, split: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for shard in prepared.manifest["shards"][split]:
+        yield read_shard(prepared.location, shard, prepared.image_shape)
+
+
+def prepared_of(cfg: Any) -> Preparation:
+    """The preparation a ``DataConfig`` of an image folder names."""
+    from pipeline.datasets import spec_of
+
+    spec = spec_of(cfg)
+    return Preparation(spec.folder, spec.prepared, spec.image_size, spec.channels)
+
+
+def load_prepared(cfg: Any) -> Prepared:
+    """The prepared folder of a ``DataConfig`` (its manifest read); an ImageFolderError when it is not prepared
+    for these settings."""
+    job = prepared_of(cfg)
+    manifest = read_manifest(job.location)
+    if manifest is None or (manifest["image_size"], manifest["channels"]) != (job.image_size, job.channels):
+        raise ImageFolderError(
+            f"data.path: {job.path!r} is not prepared at {job.image_size} px, {job.channels} channel(s) in "
+            f"{job.location}; run: python -m pipeline data prepare --dataset images --path {job.path} "
+            f"--image-size {job.image_size} --channels {job.channels}"
+        )
+    return Prepared(job.location, manifest)
+
+
+def load_split(cfg: Any, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared folder's split in memory: uint8 images (N, C, H, W) and int64 labels (-1: unlabelled)."""
+    prepared = load_prepared(cfg)
+    parts = list(iter_shards(prepared, "train" if train else "test"))
+    if not parts:
+        return np.zeros((0, *prepared.image_shape), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def folder_spec(cfg: Any) -> Any:
+    """The full spec of a prepared folder (a ``DataConfig``'s): shape, classes, training images, its content's
+    digest, and the accuracy its evaluator must reach."""
+    from dataclasses import replace
+
+    from pipeline.datasets import FOLDER_EVALUATOR_GATE, FOLDER_EVALUATOR_STEPS, spec_of
+
+    prepared = load_prepared(cfg)
+    return replace(
+        spec_of(cfg),
+        num_classes=len(prepared.manifest["classes"]),
+        train_images=prepared.count("train"),
+        evaluator_min_accuracy=FOLDER_EVALUATOR_GATE,
+        evaluator_min_steps=FOLDER_EVALUATOR_STEPS,
+        content_digest=prepared.manifest["digest"],
+    )
