@@ -222,9 +222,6 @@ def _write_shard(
     pool: ProcessPoolExecutor, listing: Listing, job: Preparation, rels: list[str], name: str
 ) -> tuple[dict[str, Any], list[str]]:
     """Decode ``rels`` in the pool and write them as one Parquet shard: its manifest entry, and the files skipped."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     chunks = [rels[i : i + DECODE_CHUNK] for i in range(0, len(rels), DECODE_CHUNK)]
     images, labels, skipped = [], [], []
     futures = [pool.submit(_decode_chunk, listing.root, chunk, job.image_size, job.channels) for chunk in chunks]
@@ -234,16 +231,25 @@ def _write_shard(
         images += [pixels[j * one : (j + 1) * one] for j in range(len(kept))]
         labels += [listing.label(chunk[i]) for i in kept]
         skipped += failed
+    return write_shard(job.location, f"{name}.parquet", images, labels), skipped
+
+
+def write_shard(location: str, file: str, images: list[bytes], labels: list[int]) -> dict[str, Any]:
+    """Images (each its uint8 pixels, channels first) and labels as one zstd Parquet shard under ``location``, in
+    row groups of about :data:`GROUP_BYTES`; its manifest entry (rows, bytes, SHA-256, each group's rows and the
+    SHA-256 of its pixels). Nothing is written for no images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int32())})
     sink = pa.BufferOutputStream()
-    group = max(1, GROUP_BYTES // one)  # the unit a streaming worker reads (pipeline.batches)
+    group = max(1, GROUP_BYTES // max(len(images[0]) if images else 1, 1))  # what a streaming worker reads
     pq.write_table(table, sink, compression="zstd", row_group_size=group)
     blob = sink.getvalue().to_pybytes()
-    file = f"{name}.parquet"
     if images:
-        _write(job.location, file, blob)
+        _write(location, file, blob)
     starts = range(0, len(images), group)
-    entry = {
+    return {
         "file": file,
         "rows": len(images),
         "bytes": len(blob),
@@ -251,7 +257,6 @@ def _write_shard(
         "groups": [len(images[i : i + group]) for i in starts],
         "group_sha256": [hashlib.sha256(b"".join(images[i : i + group])).hexdigest() for i in starts],
     }
-    return entry, skipped
 
 
 def _write(location: str, name: str, blob: bytes) -> None:

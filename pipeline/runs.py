@@ -25,6 +25,7 @@ from pipeline.datasets import IMAGES, dataset_spec, spec_of
 from pipeline.errors import ConfigError, UserError
 from pipeline.models import SHAPE_KEYS, network_shape
 from pipeline.registry import Registration, Rescore, load_generator, register_generator
+from pipeline.shards import folder_spec
 from pipeline.storage import check_storage, exists, resume_checkpoint_file, run_location
 from pipeline.tracking import MLflowTracker, check_tracking_uri, find_run, start_run
 from pipeline.train_state import TrainState
@@ -95,14 +96,11 @@ def prepare_inputs(
 def scores_unavailable(cfg: PipelineConfig) -> str | None:
     """Why FID and IS cannot be measured for the run's data (None when they can): they need an evaluator
     trained on the data's classes."""
-    if cfg.data.dataset == IMAGES:
-        from pipeline.shards import folder_spec
-
-        if folder_spec(cfg.data).num_classes < 2:
-            return (
-                f"the image folder {cfg.data.path} has no classes (one subfolder per class): FID and IS need a "
-                "classifier of them"
-            )
+    if cfg.data.dataset == IMAGES and folder_spec(cfg.data).num_classes < 2:
+        return (
+            f"the image folder {cfg.data.path} has no classes (one subfolder per class): FID and IS need a "
+            "classifier of them"
+        )
     return None
 
 
@@ -287,7 +285,8 @@ def register_best(
         "fid": repr(scores["fid"][1]),
         "inception_score": repr(scores["inception_score"][1]) if scores["inception_score"] else "nan",
         "run_id": run_id,
-        "dataset": cfg.data.dataset,
+        # An image folder by its prepared content: a champion is compared (or re-scored) only on the same data.
+        "dataset": folder_spec(cfg.data).key if cfg.data.dataset == IMAGES else cfg.data.dataset,
         "config_digest": tags.get("config_digest") or config_digest(cfg),
         "evaluator_sha256": tags.get("evaluator_sha256", "unknown"),
         "eval_num_samples": str(cfg.eval.num_samples),

@@ -24,7 +24,7 @@ from pipeline.distributed import check_resources, resolve_scaling, use_gpu, work
 from pipeline.elastic import Allotment
 from pipeline.errors import ConfigError
 from pipeline.ray_runtime import init_ray
-from pipeline.runs import prepare_inputs
+from pipeline.runs import prepare_inputs, scores_unavailable
 from pipeline.schedulers import scheduler_of
 from pipeline.search_space import spec_kind, trial_count, tune_space
 from pipeline.storage import check_storage, exists, run_location, storage_root
@@ -208,9 +208,15 @@ def sweep_evaluators(cfg: PipelineConfig, uri: str, progress: Callable[[str], No
     datasets = [cfg.data.dataset] if spec is None else sorted(set(spec_kind(spec)[1]))
     evaluators = {}
     for dataset in datasets:
-        payload = prepare_inputs(with_overrides(cfg, {"data.dataset": dataset}), progress, uri=uri)
+        trial = with_overrides(cfg, {"data.dataset": dataset})
+        payload = prepare_inputs(trial, progress, uri=uri)
         if payload is not None:
             evaluators[dataset] = payload
+        elif scores_unavailable(trial):
+            raise ConfigError(
+                f"tune.metric: {cfg.tune.metric} cannot be measured: {scores_unavailable(trial)}; a sweep compares "
+                "trials by it (train single runs on this folder, or give it class subfolders)"
+            )
     return evaluators
 
 

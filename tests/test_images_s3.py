@@ -62,7 +62,13 @@ def test_a_folder_on_s3_is_prepared_into_the_bucket_once_and_bad_buckets_are_ref
     assert s3.keys(BUCKET) == before
 
 
-def test_two_workers_stream_their_shards_from_s3_resume_and_sample_64px_rgb(s3, tmp_path):
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """One data root for the module: the folder's evaluator is trained once, then found in its cache."""
+    return tmp_path_factory.mktemp("data-root")
+
+
+def test_two_workers_stream_their_shards_from_s3_resume_and_sample_64px_rgb(s3, data_root, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = [
         "-c",
@@ -80,7 +86,7 @@ def test_two_workers_stream_their_shards_from_s3_resume_and_sample_64px_rgb(s3, 
         "--set",
         "data.stream=true",
         "--set",
-        f"data.root={tmp_path / 'data'}",
+        f"data.root={data_root}",
         "--set",
         "scaling.num_workers=2",
         "--set",
@@ -106,3 +112,37 @@ def test_two_workers_stream_their_shards_from_s3_resume_and_sample_64px_rgb(s3, 
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     with np.load(out) as saved:
         assert saved["images"].shape == (16, 3, 64, 64) and saved["images"].dtype == np.uint8
+
+
+def test_a_sweep_of_two_data_parallel_trials_on_the_folder_in_s3(s3, data_root, tmp_path):
+    """Each trial is a 2-worker Ray Train run streaming the S3 shards, scored by the folder's evaluator; the
+    sweep is a parent run with one finished child per trial."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {
+        "data.dataset": "images",
+        "data.path": SOURCE,
+        "data.image_size": "64",
+        "data.channels": "3",
+        "data.limit": "null",
+        "data.stream": "true",
+        "data.root": str(data_root),
+        "scaling.num_workers": "2",
+        "train.epochs": "1",
+        "train.storage_path": str(tmp_path / "runs"),
+        "tracking.uri": uri,
+        "tune.num_samples": "2",
+        "tune.scheduler": "none",
+        "tune.search_space": "{optim.lr_g: {loguniform: [1.0e-4, 1.0e-3]}}",
+    }
+    args = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
+    done = run_cli("tune", "-c", "configs/smoke.yaml", *args, "--name", "rgb-sweep", env=s3.env, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("gan-pipeline").experiment_id
+    (parent,) = [r for r in client.search_runs([experiment]) if r.data.tags.get("kind") == "sweep"]
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["world_size"] == "2", child.data.tags
+        assert len(client.get_metric_history(child.info.run_id, "fid")) == 1
