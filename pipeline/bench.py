@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import PipelineConfig, load_config, with_overrides
 from pipeline.data import Split, load
-from pipeline.datasets import dataset_spec
+from pipeline.datasets import dataset_spec, spec_of
 from pipeline.distributed import build_trainer, resolve_scaling
 from pipeline.metrics import get_evaluator
 from pipeline.models import identity
@@ -116,9 +116,9 @@ def flops_per_image(cfg: PipelineConfig) -> float:
     """Model FLOPs of one training step (D on real and fake, G forward(s), G step), per image."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch, side = cfg.train.batch_size, dataset_spec(cfg.data.dataset).image_size
+    batch, shape = cfg.train.batch_size, spec_of(cfg.data).image_shape
     one_step = with_overrides(cfg, {"data.limit": batch, "train.epochs": 1, "eval.every_epochs": 0})
-    fake = Split(torch.zeros(batch, side, side, dtype=torch.uint8), torch.zeros(batch, dtype=torch.long))
+    fake = Split(torch.zeros(batch, *shape, dtype=torch.uint8), torch.zeros(batch, dtype=torch.long))
     with FlopCounterMode(display=False) as counter:
         train_gan(one_step, fake, hooks=LoopHooks(log=quiet))
     return counter.get_total_flops() / batch

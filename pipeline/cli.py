@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--sweep", action="store_true", help="also a small sweep: busy_fraction, trial start-to-first-step (minutes)"
     )
+    bench.add_argument(
+        "--scaling",
+        type=int,
+        nargs="+",
+        metavar="BATCH",
+        help="instead: the data-parallel scaling model (docs/SCALING.md) at these images per GPU per step",
+    )
 
     cfg = sub.add_parser("config", help="show the resolved config, or every key with its default and meaning")
     _add_config_args(cfg)
@@ -342,7 +349,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers: {args.workers} must be >= 1")
     if args.rounds is not None and args.rounds < 1:
         raise ConfigError(f"--rounds: {args.rounds} must be >= 1")
-    load_config(args.config, args.overrides)  # bad input fails here, before any measurement
+    cfg = load_config(args.config, args.overrides)  # bad input fails here, before any measurement
+    if args.scaling:
+        from pipeline.scaling import scaling_report
+
+        if min(args.scaling) < 1:
+            raise ConfigError(f"--scaling: {min(args.scaling)}; give images per GPU per step, e.g. --scaling 64 128")
+        print(scaling_report(cfg, args.scaling))
+        return 0
     options = BenchOptions(args.config, tuple(args.overrides), args.quick, args.workers, args.rounds, args.sweep)
     results = bench(options)
     print(format_table(results))
