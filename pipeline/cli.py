@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from pipeline import PROJECT_ROOT
 from pipeline.config import DataConfig, describe_fields, load_config
@@ -37,10 +38,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_data_parser(sub: Any) -> None:
     data = sub.add_parser("data", help="dataset preparation")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     prep = data_sub.add_parser(
@@ -57,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--test-fraction", type=float, default=TEST_FRACTION, help=f"images: share held out (default {TEST_FRACTION})"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_data_parser(sub)
 
     train = sub.add_parser("train", help="train one GAN on Ray Train, tracked in MLflow")
     _add_config_args(train)
