@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 WINDOW_BYTES = 32 << 20  # pixels a streamed window holds (shuffled within); two more are in flight at most
+OPEN_SHARDS = 8  # shard files a reader keeps open at once
 
 
 class Batches(Protocol):
@@ -176,7 +177,7 @@ class WindowReader:
         self.stream, self.todo, self.seed = stream, todo, seed
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.stopping = threading.Event()
-        self.files: dict[int, Any] = {}
+        self.files: dict[int, tuple[Any, Any]] = {}  # shard -> (its ParquetFile, its open file), oldest first
         self.thread = threading.Thread(target=self._run, name="shard-reader", daemon=True)
         self.thread.start()
 
@@ -217,8 +218,11 @@ class WindowReader:
         shard = self.stream.manifest["shards"]["train"][piece.shard]
         if piece.shard not in self.files:
             fs, base = filesystem(self.stream.location)
-            self.files[piece.shard] = pq.ParquetFile(fs.open_input_file(f"{base}/{shard['file']}"))
-        column = self.files[piece.shard].read_row_group(piece.group, columns=["image"]).column("image")
+            handle = fs.open_input_file(f"{base}/{shard['file']}")
+            self.files[piece.shard] = (pq.ParquetFile(handle), handle)
+            if len(self.files) > OPEN_SHARDS:  # the least recently opened closes: a few open, however many shards
+                self.files.pop(next(iter(self.files)))[1].close()
+        column = self.files[piece.shard][0].read_row_group(piece.group, columns=["image"]).column("image")
         pixels = pixels_of(column.combine_chunks(), self.stream.image_shape)
         if hashlib.sha256(pixels.tobytes()).hexdigest() != shard["group_sha256"][piece.group]:
             raise ImageFolderError(
@@ -230,4 +234,6 @@ class WindowReader:
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join(timeout=10)
+        for _, handle in self.files.values():
+            handle.close()
         self.files.clear()

@@ -17,7 +17,6 @@ from pipeline import PROJECT_ROOT
 from pipeline.config import DataConfig, describe_fields, load_config
 from pipeline.datasets import DATASETS, DEFAULT_DATASET, IMAGE_SIZES, IMAGES, dataset_names, dataset_spec
 from pipeline.errors import ConfigError, UserError
-from pipeline.shards import TEST_FRACTION
 
 EXIT_USAGE = 2
 MODEL_HELP = (
@@ -52,9 +51,7 @@ def _add_data_parser(sub: Any) -> None:
     prep.add_argument("--image-size", type=int, help=f"images: the side to prepare at, one of {IMAGE_SIZES}")
     prep.add_argument("--channels", type=int, default=1, help="images: 1 (grey, the default) or 3 (RGB)")
     prep.add_argument("--out", help="images: where the shards go (default: <path>.prepared/<side>px-<c>ch)")
-    prep.add_argument(
-        "--test-fraction", type=float, default=TEST_FRACTION, help=f"images: share held out (default {TEST_FRACTION})"
-    )
+    prep.add_argument("--test-fraction", type=float, default=0.1, help="images: share held out (default 0.1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,23 +167,28 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _prepare_image_folder(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
     from pipeline.images import prepare_folder
     from pipeline.shards import prepared_of
     from pipeline.validation import check_image_folder
 
     data = DataConfig(
-        dataset=IMAGES, path=args.path, image_size=args.image_size, channels=args.channels, prepared=args.out
+        dataset=IMAGES,
+        path=args.path,
+        image_size=args.image_size,
+        channels=args.channels,
+        prepared=args.out,
+        test_fraction=args.test_fraction,
     )
     check_image_folder(data, {"path": "--path", "image_size": "--image-size", "channels": "--channels"})
     if not 0.0 <= args.test_fraction < 1.0:
         raise ConfigError(f"--test-fraction: {args.test_fraction}; hold out a fraction in [0, 1), e.g. 0.1")
-    prepared = prepare_folder(replace(prepared_of(data), test_fraction=args.test_fraction))
+    prepared = prepare_folder(prepared_of(data))
     print(
         f"images: ready in {prepared.location}; train with --set data.dataset=images --set data.path={args.path} "
         f"--set data.image_size={args.image_size} --set data.channels={args.channels}"
         + (f" --set data.prepared={args.out}" if args.out else "")
+        + (f" --set data.test_fraction={args.test_fraction}" if args.test_fraction != 0.1 else "")
     )
     return 0
 

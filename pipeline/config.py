@@ -43,6 +43,7 @@ class DataConfig:
     image_size: int | None = _f(None, f"images only: the side images are prepared at, one of {IMAGE_SIZES}")
     channels: int = _f(1, "images only: 1 (grey) or 3 (RGB)", ge=1, le=3)
     prepared: str | None = _f(None, "images only: where the prepared shards go; null = <path>.prepared/<side>px-<c>ch")
+    test_fraction: float = _f(0.1, "images only: the share held out (by a hash of each path)", ge=0.0, lt=1.0)
     stream: bool | None = _f(
         None,
         "images only: each worker streams its part of the shards (a bounded buffer) instead of holding the whole "

@@ -63,6 +63,7 @@ class DatasetSpec:
     prepared: str | None = None  # an image folder's shards and manifest (a directory or s3:// URI)
     content_digest: str = ""  # an image folder's: its manifest's digest (the SHA-256 over its shards')
     evaluator_min_steps: int = 0  # the evaluator trains at least this many steps (a small folder: more epochs)
+    test_images: int = 0  # an image folder's held-out images (a registered dataset's test files are fixed)
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3) or self.image_size % 4 or (self.files and self.channels != 1):
@@ -177,5 +178,11 @@ def spec_of(data: Any) -> DatasetSpec:
 
 def prepared_location(path: str, image_size: int, channels: int, chosen: str | None = None) -> str:
     """Where an image folder's shards and manifest go: ``chosen``, else beside the folder
-    (``<path>.prepared/<side>px-<channels>ch``), never inside it (it would read as a class)."""
-    return (chosen or f"{path.rstrip('/')}.prepared/{image_size}px-{channels}ch").rstrip("/")
+    (``<path>.prepared/<side>px-<channels>ch``), never inside it (it would read as a class); for a bucket's root,
+    in its hidden ``.prepared/`` folder."""
+    if chosen:
+        return chosen.rstrip("/")
+    folder = path.rstrip("/")
+    if "://" in folder and "/" not in folder.split("://", 1)[1]:  # a bucket's root: beside it is another bucket
+        return f"{folder}/.prepared/{image_size}px-{channels}ch"  # hidden: the listing leaves it out
+    return f"{folder}.prepared/{image_size}px-{channels}ch"

@@ -16,10 +16,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import PurePosixPath
 from typing import Any
@@ -41,6 +42,7 @@ GROUP_BYTES = 4 << 20  # pixels per Parquet row group: what a streaming worker r
 EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DECODE_CHUNK = 64  # images a decoding process takes at once
 SKIPPED_LISTED = 20  # skipped files named in the manifest
+SHARD_NAME = re.compile(r"(train|test)-[0-9a-f]{8}-[0-9]{5}\.parquet")  # what prepare_folder writes, all it deletes
 
 Progress = Callable[[str], None]
 
@@ -52,13 +54,16 @@ class Listing:
     root: str
     files: list[tuple[str, int]]
     classes: list[str]  # empty: unlabelled
+    mtimes: list[int] = field(default_factory=list)  # of ``files``, in ns: an image rewritten at the same size
 
     def label(self, rel: str) -> int:
         return self.classes.index(rel.split("/", 1)[0]) if self.classes else -1
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256("".join(f"{rel}\t{size}\n" for rel, size in self.files).encode()).hexdigest()
+        stamps = self.mtimes or [0] * len(self.files)
+        listed = "".join(f"{rel}\t{size}\t{t}\n" for (rel, size), t in zip(self.files, stamps, strict=True))
+        return hashlib.sha256(listed.encode()).hexdigest()
 
 
 def list_folder(path: str) -> Listing:
@@ -75,7 +80,8 @@ def list_folder(path: str) -> Listing:
                     f"data.path: {path!r}: the bucket {bucket!r} does not exist, or these credentials cannot see it; "
                     "check the path, AWS_ENDPOINT_URL and the AWS_* credentials"
                 )
-            raise ImageFolderError(f"data.path: {path!r} is not a folder (nothing there); check the path")
+            what = "a file" if fs.get_file_info(root).type == pyarrow.fs.FileType.File else "nothing"
+            raise ImageFolderError(f"data.path: {path!r} is not a folder ({what} there); check the path")
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
     except ImageFolderError:
         raise
@@ -89,21 +95,22 @@ def list_folder(path: str) -> Listing:
         rel = PurePosixPath(info.path).relative_to(PurePosixPath(root)).as_posix()
         hidden = any(part.startswith(".") for part in rel.split("/"))
         if info.type == pyarrow.fs.FileType.File and not hidden and PurePosixPath(rel).suffix.lower() in EXTENSIONS:
-            files.append((rel, int(info.size)))
+            files.append((rel, int(info.size), int(info.mtime_ns or 0)))
     files.sort()
     if not files:
         raise ImageFolderError(
             f"data.path: {path!r} holds no images ({', '.join(sorted(EXTENSIONS))}); put them there, one "
             "subfolder per class or all at the top"
         )
-    nested = sorted({rel.split("/", 1)[0] for rel, _ in files if "/" in rel})
-    top = [rel for rel, _ in files if "/" not in rel]
+    nested = sorted({rel.split("/", 1)[0] for rel, *_ in files if "/" in rel})
+    top = [rel for rel, *_ in files if "/" not in rel]
     if nested and top:
         raise ImageFolderError(
             f"data.path: {path!r} has images at its top ({top[0]}, ...) and in subfolders ({nested[0]}, ...); "
             "put every image in a class subfolder, or all at the top for an unlabelled folder"
         )
-    return Listing(root=path, files=files, classes=nested)
+    sizes, mtimes = [(rel, size) for rel, size, _ in files], [t for *_, t in files]
+    return Listing(root=path, files=sizes, classes=nested, mtimes=mtimes)
 
 
 def held_out(rel: str, fraction: float) -> bool:
@@ -203,9 +210,10 @@ def prepare_folder(job: Preparation, progress: Progress = print, workers: int | 
                     manifest["shards"][split].append(entry)
                 progress(f"[data] {split} shard {number + 1}: {entry['rows']} images ({_rate(manifest, started)})")
     if not manifest["shards"]["train"]:
+        _remove_if_empty(job.location)
         raise ImageFolderError(
-            f"data.path: {job.path!r}: none of its {len(listing.files)} images decoded (see the manifest's "
-            "skipped_files); check the files"
+            f"data.path: {job.path!r}: none of its {len(listing.files)} images decoded (e.g. "
+            f"{'; '.join(manifest['skipped_files'][:2])}); check the files"
         )
     manifest["digest"] = hashlib.sha256(
         "".join(s["sha256"] for split in ("train", "test") for s in manifest["shards"][split]).encode()
@@ -283,6 +291,13 @@ def _unwritable(location: str, exc: BaseException) -> ImageFolderError:
     )
 
 
+def _remove_if_empty(location: str) -> None:
+    """A local folder this preparation made and left empty (it failed before writing anything) goes again."""
+    if "://" not in location:
+        with contextlib.suppress(OSError):
+            os.rmdir(filesystem(location)[1])
+
+
 def _check_writable(location: str) -> None:
     """Before any decoding, a local place for the shards can be written (a probe file, removed again). An object
     store is not probed (a deleted probe would leave a folder marker behind): its first shard's write is the
@@ -300,14 +315,16 @@ def _check_writable(location: str) -> None:
 
 
 def _remove_unlisted(location: str, old: dict[str, Any], new: dict[str, Any]) -> None:
-    """The shards of an earlier preparation that the new manifest no longer lists (derived data only)."""
+    """The shards of an earlier preparation that the new manifest no longer lists: only files named as this
+    module names shards (derived data), whatever else an old manifest may list."""
     fs, base = filesystem(location)
     kept = {s["file"] for split in new["shards"].values() for s in split}
     for split in old.get("shards", {}).values():
         for shard in split:
-            if shard["file"] not in kept:
+            name = str(shard.get("file", "")) if isinstance(shard, dict) else ""
+            if SHARD_NAME.fullmatch(name) and name not in kept:
                 with contextlib.suppress(OSError):
-                    fs.delete_file(f"{base}/{shard['file']}")
+                    fs.delete_file(f"{base}/{name}")
 
 
 def _counts_line(manifest: dict[str, Any]) -> str:

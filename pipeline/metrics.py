@@ -282,8 +282,8 @@ def train_classifier(
     the spec's ``evaluator_min_steps`` take on a small set (an image folder's); return it and its test accuracy."""
     torch.manual_seed(seed)
     model = Classifier(spec)
-    batch = 128
-    per_epoch = max(len(train) // batch, 1)
+    batch = min(128, len(train))  # a folder of fewer images trains on all of them each step
+    per_epoch = len(train) // batch
     epochs = max(epochs, -(-spec.evaluator_min_steps // per_epoch))
     steps = epochs * (len(train) // batch)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

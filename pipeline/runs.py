@@ -96,10 +96,18 @@ def prepare_inputs(
 def scores_unavailable(cfg: PipelineConfig) -> str | None:
     """Why FID and IS cannot be measured for the run's data (None when they can): they need an evaluator
     trained on the data's classes."""
-    if cfg.data.dataset == IMAGES and folder_spec(cfg.data).num_classes < 2:
+    if cfg.data.dataset != IMAGES:
+        return None
+    spec = folder_spec(cfg.data)
+    if spec.num_classes < 2:
         return (
             f"the image folder {cfg.data.path} has no classes (one subfolder per class): FID and IS need a "
             "classifier of them"
+        )
+    if spec.test_images < 2 * spec.num_classes:
+        return (
+            f"the image folder {cfg.data.path} holds out {spec.test_images} image(s) for {spec.num_classes} classes: "
+            "too few to test an evaluator or to compare with; raise data.test_fraction or add images"
         )
     return None
 

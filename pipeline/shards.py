@@ -16,7 +16,6 @@ import numpy as np
 from pipeline.errors import UserError
 
 MANIFEST = "manifest.json"
-TEST_FRACTION = 0.1  # held out by a hash of the path
 
 
 class ImageFolderError(UserError):
@@ -40,7 +39,7 @@ class Preparation:
     location: str
     image_size: int
     channels: int
-    test_fraction: float = TEST_FRACTION
+    test_fraction: float
 
 
 @dataclass
@@ -59,13 +58,24 @@ class Prepared:
 
 
 def read_manifest(location: str) -> dict[str, Any] | None:
-    """The manifest at ``location``, or None when there is none (not prepared, or not completely)."""
+    """The manifest at ``location``, or None when there is none (not prepared, or not completely); an
+    ImageFolderError for a ``manifest.json`` that is not a prepared folder's (nothing there is touched)."""
     fs, base = filesystem(location)
     try:
         with fs.open_input_stream(f"{base}/{MANIFEST}") as stream:
-            return json.loads(stream.read())
-    except (OSError, FileNotFoundError, json.JSONDecodeError):
+            blob = stream.read()
+    except (OSError, FileNotFoundError):
         return None
+    try:
+        manifest = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or not {"format", "shards", "image_size", "channels"} <= set(manifest):
+        raise ImageFolderError(
+            f"data.prepared: {location!r} holds a {MANIFEST} that is not a prepared image folder's; choose another "
+            "place for the shards (--out, data.prepared)"
+        )
+    return manifest
 
 
 def read_shard(
@@ -106,7 +116,7 @@ def prepared_of(cfg: Any) -> Preparation:
     from pipeline.datasets import spec_of
 
     spec = spec_of(cfg)
-    return Preparation(spec.folder, spec.prepared, spec.image_size, spec.channels)
+    return Preparation(spec.folder, spec.prepared, spec.image_size, spec.channels, cfg.test_fraction)
 
 
 def load_prepared(cfg: Any) -> Prepared:
@@ -144,6 +154,7 @@ def folder_spec(cfg: Any) -> Any:
         spec_of(cfg),
         num_classes=len(prepared.manifest["classes"]),
         train_images=prepared.count("train"),
+        test_images=prepared.count("test"),
         evaluator_min_accuracy=FOLDER_EVALUATOR_GATE,
         evaluator_min_steps=FOLDER_EVALUATOR_STEPS,
         content_digest=prepared.manifest["digest"],

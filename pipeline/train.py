@@ -10,9 +10,10 @@ a report inside an epoch, or a pause for an elastic resize.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -180,31 +181,11 @@ def train_gan(
         run.nets.discriminator.train()
         noise = epoch_noise_generator(cfg.train.seed, epoch, device)
         tally = Tally.start(run, epoch, noise)
-        batches = run.data.epoch(epoch, tally.first, run.plan)
-        for i in range(tally.first, run.num_steps):
-            real = to_model_range(next(batches)).contiguous(memory_format=run.nets.layout)
-            # Schedules follow the global step, not the epoch, so a resumed run follows them too.
-            if cfg.optim.lr_final_scale < 1.0:
-                scale = linear_schedule(cfg.optim.lr_final_scale, state.step, run.total_steps)
-                state.set_learning_rates(cfg.optim.lr_g * scale, cfg.optim.lr_d * scale)
-            share = linear_schedule(cfg.train.top_k_final, state.step, run.total_steps)
-            z = run.noise(noise)
-            z_g = run.noise(noise) if cfg.train.g_fresh_noise else None
-            values = run.step(real, z, z_g, share).double()
-            state.step += 1
-            if state.ema is not None:
-                state.ema.update(state.generator, state.step)
-            if hooks.progress is not None:
-                hooks.progress(epoch + 1, i + 1, run.num_steps)
-            # Every step counts towards the epoch means and the tracker's next mean (every tracking.log_every).
-            tally.sums += values
-            run.log_step(values)
-            if i + 1 < run.num_steps:
-                report = run.stop_inside_epoch(tally, epoch, i + 1)
-                if isinstance(report, Pause):
-                    batches.close()  # a streamed epoch's reader stops
-                    return TrainResult(state.sampler, report.metrics, state.epoch, state.step, state, report.resize_to)
-        batches.close()
+        # closing: a streamed epoch's reader stops however the loop ends (a pause, an error)
+        with contextlib.closing(run.data.epoch(epoch, tally.first, run.plan)) as batches:
+            pause = run.train_epoch(batches, epoch, tally, noise)
+        if pause is not None:
+            return TrainResult(state.sampler, pause.metrics, state.epoch, state.step, state, pause.resize_to)
         report = run.close(tally, epoch, run.num_steps)
     return TrainResult(state.sampler, report.metrics if report else {}, state.epoch, state.step, state)
 
@@ -283,6 +264,36 @@ class LoopRun:
     @property
     def local_batch(self) -> int:
         return self.plan.local_batch
+
+    def train_epoch(
+        self, batches: Iterator[torch.Tensor], epoch: int, tally: Tally, noise: torch.Generator
+    ) -> Pause | None:
+        """The epoch's steps from ``tally.first`` on, each reported to the hooks and counted in ``tally``; a pause
+        (an elastic resize) ends it early, and is returned."""
+        cfg, state, hooks = self.cfg, self.state, self.hooks
+        for i in range(tally.first, self.num_steps):
+            real = to_model_range(next(batches)).contiguous(memory_format=self.nets.layout)
+            # Schedules follow the global step, not the epoch, so a resumed run follows them too.
+            if cfg.optim.lr_final_scale < 1.0:
+                scale = linear_schedule(cfg.optim.lr_final_scale, state.step, self.total_steps)
+                state.set_learning_rates(cfg.optim.lr_g * scale, cfg.optim.lr_d * scale)
+            share = linear_schedule(cfg.train.top_k_final, state.step, self.total_steps)
+            z = self.noise(noise)
+            z_g = self.noise(noise) if cfg.train.g_fresh_noise else None
+            values = self.step(real, z, z_g, share).double()
+            state.step += 1
+            if state.ema is not None:
+                state.ema.update(state.generator, state.step)
+            if hooks.progress is not None:
+                hooks.progress(epoch + 1, i + 1, self.num_steps)
+            # Every step counts towards the epoch means and the tracker's next mean (every tracking.log_every).
+            tally.sums += values
+            self.log_step(values)
+            if i + 1 < self.num_steps:
+                report = self.stop_inside_epoch(tally, epoch, i + 1)
+                if isinstance(report, Pause):
+                    return report
+        return None
 
     def noise(self, generator: torch.Generator) -> torch.Tensor:
         """The next global batch of noise, of which this worker keeps its rank's rows: N workers together use

@@ -170,9 +170,11 @@ def _check_data(cfg: Any) -> None:
     if cfg.data.dataset == IMAGES:
         check_image_folder(cfg.data)
         return  # its counts are in its manifest: checked once it is prepared (check_counts)
-    given = [key for key in ("path", "image_size", "prepared") if getattr(cfg.data, key) is not None]
-    if given or cfg.data.channels != 1:
-        key = f"data.{given[0]}" if given else "data.channels"
+    defaults = {"path": None, "image_size": None, "prepared": None, "stream": None, "channels": 1}
+    defaults |= {"stream_above_mb": 1024, "test_fraction": 0.1}
+    given = [key for key, value in defaults.items() if getattr(cfg.data, key) != value]
+    if given:
+        key = f"data.{given[0]}"
         raise ConfigError(
             f"{key}: set for data.dataset={cfg.data.dataset!r}, whose images are fixed; it is for "
             "data.dataset=images (a folder of your own), remove it or set data.dataset=images"

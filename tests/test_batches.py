@@ -26,7 +26,7 @@ def prepared(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(images, "GROUP_BYTES", 8 * ONE)
         patch.setattr(images, "SHARD_BYTES", 40 * ONE)  # several shards too
-        return prepare_folder(Preparation(str(source), str(base / "out"), 32, 3), lambda _: None, workers=2)
+        return prepare_folder(Preparation(str(source), str(base / "out"), 32, 3, 0.1), lambda _: None, workers=2)
 
 
 @pytest.fixture(autouse=True)
@@ -111,3 +111,14 @@ def test_a_streamed_run_resumed_inside_an_epoch_ends_where_the_straight_one_does
     runs = (straight, resumed)
     digest = [weights_digest(r.state.generator.state_dict(), r.state.discriminator.state_dict()) for r in runs]
     assert digest[0] == digest[1]
+
+
+def test_the_reader_thread_stops_when_the_epoch_is_closed_early(prepared):
+    import threading
+
+    stream = Streamed(prepared.location, prepared.manifest)
+    batches = stream.epoch(0, 0, Plan(0, 0, 1, 12, len(stream) // 12, torch.device("cpu")))
+    next(batches)
+    assert any(t.name == "shard-reader" for t in threading.enumerate())
+    batches.close()
+    assert not any(t.name == "shard-reader" and t.is_alive() for t in threading.enumerate())

@@ -24,7 +24,7 @@ def shapes(tmp_path_factory):
 
 def prepare(source: Path, out: Path, size: int = 64, channels: int = 3, said: list | None = None):
     say = said.append if said is not None else (lambda _: None)
-    return prepare_folder(Preparation(str(source), str(out), size, channels), say, workers=2)
+    return prepare_folder(Preparation(str(source), str(out), size, channels, 0.1), say, workers=2)
 
 
 def test_a_labelled_folder_becomes_checked_shards_with_a_stable_held_out_split(shapes, tmp_path):
@@ -153,3 +153,100 @@ def test_a_64px_rgb_run_trains_and_samples_in_colour(shapes, tmp_path):
     assert result.state.step == len(data) // cfg.train.batch_size
     grid = sample_images(result.generator, fixed_noise(cfg.model.latent_dim, 0, torch.device("cpu")))
     assert grid.shape == (64, 3, 64, 64) and grid.dtype == torch.uint8
+
+
+def test_the_held_out_share_travels_from_prepare_to_training(shapes, tmp_path):
+    """data.test_fraction is what `data prepare --test-fraction` wrote: training finds the preparation it made."""
+    from pipeline.config import DataConfig
+    from pipeline.data import prepare_data
+    from pipeline.runs import scores_unavailable
+
+    said: list[str] = []
+    data = DataConfig(
+        dataset="images", path=str(shapes), image_size=32, channels=3, prepared=str(tmp_path / "p"), test_fraction=0.3
+    )
+    done = run_cli(
+        "data",
+        "prepare",
+        "--dataset",
+        "images",
+        "--path",
+        str(shapes),
+        "--image-size",
+        "32",
+        "--channels",
+        "3",
+        "--out",
+        str(tmp_path / "p"),
+        "--test-fraction",
+        "0.3",
+    )
+    assert done.returncode == 0 and "--set data.test_fraction=0.3" in done.stdout, done.stderr
+    train = prepare_data(data, said.append)
+    assert "nothing to do" in said[-1] and 0.6 < train / (3 * PER_CLASS) < 0.8
+    # None held out: no evaluator can be tested, so FID/IS are not available, and the reason says so.
+    nothing = DataConfig(
+        dataset="images", path=str(shapes), image_size=32, channels=3, prepared=str(tmp_path / "q"), test_fraction=0.0
+    )
+    prepare_data(nothing, said.append)
+    from pipeline.config import load_config
+    from tests.conftest import CONFIGS
+
+    cfg = load_config(CONFIGS / "smoke.yaml", [f"data.{k}={v}" for k, v in vars(nothing).items() if v is not None])
+    assert "holds out 0 image(s) for 3 classes" in scores_unavailable(cfg)
+
+
+def test_a_small_folder_s_evaluator_trains_its_minimum_steps(monkeypatch):
+    """Fewer training images than a batch: every step takes them all, and there are at least 600 steps."""
+    from pipeline.data import Split
+    from pipeline.datasets import DatasetSpec
+    from pipeline.metrics import train_classifier
+
+    steps = []
+    original = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        steps.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    spec = DatasetSpec("images", "", 32, 3, 2, 0, 0.8, evaluator_min_steps=40)
+    images = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    split = Split(images, torch.arange(50) % 2)
+    train_classifier(spec, split, split, progress=lambda _: None)
+    assert len(steps) == 40
+
+
+def test_preparing_never_deletes_or_overwrites_what_it_did_not_write(shapes, tmp_path):
+    from pipeline.images import SHARD_NAME
+
+    # A manifest.json that is not a preparation's: refused, nothing touched.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text('{"project": "mine"}')
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(ImageFolderError, match="not a prepared image folder's"):
+        prepare(shapes, foreign, size=32)
+    assert (foreign / "manifest.json").read_text() == '{"project": "mine"}' and (foreign / "notes.txt").exists()
+    # An earlier preparation's manifest that (edited by hand) lists a file of the user's: only shards go.
+    out = tmp_path / "ours"
+    first = prepare(shapes, out, size=32)
+    manifest = dict(first.manifest)
+    manifest["shards"] = {"train": [*manifest["shards"]["train"], {"file": "important.doc"}], "test": []}
+    manifest["image_size"] = 64  # so the next preparation does not reuse it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "important.doc").write_text("mine")
+    prepare(shapes, out, size=32)
+    assert (out / "important.doc").read_text() == "mine"
+    left = sorted(p.name for p in out.iterdir() if not SHARD_NAME.fullmatch(p.name))
+    assert left == ["important.doc", "manifest.json"]
+
+
+def test_a_folder_of_broken_files_is_refused_with_the_reasons_and_nothing_left_behind(tmp_path):
+    broken = tmp_path / "broken" / "cats"
+    broken.mkdir(parents=True)
+    (broken / "a.png").write_bytes(b"not an image")
+    (broken / "b.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    with pytest.raises(ImageFolderError, match=r"none of its 2 images decoded \(e\.g\. cats/a\.png: "):
+        prepare(tmp_path / "broken", tmp_path / "out", size=32)
+    assert not (tmp_path / "out").exists()
