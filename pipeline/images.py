@@ -124,6 +124,8 @@ def decode(blob: bytes, image_size: int, channels: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(blob)) as image:
+        # A JPEG decodes at 1/2-1/8 scale when even that leaves twice the side: several times faster on photos.
+        image.draft("RGB" if channels == 3 else "L", (2 * image_size, 2 * image_size))
         image.load()  # a truncated file fails here, not half-read
         picture = image.convert("RGB" if channels == 3 else "L")
     width, height = picture.size
