@@ -102,12 +102,56 @@ def child(location: str, stream: bool, steps: int, batch: int) -> None:
     print(json.dumps({"images": len(data), "load_s": loaded, "img_s": rate, "peak_rss_mb": rss_mb}))
 
 
+def readers(location: str, batches: int, batch: int) -> dict[str, float]:
+    """Images/s of reading alone (no training): this project's reader against Ray Data's (read_parquet, then
+    iter_torch_batches with a local shuffle buffer of one window), ``batches`` batches each after one."""
+    import numpy as np
+    import ray
+    import torch
+
+    from pipeline.batches import WINDOW_BYTES, Plan, Streamed
+    from pipeline.shards import pixels_of, read_manifest
+
+    manifest = read_manifest(location)
+    shape = (CHANNELS, SIDE, SIDE)
+    stream = Streamed(location, manifest)
+    plan = Plan(0, 0, 1, batch, len(stream) // batch, torch.device("cpu"))
+
+    def rate(iterator) -> float:
+        next(iterator)
+        started = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        return batches * batch / (time.perf_counter() - started)
+
+    ours = rate(iter(stream.epoch(0, 0, plan)))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        files = [f"{location}/{s['file']}" for s in manifest["shards"]["train"]]
+        dataset = ray.data.read_parquet(files, columns=["image"])
+        buffer = WINDOW_BYTES // int(np.prod(shape))
+
+        def as_images(rows):
+            import pyarrow as pa
+
+            return torch.from_numpy(pixels_of(pa.array(rows["image"], pa.binary()), shape).copy())
+
+        theirs = rate(
+            as_images(rows)
+            for rows in dataset.iter_batches(batch_size=batch, batch_format="numpy", local_shuffle_buffer_size=buffer)
+        )
+    finally:
+        ray.shutdown()
+    return {"ours_img_s": ours, "ray_data_img_s": theirs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--child", nargs=2, metavar=("LOCATION", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--readers", action="store_true", help="also: reading alone, this reader vs Ray Data's")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1] == "stream", args.steps, args.batch)
@@ -125,6 +169,9 @@ def main() -> None:
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 rows.append((megabytes, mode, json.loads(done.stdout.strip().splitlines()[-1])))
                 print(f"  {mode}: {rows[-1][2]}", flush=True)
+            if args.readers:
+                read = readers(str(location), args.steps, args.batch)
+                print(f"  reading alone, {args.steps} batches of {args.batch}: {read}", flush=True)
     print(f"\n64x64 RGB, smoke model, batch {args.batch}, {args.steps} steps, one worker process")
     print("| set | mode | images | peak RSS (MB) | load (s) | images/s |")
     print("|---|---|---|---|---|---|")
