@@ -316,16 +316,17 @@ def prepare_data(cfg: DataConfig, progress: Progress = print) -> int:
     return dataset_spec(cfg.dataset).train_images
 
 
-def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Split:
+def load(cfg: DataConfig, train: bool = True, progress: Progress = print, most: int | None = None) -> Split:
     """Prepare if needed, then read a split's IDX files into uint8 images (N, H, W) and int64 labels (as
     torchvision's classes for these datasets give them); an image folder's prepared shards into uint8 images
-    (N, C, H, W) and int64 labels (-1 when it has no classes)."""
+    (N, C, H, W) and int64 labels (-1 when it has no classes). ``most``: the split's first ``most`` images only
+    (an image folder reads only the shards that hold them)."""
     import torch
 
     if cfg.dataset == IMAGES:
         from pipeline.shards import load_split
 
-        pixels, numbers = load_split(cfg, train)
+        pixels, numbers = load_split(cfg, train, cfg.limit if train and cfg.limit else most)
         images, labels = torch.from_numpy(pixels), torch.from_numpy(numbers)
     else:
         raw_dir = prepare(cfg.dataset, resolve_root(cfg), progress)
@@ -336,6 +337,8 @@ def load(cfg: DataConfig, train: bool = True, progress: Progress = print) -> Spl
         if cfg.limit > len(labels):
             raise DataError(f"data.limit: {cfg.limit} exceeds the {len(labels)} training images; lower it")
         images, labels = images[: cfg.limit], labels[: cfg.limit]
+    if most is not None:
+        images, labels = images[:most], labels[:most]
     return Split(images.contiguous(), labels.contiguous())
 
 

@@ -64,6 +64,7 @@ class DatasetSpec:
     content_digest: str = ""  # an image folder's: its manifest's digest (the SHA-256 over its shards')
     evaluator_min_steps: int = 0  # the evaluator trains at least this many steps (a small folder: more epochs)
     test_images: int = 0  # an image folder's held-out images (a registered dataset's test files are fixed)
+    evaluator_images: tuple[int, int] | None = None  # at most (training, test) images the evaluator reads
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3) or self.image_size % 4 or (self.files and self.channels != 1):
@@ -141,6 +142,7 @@ DEFAULT_DATASET = MNIST.name  # what data.dataset, `data prepare` and `evaluate`
 IMAGES = "images"  # data.dataset for a folder of your own images (data.path, data.image_size, data.channels)
 FOLDER_EVALUATOR_GATE = 0.80  # the held-out accuracy a labelled folder's evaluator must reach
 FOLDER_EVALUATOR_STEPS = 600  # and the steps it trains at least, however few images the folder has
+FOLDER_EVALUATOR_IMAGES = (60_000, 10_000)  # and the most (training, test) images it reads, however many there are
 IMAGE_SIZES = (32, 64, 128)  # the sides an image folder is prepared at
 
 

@@ -342,7 +342,8 @@ def get_evaluator(cfg: DataConfig, progress=print, splits: tuple[Split, Split] |
             return cached
         full = replace(cfg, limit=None)
         if splits is None:
-            splits = load(full, train=True, progress=progress), load(full, train=False, progress=progress)
+            most = spec.evaluator_images or (None, None)  # a large folder's evaluator: its first images
+            splits = load(full, True, progress, most[0]), load(full, False, progress, most[1])
         train, test = splits
         progress(f"[eval] training the {spec.key} evaluator (once; cached in {directory})")
         model, accuracy = train_classifier(spec, train, test, progress=progress)

@@ -133,10 +133,15 @@ def load_prepared(cfg: Any) -> Prepared:
     return Prepared(job.location, manifest)
 
 
-def load_split(cfg: Any, train: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """A prepared folder's split in memory: uint8 images (N, C, H, W) and int64 labels (-1: unlabelled)."""
+def load_split(cfg: Any, train: bool = True, most: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared folder's split in memory: uint8 images (N, C, H, W) and int64 labels (-1: unlabelled); with
+    ``most``, only the shards that hold its first ``most`` images are read."""
     prepared = load_prepared(cfg)
-    parts = list(iter_shards(prepared, "train" if train else "test"))
+    parts = []
+    for part in iter_shards(prepared, "train" if train else "test"):
+        parts.append(part)
+        if most is not None and sum(len(p[1]) for p in parts) >= most:
+            break
     if not parts:
         return np.zeros((0, *prepared.image_shape), np.uint8), np.zeros(0, np.int64)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -147,7 +152,7 @@ def folder_spec(cfg: Any) -> Any:
     digest, and the accuracy its evaluator must reach."""
     from dataclasses import replace
 
-    from pipeline.datasets import FOLDER_EVALUATOR_GATE, FOLDER_EVALUATOR_STEPS, spec_of
+    from pipeline.datasets import FOLDER_EVALUATOR_GATE, FOLDER_EVALUATOR_IMAGES, FOLDER_EVALUATOR_STEPS, spec_of
 
     prepared = load_prepared(cfg)
     return replace(
@@ -157,5 +162,6 @@ def folder_spec(cfg: Any) -> Any:
         test_images=prepared.count("test"),
         evaluator_min_accuracy=FOLDER_EVALUATOR_GATE,
         evaluator_min_steps=FOLDER_EVALUATOR_STEPS,
+        evaluator_images=FOLDER_EVALUATOR_IMAGES,
         content_digest=prepared.manifest["digest"],
     )

@@ -122,3 +122,21 @@ def test_the_reader_thread_stops_when_the_epoch_is_closed_early(prepared):
     assert any(t.name == "shard-reader" for t in threading.enumerate())
     batches.close()
     assert not any(t.name == "shard-reader" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_folder_s_split_read_in_part_is_its_first_images(prepared, monkeypatch):
+    """`most` (the evaluator's cap on a large folder) reads only the shards that hold the first images."""
+    from pipeline import shards
+    from pipeline.config import DataConfig
+    from pipeline.data import load
+
+    data = DataConfig(
+        dataset="images", path=prepared.manifest["source"], image_size=32, channels=3, prepared=prepared.location
+    )
+    whole = load(data)
+    read = []
+    original = shards.read_shard
+    monkeypatch.setattr(shards, "read_shard", lambda *a: read.append(a[1]["file"]) or original(*a))
+    part = load(data, most=10)
+    assert torch.equal(part.images, whole.images[:10]) and torch.equal(part.labels, whole.labels[:10])
+    assert read == [prepared.manifest["shards"]["train"][0]["file"]]  # 10 fit in the first shard
