@@ -211,25 +211,44 @@ class WindowReader:
         return False
 
     def _read(self, piece: Slice) -> np.ndarray:
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
-        from pipeline.shards import ImageFolderError, filesystem, pixels_of
+        from pipeline.shards import ImageFolderError, pixels_of
 
         shard = self.stream.manifest["shards"]["train"][piece.shard]
-        if piece.shard not in self.files:
-            fs, base = filesystem(self.stream.location)
-            handle = fs.open_input_file(f"{base}/{shard['file']}")
-            self.files[piece.shard] = (pq.ParquetFile(handle), handle)
-            if len(self.files) > OPEN_SHARDS:  # the least recently opened closes: a few open, however many shards
-                self.files.pop(next(iter(self.files)))[1].close()
-        column = self.files[piece.shard][0].read_row_group(piece.group, columns=["image"]).column("image")
-        pixels = pixels_of(column.combine_chunks(), self.stream.image_shape)
+        try:
+            column = self._open(piece.shard).read_row_group(piece.group, columns=["image"]).column("image")
+            pixels = pixels_of(column.combine_chunks(), self.stream.image_shape)
+        except (OSError, ValueError, pa.ArrowException) as exc:  # a shard removed, cut or changed since
+            raise ImageFolderError(
+                f"{self.stream.location}/{shard['file']} row group {piece.group} cannot be read ({exc}); prepare "
+                "the folder again: python -m pipeline data prepare --dataset images ..."
+            ) from None
         if hashlib.sha256(pixels.tobytes()).hexdigest() != shard["group_sha256"][piece.group]:
             raise ImageFolderError(
                 f"{self.stream.location}/{shard['file']} row group {piece.group} fails its SHA-256 check (changed "
                 "or corrupted); prepare the folder again: python -m pipeline data prepare --dataset images ..."
             )
         return pixels[piece.lo : piece.hi]
+
+    def _open(self, number: int) -> Any:
+        """Shard ``number`` as a ParquetFile, opened once; the least recently opened closes past
+        :data:`OPEN_SHARDS`: a few files open, however many shards."""
+        import pyarrow.parquet as pq
+
+        from pipeline.shards import filesystem
+
+        if number not in self.files:
+            fs, base = filesystem(self.stream.location)
+            handle = fs.open_input_file(f"{base}/{self.stream.manifest['shards']['train'][number]['file']}")
+            try:
+                self.files[number] = (pq.ParquetFile(handle), handle)
+            except BaseException:
+                handle.close()
+                raise
+            if len(self.files) > OPEN_SHARDS:
+                self.files.pop(next(iter(self.files)))[1].close()
+        return self.files[number][0]
 
     def stop(self) -> None:
         self.stopping.set()

@@ -146,6 +146,7 @@ def prepare_run(
         )
     if request.resume:
         check_resume(cfg, location)
+        check_same_images(cfg, uri, previous, name)
     evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
     if previous is not None:
         return uri, previous, evaluator
@@ -160,7 +161,34 @@ def prepare_run(
 
 # What a run cannot change when it resumes: the data's order and size and the networks' shapes, which its
 # checkpoint holds.
-RESUME_FIXED = ("data.dataset", "data.limit", "train.batch_size") + tuple(f"model.{key}" for key in SHAPE_KEYS)
+RESUME_FIXED = ("data.dataset", "data.limit", "data.image_size", "data.channels", "train.batch_size") + tuple(
+    f"model.{key}" for key in SHAPE_KEYS
+)
+
+
+DATA_TAG = "data_sha256"  # an image folder's prepared content, recorded when its run starts
+
+
+def check_same_images(cfg: PipelineConfig, uri: str, run_id: str, name: str) -> None:
+    """A resumed run on an image folder trains on the images it began with: a folder whose files changed since,
+    or whose preparation is another, is refused here, before preparing it again would replace its shards."""
+    if cfg.data.dataset != IMAGES:
+        return
+    began = MLflowTracker(uri, run_id).tags().get(DATA_TAG)
+    if began is None:  # a run from before the tag
+        return
+    from pipeline.images import list_folder
+    from pipeline.shards import prepared_of, read_manifest
+
+    job = prepared_of(cfg.data)
+    manifest = read_manifest(job.location) or {}
+    if manifest.get("digest") == began and manifest.get("source_digest") == list_folder(job.path).digest:
+        return
+    raise ConfigError(
+        f"data.path: {job.path!r} no longer holds the images run {name!r} began with (prepared content "
+        f"{began[:12]}, in {job.location}); a resumed run would train on others: put the folder back as it was, "
+        "or start a new run (another --name)"
+    )
 
 
 def check_resume_config(cfg: PipelineConfig, saved: dict[str, Any], source: str) -> None:
@@ -245,6 +273,7 @@ def log_dataset(cfg: PipelineConfig, tracker: MLflowTracker) -> None:
 
         prepared = load_prepared(cfg.data)
         count = prepared.count("train")
+        tracker.set_tags({DATA_TAG: prepared.manifest["digest"]})
         tracker.log_dataset(
             name=f"images:{cfg.data.path}",
             digest=prepared.manifest["digest"],

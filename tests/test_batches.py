@@ -5,6 +5,7 @@ a run trained on the stream resumes inside an epoch exactly."""
 import copy
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +141,52 @@ def test_a_folder_s_split_read_in_part_is_its_first_images(prepared, monkeypatch
     part = load(data, most=10)
     assert torch.equal(part.images, whole.images[:10]) and torch.equal(part.labels, whole.labels[:10])
     assert read == [prepared.manifest["shards"]["train"][0]["file"]]  # 10 fit in the first shard
+
+
+def test_a_cut_shard_is_refused_in_one_line(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.location, copy)
+    first = copy / prepared.manifest["shards"]["train"][0]["file"]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # cut: its footer is gone
+    stream = Streamed(str(copy), prepared.manifest)
+    with pytest.raises(ImageFolderError, match="cannot be read"):
+        epoch_of(stream, 0, 0, 1)
+
+
+def test_a_resume_on_images_that_changed_since_the_run_began_is_refused(prepared, tmp_path):
+    """The run records its prepared content; a resume finds the folder's files or its preparation changed and
+    says so before anything is prepared again."""
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.runs import DATA_TAG, check_same_images
+    from pipeline.tracking import MLflowTracker, start_run
+    from tests.conftest import CONFIGS
+
+    source = prepared.manifest["source"]
+    cfg = load_config(
+        CONFIGS / "smoke.yaml",
+        [
+            "data.dataset=images",
+            f"data.path={source}",
+            "data.image_size=32",
+            "data.channels=3",
+            f"data.prepared={prepared.location}",
+            "data.limit=null",
+        ],
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "gan-pipeline", "r", {})
+    MLflowTracker(uri, run_id).set_tags({DATA_TAG: prepared.manifest["digest"]})
+    check_same_images(cfg, uri, run_id, "r")  # the same images: on it goes
+    extra = Path(source) / "circle" / "late.png"
+    extra.write_bytes((Path(source) / "circle" / "circle-0000.png").read_bytes())
+    try:
+        with pytest.raises(ConfigError, match="no longer holds the images run 'r' began with"):
+            check_same_images(cfg, uri, run_id, "r")
+    finally:
+        extra.unlink()
+    MLflowTracker(uri, run_id).set_tags({DATA_TAG: "0" * 64})  # another preparation since
+    with pytest.raises(ConfigError, match="began with"):
+        check_same_images(cfg, uri, run_id, "r")
