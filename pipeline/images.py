@@ -330,16 +330,16 @@ def _remove_unlisted(location: str, old: dict[str, Any], new: dict[str, Any]) ->
 
 
 def _counts_line(manifest: dict[str, Any]) -> str:
-    train = sum(s["rows"] for s in manifest["shards"]["train"])
-    test = sum(s["rows"] for s in manifest["shards"]["test"])
+    counted = Prepared("", manifest)
     classes = len(manifest["classes"])
     return (
-        f"{train} training and {test} test images, {classes or 'no'} classes, "
+        f"{counted.count('train')} training and {counted.count('test')} test images, {classes or 'no'} classes, "
         f"{len(manifest['shards']['train']) + len(manifest['shards']['test'])} shard(s), "
         f"{manifest['skipped']} skipped"
     )
 
 
 def _rate(manifest: dict[str, Any], started: float) -> str:
-    done = sum(s["rows"] for split in manifest["shards"].values() for s in split) + manifest["skipped"]
+    counted = Prepared("", manifest)
+    done = counted.count("train") + counted.count("test") + manifest["skipped"]
     return f"{done / max(time.perf_counter() - started, 1e-9):.0f} images/s"

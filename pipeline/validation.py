@@ -170,9 +170,8 @@ def _check_data(cfg: Any) -> None:
     if cfg.data.dataset == IMAGES:
         check_image_folder(cfg.data)
         return  # its counts are in its manifest: checked once it is prepared (check_counts)
-    defaults = {"path": None, "image_size": None, "prepared": None, "stream": None, "channels": 1}
-    defaults |= {"stream_above_mb": 1024, "test_fraction": 0.1}
-    given = [key for key, value in defaults.items() if getattr(cfg.data, key) != value]
+    defaults = type(cfg.data)()  # the image-folder keys keep their defaults for any other dataset
+    given = [key for key in IMAGE_KEYS if getattr(cfg.data, key) != getattr(defaults, key)]
     if given:
         key = f"data.{given[0]}"
         raise ConfigError(
@@ -180,6 +179,9 @@ def _check_data(cfg: Any) -> None:
             "data.dataset=images (a folder of your own), remove it or set data.dataset=images"
         )
     check_counts(cfg, dataset_spec(cfg.data.dataset).train_images)
+
+
+IMAGE_KEYS = ("path", "image_size", "channels", "prepared", "test_fraction", "stream", "stream_above_mb")
 
 
 def check_counts(cfg: Any, available: int) -> None:

@@ -35,6 +35,18 @@ def small_windows(monkeypatch):
     monkeypatch.setattr(batches, "WINDOW_BYTES", 20 * ONE)  # windows of 3 row groups
 
 
+def folder_overrides(prepared) -> list[str]:
+    """Config overrides that train on the prepared folder of the fixture."""
+    return [
+        "data.dataset=images",
+        f"data.path={prepared.manifest['source']}",
+        "data.image_size=32",
+        "data.channels=3",
+        f"data.prepared={prepared.location}",
+        "data.limit=null",
+    ]
+
+
 def digests(batch: torch.Tensor) -> list[str]:
     return [hashlib.sha256(image.numpy().tobytes()).hexdigest() for image in batch]
 
@@ -83,14 +95,8 @@ def test_a_streamed_run_resumed_inside_an_epoch_ends_where_the_straight_one_does
     from pipeline.train_state import weights_digest
     from tests.conftest import CONFIGS
 
-    source = prepared.manifest["source"]
     overrides = [
-        "data.dataset=images",
-        f"data.path={source}",
-        "data.image_size=32",
-        "data.channels=3",
-        f"data.prepared={prepared.location}",
-        "data.limit=null",
+        *folder_overrides(prepared),
         "data.stream=true",
         "eval.every_epochs=0",
         "train.batch_size=12",  # resumed at step 3: 36 rows in, inside the second window of 24
@@ -165,17 +171,7 @@ def test_a_resume_on_images_that_changed_since_the_run_began_is_refused(prepared
     from tests.conftest import CONFIGS
 
     source = prepared.manifest["source"]
-    cfg = load_config(
-        CONFIGS / "smoke.yaml",
-        [
-            "data.dataset=images",
-            f"data.path={source}",
-            "data.image_size=32",
-            "data.channels=3",
-            f"data.prepared={prepared.location}",
-            "data.limit=null",
-        ],
-    )
+    cfg = load_config(CONFIGS / "smoke.yaml", folder_overrides(prepared))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = start_run(uri, "gan-pipeline", "r", {})
     MLflowTracker(uri, run_id).set_tags({DATA_TAG: prepared.manifest["digest"]})
