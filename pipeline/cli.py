@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import DataConfig, describe_fields, load_config
-from pipeline.datasets import DATASETS, DEFAULT_DATASET, IMAGE_SIZES, IMAGES, dataset_names, dataset_spec
-from pipeline.errors import ConfigError, UserError
+from pipeline.config.load import describe_fields, load_config
+from pipeline.config.schema import DataConfig
+from pipeline.core.errors import ConfigError, UserError
+from pipeline.data.folder import IMAGE_SIZES
+from pipeline.data.kinds import DEFAULT_DATASET, source_names
+from pipeline.data.specs import DATASETS
 
 EXIT_USAGE = 2
 MODEL_HELP = (
@@ -45,7 +48,7 @@ def _add_data_parser(sub: Any) -> None:
         help="download or convert a dataset into torchvision's layout, or prepare a folder of your own images "
         "(--dataset images) into compressed shards",
     )
-    prep.add_argument("--dataset", default=DEFAULT_DATASET, choices=dataset_names())
+    prep.add_argument("--dataset", default=DEFAULT_DATASET, choices=source_names())
     prep.add_argument("--root", help="data directory (default: $PIPELINE_DATA_ROOT or the per-user cache)")
     prep.add_argument("--path", help="images: the folder, a directory or s3://bucket/prefix (a subfolder per class)")
     prep.add_argument("--image-size", type=int, help=f"images: the side to prepare at, one of {IMAGE_SIZES}")
@@ -151,45 +154,38 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(args.command)
 
 
+# The data.* keys `data prepare` takes, and the flag that sets each.
+PREPARE_FLAGS = {
+    "path": "--path",
+    "image_size": "--image-size",
+    "channels": "--channels",
+    "prepared": "--out",
+    "test_fraction": "--test-fraction",
+}
+
+
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
-    from pipeline.data import default_root, prepare
-
-    if args.dataset == IMAGES:
-        return _prepare_image_folder(args)
-    if args.path or args.image_size or args.out or args.channels != 1:
-        raise ConfigError(
-            f"--path, --image-size, --channels and --out are for --dataset images; {args.dataset} is fetched as it is"
-        )
-    root = Path(args.root).expanduser().resolve() if args.root else default_root()
-    raw = prepare(args.dataset, root)
-    print(f"{args.dataset}: ready in {raw}")
-    return 0
-
-
-def _prepare_image_folder(args: argparse.Namespace) -> int:
-
-    from pipeline.images import prepare_folder
-    from pipeline.shards import prepared_of
-    from pipeline.validation import check_image_folder
+    from pipeline.data.kinds import source_of
 
     data = DataConfig(
-        dataset=IMAGES,
-        path=args.path,
-        image_size=args.image_size,
-        channels=args.channels,
-        prepared=args.out,
-        test_fraction=args.test_fraction,
+        dataset=args.dataset,
+        root=args.root,
+        **{key: getattr(args, flag[2:].replace("-", "_")) for key, flag in PREPARE_FLAGS.items()},
     )
-    check_image_folder(data, {"path": "--path", "image_size": "--image-size", "channels": "--channels"})
+    source, defaults = source_of(data), DataConfig()
+    given = [key for key in PREPARE_FLAGS if getattr(data, key) != getattr(defaults, key)]
+    unread = [PREPARE_FLAGS[key] for key in given if key not in source.reads]
+    if unread:
+        raise ConfigError(
+            f"{', '.join(unread)}: not for --dataset {args.dataset}, which is prepared as it is; drop them"
+        )
     if not 0.0 <= args.test_fraction < 1.0:
         raise ConfigError(f"--test-fraction: {args.test_fraction}; hold out a fraction in [0, 1), e.g. 0.1")
-    prepared = prepare_folder(prepared_of(data))
-    print(
-        f"images: ready in {prepared.location}; train with --set data.dataset=images --set data.path={args.path} "
-        f"--set data.image_size={args.image_size} --set data.channels={args.channels}"
-        + (f" --set data.prepared={args.out}" if args.out else "")
-        + (f" --set data.test_fraction={args.test_fraction}" if args.test_fraction != 0.1 else "")
-    )
+    source.check_settings(PREPARE_FLAGS)
+    source.prepare()
+    settings = " ".join(f"--set data.{key}={getattr(data, key)}" for key in given)
+    train_with = f"; train with --set data.dataset={args.dataset} {settings}" if given else ""
+    print(f"{args.dataset}: ready in {source.location}{train_with}")
     return 0
 
 
@@ -207,8 +203,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.distributed import run_training
-    from pipeline.runs import RunFailed, RunRequest, ui_command
+    from pipeline.distributed.lifecycle import RunFailed, ui_command
+    from pipeline.distributed.prepare import RunRequest
+    from pipeline.distributed.run import run_training
 
     name = args.resume or args.name or f"{cfg.data.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
@@ -229,9 +226,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from pipeline.runs import RunFailed, ui_command
-    from pipeline.sweep_report import format_rows
-    from pipeline.tune import default_sweep_name, run_sweep
+    from pipeline.distributed.lifecycle import RunFailed, ui_command
+    from pipeline.eval.metrics import scores_line
+    from pipeline.sweep.report import format_rows
+    from pipeline.sweep.tune import default_sweep_name, run_sweep
 
     name = args.name or cfg.tune.name
     if args.resume and not name:
@@ -248,10 +246,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if outcome.time is not None:
         print(f"hardware: {outcome.time.line()}")
     if outcome.best is not None:
-        print(
-            f"best trial {outcome.best['trial_id']}: FID {outcome.best['fid']:.3f}, "
-            f"IS {outcome.best['inception_score']:.3f}, MLflow run {outcome.best['run_id']}"
-        )
+        scores = scores_line(outcome.best, digits=3)
+        print(f"best trial {outcome.best['trial_id']}: {scores}, MLflow run {outcome.best['run_id']}")
     if outcome.scheduler_text is not None:
         print(f"\n{outcome.scheduler_text}")
     print(f"MLflow parent run id: {outcome.parent_run_id}")
@@ -267,11 +263,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out: {args.out!r} must end in .npz")
     import torch
 
-    from pipeline.pictures import save_image_grid
-    from pipeline.registry import generator_uri, load_generator
-    from pipeline.sampling import generate_images
-    from pipeline.tracking import check_tracking_uri
-    from pipeline.uris import resolve_tracking_uri
+    from pipeline.core.pictures import save_image_grid
+    from pipeline.core.uris import resolve_tracking_uri
+    from pipeline.gan.sampling import generate_images
+    from pipeline.tracking.registry import generator_uri, load_generator
+    from pipeline.tracking.store import check_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
     check_tracking_uri(uri)
@@ -289,24 +285,23 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.metrics import shared_evaluator
-    from pipeline.tracking import check_tracking_uri
-    from pipeline.uris import resolve_tracking_uri
+    from pipeline.core.uris import resolve_tracking_uri
+    from pipeline.data.kinds import source_of
+    from pipeline.eval.metrics import scores_line
+    from pipeline.tracking.evaluators import shared_evaluator
+    from pipeline.tracking.store import check_tracking_uri
 
     # Scored by the evaluator every run on the store shares: the figures compare with the runs'.
     uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
     check_tracking_uri(uri)
     data_cfg = DataConfig(dataset=args.dataset, root=args.root)
     if args.real:
-        from pipeline.metrics import real_reference
+        from pipeline.eval.evaluator import real_reference
 
         ref = real_reference(data_cfg, shared_evaluator(data_cfg, uri))
         print(f"{args.dataset} real-data reference (evaluator test accuracy {ref['evaluator_test_accuracy']:.4f}):")
-        print(f"  FID, 10,000 training images vs the test split: {ref['fid_train_vs_test']:.3f}")
-        print(
-            f"  Inception Score of the test split:             {ref['inception_score_test']:.3f} "
-            f"+- {ref['inception_score_test_std']:.3f}"
-        )
+        print(f"  10,000 training images against the test split: {scores_line(ref['train'], digits=3)}")
+        print(f"  the test split itself:                         {scores_line(ref['test'], digits=3)}")
         return 0
     if args.samples:
         import numpy as np
@@ -320,11 +315,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 images = archive["images"]
         except (OSError, ValueError, KeyError) as exc:
             raise ConfigError(f"--samples: {args.samples!r} is not an .npz with an `images` array ({exc})") from None
-        side = dataset_spec(args.dataset).image_size
-        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (side, side):
+        channels, *side = source_of(data_cfg).image_shape
+        shape = tuple(side) if channels == 1 else (channels, *side)
+        if images.dtype != np.uint8 or images.shape[1:] != shape:
             raise ConfigError(
-                f"--samples: `images` must be uint8 of shape (N, {side}, {side}) for {args.dataset}, got "
-                f"{images.dtype} {images.shape}"
+                f"--samples: `images` must be uint8 of shape (N, {', '.join(map(str, shape))}) for {args.dataset}, "
+                f"got {images.dtype} {images.shape}"
             )
         images = torch.from_numpy(images)
         label = str(path)
@@ -333,8 +329,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--num: {args.num} must be >= 2")
         import torch
 
-        from pipeline.registry import generator_uri, load_generator
-        from pipeline.sampling import generate_images
+        from pipeline.gan.sampling import generate_images
+        from pipeline.tracking.registry import generator_uri, load_generator
 
         model_uri = generator_uri(args.run_id, args.model)
         generator, facts = load_generator(uri, model_uri)
@@ -342,15 +338,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         label = args.model or f"run {args.run_id}"
         data_cfg = DataConfig(dataset=facts.get("dataset") or args.dataset, root=args.root)
     scores = shared_evaluator(data_cfg, uri).score(images)
-    print(
-        f"{label}: {len(images)} images  FID={scores['fid']:.3f}  "
-        f"IS={scores['inception_score']:.3f} +- {scores['inception_score_std']:.3f}  ({data_cfg.dataset} evaluator)"
-    )
+    print(f"{label}: {len(images)} images  {scores_line(scores, digits=3)}  ({data_cfg.dataset} evaluator)")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import BenchOptions, bench, format_table, write_json
+    from pipeline.tools.bench import BenchOptions, bench, format_table, write_json
 
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: {args.workers} must be >= 1")
@@ -358,7 +351,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--rounds: {args.rounds} must be >= 1")
     cfg = load_config(args.config, args.overrides)  # bad input fails here, before any measurement
     if args.scaling:
-        from pipeline.scaling import scaling_report
+        from pipeline.tools.scaling import scaling_report
 
         if min(args.scaling) < 1:
             raise ConfigError(f"--scaling: {min(args.scaling)}; give images per GPU per step, e.g. --scaling 64 128")

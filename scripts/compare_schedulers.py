@@ -25,8 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.tracking import MLflowTracker, find_run  # noqa: E402
+from pipeline.config.load import load_config  # noqa: E402
+from pipeline.eval.metrics import FID, INCEPTION_SCORE  # noqa: E402
+from pipeline.tracking.store import find_run  # noqa: E402
+from pipeline.tracking.tracker import MLflowTracker, tracker_for  # noqa: E402
 
 METHODS = {
     "random+asha": ["tune.scheduler=asha", "tune.search_alg=random"],
@@ -59,8 +61,8 @@ def summary(cfg, row: dict, name: str, uri: str) -> dict:
     """``row`` (method, seed, exit code, wall seconds) with what the sweep ``name`` recorded in MLflow."""
     parent_id = find_run(uri, cfg.tracking.experiment, {"kind": "sweep", "sweep": name})
     if parent_id is None:
-        return {**row, "trials": 0, "images": 0, "best_fid": None, "best_is": None, "exploits": None}
-    parent = MLflowTracker(uri, parent_id)
+        return {**row, "trials": 0, "images_trained": 0, "best_fid": None, "best_is": None, "exploits": None}
+    parent = tracker_for(uri, parent_id)
 
     def last(run: MLflowTracker, key: str) -> float | None:
         history = run.metric_history(key)
@@ -68,14 +70,14 @@ def summary(cfg, row: dict, name: str, uri: str) -> dict:
 
     # A trial's steps are continuous in its one child run, also across PBT copies (a copy continues the donor's
     # step count, which synchronous PBT keeps equal to its own): its last reported step is what it trained.
-    children = [MLflowTracker(uri, child.run_id) for child in parent.children()]
-    steps = [max((step for step, _ in child.metric_history("fid")), default=0) for child in children]
+    children = [tracker_for(uri, child.run_id) for child in parent.children()]
+    steps = [max((step for step, _ in child.metric_history(FID.name)), default=0) for child in children]
     return {
         **row,
         "trials": len(steps),
-        "images": sum(steps) * cfg.train.batch_size,
-        "best_fid": last(parent, "best_fid"),
-        "best_is": last(parent, "best_inception_score"),
+        "images_trained": sum(steps) * cfg.train.batch_size,
+        "best_fid": last(parent, f"best_{FID.name}"),
+        "best_is": last(parent, f"best_{INCEPTION_SCORE.name}"),
         "exploits": last(parent, "pbt_exploits"),
     }
 
@@ -91,7 +93,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         failed = "" if r["exit"] == 0 else f" (exit {r['exit']})"
         lines.append(
-            f"| {r['method']}{failed} | {r['seed']} | {r['trials']} | {r['images']:,} | {r['wall_s']} s | "
+            f"| {r['method']}{failed} | {r['seed']} | {r['trials']} | {r['images_trained']:,} | {r['wall_s']} s | "
             f"{num(r['best_fid'], 2)} | {num(r['best_is'], 3)} | {num(r['exploits'], 0)} |"
         )
     return "\n".join(lines)

@@ -27,10 +27,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import load  # noqa: E402
-from pipeline.steps import Runtime  # noqa: E402
-from pipeline.train import LoopHooks, Report, all_reduce_mean, train_gan  # noqa: E402
+from pipeline.config.load import load_config
+from pipeline.data.kinds import load  # noqa: E402
+from pipeline.gan.hooks import On
+from pipeline.gan.loop import train_gan
+from pipeline.gan.reports import Report
+from pipeline.gan.steps import (
+    Runtime,  # noqa: E402
+    all_reduce_mean,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -145,7 +150,7 @@ def run_variants(args: argparse.Namespace, wanted: set[str], device: torch.devic
         cfg = load_config(CONFIGS / "mnist.yaml", [*base, f"train.epochs={args.epochs}", *overrides])
         epochs: list[dict] = []
         started = time.perf_counter()
-        hooks = LoopHooks(report=lambda r, out=epochs: out.append(dict(r.metrics)), log=print)
+        hooks = [On(report=lambda r, out=epochs: out.append(dict(r.metrics)), line=print)]
         try:
             result = train_gan(cfg, data, runtime=ddp if under_ddp else Runtime(device=device), hooks=hooks)
         except Exception as exc:  # one failing switch must not hide the others' numbers
@@ -175,7 +180,7 @@ def cpu_vs_device(device: torch.device) -> float:
     zero: TF32 and cuDNN's algorithms round differently)."""
     step_cfg = load_config(CONFIGS / "smoke.yaml", ["data.limit=64", "train.batch_size=64", "train.epochs=1"])
     small = load(step_cfg.data)
-    quiet = LoopHooks(log=lambda _: None)
+    quiet = []
     on_cpu = train_gan(step_cfg, small, hooks=quiet).generator.state_dict()
     on_dev = train_gan(step_cfg, small, runtime=Runtime(device=device), hooks=quiet).generator.state_dict()
     return max((on_cpu[k].float() - on_dev[k].cpu().float()).abs().max().item() for k in on_cpu)
@@ -258,10 +263,10 @@ def graph_agreement(name: str, overrides: list[str], device: torch.device) -> di
         def largest(a: dict, b: dict) -> float:
             return max((a[k] - b[k]).abs().max().item() for k in a)
 
-        quiet = LoopHooks(log=lambda _: None)
+        quiet = []
         plain = train_gan(cfg, data, runtime, quiet)
         again = train_gan(cfg, data, runtime, quiet)
-        with_graphs = train_gan(graphed, data, runtime, LoopHooks(report=keep_first, log=lambda _: None))
+        with_graphs = train_gan(graphed, data, runtime, [On(report=keep_first)])
         checkpoint = torch.load(io.BytesIO(saved[0]), weights_only=True)
         resumed = train_gan(graphed, data, runtime, quiet, resume=checkpoint)
         cpu_cfg = load_config(CONFIGS / name, [*overrides, "train.epochs=2"])

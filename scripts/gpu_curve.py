@@ -21,11 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data import load  # noqa: E402
-from pipeline.metrics import get_evaluator  # noqa: E402
-from pipeline.steps import Runtime  # noqa: E402
-from pipeline.train import LoopHooks, Report, train_gan  # noqa: E402
+from pipeline.config.load import load_config  # noqa: E402
+from pipeline.data.kinds import load  # noqa: E402
+from pipeline.eval.evaluator import get_evaluator  # noqa: E402
+from pipeline.eval.metrics import CHAMPION_METRIC, METRICS, scores_line  # noqa: E402
+from pipeline.eval.scoring import Scorer  # noqa: E402
+from pipeline.gan.hooks import On  # noqa: E402
+from pipeline.gan.loop import train_gan  # noqa: E402
+from pipeline.gan.reports import Report  # noqa: E402
+from pipeline.gan.steps import Runtime  # noqa: E402
 
 
 def main() -> int:
@@ -50,17 +54,19 @@ def main() -> int:
 
     def report(given: Report) -> None:
         metrics = given.metrics
-        row = {k: metrics[k] for k in ("epoch", "fid", "inception_score", "loss_d", "loss_g") if k in metrics}
+        row = {k: metrics[k] for k in ("epoch", *METRICS, "loss_d", "loss_g") if k in metrics}
         row["wall_s"] = round(time.perf_counter() - started, 1)
         curve["epochs"].append(row)
         if args.out:
             Path(args.out).write_text(json.dumps(curve, indent=2))
 
-    train_gan(cfg, data, runtime=Runtime(device=device), hooks=LoopHooks(report=report, evaluator=evaluator, log=print))
-    scored = [r for r in curve["epochs"] if "fid" in r]
+    scorer = Scorer(evaluator, cfg.eval.num_samples, cfg.model.latent_dim, cfg.train.seed)
+    train_gan(cfg, data, Runtime(device=device), [On(report=report, line=print)], scorer=scorer)
+    ranked = CHAMPION_METRIC.name
+    scored = [r for r in curve["epochs"] if ranked in r]
     if scored:
-        best = min(scored, key=lambda r: r["fid"])
-        print(f"best FID {best['fid']:.2f} (IS {best['inception_score']:.2f}) at epoch {best['epoch']}")
+        best = min(scored, key=lambda r: CHAMPION_METRIC.sort_key(r[ranked]))
+        print(f"best {scores_line(best)} at epoch {best['epoch']}")
     return 0
 
 

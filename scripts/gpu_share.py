@@ -28,10 +28,11 @@ def one(args: argparse.Namespace) -> int:
     """The child: train once on the shared device, print one JSON line."""
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.data import load
-    from pipeline.steps import Runtime
-    from pipeline.train import LoopHooks, train_gan
+    from pipeline.config.load import load_config
+    from pipeline.data.kinds import load
+    from pipeline.gan.hooks import On
+    from pipeline.gan.loop import train_gan
+    from pipeline.gan.steps import Runtime
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
@@ -43,7 +44,7 @@ def one(args: argparse.Namespace) -> int:
         cfg,
         data,
         runtime=Runtime(device=device),
-        hooks=LoopHooks(report=lambda r: epochs.append(dict(r.metrics)), log=lambda _: None),
+        hooks=[On(report=lambda r: epochs.append(dict(r.metrics)))],
     )
     print(json.dumps({"img_s": epochs[-1]["images_per_s"], "batch_size": cfg.train.batch_size}), flush=True)
     return 0

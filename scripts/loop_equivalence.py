@@ -39,9 +39,9 @@ def scenarios(out: str) -> None:
     """Run in a child process, with the pipeline under test first on sys.path: every scenario's reports to ``out``."""
     import torch
 
-    import pipeline.train as loop
-    from pipeline.config import load_config
-    from pipeline.data import load
+    import pipeline.gan.loop as loop
+    from pipeline.config.load import load_config
+    from pipeline.data.kinds import load
 
     hooked = "hooks" in inspect.signature(loop.train_gan).parameters  # the loop's API since the typed reports
 

@@ -1,4 +1,4 @@
-"""A worker's peak memory and speed on an image folder's shards: streamed (pipeline.batches.Streamed) or held in
+"""A worker's peak memory and speed on an image folder's shards: streamed (pipeline.data.batches.Streamed) or held in
 memory, for prepared sets of two sizes. Prints a table.
 
     python scripts/stream_memory.py                  # 100 MB and 1 GB of 64x64 RGB pixels, 60 steps each
@@ -33,7 +33,7 @@ def fabricate(location: Path, megabytes: int) -> int:
     """A prepared folder of ``megabytes`` MB of random 64x64 RGB pixels at ``location``; its image count."""
     import numpy as np
 
-    from pipeline.images import FORMAT, SHARD_BYTES, write_shard
+    from pipeline.data.images import FORMAT, SHARD_BYTES, write_shard
 
     one = CHANNELS * SIDE * SIDE
     count, per_shard = (megabytes << 20) // one, SHARD_BYTES // one
@@ -69,9 +69,10 @@ class Enough(Exception):
 def child(location: str, stream: bool, steps: int, batch: int) -> None:
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.data import training_batches
-    from pipeline.train import LoopHooks, train_gan
+    from pipeline.config.load import load_config
+    from pipeline.data.idx import training_batches
+    from pipeline.gan.hooks import On
+    from pipeline.gan.loop import train_gan
 
     overrides = [
         "data.dataset=images",
@@ -96,10 +97,10 @@ def child(location: str, stream: bool, steps: int, batch: int) -> None:
             raise Enough
 
     with contextlib.suppress(Enough):
-        train_gan(cfg, data, hooks=LoopHooks(log=lambda _: None, progress=progress))
+        train_gan(cfg, data, hooks=[On(step=lambda st: (progress)(st.epoch, st.index, st.per_epoch))])
     rate = batch * (len(times) - 1) / (times[-1] - times[0])
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"images": len(data), "load_s": loaded, "img_s": rate, "peak_rss_mb": rss_mb}))
+    print(json.dumps({"num_images": len(data), "load_s": loaded, "img_s": rate, "peak_rss_mb": rss_mb}))
 
 
 def readers(location: str, batches: int, batch: int) -> dict[str, float]:
@@ -109,8 +110,8 @@ def readers(location: str, batches: int, batch: int) -> dict[str, float]:
     import ray
     import torch
 
-    from pipeline.batches import WINDOW_BYTES, Plan, Streamed
-    from pipeline.shards import pixels_of, read_manifest
+    from pipeline.data.batches import WINDOW_BYTES, Plan, Streamed
+    from pipeline.data.shards import pixels_of, read_manifest
 
     manifest = read_manifest(location)
     shape = (CHANNELS, SIDE, SIDE)
@@ -177,7 +178,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for megabytes, mode, r in rows:
         print(
-            f"| {megabytes} MB | {mode} | {r['images']:,} | {r['peak_rss_mb']:,.0f} | {r['load_s']:.1f} | "
+            f"| {megabytes} MB | {mode} | {r['num_images']:,} | {r['peak_rss_mb']:,.0f} | {r['load_s']:.1f} | "
             f"{r['img_s']:,.0f} |"
         )
 

@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.runs import UI_RUNS_VIEW  # noqa: E402
+from pipeline.distributed.lifecycle import UI_RUNS_VIEW  # noqa: E402
+from pipeline.eval.metrics import CHAMPION_METRIC  # noqa: E402
 
 WINDOW = "1600,1000"
 MODEL_TRAINING = "workflowType=machine_learning"  # MLflow 3.17's model-training view (see UI_RUNS_VIEW)
@@ -149,7 +150,8 @@ def plan_pages(base: str, experiment_name: str, sweep: str | None) -> list[dict]
         "runs/search",
         {"experiment_ids": [eid], "filter": f"tags.mlflow.parentRunId = '{parent['info']['run_id']}'"},
     ).get("runs", [])
-    scored = sorted((c for c in children if "fid" in metrics_of(c)), key=lambda c: metrics_of(c)["fid"])
+    ranked = CHAMPION_METRIC.name
+    scored = sorted((c for c in children if ranked in metrics_of(c)), key=lambda c: metrics_of(c)[ranked])
     if len(scored) < 2:
         raise UsageError(f"sweep {name!r} has {len(scored)} trial(s) with an FID; the compare view needs two")
     best_id, best_name = scored[0]["info"]["run_id"], scored[0]["info"]["run_name"]
@@ -165,14 +167,14 @@ def plan_pages(base: str, experiment_name: str, sweep: str | None) -> list[dict]
             "file": "experiment.png",
             "what": "the experiment's runs as the link that train and tune print opens them",
             "route": f"/experiments/{eid}/{UI_RUNS_VIEW}",
-            "expect": ["best_fid", name],
+            "expect": [f"best_{ranked}", name],
             "refuse": ["Token Usage"],  # MLflow's GenAI overview
         },
         {
             "file": "compare.png",
             "what": f"compare view of the {len(scored)} scored trials of sweep {name!r}",
             "route": f"/compare-runs?{compare}",
-            "expect": ["fid", *(c["info"]["run_name"] for c in scored)],
+            "expect": [ranked, *(c["info"]["run_name"] for c in scored)],
         },
         {
             "file": "samples.png",

@@ -35,7 +35,7 @@ def pytest_unconfigure(config):
 
 @pytest.fixture
 def smoke_cfg():
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
 
     return load_config(CONFIGS / "smoke.yaml")
 
@@ -45,7 +45,7 @@ def fake_split():
     """256 random 28x28 uint8 'images' with labels: enough to exercise the loop without real data."""
     import torch
 
-    from pipeline.data import Split
+    from pipeline.data.split import Split
 
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=gen)

@@ -1,10 +1,10 @@
-"""The sweep's accounting (pipeline.accounting): sums over reports, busy_fraction, start medians."""
+"""The sweep's accounting (pipeline.sweep.accounting): sums over reports, busy_fraction, start medians."""
 
 import math
 
 import pytest
 
-from pipeline.accounting import TrialTime, sweep_time
+from pipeline.sweep.accounting import TrialTime, sweep_time
 
 
 def test_a_trial_sums_its_reports_and_keeps_each_start():

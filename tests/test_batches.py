@@ -1,4 +1,4 @@
-"""A worker's batches (pipeline.batches): an image folder's shards streamed in row groups, each worker its own
+"""A worker's batches (pipeline.data.batches): an image folder's shards streamed in row groups, each worker its own
 disjoint part, reshuffled per epoch and deterministic by seed, resumable inside an epoch, checked by SHA-256;
 a run trained on the stream resumes inside an epoch exactly."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import batches, images
-from pipeline.batches import Plan, Streamed
-from pipeline.images import prepare_folder
-from pipeline.shards import ImageFolderError, Preparation
+from pipeline.data import batches, images
+from pipeline.data.batches import Plan, Streamed
+from pipeline.data.images import prepare_folder
+from pipeline.data.shards import ImageFolderError, Preparation
 from tests.image_folders import make_folder
 
 ONE = 3 * 32 * 32  # bytes of one 32x32 RGB image
@@ -89,10 +89,11 @@ def test_a_changed_row_group_is_refused(prepared, tmp_path):
 
 
 def test_a_streamed_run_resumed_inside_an_epoch_ends_where_the_straight_one_does(prepared, tmp_path):
-    from pipeline.config import load_config
-    from pipeline.data import training_batches
-    from pipeline.train import LoopHooks, train_gan
-    from pipeline.train_state import weights_digest
+    from pipeline.config.load import load_config
+    from pipeline.data.kinds import source_of
+    from pipeline.gan.hooks import On
+    from pipeline.gan.loop import train_gan
+    from pipeline.gan.state import weights_digest
     from tests.conftest import CONFIGS
 
     overrides = [
@@ -104,16 +105,16 @@ def test_a_streamed_run_resumed_inside_an_epoch_ends_where_the_straight_one_does
         "tune.report_every_steps=3",
     ]
     cfg = load_config(CONFIGS / "smoke.yaml", overrides)
-    data = training_batches(cfg.data, torch.device("cpu"), lambda _: None)
+    data = source_of(cfg.data).batches(torch.device("cpu"), lambda _: None)
     assert isinstance(data, Streamed)
     checkpoints = []
 
     def keep(report):  # copies: a report's state_dict holds the live tensors, which training changes
         checkpoints.append(copy.deepcopy(report.checkpoint))
 
-    straight = train_gan(cfg, data, hooks=LoopHooks(log=lambda _: None, report=keep))
+    straight = train_gan(cfg, data, hooks=[On(report=keep)])
     inside = next(c for c in checkpoints if c and c["step"] % (len(data) // 12))  # taken inside an epoch
-    resumed = train_gan(cfg, data, hooks=LoopHooks(log=lambda _: None), resume=inside)
+    resumed = train_gan(cfg, data, resume=inside)
     assert resumed.step == straight.step
     runs = (straight, resumed)
     digest = [weights_digest(r.state.generator.state_dict(), r.state.discriminator.state_dict()) for r in runs]
@@ -133,9 +134,9 @@ def test_the_reader_thread_stops_when_the_epoch_is_closed_early(prepared):
 
 def test_a_folder_s_split_read_in_part_is_its_first_images(prepared, monkeypatch):
     """`most` (the evaluator's cap on a large folder) reads only the shards that hold the first images."""
-    from pipeline import shards
-    from pipeline.config import DataConfig
-    from pipeline.data import load
+    from pipeline.config.schema import DataConfig
+    from pipeline.data import shards
+    from pipeline.data.kinds import load
 
     data = DataConfig(
         dataset="images", path=prepared.manifest["source"], image_size=32, channels=3, prepared=prepared.location
@@ -164,25 +165,24 @@ def test_a_cut_shard_is_refused_in_one_line(prepared, tmp_path):
 def test_a_resume_on_images_that_changed_since_the_run_began_is_refused(prepared, tmp_path):
     """The run records its prepared content; a resume finds the folder's files or its preparation changed and
     says so before anything is prepared again."""
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
-    from pipeline.runs import DATA_TAG, check_same_images
-    from pipeline.tracking import MLflowTracker, start_run
+    from pipeline.config.load import load_config
+    from pipeline.core.errors import ConfigError
+    from pipeline.data.kinds import source_of
+    from pipeline.data.source import DATA_TAG
     from tests.conftest import CONFIGS
 
     source = prepared.manifest["source"]
     cfg = load_config(CONFIGS / "smoke.yaml", folder_overrides(prepared))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = start_run(uri, "gan-pipeline", "r", {})
-    MLflowTracker(uri, run_id).set_tags({DATA_TAG: prepared.manifest["digest"]})
-    check_same_images(cfg, uri, run_id, "r")  # the same images: on it goes
+    tags = {DATA_TAG: prepared.manifest["digest"]}  # what the run recorded when it began
+    folder = source_of(cfg.data)
+    folder.check_resume(tags, "r")  # the same images: on it goes
     extra = Path(source) / "circle" / "late.png"
     extra.write_bytes((Path(source) / "circle" / "circle-0000.png").read_bytes())
     try:
         with pytest.raises(ConfigError, match="no longer holds the images run 'r' began with"):
-            check_same_images(cfg, uri, run_id, "r")
+            folder.check_resume(tags, "r")
     finally:
         extra.unlink()
-    MLflowTracker(uri, run_id).set_tags({DATA_TAG: "0" * 64})  # another preparation since
+    tags[DATA_TAG] = "0" * 64  # another preparation since
     with pytest.raises(ConfigError, match="began with"):
-        check_same_images(cfg, uri, run_id, "r")
+        folder.check_resume(tags, "r")

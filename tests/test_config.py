@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import build_config, describe_fields, load_config, read_yaml, with_overrides
-from pipeline.errors import ConfigError
+from pipeline.config.load import build_config, describe_fields, load_config, read_yaml, with_overrides
+from pipeline.core.errors import ConfigError
 from tests.conftest import CONFIGS, run_cli
 
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
@@ -129,8 +129,8 @@ def _drawn_points(cfg, storage) -> list[dict]:
     from ray.tune.experiment import Experiment
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from pipeline.search_space import tune_space
-    from pipeline.tune import make_search_alg
+    from pipeline.sweep.search_space import tune_space
+    from pipeline.sweep.tune import make_search_alg
 
     assert make_search_alg(cfg) is None  # random search: Tune makes its generator, as here
     search_alg = BasicVariantGenerator(max_concurrent=0)  # 0: no limit, every trial drawn at once
@@ -162,34 +162,6 @@ def test_the_same_seed_draws_the_same_trials(tmp_path):
     assert other != first
 
 
-@pytest.mark.parametrize(
-    "space, words",
-    [
-        ("{optim.lr_gen: {loguniform: [1.0e-5, 1.0e-2]}}", "not a searchable config key"),
-        ("{tune.num_samples: {choice: [1, 2]}}", "not a searchable config key"),
-        ("{optim.lr_g: {logarithmic: [1.0e-5, 1.0e-2]}}", "is not a search spec"),
-        ("{optim.lr_g: 0.001}", "is not a search spec"),
-        ("{optim.lr_g: {loguniform: [1.0e-2, 1.0e-5]}}", "must be below high"),
-        ("{optim.lr_g: {loguniform: [0, 1.0e-2]}}", "must be > 0"),
-        ("{optim.lr_g: {uniform: [1.0e-5]}}", "expected [low, high]"),
-        ("{model.latent_dim: {choice: []}}", "expected a non-empty list"),
-        ("{model.latent_dim: {choice: [16, 0]}}", "value 0 is invalid (model.latent_dim: 0 is out of range"),
-        ("{data.dataset: {choice: [mnist, cifar]}}", "value 'cifar' is invalid"),
-    ],
-)
-def test_malformed_search_space_is_a_clean_error(space, words):
-    with pytest.raises(ConfigError) as info:
-        load_config(CONFIGS / "smoke.yaml", [f"tune.search_space={space}"])
-    assert str(info.value).startswith("tune.search_space") and words in str(info.value)
-
-
-def test_grid_needs_random_search():
-    with pytest.raises(ConfigError, match="grid axes need tune.search_alg=random"):
-        load_config(
-            CONFIGS / "smoke.yaml", ["tune.search_alg=optuna", "tune.search_space={train.seed: {grid: [0, 1]}}"]
-        )
-
-
 def test_cli_tune_with_malformed_space_exits_2():
     result = run_cli(
         "tune", "-c", "configs/smoke.yaml", "--set", "tune.search_space={optim.lr_g: {loguniform: [1, 0]}}"
@@ -213,60 +185,3 @@ def test_with_overrides_changes_a_copy_and_validates_it():
         with_overrides(base, {"optim.lr_gen": 1.0})
     with pytest.raises(ConfigError, match="train.epochs: 0 is out of range"):
         with_overrides(base, {"train.epochs": 0})
-
-
-PBT_SPACE = {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-2]}, "model.latent_dim": {"choice": [32, 64]}}
-
-
-@pytest.mark.parametrize(
-    "tune, words",
-    [
-        ({"pbt_mutate": ["model.latent_dim"]}, "tune.pbt_mutate: model.latent_dim changes the networks' shapes"),
-        ({"pbt_mutate": ["optim.lr_d"]}, "tune.pbt_mutate: optim.lr_d is not in tune.search_space"),
-        ({"pbt_mutate": ["train.seed"]}, "tune.pbt_mutate: train.seed cannot change in the middle of a run"),
-        ({"search_alg": "optuna"}, "use tune.search_alg=random"),
-        ({"pbt_interval": 0.5}, "set tune.report_every_steps"),
-        ({"pbt_interval": 4.0}, "leaves no decision before the last"),
-        ({"pbt_factors": [0.8, -1.2]}, "tune.pbt_factors"),
-        ({"pbt_quantile": 0.75}, "tune.pbt_quantile: 0.75 is out of range"),
-        (
-            {"search_space": {**PBT_SPACE, "train.batch_size": {"choice": [32, 64]}}},
-            "train.batch_size: cannot be searched",
-        ),
-        ({"search_space": {"model.latent_dim": {"choice": [32, 64]}}}, "pbt needs a searched key it can mutate"),
-    ],
-)
-def test_pbt_settings_are_checked_with_one_line_errors(tune, words):
-    raw = {"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE, **tune}}
-    with pytest.raises(ConfigError) as error:
-        build_config(raw)
-    assert words in str(error.value) and "\n" not in str(error.value)
-
-
-def test_pbt_mutates_the_searched_keys_it_can_by_default():
-    from pipeline.schedulers import pbt_mutated_keys
-
-    cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE}})
-    assert pbt_mutated_keys(cfg) == ["optim.lr_g"]  # model.latent_dim is searched, never mutated
-    fractional = build_config(
-        {
-            "train": {"epochs": 3},
-            "tune": {"scheduler": "pbt", "search_space": PBT_SPACE, "pbt_interval": 0.5, "report_every_steps": 100},
-        }
-    )
-    assert fractional.tune.pbt_interval == 0.5
-
-
-def test_a_pbt_sweep_needs_a_population():
-    from pipeline.validation import check_sweep
-
-    cfg = build_config(
-        {"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE, "num_samples": 1}}
-    )
-    with pytest.raises(ConfigError, match=r"tune.num_samples: 1 \(1 trial\(s\)\) with tune.scheduler=pbt"):
-        check_sweep(cfg)
-    # A grid axis multiplies the trials: one sample of a two-value grid is a population of two.
-    space = {**PBT_SPACE, "model.latent_dim": {"grid": [16, 32]}}
-    check_sweep(
-        build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": space, "num_samples": 1}})
-    )

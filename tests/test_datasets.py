@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data, datasets
-from pipeline.config import load_config
-from pipeline.datasets import MNIST, RawFile
-from pipeline.errors import ConfigError
-from pipeline.metrics import Classifier
-from pipeline.train import LoopHooks, train_gan
+from pipeline.config.load import load_config
+from pipeline.core.errors import ConfigError
+from pipeline.data import idx as data
+from pipeline.data import specs as datasets
+from pipeline.data.kinds import load
+from pipeline.data.specs import MNIST, RawFile
+from pipeline.eval.classifier import Classifier
+from pipeline.gan.hooks import On
+from pipeline.gan.loop import train_gan
 from tests.conftest import CONFIGS
 
 
@@ -64,11 +67,11 @@ def test_a_registered_spec_is_all_a_new_dataset_needs(tiny):
         load_config(CONFIGS / "smoke.yaml", ["data.dataset=tiny", "data.limit=97", "train.batch_size=32"])
     # ... the preparation finds its files ready by their checksums, the loader reads them ...
     assert data.prepare(spec.name, root, progress=print) == root / spec.folder / "raw"
-    train, test = data.load(cfg.data), data.load(cfg.data, train=False)
+    train, test = load(cfg.data), load(cfg.data, train=False)
     assert train.images.shape == (96, 12, 12) and len(test) == 32 and int(train.labels.max()) < 4
     # ... and the loop trains on it with networks of its shape; the evaluator is sized by it too.
     reports = []
-    result = train_gan(cfg, train, hooks=LoopHooks(report=reports.append, log=lambda _: None))
+    result = train_gan(cfg, train, hooks=[On(report=reports.append)])
     assert result.step == 3 and np.isfinite(reports[-1].metrics["loss_d"])
     fakes = result.generator.eval()(torch.randn(2, cfg.model.latent_dim))
     assert fakes.shape == (2, 1, 12, 12)

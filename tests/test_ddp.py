@@ -18,10 +18,13 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.data import Split, load
-from pipeline.steps import Runtime
-from pipeline.train import LoopHooks, all_reduce_mean, train_gan
+from pipeline.config.load import load_config
+from pipeline.data.kinds import load
+from pipeline.data.split import Split
+from pipeline.distributed.hooks import Tracking
+from pipeline.gan.hooks import On
+from pipeline.gan.loop import train_gan
+from pipeline.gan.steps import Runtime, all_reduce_mean
 from tests.conftest import CONFIGS
 
 WORLD = 2
@@ -76,7 +79,7 @@ def _worker(
     store and run id) rank 0 logs into that run, as a Ray Train worker's rank 0 does."""
     import torch.distributed as dist
 
-    from pipeline.tracking import MLflowTracker, NullTracker
+    from pipeline.tracking.tracker import MLflowTracker, NullTracker
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -87,9 +90,7 @@ def _worker(
         runtime = Runtime(rank, WORLD, torch.device("cpu"), _wrap(summed), all_reduce_mean)
         tracker = MLflowTracker(*run) if run and rank == 0 else NullTracker()
         steps: dict[int, dict[str, float]] = {}
-        hooks = LoopHooks(
-            tracker=tracker, log=lambda _: None, on_step=lambda step, losses: steps.update({step: losses})
-        )
+        hooks = [On(step=lambda st: steps.update({st.number: st.loss_values()})), Tracking(tracker)]
         result = train_gan(cfg, data, runtime, hooks)
         saved = {"step": result.step, "tensors": everything(result), "losses": steps}
         torch.save(saved, f"{out}/rank{rank}.pt")
@@ -132,7 +133,7 @@ def single_process(overrides: list[str], data: Split) -> dict[str, torch.Tensor]
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        result = train_gan(cfg, data, hooks=LoopHooks(log=lambda _: None))
+        result = train_gan(cfg, data)
     finally:
         torch.set_default_dtype(before)
     assert result.step == 20
@@ -173,7 +174,8 @@ def test_mlflow_holds_the_mean_of_every_workers_losses(tmp_path, images):
     epoch's means are there too."""
     from torch.utils.data import DistributedSampler
 
-    from pipeline.tracking import MLflowTracker, start_run
+    from pipeline.tracking.store import start_run
+    from pipeline.tracking.tracker import MLflowTracker
 
     overrides = [*SETTINGS, "train.epochs=1", "tracking.log_every=2"]
     first = DistributedSampler(range(len(images)), num_replicas=WORLD, rank=0, shuffle=True, seed=0, drop_last=True)

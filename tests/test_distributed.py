@@ -5,10 +5,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import checkpoint
-from pipeline.config import load_config
-from pipeline.data import load
-from pipeline.train import LoopHooks, train_gan
+from pipeline.config.load import load_config
+from pipeline.core import checkpoint
+from pipeline.data.kinds import load
+from pipeline.gan.loop import train_gan
 from tests.conftest import CONFIGS, run_cli, run_python
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_two_workers_then_resume_then_sample(store, tmp_path):
 
     import mlflow
 
-    from pipeline.tracking import using_tracking_uri
+    from pipeline.tracking.store import using_tracking_uri
 
     with using_tracking_uri(store["uri"]):
         generator = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")
@@ -142,10 +142,10 @@ def test_ray_train_workers_train_what_one_process_trains(tmp_path):
     """
     import ray
 
-    from pipeline.distributed import build_trainer
-    from pipeline.ray_runtime import init_ray
-    from pipeline.runs import prepare_inputs
-    from pipeline.worker import WorkerJob
+    from pipeline.distributed.prepare import prepare_inputs
+    from pipeline.distributed.ray_runtime import init_ray
+    from pipeline.distributed.train_run import build_trainer
+    from pipeline.distributed.worker import WorkerJob
 
     cfg = load_config(
         CONFIGS / "smoke.yaml",
@@ -168,7 +168,7 @@ def test_ray_train_workers_train_what_one_process_trains(tmp_path):
     # Quality metrics travel in Ray Train's reported results (what Tune optimises).
     assert result.metrics["fid"] > 0 and 1 <= result.metrics["inception_score"] <= 10
 
-    alone = train_gan(cfg, load(cfg.data), hooks=LoopHooks(log=lambda _: None)).state
+    alone = train_gan(cfg, load(cfg.data)).state
     expected = {f"generator.{k}": v for k, v in alone.generator.state_dict().items()}
     expected |= {f"discriminator.{k}": v for k, v in alone.discriminator.state_dict().items()}
     for name, optimizer in (("opt_g", alone.opt_g), ("opt_d", alone.opt_d)):
@@ -198,7 +198,7 @@ def test_ray_actors_ask_their_own_ray_with_another_ray_started_after_it(capsys):
 
     import ray
 
-    from pipeline.ray_runtime import init_ray
+    from pipeline.distributed.ray_runtime import init_ray
 
     init_ray()
     # The raylet's messages reach the console through Ray's print_to_stdstream, the workers' lines through
@@ -254,7 +254,7 @@ def test_rays_log_folding_is_off_even_where_ray_was_imported_first():
         "import ray\n"
         "from ray._private import ray_logging\n"
         "before = ray_logging.RAY_DEDUP_LOGS\n"
-        "from pipeline.ray_runtime import init_ray\n"
+        "from pipeline.distributed.ray_runtime import init_ray\n"
         "init_ray()\n"
         "print(before, ray_logging.RAY_DEDUP_LOGS)\n"
         "ray.shutdown()\n"

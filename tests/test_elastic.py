@@ -1,11 +1,11 @@
-"""Elastic trials' arithmetic (pipeline.elastic) and the worker range in the config; the sweep that resizes a
-trial for real is in tests/test_tune.py."""
+"""Elastic trials' arithmetic (pipeline.distributed.elastic) and the worker range in the config; the sweep that
+resizes a trial for real is in tests/test_tune.py."""
 
 import pytest
 
-from pipeline.config import load_config, with_overrides
-from pipeline.elastic import ASK_EVERY_S, POLL_EVERY_STEPS, Allotment, ResizePoll, ThreadShare, shares
-from pipeline.errors import ConfigError
+from pipeline.config.load import load_config, with_overrides
+from pipeline.core.errors import ConfigError
+from pipeline.distributed.elastic import ASK_EVERY_S, POLL_EVERY_STEPS, Allotment, ResizePoll, ThreadShare, shares
 
 
 def test_a_lone_trial_takes_the_free_workers_up_to_its_max():
@@ -44,21 +44,21 @@ def test_the_poll_asks_at_its_steps_and_grows_only_with_enough_left():
     decisions = []
     for step in range(1, 2 * POLL_EVERY_STEPS + 1):
         clock.now += 1.0  # one second a step
-        decisions.append(poll(step, steps_left=100))
+        decisions.append(poll.resize(step, steps_left=100))
     # Only at the poll steps, and 100 steps left at 1 s each is worth a restart.
     assert decisions[POLL_EVERY_STEPS - 1] == 2
     assert [d for i, d in enumerate(decisions) if i != POLL_EVERY_STEPS - 1 and i != 2 * POLL_EVERY_STEPS - 1] == [
         None
     ] * (2 * POLL_EVERY_STEPS - 2)
-    assert poll(3 * POLL_EVERY_STEPS, steps_left=30) is None  # 30 s left: not worth it
+    assert poll.resize(3 * POLL_EVERY_STEPS, steps_left=30) is None  # 30 s left: not worth it
     shrink = ResizePoll(lambda: 1, world=2, broadcast=lambda v: v, grow_min_s=60.0, clock=clock)
-    assert shrink(POLL_EVERY_STEPS, steps_left=1) == 1  # shrinking happens whatever is left
+    assert shrink.resize(POLL_EVERY_STEPS, steps_left=1) == 1  # shrinking happens whatever is left
 
 
 def test_other_ranks_take_rank_zeros_answer():
     heard = []
     poll = ResizePoll(None, world=2, broadcast=lambda v: heard.append(v) or 3, grow_min_s=0.0)
-    assert poll(POLL_EVERY_STEPS, steps_left=1000) == 3
+    assert poll.resize(POLL_EVERY_STEPS, steps_left=1000) == 3
     assert heard == [2]  # a non-zero rank offers its own size; rank 0's value comes back
 
 
@@ -89,25 +89,24 @@ def test_a_resize_stops_at_a_checkpoint_that_continues_exactly(fake_split, tmp_p
     Across Ray's report (a dict) the pause and its size reach the driver, and no other report reads as one."""
     import torch
 
-    from pipeline import checkpoint
-    from pipeline.train import EpochEnd, LoopHooks, Pause, result_resize_to, to_result, train_gan
+    from pipeline.core import checkpoint
+    from pipeline.distributed.results import result_resize_to, to_result
+    from pipeline.gan.hooks import On
+    from pipeline.gan.loop import train_gan
+    from pipeline.gan.reports import EpochEnd, Pause
 
     cfg = load_config(None, ["train.batch_size=64", "train.epochs=3", "model.g_channels=8", "model.d_channels=8"])
     straight: list = []
     train_gan(
         cfg,
         fake_split,
-        hooks=LoopHooks(report=lambda r: straight.append((dict(r.metrics), r.checkpoint)), log=lambda _: None),
+        hooks=[On(report=lambda r: straight.append((dict(r.metrics), r.checkpoint)))],
     )
     reports: list = []
     paused = train_gan(
         cfg,
         fake_split,
-        hooks=LoopHooks(
-            report=reports.append,
-            resize=lambda step, left: 2 if step == 6 else None,
-            log=lambda _: None,
-        ),
+        hooks=[On(report=reports.append, resize_to=lambda step, left: 2 if step == 6 else None)],
     )
     assert paused.resize_to == 2 and paused.step == 6
     assert [type(r) for r in reports] == [EpochEnd, Pause]
@@ -121,7 +120,7 @@ def test_a_resize_stops_at_a_checkpoint_that_continues_exactly(fake_split, tmp_p
     done = train_gan(
         cfg,
         fake_split,
-        hooks=LoopHooks(report=lambda r: rest.append((dict(r.metrics), r.checkpoint))),
+        hooks=[On(report=lambda r: rest.append((dict(r.metrics), r.checkpoint)))],
         resume=checkpoint.load(path),
     )
     assert done.resize_to is None and [m["step"] for m, _ in rest] == [8, 12]
@@ -163,7 +162,7 @@ def test_the_shares_callback_pickles_without_its_actor_handle():
     """Tune pickles callbacks into the sweep's state; a resumed sweep's driver finds the new allotment by name."""
     from ray import cloudpickle
 
-    from pipeline.tune import elastic_shares
+    from pipeline.sweep.tune import elastic_shares
 
     callback = elastic_shares("pipeline-allotment-s", expected=4)
     callback.actor, callback.told = object(), (("a",), 0)  # as after a step: a live handle and what it told
@@ -226,7 +225,7 @@ def test_cpus_per_worker_takes_a_range_for_one_worker_trials():
 
 
 def test_an_allotment_that_cannot_be_reached_is_said_once_and_the_trial_keeps_what_it_holds():
-    from pipeline.elastic import ask_allotment
+    from pipeline.distributed.elastic import ask_allotment
 
     class Gone:
         class want:  # noqa: N801 - the actor method's name

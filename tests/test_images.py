@@ -1,4 +1,4 @@
-"""A folder of your own images (pipeline.images): prepared into Parquet shards and a manifest, reused while it
+"""A folder of your own images (pipeline.data.images): prepared into Parquet shards and a manifest, reused while it
 matches, bad folders refused before anything is written; the networks and the loop on 64x64 RGB."""
 
 import hashlib
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.images import decode, list_folder, prepare_folder
-from pipeline.shards import ImageFolderError, Preparation, iter_shards
+from pipeline.data.images import decode, list_folder, prepare_folder
+from pipeline.data.shards import ImageFolderError, Preparation, iter_shards
 from tests.conftest import run_cli
 from tests.image_folders import SHAPES, draw, make_folder
 
@@ -129,10 +129,10 @@ def test_folders_that_cannot_be_prepared_are_refused_before_anything_is_written(
 
 def test_a_64px_rgb_run_trains_and_samples_in_colour(shapes, tmp_path):
     """The loop, the networks and the sample grid on 64x64 RGB images read back from the shards."""
-    from pipeline.config import load_config
-    from pipeline.data import load, prepare_data
-    from pipeline.sampling import fixed_noise, sample_images
-    from pipeline.train import LoopHooks, train_gan
+    from pipeline.config.load import load_config
+    from pipeline.data.kinds import load, prepare_data
+    from pipeline.gan.loop import train_gan
+    from pipeline.gan.sampling import fixed_noise, sample_images
     from tests.conftest import CONFIGS
 
     overrides = [
@@ -149,7 +149,7 @@ def test_a_64px_rgb_run_trains_and_samples_in_colour(shapes, tmp_path):
     assert prepare_data(cfg.data, lambda _: None) > 64
     data = load(cfg.data)
     assert data.images.shape[1:] == (3, 64, 64)
-    result = train_gan(cfg, data, hooks=LoopHooks(log=lambda _: None))
+    result = train_gan(cfg, data)
     assert result.state.step == len(data) // cfg.train.batch_size
     grid = sample_images(result.generator, fixed_noise(cfg.model.latent_dim, 0, torch.device("cpu")))
     assert grid.shape == (64, 3, 64, 64) and grid.dtype == torch.uint8
@@ -157,9 +157,8 @@ def test_a_64px_rgb_run_trains_and_samples_in_colour(shapes, tmp_path):
 
 def test_the_held_out_share_travels_from_prepare_to_training(shapes, tmp_path):
     """data.test_fraction is what `data prepare --test-fraction` wrote: training finds the preparation it made."""
-    from pipeline.config import DataConfig
-    from pipeline.data import prepare_data
-    from pipeline.runs import scores_unavailable
+    from pipeline.config.schema import DataConfig
+    from pipeline.data.kinds import prepare_data, source_of
 
     said: list[str] = []
     data = DataConfig(
@@ -189,18 +188,18 @@ def test_the_held_out_share_travels_from_prepare_to_training(shapes, tmp_path):
         dataset="images", path=str(shapes), image_size=32, channels=3, prepared=str(tmp_path / "q"), test_fraction=0.0
     )
     prepare_data(nothing, said.append)
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
     from tests.conftest import CONFIGS
 
     cfg = load_config(CONFIGS / "smoke.yaml", [f"data.{k}={v}" for k, v in vars(nothing).items() if v is not None])
-    assert "holds out 0 image(s) for 3 classes" in scores_unavailable(cfg)
+    assert "holds out 0 image(s) for 3 classes" in source_of(cfg.data).scores_unavailable()
 
 
 def test_a_small_folder_s_evaluator_trains_its_minimum_steps(monkeypatch):
     """Fewer training images than a batch: every step takes them all, and there are at least 600 steps."""
-    from pipeline.data import Split
-    from pipeline.datasets import DatasetSpec
-    from pipeline.metrics import train_classifier
+    from pipeline.data.specs import DatasetSpec
+    from pipeline.data.split import Split
+    from pipeline.eval.classifier import train_classifier
 
     steps = []
     original = torch.optim.Adam.step
@@ -218,7 +217,7 @@ def test_a_small_folder_s_evaluator_trains_its_minimum_steps(monkeypatch):
 
 
 def test_preparing_never_deletes_or_overwrites_what_it_did_not_write(shapes, tmp_path):
-    from pipeline.images import SHARD_NAME
+    from pipeline.data.images import SHARD_NAME
 
     # A manifest.json that is not a preparation's: refused, nothing touched.
     foreign = tmp_path / "foreign"

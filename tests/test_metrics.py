@@ -5,11 +5,12 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipeline import metrics
-from pipeline.config import DataConfig
-from pipeline.data import Split
-from pipeline.datasets import MNIST
-from pipeline.metrics import EvaluatorError, frechet_distance, get_evaluator, inception_score, statistics
+from pipeline.config.schema import DataConfig
+from pipeline.data.specs import MNIST
+from pipeline.data.split import Split
+from pipeline.eval import evaluator as metrics
+from pipeline.eval.evaluator import EvaluatorError, get_evaluator
+from pipeline.eval.scores import frechet_distance, inception_score, statistics
 
 
 def _reference_fid(mu1, s1, mu2, s2):
@@ -97,7 +98,8 @@ def test_real_mnist_evaluator_and_reference(tmp_path):
     """Trains the real evaluator from scratch in a fresh root (about 1.5 minutes on 2 cores)."""
     import shutil
 
-    from pipeline.data import default_root, prepare
+    from pipeline.data.idx import prepare
+    from pipeline.data.source import default_root
 
     prepare("mnist", default_root(), lambda _: None)
     shutil.copytree(default_root() / "MNIST", tmp_path / "MNIST")
@@ -114,10 +116,11 @@ def test_real_mnist_evaluator_and_reference(tmp_path):
 
 TRAIN_AND_HASH = """
 import hashlib, io, sys, torch
-from pipeline.config import DataConfig
-from pipeline.data import Split, load
-from pipeline.datasets import MNIST
-from pipeline.metrics import train_classifier
+from pipeline.config.schema import DataConfig
+from pipeline.data.kinds import load
+from pipeline.data.split import Split
+from pipeline.data.specs import MNIST
+from pipeline.eval.evaluator import train_classifier
 
 cfg = DataConfig(dataset="mnist")
 train, test = load(cfg), load(cfg, train=False)

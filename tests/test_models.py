@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.datasets import MNIST
-from pipeline.models import build_models
+from pipeline.config.schema import ModelConfig
+from pipeline.data.specs import MNIST
+from pipeline.gan.models import build_models
 
 
 def test_shapes_and_sizes():
@@ -89,7 +89,7 @@ def test_seed_generator_unchanged_by_default_and_deeper_generator():
     "side, plan", [(28, (7, 2)), (12, (3, 2)), (32, (4, 3)), (64, (4, 4)), (128, (4, 5)), (20, (5, 2))]
 )
 def test_the_networks_have_as_many_stride_2_layers_as_the_side_allows(side, plan):
-    from pipeline.models import network_plan
+    from pipeline.gan.models import network_plan
 
     assert network_plan((1, side, side)) == plan
     with pytest.raises(ValueError, match="a square whose side divides by 4"):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.ray_runtime import TRAIN_RECORD as RAY_TRAIN_RECORD
+from pipeline.distributed.ray_runtime import TRAIN_RECORD as RAY_TRAIN_RECORD
 from tests.conftest import REPO, run_cli
 from tests.servers import BIN, MLflowServer, RayCluster, S3Server, free_port
 
@@ -57,8 +57,9 @@ NO_IMDS = {"AWS_EC2_METADATA_DISABLED": "true"}
 def node_data_root(path: Path) -> Path:
     """A worker node's own data root, holding only the .gz copies it prepares MNIST from (nothing the head wrote
     is read there)."""
-    from pipeline.data import default_root, prepare
-    from pipeline.datasets import MNIST
+    from pipeline.data.idx import prepare
+    from pipeline.data.source import default_root
+    from pipeline.data.specs import MNIST
 
     source = prepare("mnist", default_root())
     raw = path / MNIST.folder / "raw"
@@ -472,7 +473,7 @@ def test_bad_s3_storage_stops_before_ray_with_exit_2(s3, strict_s3, tmp_path, ca
 def test_a_damaged_checkpoint_on_s3_is_refused_before_ray(s3, tmp_path):
     """`train --resume` reads the checkpoint Ray will resume from (the latest its record names) from S3 before Ray
     starts: a damaged one is exit 2, named by its s3:// path, and left where it is."""
-    from pipeline.tracking import start_run
+    from pipeline.tracking.store import start_run
 
     args = local_args(tmp_path, f"s3://{BUCKET}/damaged")
     start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "gan-pipeline", "torn", {"ray_train_run": "torn"})

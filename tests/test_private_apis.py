@@ -1,13 +1,16 @@
-"""Every private Ray and MLflow API the project touches has a probe (pipeline.ray_runtime.PRIVATE_APIS and
-pipeline.tracking.PRIVATE_APIS): each passes against the installed versions, and each fails with a message that
-names its API when that API moves (here: broken on purpose, one at a time)."""
+"""Every private Ray and MLflow API the project touches has a probe (the PRIVATE_APIS of
+pipeline.distributed.ray_runtime, pipeline.sweep.tune_internals and pipeline.tracking.store): each passes against the
+installed versions, and each fails with a message that names its API when that API moves (here: broken on purpose,
+one at a time)."""
 
 import pytest
 
-from pipeline import ray_runtime, tracking
-from pipeline.errors import PrivateApiChanged
+from pipeline.core.errors import PrivateApiChanged
+from pipeline.distributed import ray_runtime
+from pipeline.sweep import tune_internals
+from pipeline.tracking import store as tracking
 
-PROBES = {**ray_runtime.PRIVATE_APIS, **tracking.PRIVATE_APIS}
+PROBES = {**ray_runtime.PRIVATE_APIS, **tune_internals.PRIVATE_APIS, **tracking.PRIVATE_APIS}
 
 
 @pytest.mark.parametrize("name", sorted(PROBES))

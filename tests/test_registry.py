@@ -12,12 +12,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.cli import main
-from pipeline.config import with_overrides
-from pipeline.datasets import MNIST
-from pipeline.models import build_generator
-from pipeline.registry import CHAMPION, register_generator
-from pipeline.runs import generator_facts
-from pipeline.tracking import MLflowTracker, start_run
+from pipeline.config.load import with_overrides
+from pipeline.data.specs import MNIST
+from pipeline.distributed.lifecycle import generator_facts
+from pipeline.gan.models import build_generator
+from pipeline.tracking.registry import CHAMPION, register_generator
+from pipeline.tracking.store import start_run
+from pipeline.tracking.tracker import MLflowTracker
 from tests.conftest import run_together
 
 EVALUATOR = "e" * 64
@@ -36,7 +37,7 @@ def no_leaks():
 def store(tmp_path_factory):
     """A sqlite store with one finished run that logged a (smoke-sized) generator, FID and IS at step 16. Shared
     by the tests (logging a model takes seconds); each registers under a model name of its own."""
-    from pipeline.config import load_config
+    from pipeline.config.load import load_config
     from tests.conftest import CONFIGS
 
     smoke_cfg = load_config(CONFIGS / "smoke.yaml")
@@ -131,7 +132,7 @@ def test_the_logged_generator_carries_the_final_fid_and_is(store):
     import mlflow
     import torch
 
-    from pipeline.tracking import using_tracking_uri
+    from pipeline.tracking.store import using_tracking_uri
 
     with using_tracking_uri(uri):
         location = f"{model.artifact_location}/requirements.txt"
@@ -174,8 +175,8 @@ def test_experiments_open_on_their_training_runs(store):
 
 
 def test_registered_model_names_are_checked(smoke_cfg):
-    from pipeline.config import registered_model_name
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
+    from pipeline.tracking.registry import registered_model_name
 
     assert registered_model_name(smoke_cfg) == "gan-mnist"
     assert registered_model_name(with_overrides(smoke_cfg, {"data.dataset": "fashion_mnist"})) == "gan-fashion-mnist"

@@ -1,4 +1,4 @@
-"""The data-parallel scaling model (pipeline.scaling): its gradient bytes are what DDP really all-reduces in a
+"""The data-parallel scaling model (pipeline.tools.scaling): its gradient bytes are what DDP really all-reduces in a
 training step, its all-reduce time is the ring formula, and its efficiencies move the way they must."""
 
 import os
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.config import load_config
-from pipeline.scaling import LINKS, Measured, allreduce_s, efficiency, gradient_bytes, predictions
-from pipeline.steps import Runtime
-from pipeline.train import LoopHooks, train_gan
+from pipeline.config.load import load_config
+from pipeline.gan.loop import train_gan
+from pipeline.gan.steps import Runtime
+from pipeline.tools.scaling import LINKS, Measured, allreduce_s, efficiency, gradient_bytes, predictions
 from tests.conftest import CONFIGS
 
 
@@ -42,7 +42,7 @@ def test_the_gradient_bytes_are_what_ddp_all_reduces_per_step(one_rank_group, fa
         return ddp
 
     runtime = Runtime(0, 1, torch.device("cpu"), wrap)
-    result = train_gan(cfg, fake_split, runtime, LoopHooks(log=lambda _: None))
+    result = train_gan(cfg, fake_split, runtime, [])
     assert sum(reduced) == result.step * gradient_bytes(cfg)
 
 

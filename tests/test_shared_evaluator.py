@@ -13,14 +13,20 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import DataConfig, load_config
-from pipeline.data import default_root, file_sha256, load, prepare
-from pipeline.datasets import MNIST
-from pipeline.metrics import EvaluatorError, get_evaluator, shared_evaluator
-from pipeline.registry import CHAMPION, register_generator
-from pipeline.runs import generator_facts, rescorer
-from pipeline.sampling import generate_images
-from pipeline.tracking import MLflowTracker, start_run
+from pipeline.config.load import load_config
+from pipeline.config.schema import DataConfig
+from pipeline.core.files import file_sha256
+from pipeline.data.idx import prepare
+from pipeline.data.kinds import load
+from pipeline.data.source import default_root
+from pipeline.data.specs import MNIST
+from pipeline.distributed.lifecycle import generator_facts, rescorer
+from pipeline.eval.evaluator import EvaluatorError, get_evaluator
+from pipeline.gan.sampling import generate_images
+from pipeline.tracking.evaluators import shared_evaluator
+from pipeline.tracking.registry import CHAMPION, register_generator
+from pipeline.tracking.store import start_run
+from pipeline.tracking.tracker import MLflowTracker
 from tests.conftest import CONFIGS
 from tests.servers import MLflowServer
 

@@ -19,7 +19,7 @@ def load_state(kind: str) -> dict:
 
 @pytest.mark.parametrize("kind", ["asha", "pbt", "elastic"])
 def test_a_saved_sweep_state_unpickles_and_names_todays_trainable(kind):
-    from pipeline.trial import _trial_driver
+    from pipeline.sweep.trial import _trial_driver
 
     state = load_state(kind)
     assert state["__trainable_name"] == _trial_driver.__name__  # Tuner.restore compares the two
@@ -46,7 +46,7 @@ def test_a_saved_asha_scheduler_decides_as_before():
 
 
 def test_a_saved_pbt_scheduler_still_leaves_failed_trials_out():
-    """The saved scheduler's class calls pipeline.tune.WithoutFailedTrials by name."""
+    """The saved scheduler's class calls pipeline.sweep.tune.WithoutFailedTrials by name."""
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
@@ -66,7 +66,7 @@ def test_a_saved_pbt_scheduler_still_leaves_failed_trials_out():
 
 
 def test_a_saved_status_callback_prints_todays_trials_table(capsys):
-    """The saved live-table callback calls pipeline.tune's best_first, live_row and format_rows by name."""
+    """The saved live-table callback calls pipeline.sweep.tune's best_first, live_row and format_rows by name."""
     from ray.tune.experiment import Trial
 
     status = next(c for c in load_state("elastic")["_run_config"].callbacks if type(c).__name__ == "SweepStatus")

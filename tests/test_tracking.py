@@ -4,16 +4,11 @@ import pytest
 import torch
 
 from pipeline import PROJECT_ROOT
-from pipeline.config import PipelineConfig
-from pipeline.runs import flat_params
-from pipeline.tracking import (
-    MLflowTracker,
-    TrackingError,
-    check_tracking_uri,
-    mlflow_client,
-    start_run,
-)
-from pipeline.uris import resolve_tracking_uri
+from pipeline.config.schema import PipelineConfig
+from pipeline.core.uris import resolve_tracking_uri
+from pipeline.distributed.lifecycle import flat_params
+from pipeline.tracking.store import TrackingError, check_tracking_uri, mlflow_client, start_run
+from pipeline.tracking.tracker import MLflowTracker
 from tests.conftest import run_together
 
 

@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint
-from pipeline.checkpoint import CheckpointError
-from pipeline.config import load_config
-from pipeline.datasets import MNIST
-from pipeline.steps import most_real
-from pipeline.train import LoopHooks, train_gan
+from pipeline.config.load import load_config
+from pipeline.core import checkpoint
+from pipeline.core.checkpoint import CheckpointError
+from pipeline.data.specs import MNIST
+from pipeline.gan.hooks import On
+from pipeline.gan.loop import train_gan
+from pipeline.gan.steps import most_real
 from scripts.loop_equivalence import SWITCHES
 from tests.conftest import CONFIGS
 
@@ -20,11 +21,11 @@ def quiet(_):
 
 def test_losses_finite_and_parameters_move(smoke_cfg, fake_split):
     torch.manual_seed(smoke_cfg.train.seed)
-    from pipeline.models import build_models
+    from pipeline.gan.models import build_models
 
     initial_g, initial_d = build_models(smoke_cfg.model, MNIST.image_shape)  # train_gan builds the same
     steps = []
-    result = train_gan(smoke_cfg, fake_split, hooks=LoopHooks(on_step=lambda s, m: steps.append((s, m)), log=quiet))
+    result = train_gan(smoke_cfg, fake_split, hooks=[On(step=lambda st: steps.append((st.number, st.loss_values())))])
     assert len(steps) == smoke_cfg.train.epochs * (len(fake_split) // smoke_cfg.train.batch_size)
     for _, metrics in steps:
         assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
@@ -36,8 +37,8 @@ def test_losses_finite_and_parameters_move(smoke_cfg, fake_split):
 
 
 def test_same_seed_same_weights(smoke_cfg, fake_split):
-    a = train_gan(smoke_cfg, fake_split, hooks=LoopHooks(log=quiet)).generator.state_dict()
-    b = train_gan(smoke_cfg, fake_split, hooks=LoopHooks(log=quiet)).generator.state_dict()
+    a = train_gan(smoke_cfg, fake_split).generator.state_dict()
+    b = train_gan(smoke_cfg, fake_split).generator.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -46,18 +47,16 @@ def test_resume_is_exact(smoke_cfg, fake_split, tmp_path, fresh):
     """2 epochs straight == 1 epoch, save, load, 1 more epoch (bit for bit)."""
     cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=2", f"train.g_fresh_noise={str(fresh).lower()}"])
     straight_states = []
-    straight = train_gan(
-        cfg, fake_split, hooks=LoopHooks(report=lambda r: straight_states.append(r.checkpoint), log=quiet)
-    )
+    straight = train_gan(cfg, fake_split, hooks=[On(report=lambda r: straight_states.append(r.checkpoint))])
 
     first = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1", f"train.g_fresh_noise={str(fresh).lower()}"])
     path = tmp_path / checkpoint.FILENAME
-    train_gan(first, fake_split, hooks=LoopHooks(report=lambda r: checkpoint.save(path, r.checkpoint), log=quiet))
+    train_gan(first, fake_split, hooks=[On(report=lambda r: checkpoint.save(path, r.checkpoint))])
     resumed_states = []
     resumed = train_gan(
         cfg,
         fake_split,
-        hooks=LoopHooks(report=lambda r: resumed_states.append(r.checkpoint), log=quiet),
+        hooks=[On(report=lambda r: resumed_states.append(r.checkpoint))],
         resume=checkpoint.load(path),
     )
     assert resumed.epoch == 2 and resumed.step == straight.step
@@ -69,7 +68,7 @@ def test_resume_is_exact(smoke_cfg, fake_split, tmp_path, fresh):
 
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path, smoke_cfg, fake_split):
     path = tmp_path / checkpoint.FILENAME
-    train_gan(smoke_cfg, fake_split, hooks=LoopHooks(report=lambda r: checkpoint.save(path, r.checkpoint), log=quiet))
+    train_gan(smoke_cfg, fake_split, hooks=[On(report=lambda r: checkpoint.save(path, r.checkpoint))])
     assert checkpoint.load(path)["epoch"] == smoke_cfg.train.epochs
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
@@ -81,7 +80,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path, smoke_cfg, fake_split):
 
 def test_checkpoint_holds_everything_needed(tmp_path, smoke_cfg, fake_split):
     states = []
-    train_gan(smoke_cfg, fake_split, hooks=LoopHooks(report=lambda r: states.append(r.checkpoint), log=quiet))
+    train_gan(smoke_cfg, fake_split, hooks=[On(report=lambda r: states.append(r.checkpoint))])
     path = checkpoint.save(tmp_path / "c.pt", states[-1])
     state = checkpoint.load(path)
     assert {"generator", "discriminator", "opt_g", "opt_d", "epoch", "step", "rng", "config"} <= set(state)
@@ -95,17 +94,16 @@ def test_checkpoint_holds_everything_needed(tmp_path, smoke_cfg, fake_split):
 )
 def test_speed_switches_train_finite(fake_split, overrides):
     cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1", *overrides])
-    result = train_gan(cfg, fake_split, hooks=LoopHooks(log=quiet))
+    result = train_gan(cfg, fake_split)
     assert all(torch.isfinite(torch.tensor(result.metrics[k])) for k in ("loss_d", "loss_g"))
 
 
 def test_channels_last_matches_default_layout(fake_split):
     """A memory layout is not a different algorithm: same seed, (nearly) the same weights."""
-    plain = train_gan(load_config(CONFIGS / "smoke.yaml", ["train.epochs=1"]), fake_split, hooks=LoopHooks(log=quiet))
+    plain = train_gan(load_config(CONFIGS / "smoke.yaml", ["train.epochs=1"]), fake_split)
     nhwc = train_gan(
         load_config(CONFIGS / "smoke.yaml", ["train.epochs=1", "train.channels_last=true"]),
         fake_split,
-        hooks=LoopHooks(log=quiet),
     )
     for (name, a), b in zip(plain.generator.state_dict().items(), nhwc.generator.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
@@ -113,12 +111,12 @@ def test_channels_last_matches_default_layout(fake_split):
 
 def test_fused_adam_is_the_same_adam(fake_split):
     """optim.fused is a kernel, not a different optimiser: same seed, (nearly) the same weights as the default."""
-    fused = train_gan(load_config(CONFIGS / "smoke.yaml", ["train.epochs=1"]), fake_split, hooks=LoopHooks(log=quiet))
+    fused = train_gan(load_config(CONFIGS / "smoke.yaml", ["train.epochs=1"]), fake_split)
     plain_cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1", "optim.fused=false"])
-    loop = train_gan(plain_cfg, fake_split, hooks=LoopHooks(log=quiet))
+    loop = train_gan(plain_cfg, fake_split)
     for (name, a), b in zip(fused.generator.state_dict().items(), loop.generator.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
-    from pipeline.models import build_models
+    from pipeline.gan.models import build_models
 
     cfg = load_config(CONFIGS / "smoke.yaml", [])
     torch.manual_seed(cfg.train.seed)
@@ -132,7 +130,7 @@ def test_fused_adam_is_the_same_adam(fake_split):
 def test_compiled_models_train_and_checkpoint_plain_keys(fake_split):
     cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1", "train.compile=true"])
     states = []
-    result = train_gan(cfg, fake_split, hooks=LoopHooks(report=lambda r: states.append(r.checkpoint), log=quiet))
+    result = train_gan(cfg, fake_split, hooks=[On(report=lambda r: states.append(r.checkpoint))])
     assert torch.isfinite(torch.tensor(result.metrics["loss_g"]))
     assert not any(k.startswith("_orig_mod") for k in states[-1]["generator"])
 
@@ -140,7 +138,7 @@ def test_compiled_models_train_and_checkpoint_plain_keys(fake_split):
 def test_linear_lr_decay_reaches_the_final_scale(fake_split):
     cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=2", "optim.lr_final_scale=0.25"])
     states = []
-    result = train_gan(cfg, fake_split, hooks=LoopHooks(report=lambda r: states.append(r.checkpoint), log=quiet))
+    result = train_gan(cfg, fake_split, hooks=[On(report=lambda r: states.append(r.checkpoint))])
     total = result.step
     # The lr of the last step: base * (1 - 0.75 * (total - 1) / total); halfway it was about 1 - 0.75 / 2.
     for key, base in (("opt_g", cfg.optim.lr_g), ("opt_d", cfg.optim.lr_d)):
@@ -160,13 +158,13 @@ def test_resume_is_exact_with_spectral_norm_dropout_and_lr_decay(fake_split, tmp
     def save(report):
         checkpoint.save(tmp_path / f"epoch{report.metrics['epoch']}.pt", report.checkpoint)
 
-    train_gan(cfg, fake_split, hooks=LoopHooks(report=save, log=quiet))
+    train_gan(cfg, fake_split, hooks=[On(report=save)])
     straight = checkpoint.load(tmp_path / "epoch2.pt")
     resumed = []
     train_gan(
         cfg,
         fake_split,
-        hooks=LoopHooks(report=lambda r: resumed.append(r.checkpoint), log=quiet),
+        hooks=[On(report=lambda r: resumed.append(r.checkpoint))],
         resume=checkpoint.load(tmp_path / "epoch1.pt"),
     )
     for key in ("generator", "discriminator"):
@@ -187,9 +185,9 @@ def test_top_k_training_keeps_only_the_fakes_d_rates_most_real():
 
 def test_top_k_training_changes_the_generator_step(fake_split):
     cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1"])
-    plain = train_gan(cfg, fake_split, hooks=LoopHooks(log=quiet)).generator.state_dict()
+    plain = train_gan(cfg, fake_split).generator.state_dict()
     top_cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1", "train.top_k_final=0.25"])
-    top = train_gan(top_cfg, fake_split, hooks=LoopHooks(log=quiet))
+    top = train_gan(top_cfg, fake_split)
     assert all(torch.isfinite(torch.tensor(top.metrics[k])) for k in ("loss_d", "loss_g"))
     trained = top.generator.state_dict()
     changed = [k for k, v in trained.items() if v.is_floating_point() and not torch.equal(v, plain[k])]
@@ -236,17 +234,17 @@ def test_checkpoints_written_before_train_state_load_and_training_is_unchanged(f
     cfg = load_config(CONFIGS / "smoke.yaml", LEGACY_VARIANTS[variant])
     old = {epoch: checkpoint.load(LEGACY / f"{variant}_epoch{epoch}.pt") for epoch in (1, 2)}
     states = []  # copies: a report's state_dict holds the live tensors, which the next epoch changes
-    train_gan(cfg, fake_split, hooks=LoopHooks(report=lambda r: states.append(copy.deepcopy(r.checkpoint)), log=quiet))
+    train_gan(cfg, fake_split, hooks=[On(report=lambda r: states.append(copy.deepcopy(r.checkpoint)))])
     assert_same_state(old[1], states[0])
     resumed = []
-    train_gan(cfg, fake_split, hooks=LoopHooks(report=lambda r: resumed.append(r.checkpoint), log=quiet), resume=old[1])
+    train_gan(cfg, fake_split, hooks=[On(report=lambda r: resumed.append(r.checkpoint))], resume=old[1])
     assert len(resumed) == 1
     assert_same_state(old[2], resumed[0])
 
 
 def test_progress_is_told_of_every_step_of_every_epoch(smoke_cfg, fake_split):
     seen = []
-    train_gan(smoke_cfg, fake_split, hooks=LoopHooks(log=quiet, progress=lambda *args: seen.append(args)))
+    train_gan(smoke_cfg, fake_split, hooks=[On(step=lambda st: seen.append((st.epoch, st.index, st.per_epoch)))])
     steps = len(fake_split) // smoke_cfg.train.batch_size
     expected = [(e, i, steps) for e in range(1, smoke_cfg.train.epochs + 1) for i in range(1, steps + 1)]
     assert seen == expected
@@ -254,11 +252,13 @@ def test_progress_is_told_of_every_step_of_every_epoch(smoke_cfg, fake_split):
 
 def test_the_epoch_progress_bar_renders_steps_and_images(capsys):
     """EpochProgress through Ray's tqdm_ray, here drawn in-process as the driver draws it for a worker."""
-    from pipeline.worker import EpochProgress
+    from pipeline.config.schema import TrainConfig
+    from pipeline.distributed.hooks import EpochProgress
+    from pipeline.gan.hooks import Step
 
-    bar = EpochProgress(epochs=2, batch_size=64)
+    bar = EpochProgress(TrainConfig(epochs=2, batch_size=64))
     for step in range(1, 5):
-        bar(1, step, 4)
+        bar.on_step(Step(0, step, 1, step, 4, torch.zeros(4)))
     assert bar.bar is None  # closed at the epoch's last step
     drawn = capsys.readouterr().err
     assert "epoch 1/2 step 4/4" in drawn and "256/256" in drawn and "img" in drawn, drawn
@@ -266,7 +266,7 @@ def test_the_epoch_progress_bar_renders_steps_and_images(capsys):
 
 def test_ray_noise_and_its_traceback_are_hidden_and_nothing_else():
     """Lines as a Ray Train controller printed them on a busy machine, in two batches."""
-    from pipeline.console import RAY_NOISE, RAY_NOISY_ACTORS, NoiseFilter
+    from pipeline.distributed.console import RAY_NOISE, RAY_NOISY_ACTORS, NoiseFilter
 
     noise = NoiseFilter(RAY_NOISE, RAY_NOISY_ACTORS)
     first = [
@@ -303,7 +303,7 @@ def test_ray_noise_and_its_traceback_are_hidden_and_nothing_else():
 def test_a_lost_peers_consequences_are_hidden_and_other_worker_errors_shown():
     """A node lost, as the console showed it: the raylet's and controller's notes (with their indented
     continuation) and a surviving worker's broken collective are hidden; a worker's own error is shown whole."""
-    from pipeline.console import RAY_LOST_PEER, RAY_NOISE, NoiseFilter
+    from pipeline.distributed.console import RAY_LOST_PEER, RAY_NOISE, NoiseFilter
 
     noise = NoiseFilter(RAY_NOISE, (), RAY_LOST_PEER)
     controller = [
@@ -338,8 +338,8 @@ def test_a_lost_peers_consequences_are_hidden_and_other_worker_errors_shown():
     [({"avx512f", "avx2"}, False), ({"avx512f", "avx512_bf16"}, True), ({"amx_tile", "amx_bf16"}, True)],
 )
 def test_auto_precision_takes_bf16_only_on_cpus_that_compute_it(monkeypatch, flags, expected):
-    from pipeline import steps
-    from pipeline.steps import uses_bf16
+    from pipeline.gan import steps
+    from pipeline.gan.steps import uses_bf16
 
     monkeypatch.setattr(steps, "cpu_flags", lambda: frozenset(flags))
     cpu = torch.device("cpu")
@@ -351,7 +351,7 @@ def test_cpu_flags_are_read_from_the_kernel():
     """The flags line of /proc/cpuinfo, where the machine has one (Linux), as torch's own probe would find them."""
     from pathlib import Path
 
-    from pipeline.steps import cpu_flags
+    from pipeline.gan.steps import cpu_flags
 
     listed = Path("/proc/cpuinfo")
     if not listed.is_file():
@@ -362,13 +362,13 @@ def test_cpu_flags_are_read_from_the_kernel():
 
 
 def test_auto_precision_reaches_the_autocast(monkeypatch, fake_split):
-    from pipeline import steps
-    from pipeline.steps import Nets, Runtime
-    from pipeline.train_state import TrainState
+    from pipeline.gan import steps
+    from pipeline.gan.state import TrainState
+    from pipeline.gan.steps import Nets, Runtime
 
     monkeypatch.setattr(steps, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     cfg = load_config(CONFIGS / "smoke.yaml", ["train.precision=auto"])
-    nets = Nets.wrap(TrainState.initial(cfg, torch.device("cpu")), cfg, Runtime())
+    nets = Nets.wrap(TrainState.initial(cfg, MNIST.image_shape, torch.device("cpu")), cfg, Runtime())
     with nets.autocast():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
@@ -385,7 +385,7 @@ def test_resume_from_inside_an_epoch_is_exact(fake_split, tmp_path, fresh):
     train_gan(
         cfg,
         fake_split,
-        hooks=LoopHooks(report=lambda r: straight.append((dict(r.metrics), copy.deepcopy(r.checkpoint))), log=quiet),
+        hooks=[On(report=lambda r: straight.append((dict(r.metrics), copy.deepcopy(r.checkpoint))))],
     )
     # 256 images in batches of 64: 4 steps an epoch; reports at steps 3 and 6 inside epochs, 4 and 8 at their ends
     assert [(m["step"], m["progress"], m["epoch"]) for m, _ in straight] == [
@@ -399,7 +399,7 @@ def test_resume_from_inside_an_epoch_is_exact(fake_split, tmp_path, fresh):
     for inside in (0, 2):  # from step 3 (epoch 1 of 2) and from step 6 (epoch 2)
         path = checkpoint.save(tmp_path / f"inside{inside}.pt", straight[inside][1])
         resumed: list = []
-        train_gan(cfg, fake_split, hooks=LoopHooks(report=_collect(resumed), log=quiet), resume=checkpoint.load(path))
+        train_gan(cfg, fake_split, hooks=[On(report=_collect(resumed))], resume=checkpoint.load(path))
         assert [m["step"] for m, _ in resumed] == [m["step"] for m, _ in straight[inside + 1 :]]
         for key in ("generator", "discriminator"):
             a, b = straight[-1][1][key], resumed[-1][1][key]
@@ -412,11 +412,11 @@ def test_resume_from_inside_an_epoch_is_exact(fake_split, tmp_path, fresh):
 def test_a_run_continued_with_other_optimizer_settings_trains_with_them(fake_split):
     """What PBT relies on: the checkpoint's weights, and the config's learning rates and betas (not the
     checkpoint's) in the optimizers; on_resume sees exactly that state, and each report the live rates."""
-    from pipeline.train_state import weights_digest
+    from pipeline.gan.state import weights_digest
 
     cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=2", "train.ema_decay=0.9"])
     first = []
-    train_gan(cfg, fake_split, hooks=LoopHooks(report=lambda r: first.append(copy.deepcopy(r.checkpoint)), log=quiet))
+    train_gan(cfg, fake_split, hooks=[On(report=lambda r: first.append(copy.deepcopy(r.checkpoint)))])
     donor = first[0]  # after epoch 1
     changed = load_config(
         CONFIGS / "smoke.yaml",
@@ -431,7 +431,7 @@ def test_a_run_continued_with_other_optimizer_settings_trains_with_them(fake_spl
         reports.append(given.metrics)
         states.append(given.checkpoint)
 
-    train_gan(changed, fake_split, hooks=LoopHooks(on_resume=on_resume, report=report, log=quiet), resume=donor)
+    train_gan(changed, fake_split, hooks=[On(resume=on_resume, report=report)], resume=donor)
     ((weights, rates, betas, step),) = seen
     assert weights == weights_digest(donor["generator"], donor["discriminator"], donor["generator_ema"])
     assert rates == {"lr_g": 1.0e-3, "lr_d": 5.0e-4} and betas == (0.6, 0.999) and step == 4
@@ -450,7 +450,7 @@ def test_cuda_graph_settings_are_refused_where_they_cannot_work_before_any_work(
     """``train.cuda_graphs`` (captured on a GPU only: docs/GPU.md has the H200 figures): ``true`` is refused for
     multi-worker runs, CPU runs and with torch.compile, in the config and in train_gan; ``auto`` trains plain
     steps on a CPU, the same weights as ``false``."""
-    from pipeline.errors import ConfigError
+    from pipeline.core.errors import ConfigError
 
     for overrides, match in (
         (["scaling.num_workers=2"], r"cuda_graphs: true with up to 2 workers.*num_workers=1"),
@@ -467,20 +467,18 @@ def test_cuda_graph_settings_are_refused_where_they_cannot_work_before_any_work(
         train_gan(
             load_config(CONFIGS / "smoke.yaml", ["train.cuda_graphs=true"]),
             fake_split,
-            hooks=LoopHooks(on_step=lambda s, m: steps.append(s), log=quiet),
+            hooks=[On(step=lambda st: steps.append(st.number))],
         )
     assert steps == []  # refused before the first step
-    from pipeline.steps import Runtime, uses_cuda_graphs
+    from pipeline.gan.steps import Runtime, uses_cuda_graphs
 
     gpu = torch.device("cuda", 0)  # only the decision: nothing runs on it
     assert uses_cuda_graphs("auto", Runtime(device=gpu)) and not uses_cuda_graphs("false", Runtime(device=gpu))
     assert not uses_cuda_graphs("auto", Runtime(device=gpu, world_size=2))  # DDP: plain steps
     with pytest.raises(ValueError, match=r"trains on cuda with 2 worker"):
         uses_cuda_graphs("true", Runtime(device=gpu, world_size=2))
-    auto = train_gan(
-        load_config(CONFIGS / "smoke.yaml", ["train.cuda_graphs=auto"]), fake_split, hooks=LoopHooks(log=quiet)
-    )
-    plain = train_gan(load_config(CONFIGS / "smoke.yaml"), fake_split, hooks=LoopHooks(log=quiet))
+    auto = train_gan(load_config(CONFIGS / "smoke.yaml", ["train.cuda_graphs=auto"]), fake_split)
+    plain = train_gan(load_config(CONFIGS / "smoke.yaml"), fake_split)
     assert all(torch.equal(v, plain.generator.state_dict()[k]) for k, v in auto.generator.state_dict().items())
 
 
@@ -489,11 +487,11 @@ def test_a_graphed_runs_optimizer_state_checkpoints_as_a_plain_one(fake_split, f
     """A CUDA-graphed step keeps its learning rates in device tensors the schedule fills, with capturable Adam;
     its checkpoints still hold numbers and capturable=False, so any run (a CPU one too) continues from them.
     (The capture itself needs a GPU: scripts/gpu_check.py compares graphed and plain runs bit for bit there.)"""
-    from pipeline.steps import GraphedStep, Nets, Runtime, StepTargets, TrainStep
-    from pipeline.train_state import TrainState
+    from pipeline.gan.state import TrainState
+    from pipeline.gan.steps import GraphedStep, Nets, Runtime, StepTargets, TrainStep
 
     cfg = load_config(CONFIGS / "smoke.yaml", [f"optim.fused={str(fused).lower()}"])
-    state = TrainState.initial(cfg, torch.device("cpu"))
+    state = TrainState.initial(cfg, MNIST.image_shape, torch.device("cpu"))
     nets = Nets.wrap(state, cfg, Runtime())
     step = TrainStep(nets, state, StepTargets(torch.ones(8), torch.zeros(8), torch.ones(8)))
     # one plain step: Adam's state exists, as after a graphed run's warm-up steps
@@ -509,7 +507,36 @@ def test_a_graphed_runs_optimizer_state_checkpoints_as_a_plain_one(fake_split, f
     for key in ("opt_g", "opt_d"):
         assert all(type(g["lr"]) is float and g["capturable"] is False for g in saved[key]["param_groups"])
     assert state.opt_g.param_groups[0]["capturable"] is True  # the live optimizer is untouched
-    resumed = train_gan(
-        load_config(CONFIGS / "smoke.yaml", ["train.epochs=2"]), fake_split, hooks=LoopHooks(log=quiet), resume=saved
-    )
+    resumed = train_gan(load_config(CONFIGS / "smoke.yaml", ["train.epochs=2"]), fake_split, resume=saved)
     assert resumed.epoch == 2
+
+
+def test_the_loop_trains_where_ray_and_mlflow_cannot_be_imported():
+    """The loop knows nothing of Ray or MLflow, at import or at run time: a process that refuses to import either
+    trains (and scores and reports) with `train_gan` all the same."""
+    code = """
+import importlib.abc, sys
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "mlflow"):
+            raise ImportError(f"blocked in this test: {name}")
+
+sys.meta_path.insert(0, Blocked())
+import torch
+from pipeline.config.load import load_config
+from pipeline.data.split import Split
+from pipeline.gan.hooks import On
+from pipeline.gan.loop import train_gan
+
+cfg = load_config("configs/smoke.yaml", ["train.epochs=1", "data.limit=128", "tracking.log_every=1"])
+split = Split(torch.randint(0, 256, (128, 28, 28), dtype=torch.uint8), torch.zeros(128, dtype=torch.long))
+reports = []
+result = train_gan(cfg, split, hooks=[On(report=reports.append)])
+print(result.step, len(reports), sorted({m.split(".")[0] for m in sys.modules} & {"ray", "mlflow"}))
+"""
+    from tests.conftest import run_python
+
+    done = run_python("-c", code)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "[]" and done.stdout.split()[:2] == ["2", "1"], done.stdout

@@ -123,7 +123,7 @@ def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
     assert linked["fid"] == finished.data.metrics["fid"]
     assert linked["inception_score"] == finished.data.metrics["inception_score"]
 
-    # Where the hardware's time went (pipeline.accounting), on the parent run and in the console: one 1-CPU
+    # Where the hardware's time went (pipeline.sweep.accounting), on the parent run and in the console: one 1-CPU
     # trial at a time holds at most one of the cluster's CPUs; each trial started once.
     spent = parent.data.metrics
     assert spent["trial_starts"] == 2 and 0 < spent["busy_fraction"] <= 1 / spent["capacity"], spent
@@ -195,7 +195,7 @@ def test_pbt_copies_the_donor_into_the_weaker_trial_and_a_killed_pbt_sweep_resum
     the champion still sample and evaluate (the generator carries its latent size)."""
     import torch
 
-    from pipeline.train_state import weights_digest
+    from pipeline.gan.state import weights_digest
 
     uri, args = _sweep_args(
         tmp_path,
@@ -344,8 +344,8 @@ def _fake_trial(trial_id):
 def test_asha_stops_at_a_rung_but_never_at_the_final_epoch(epochs):
     from ray.tune.schedulers import TrialScheduler
 
-    from pipeline.config import build_config
-    from pipeline.schedulers import scheduler_of
+    from pipeline.config.load import build_config
+    from pipeline.sweep.schedulers import scheduler_of
 
     cfg = build_config({"train": {"epochs": epochs}, "tune": {"grace_period": 1, "reduction_factor": 2}})
     scheduler = scheduler_of(cfg).make(cfg)
@@ -369,8 +369,8 @@ def test_asha_stops_at_a_rung_but_never_at_the_final_epoch(epochs):
 def test_a_grace_period_at_or_past_the_last_epoch_means_no_early_stop(grace_period):
     from ray.tune.schedulers import TrialScheduler
 
-    from pipeline.config import build_config
-    from pipeline.schedulers import scheduler_of
+    from pipeline.config.load import build_config
+    from pipeline.sweep.schedulers import scheduler_of
 
     cfg = build_config({"train": {"epochs": 3}, "tune": {"grace_period": grace_period, "reduction_factor": 2}})
     scheduler = scheduler_of(cfg).make(cfg)
@@ -386,8 +386,8 @@ def test_a_grace_period_at_or_past_the_last_epoch_means_no_early_stop(grace_peri
 def test_sweep_status_prints_the_trials_table_on_change_and_not_more_often(monkeypatch):
     from ray.tune.experiment import Trial
 
-    from pipeline import sweep_report as sweep
-    from pipeline.config import build_config
+    from pipeline.config.load import build_config
+    from pipeline.sweep import report as sweep
 
     cfg = build_config(
         {"train": {"epochs": 2}, "tune": {"search_space": {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-3]}}}}
@@ -450,8 +450,8 @@ def test_a_failed_trial_does_not_hang_synchronous_pbt():
     from ray.tune.experiment import Trial
     from ray.tune.schedulers import TrialScheduler
 
-    from pipeline.config import build_config
-    from pipeline.schedulers import scheduler_of
+    from pipeline.config.load import build_config
+    from pipeline.sweep.schedulers import scheduler_of
 
     space = {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-2]}}
     cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": space}})
@@ -479,8 +479,8 @@ def test_the_sweep_status_callback_pickles_after_ray_replaced_print(monkeypatch)
 
     import ray.cloudpickle
 
-    from pipeline.config import build_config
-    from pipeline.sweep_report import print_line, sweep_status
+    from pipeline.config.load import build_config
+    from pipeline.sweep.report import print_line, sweep_status
 
     cfg = build_config({"tune": {"search_space": {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-3]}}}})
     original = builtins.print
@@ -533,8 +533,8 @@ def test_an_elastic_trial_grows_into_the_cpu_another_trial_left(tmp_path):
 def test_a_sweep_prepares_the_evaluator_of_each_dataset_its_trials_may_train_on(monkeypatch):
     """The sweep's driver prepares (data and) the evaluator once per dataset its trials can take, and each trial
     picks its own dataset's: searching ``data.dataset`` must not score Fashion-MNIST with the MNIST network."""
-    import pipeline.tune
-    from pipeline.config import load_config
+    import pipeline.sweep.tune
+    from pipeline.config.load import load_config
 
     prepared = []
 
@@ -543,18 +543,18 @@ def test_a_sweep_prepares_the_evaluator_of_each_dataset_its_trials_may_train_on(
         prepared.append(cfg.data.dataset)
         return {"dataset": cfg.data.dataset} if cfg.eval.every_epochs else None
 
-    monkeypatch.setattr(pipeline.tune, "prepare_inputs", prepare)
+    monkeypatch.setattr(pipeline.sweep.tune, "prepare_inputs", prepare)
     base = load_config(REPO / "configs" / "smoke.yaml")
-    assert pipeline.tune.sweep_evaluators(base, "sqlite:///store.db", print) == {"mnist": {"dataset": "mnist"}}
+    assert pipeline.sweep.tune.sweep_evaluators(base, "sqlite:///store.db", print) == {"mnist": {"dataset": "mnist"}}
     searched = load_config(
         REPO / "configs" / "smoke.yaml", ["tune.search_space={data.dataset: {choice: [fashion_mnist, mnist]}}"]
     )
     prepared.clear()
-    evaluators = pipeline.tune.sweep_evaluators(searched, "sqlite:///store.db", print)
+    evaluators = pipeline.sweep.tune.sweep_evaluators(searched, "sqlite:///store.db", print)
     assert sorted(prepared) == ["fashion_mnist", "mnist"]
     assert all(payload["dataset"] == dataset for dataset, payload in evaluators.items()) and len(evaluators) == 2
     assert (
-        pipeline.tune.sweep_evaluators(
+        pipeline.sweep.tune.sweep_evaluators(
             load_config(REPO / "configs" / "smoke.yaml", ["eval.every_epochs=0"]), "sqlite:///store.db", print
         )
         == {}
@@ -572,9 +572,10 @@ def test_a_store_failing_in_the_sweeps_bookkeeping_stops_it_with_one_line_and_fa
 
     from ray.tune.error import TuneError
 
-    from pipeline.sweep_report import SweepStoreFailed, close_child_runs
-    from pipeline.tracking import MLflowTracker, start_run
-    from pipeline.tune import _cause, _fail_runs
+    from pipeline.sweep.report import SweepStoreFailed, close_child_runs
+    from pipeline.sweep.tune import _cause, _fail_runs
+    from pipeline.tracking.store import start_run
+    from pipeline.tracking.tracker import MLflowTracker
 
     closing = close_child_runs("http://127.0.0.1:9", "gan-pipeline", "s", 3)
     with pytest.raises(SweepStoreFailed) as caught:

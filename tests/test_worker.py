@@ -1,35 +1,52 @@
-"""One worker's run in this process (pipeline.worker.run_worker) with a place that records what it hands on:
+"""One worker's run in this process (pipeline.distributed.worker.run_worker) with a place that records what it hands on:
 every report's result as Ray receives it (the typed report's kind, the accounting's figures, the hooks'), its
 checkpoint, and the hooks told of every step. And which Train runs rank their checkpoints by FID."""
 
 import torch
 
-from pipeline import checkpoint, data
-from pipeline.config import load_config
-from pipeline.train import result_kind
-from pipeline.worker import ElasticJob, WorkerJob, WorkerPlace, run_worker
+from pipeline.config.load import load_config
+from pipeline.core import checkpoint
+from pipeline.data.kinds import source_of
+from pipeline.data.source import DataSource
+from pipeline.distributed.results import report_kind
+from pipeline.distributed.worker import ElasticJob, TrialPart, WorkerJob, WorkerPlace, run_worker
+from pipeline.eval.metrics import CHAMPION_METRIC
+from pipeline.gan.hooks import Hook
+from pipeline.gan.steps import Runtime
 from tests.conftest import CONFIGS
 
 
-class Steps:
-    """A worker hook that counts the steps it sees and adds a figure to every report."""
+class Steps(Hook):
+    """A hook every worker gets that counts the steps it sees and adds a figure to every report."""
 
     def __init__(self):
         self.steps: list[int] = []
 
-    def place(self, place):
-        return place
+    def on_step(self, step):
+        self.steps.append(step.number)
 
-    def on_step(self, rank, step):
-        self.steps.append(step)
-
-    def figures(self, rank):
+    def figures(self):
         return {"hook_steps": len(self.steps)}
 
 
-def test_a_worker_hands_on_each_report_with_its_figures_and_checkpoint(monkeypatch, fake_split):
-    monkeypatch.setattr(data, "load", lambda cfg, train=True, progress=print: fake_split)
+class Given(DataSource):
+    """The split it is given, as a data source."""
+
+    def __init__(self, data, split):
+        super().__init__(data)
+        self.split = split
+
+    @property
+    def image_shape(self):
+        return (1, *self.split.images.shape[1:])
+
+    def read(self, train, progress, most):
+        return self.split
+
+
+def test_a_worker_hands_on_each_report_with_its_figures_and_checkpoint(fake_split):
     overrides = ["train.epochs=2", "tune.report_every_steps=3", "eval.every_epochs=0", "scaling.cpus_per_worker=1"]
+    overrides.append("data.limit=256")  # the fake split's size
     cfg = load_config(CONFIGS / "smoke.yaml", overrides)
     handed: list = []
 
@@ -38,12 +55,12 @@ def test_a_worker_hands_on_each_report_with_its_figures_and_checkpoint(monkeypat
         handed.append((dict(result), saved))
 
     hook = Steps()
-    place = WorkerPlace(0, 1, 0, torch.device("cpu"), None, report, node_ids=lambda: ["node-a"])
-    job = WorkerJob(cfg, hooks=(hook,), started_at=100.0, fit_at=101.0)
+    place = WorkerPlace(Runtime(0, 1, torch.device("cpu")), 0, None, report, node_ids=lambda: ["node-a"])
+    job = WorkerJob(cfg, Given(cfg.data, fake_split), hooks=(hook,), started_at=100.0, fit_at=101.0)
     run_worker(job, place, entered=103.0)
 
     # 256 images in batches of 64: reports at step 3 (inside epoch 1), 4 (its end), 6 (inside epoch 2), 8
-    assert [(r["step"], result_kind(r)) for r, _ in handed] == [
+    assert [(r["step"], report_kind(r).kind) for r, _ in handed] == [
         (3, "interval"),
         (4, "epoch"),
         (6, "interval"),
@@ -65,25 +82,30 @@ def test_a_worker_hands_on_each_report_with_its_figures_and_checkpoint(monkeypat
 
 
 def test_only_runs_whose_every_checkpoint_is_scored_rank_them_by_fid():
-    from pipeline.distributed import checkpoint_config, ranks_by_fid
+    from pipeline.distributed.train_run import checkpoint_config, ranks_checkpoints
 
     cfg = load_config(CONFIGS / "smoke.yaml")
-    assert ranks_by_fid(WorkerJob(cfg))
-    assert not ranks_by_fid(WorkerJob(load_config(CONFIGS / "smoke.yaml", ["eval.every_epochs=2"])))
+    every = load_config(CONFIGS / "smoke.yaml", ["eval.every_epochs=2"])
+
+    def job(cfg, elastic=None):
+        return WorkerJob(cfg, source_of(cfg.data), trial=TrialPart(elastic=elastic))
+
+    assert ranks_checkpoints(job(cfg))
+    assert not ranks_checkpoints(job(every))
     # A worker-elastic trial's pause to resize is not scored: its Train run keeps the latest checkpoints
-    assert not ranks_by_fid(WorkerJob(cfg, elastic=ElasticJob(None, "t", 60.0)))
-    assert ranks_by_fid(WorkerJob(cfg, elastic=ElasticJob(None, "t", 0.0, threads=True)))  # threads never pause
+    assert not ranks_checkpoints(job(cfg, ElasticJob(None, "t", 60.0)))
+    assert ranks_checkpoints(job(cfg, ElasticJob(None, "t", 0.0, threads=True)))  # threads never pause
 
     class Config(dict):
         def __init__(self, **kwargs):
             super().__init__(kwargs)
 
-    assert checkpoint_config(WorkerJob(cfg), Config) == {
+    assert checkpoint_config(job(cfg), Config) == {
         "num_to_keep": cfg.train.keep_checkpoints,
-        "checkpoint_score_attribute": "fid",
-        "checkpoint_score_order": "min",
+        "checkpoint_score_attribute": CHAMPION_METRIC.name,
+        "checkpoint_score_order": CHAMPION_METRIC.mode,
     }
-    assert checkpoint_config(WorkerJob(cfg, elastic=ElasticJob(None, "t", 60.0)), Config) == {
+    assert checkpoint_config(job(cfg, ElasticJob(None, "t", 60.0)), Config) == {
         "num_to_keep": cfg.train.keep_checkpoints
     }
 
@@ -120,12 +142,13 @@ def test_a_pbt_copy_replayed_by_a_resumed_sweep_keeps_its_first_record_and_a_new
     own steps began (logged_through), though the run has logged further since; a new copy is recorded."""
     import json
 
-    from pipeline.worker import exploit_record
+    from pipeline.distributed.hooks import ExploitRecord
+    from pipeline.gan.hooks import On
 
     tracker, said = History(), []
     tracker.steps = [2, 4]
     exploit = {"donor_trial": "t1", "donor_epoch": 1.5}
-    record = exploit_record(exploit, tracker, said.append)
+    record = ExploitRecord(exploit, tracker, On(line=said.append)).on_resume
     record(Copied(12, 2e-3))
     tracker.steps += [14, 16, 18, 20]  # trained on, then the sweep was killed and resumed from the copy
     record(Copied(12, 2e-3))

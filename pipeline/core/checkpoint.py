@@ -1,0 +1,58 @@
+"""Training checkpoints: G, D, both optimizers, epoch, step, RNG states and the config.
+
+Written atomically (temp file, then rename) so an interrupted save never replaces a good checkpoint,
+and read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.core.errors import UserError, first_line
+
+FILENAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint file is missing, truncated, corrupted or from an incompatible version."""
+
+
+def save(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` (see train.TrainState.to_checkpoint) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", *, source: str | None = None
+) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; any damage becomes a CheckpointError naming the file (or
+    ``source``, where a remote file was copied to ``path``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    shown = source or str(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {shown!r} not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = first_line(exc)
+        raise CheckpointError(
+            f"checkpoint {shown!r} is corrupted or truncated ({first}); delete it to start fresh "
+            "or point to an intact one"
+        ) from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {shown!r} is not a gan-pipeline v{FORMAT_VERSION} checkpoint")
+    return state

@@ -1,0 +1,267 @@
+"""Where a worker's training batches come from, epoch by epoch: the whole set in memory, or an image folder's
+shards streamed.
+
+Both give each worker ``num_steps`` batches of ``local_batch`` uint8 images per epoch, in an order that depends
+only on (seed, epoch, worker count, rank), so a run resumed inside an epoch continues with the batches it would
+have had (``first``: the epoch's first step to train).
+
+- :class:`InMemory`: the images on the device; one shuffled order of all of them per epoch, of which each worker
+  takes its share (torch's ``DistributedSampler``): N workers' batches together are one process's batch.
+- :class:`Streamed`: the prepared shards' row groups, never the whole set. Each epoch the row groups of the
+  training split are put in a seeded order; worker r reads the r-th of N equal runs of rows of it (so the N
+  workers read disjoint parts, ~1/N of the data each), a window of row groups at a time, shuffled within the
+  window; a background thread reads the next window while this one trains. Memory per worker: a few windows
+  (:data:`WINDOW_BYTES`), whatever the set's size. Every row group's pixels are checked against the SHA-256
+  the manifest records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+WINDOW_BYTES = 32 << 20  # pixels a streamed window holds (shuffled within); two more are in flight at most
+OPEN_SHARDS = 8  # shard files a reader keeps open at once
+
+
+class Batches(Protocol):
+    """A training set as a worker sees it: its size, and an epoch's batches for one worker."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an epoch's batches depend on besides the epoch: the seed, the workers and the batch sizes."""
+
+    seed: int
+    rank: int
+    world: int
+    local_batch: int
+    num_steps: int
+    device: torch.device
+
+
+class InMemory:
+    """A :class:`~pipeline.data.split.Split`'s images on the device, taken in one shuffled order per epoch."""
+
+    def __init__(self, images: torch.Tensor, device: torch.device):
+        self.images = images.to(device)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width): grey images kept as (N, H, W) have one channel."""
+        shape = tuple(self.images.shape[1:])
+        return (1, *shape) if len(shape) == 2 else shape
+
+    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[torch.Tensor]:
+        from torch.utils.data import DistributedSampler
+
+        sampler = DistributedSampler(
+            range(len(self.images)),
+            num_replicas=plan.world,
+            rank=plan.rank,
+            shuffle=True,
+            seed=plan.seed,
+            drop_last=True,
+        )
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=plan.device)
+        batch = plan.local_batch
+        for i in range(first, plan.num_steps):
+            yield self.images[order[i * batch : (i + 1) * batch]]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows ``lo:hi`` of row group ``group`` of shard ``shard`` (indices into the manifest)."""
+
+    shard: int
+    group: int
+    lo: int
+    hi: int
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+
+@dataclass
+class Streamed:
+    """An image folder's prepared training split, read in row groups (see the module's doc)."""
+
+    location: str
+    manifest: dict[str, Any]
+    limit: int | None = None
+    slices: list[Slice] = field(init=False)
+
+    def __post_init__(self) -> None:
+        slices, left = [], self.limit if self.limit is not None else float("inf")
+        for s, shard in enumerate(self.manifest["shards"]["train"]):
+            for g, rows in enumerate(shard["groups"]):
+                take = int(min(rows, left))
+                if take <= 0:
+                    break
+                slices.append(Slice(s, g, 0, take))
+                left -= take
+        self.slices = slices
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.slices)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.manifest["channels"], self.manifest["image_size"], self.manifest["image_size"]
+
+    def share(self, epoch: int, plan: Plan) -> list[Slice]:
+        """This worker's rows of the epoch: the row groups in the epoch's seeded order, cut into ``world`` runs of
+        ``num_steps * local_batch`` rows (the rest, under one global batch, is not trained this epoch)."""
+        order = np.random.default_rng([plan.seed, epoch]).permutation(len(self.slices))
+        each = plan.num_steps * plan.local_batch
+        lo, hi = plan.rank * each, (plan.rank + 1) * each
+        mine, at = [], 0
+        for i in order:
+            piece = self.slices[i]
+            start, end = max(lo, at), min(hi, at + len(piece))
+            if start < end:
+                mine.append(Slice(piece.shard, piece.group, piece.lo + start - at, piece.lo + end - at))
+            at += len(piece)
+            if at >= hi:
+                break
+        return mine
+
+    def windows(self, mine: list[Slice]) -> list[list[Slice]]:
+        """``mine`` in consecutive windows of about :data:`WINDOW_BYTES` of pixels."""
+        per_row = int(np.prod(self.image_shape))
+        out, current, size = [], [], 0
+        for piece in mine:
+            current.append(piece)
+            size += len(piece) * per_row
+            if size >= WINDOW_BYTES:
+                out.append(current)
+                current, size = [], 0
+        return [*out, current] if current else out
+
+    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[torch.Tensor]:
+        windows = self.windows(self.share(epoch, plan))
+        skip = first * plan.local_batch  # rows already trained this epoch (a resume inside it)
+        start = 0  # the first window with rows left to train
+        while start < len(windows) and skip >= (rows := sum(len(piece) for piece in windows[start])):
+            skip -= rows
+            start += 1
+        todo = list(enumerate(windows))[start:]
+        reader = WindowReader(self, todo, [plan.seed, epoch, plan.rank])
+        try:
+            carry = torch.zeros((0, *self.image_shape), dtype=torch.uint8)
+            for rows in reader:
+                if skip:
+                    rows, skip = rows[skip:], 0
+                carry = torch.cat([carry, rows]) if len(carry) else rows
+                while len(carry) >= plan.local_batch:
+                    yield carry[: plan.local_batch].to(plan.device, non_blocking=True)
+                    carry = carry[plan.local_batch :]
+        finally:
+            reader.stop()
+
+
+class WindowReader:
+    """Reads windows of row groups on a background thread, one ahead (a bounded queue), each shuffled by a
+    generator seeded with (``seed``..., its index): what the loop iterates."""
+
+    def __init__(self, stream: Streamed, todo: list[tuple[int, list[Slice]]], seed: list[int]):
+        self.stream, self.todo, self.seed = stream, todo, seed
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.stopping = threading.Event()
+        self.files: dict[int, tuple[Any, Any]] = {}  # shard -> (its ParquetFile, its open file), oldest first
+        self.thread = threading.Thread(target=self._run, name="shard-reader", daemon=True)
+        self.thread.start()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _run(self) -> None:
+        try:
+            for index, window in self.todo:
+                pixels = np.concatenate([self._read(piece) for piece in window])
+                order = np.random.default_rng([*self.seed, index]).permutation(len(pixels))
+                if not self._put(torch.from_numpy(pixels[order])):
+                    return
+            self._put(None)
+        except BaseException as exc:  # handed to the loop's thread, which raises it
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, piece: Slice) -> np.ndarray:
+        import pyarrow as pa
+
+        from pipeline.data.shards import ImageFolderError, pixels_of
+
+        shard = self.stream.manifest["shards"]["train"][piece.shard]
+        try:
+            column = self._open(piece.shard).read_row_group(piece.group, columns=["image"]).column("image")
+            pixels = pixels_of(column.combine_chunks(), self.stream.image_shape)
+        except (OSError, ValueError, pa.ArrowException) as exc:  # a shard removed, cut or changed since
+            raise ImageFolderError(
+                f"{self.stream.location}/{shard['file']} row group {piece.group} cannot be read ({exc}); prepare "
+                "the folder again: python -m pipeline data prepare --dataset images ..."
+            ) from None
+        if hashlib.sha256(pixels.tobytes()).hexdigest() != shard["group_sha256"][piece.group]:
+            raise ImageFolderError(
+                f"{self.stream.location}/{shard['file']} row group {piece.group} fails its SHA-256 check (changed "
+                "or corrupted); prepare the folder again: python -m pipeline data prepare --dataset images ..."
+            )
+        return pixels[piece.lo : piece.hi]
+
+    def _open(self, number: int) -> Any:
+        """Shard ``number`` as a ParquetFile, opened once; the least recently opened closes past
+        :data:`OPEN_SHARDS`: a few files open, however many shards."""
+        import pyarrow.parquet as pq
+
+        from pipeline.data.shards import filesystem
+
+        if number not in self.files:
+            fs, base = filesystem(self.stream.location)
+            handle = fs.open_input_file(f"{base}/{self.stream.manifest['shards']['train'][number]['file']}")
+            try:
+                self.files[number] = (pq.ParquetFile(handle), handle)
+            except BaseException:
+                handle.close()
+                raise
+            if len(self.files) > OPEN_SHARDS:
+                self.files.pop(next(iter(self.files)))[1].close()
+        return self.files[number][0]
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        for _, handle in self.files.values():
+            handle.close()
+        self.files.clear()

@@ -1,0 +1,146 @@
+"""Everything before a run's workers start, cheap checks first, so bad input fails fast and leaves nothing behind
+(no MLflow run, no directory): the request (:class:`RunRequest`), the name and resume checks, the data made ready
+and the evaluator shared, then the MLflow run created or found again."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pipeline import PROJECT_ROOT
+from pipeline.core import checkpoint
+from pipeline.core.errors import ConfigError
+from pipeline.core.uris import resolve_tracking_uri
+from pipeline.data.kinds import source_of
+from pipeline.data.source import check_counts
+from pipeline.distributed.storage import check_storage, exists, resume_checkpoint_file, run_location
+from pipeline.distributed.worker import TrialPart
+from pipeline.gan.models import SHAPE_KEYS
+from pipeline.tracking.store import check_tracking_uri, find_run, start_run
+from pipeline.tracking.tracker import tracker_for
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import PipelineConfig
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One tracked training run as its caller asks for it: `train` (a name, perhaps ``resume``) or a sweep's
+    trial (its parent run, tags, a PBT start, an elastic share, the sweep's evaluator: ``trial``)."""
+
+    name: str  # the run's name under train.storage_path (same name = the same run)
+    resume: bool = False
+    parent_run_id: str | None = None  # a sweep's parent run: the run is its child
+    extra_tags: dict[str, str] = field(default_factory=dict)
+    progress: Callable[[str], None] = print  # the driver's lines
+    verbose: bool = False  # Ray's own lines too
+    mlflow_run_id: str | None = None  # go on in this MLflow run (a PBT trial's new Train run), tagged with name
+    trial: TrialPart = field(default_factory=TrialPart)  # what a sweep's trial adds, handed to its workers
+    started_at: float | None = None  # wall clock: when this start began (default: this process loading our code)
+    evaluator: dict[str, Any] | None = None  # the sweep's evaluator payload (a trial's: scored like the others)
+
+
+def prepare_inputs(
+    cfg: PipelineConfig,
+    progress: Callable[[str], None] = print,
+    evaluator: dict[str, Any] | None = None,
+    uri: str | None = None,
+) -> dict[str, Any] | None:
+    """Data and (if evaluating) the evaluator, made ready on this node before any worker starts; returns the
+    evaluator's payload for the workers: the one every run on the tracking store ``uri`` shares (None: this
+    host's own, for tools without a store). A sweep's trial is handed the sweep's ``evaluator``: every trial, on
+    any node, is scored by the same network, and none trains one on a node that has none cached."""
+    source = source_of(cfg.data)
+    check_counts(cfg, source.prepare(progress))
+    if not cfg.eval.every_epochs:
+        return None
+    unavailable = source.scores_unavailable()
+    if unavailable:
+        progress(f"[eval] FID and IS: not available ({unavailable}); everything else is logged")
+        return None
+    if evaluator is not None:
+        return evaluator
+    from pipeline.eval.evaluator import get_evaluator
+    from pipeline.tracking.evaluators import shared_evaluator
+
+    own = shared_evaluator(cfg.data, uri, progress) if uri else get_evaluator(cfg.data, progress)
+    return own.payload()
+
+
+def existing_run(cfg: PipelineConfig, name: str) -> str | None:
+    """The MLflow run of the training run ``name``, if one was started before."""
+    uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
+    return find_run(uri, cfg.tracking.experiment, {"ray_train_run": name})
+
+
+def prepare_run(
+    cfg: PipelineConfig, request: RunRequest, check_resume: Callable[[PipelineConfig, str], None]
+) -> tuple[str, str, dict[str, Any] | None]:
+    """Check everything, prepare data and evaluator, then create the MLflow run (or find the one a resumed run
+    had, or take ``request.mlflow_run_id``, tagged now with this run's name): (tracking URI, MLflow run id,
+    evaluator payload). ``check_resume`` refuses a damaged checkpoint of a resumed run (given the run's Ray Train
+    location) before anything starts."""
+    name = request.name
+    location = run_location(cfg, name)
+    source_of(cfg.data).check_early()
+    uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
+    check_tracking_uri(uri, cfg.tracking.experiment)
+    check_storage(cfg)
+    previous = find_run(uri, cfg.tracking.experiment, {"ray_train_run": name})
+    if request.resume and previous is None:
+        raise ConfigError(
+            f"--resume {name}: nothing to resume, no run {name!r} in the MLflow store {uri}; check the name "
+            "(the MLflow run name) and tracking.uri, or drop --resume to start a new run"
+        )
+    # Ray Train silently restores a run whose directory exists: a *new* run must not find one.
+    if not request.resume and (previous is not None or exists(location)):
+        raise ConfigError(
+            f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
+        )
+    if request.resume:
+        check_resume(cfg, location)
+        # Before preparing the data again could replace what the run began with.
+        source_of(cfg.data).check_resume(tracker_for(uri, previous).tags(), name)
+    evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
+    if previous is not None:
+        return uri, previous, evaluator
+    if request.mlflow_run_id is not None:
+        tracker_for(uri, request.mlflow_run_id).set_tags({"ray_train_run": name})
+        return uri, request.mlflow_run_id, evaluator
+    tags = {"ray_train_run": name, **request.extra_tags}
+    if request.parent_run_id:
+        tags["mlflow.parentRunId"] = request.parent_run_id
+    return uri, start_run(uri, cfg.tracking.experiment, name, tags), evaluator
+
+
+# What a run cannot change when it resumes: the data's order and size and the networks' shapes, which its
+# checkpoint holds.
+RESUME_FIXED = ("data.dataset", "data.limit", "data.image_size", "data.channels", "train.batch_size") + tuple(
+    f"model.{key}" for key in SHAPE_KEYS
+)
+
+
+def check_resume_config(cfg: PipelineConfig, saved: dict[str, Any], source: str) -> None:
+    """Refuse a resume whose config changes a key in :data:`RESUME_FIXED` from the checkpoint's (``saved``, its
+    config as a dict), naming the key, both values and the fix."""
+    given = cfg.to_dict()
+    for key in RESUME_FIXED:
+        section, name = key.split(".")
+        if name not in saved.get(section, {}):  # a checkpoint from before the key existed
+            continue
+        was, now = saved[section][name], given[section][name]
+        if was != now:
+            raise ConfigError(
+                f"{key}: {now!r} differs from the checkpoint's {was!r} ({source}); a resumed run keeps it: "
+                f"set {key}={'null' if was is None else was}, or start a new run (another --name) to change it"
+            )
+
+
+def verify_latest_checkpoint(cfg: PipelineConfig, location: str) -> None:
+    """The checkpoint a resumed Train run starts from must load (on S3 too) and fit ``cfg``: refuse a damaged one,
+    or a config that changed its data or shapes, here, not in a retrying worker."""
+    with resume_checkpoint_file(location, checkpoint.FILENAME) as latest:
+        if latest is not None:
+            state = checkpoint.load(latest[0], source=latest[1])
+            check_resume_config(cfg, state.get("config", {}), latest[1])

@@ -1,0 +1,232 @@
+"""A run's workers as a Ray Train run: what each worker runs (:func:`train_loop_per_worker`, DDP over gloo or
+NCCL), the TorchTrainer (:func:`build_trainer`: scaling, storage, kept checkpoints, retries), and
+:class:`RayTrainRun`, the executor that fits it and hands every report to the driver as it comes.
+
+Every report every worker calls ``ray.train.report`` (a barrier); rank 0 attaches the checkpoint. A Train callback
+in Ray's controller forwards each report (rank 0's result and its checkpoint) through a queue to the driver, which
+hands it to the run's :class:`~pipeline.distributed.results.Reports` (and, in a sweep's trial, to Tune: then rank 0
+waits for Tune's verdict after each report). After a worker failure Ray restarts the group from the last
+checkpoint and logging continues in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pipeline.distributed.prepare import verify_latest_checkpoint
+from pipeline.distributed.ray_runtime import lost_ranks, set_worker_group_start_timeout, train_worker_env
+from pipeline.distributed.resources import resolve_scaling, worker_resources, world_size
+from pipeline.distributed.results import Reports
+from pipeline.distributed.storage import recorded_progress, run_location, storage_root
+from pipeline.distributed.worker import WorkerJob, WorkerPlace, run_worker
+from pipeline.eval.metrics import CHAMPION_METRIC
+from pipeline.gan.steps import Runtime, all_reduce_mean
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import PipelineConfig
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: :func:`run_worker` with Ray Train's checkpoint, reports and DDP."""
+    import ray.train
+    import ray.train.torch
+
+    entered = time.time()
+    job: WorkerJob = loop_config["job"]
+    context = ray.train.get_context()
+    world = context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    def report(result: dict[str, Any], directory: str | None) -> None:
+        ray.train.report(result, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+    runtime = Runtime(
+        context.get_world_rank(),
+        world,
+        device,
+        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=device),
+        mean_over_workers=all_reduce_mean,  # Ray Train sets up a process group even for one worker
+    )
+    place = WorkerPlace(
+        runtime,
+        local_rank=context.get_local_rank(),
+        restored=ray.train.get_checkpoint(),
+        report=report,
+        node_ids=lambda: _node_ids_of_all_workers(world),
+    )
+    run_worker(job, place, entered)
+
+
+def _node_ids_of_all_workers(world: int) -> list[str]:
+    """The Ray node id of every rank (a collective: all workers call it)."""
+    import ray
+    import torch.distributed as dist
+
+    ids: list[Any] = [None] * world
+    dist.all_gather_object(ids, ray.get_runtime_context().get_node_id())
+    return ids
+
+
+def build_trainer(
+    job: WorkerJob, name: str, callbacks: Sequence[Any] = (), gpu: bool = False, verbose: bool = False
+) -> Any:
+    """A TorchTrainer running ``job`` on every worker, named ``name`` under the storage path (same name =
+    restore). Ray Train's own INFO lines (each report, each checkpoint, worker-group start) only with ``verbose``."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = resolve_scaling(job.config)
+    job = dataclasses.replace(job, config=cfg)
+    # One timed-out start then fails the run (with a message), rather than waiting for a lost node for ever.
+    set_worker_group_start_timeout(cfg.scaling.resource_wait_s)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            # A range: Ray's ElasticScalingPolicy sizes the worker group from what the cluster has free, and
+            # restarts it from the latest checkpoint when that changes (a sweep's trials get a fixed size each).
+            num_workers=(cfg.scaling.num_workers, cfg.scaling.max_workers)
+            if cfg.scaling.max_workers
+            else cfg.scaling.num_workers,
+            use_gpu=gpu,
+            resources_per_worker=worker_resources(cfg, gpu),
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage_root(cfg)),
+            checkpoint_config=checkpoint_config(job, CheckpointConfig),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
+            callbacks=[*callbacks, lost_workers(run_location(cfg, name), cfg.train.max_failures)],
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+            worker_runtime_env={"env_vars": train_worker_env()},
+        ),
+    )
+
+
+def ranks_checkpoints(job: WorkerJob) -> bool:
+    """Ray Train keeps the best checkpoints by the champion metric (beside the latest) when every checkpoint is
+    scored: every epoch is evaluated, the data can be scored, and the run is not a worker-elastic trial's (its
+    pauses to resize are not scored)."""
+    elastic = job.trial.elastic
+    resizes = elastic is not None and not elastic.threads
+    every = job.config.eval.every_epochs == 1
+    return every and not resizes and job.source.scores_unavailable() is None
+
+
+def checkpoint_config(job: WorkerJob, cls: type) -> Any:
+    """Keep the latest checkpoints and, where every checkpoint is scored, the best ones beside them."""
+    if ranks_checkpoints(job):
+        return cls(
+            num_to_keep=job.config.train.keep_checkpoints,
+            checkpoint_score_attribute=CHAMPION_METRIC.name,
+            checkpoint_score_order=CHAMPION_METRIC.mode,
+        )
+    return cls(num_to_keep=job.config.train.keep_checkpoints)
+
+
+def forward_reports(queue: Any) -> Any:
+    """A Ray Train callback that puts each report, as ``(rank 0's result, checkpoint or None)``, on ``queue`` (a
+    ray.util.queue.Queue that the driver reads). Ray's TuneReportCallback forwards the metrics alone (the
+    checkpoint only as a path among them), and Train's Result keeps only the last *checkpointed* report: the
+    driver needs every report, and a trial the checkpoint to hand to Tune (PBT)."""
+    from ray.train import UserCallback
+
+    class ForwardReports(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            queue.put((dict(metrics[0]), checkpoint))
+
+    return ForwardReports()
+
+
+def lost_workers(location: str, max_failures: int) -> Any:
+    """A Ray Train callback (it runs in Train's controller) that says in one line when workers are lost (their
+    process or node died): which ranks, and the checkpoint the group restarts from. Ray's own tracebacks of
+    it are hidden unless --verbose (pipeline.distributed.console.RAY_NOISE)."""
+    from ray.train import UserCallback
+
+    class LostWorkers(UserCallback):
+        def __init__(self) -> None:
+            self.said: set[tuple[int, ...]] = set()
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            self.said.clear()  # training goes on: a later loss is a new one
+
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            lost = lost_ranks(worker_exceptions)
+            if not lost or tuple(lost) in self.said:  # said once per loss, not at every poll that sees it
+                return
+            self.said.add(tuple(lost))
+            ranks = ", ".join(f"rank {rank} ({cause})" for rank, cause in lost.items())
+            progress = recorded_progress(location)
+            where = (
+                f"training resumes from epoch {progress[0]} (step {progress[1]}) of the recorded checkpoint"
+                if progress
+                else "training starts over: no checkpoint was recorded yet"
+            )
+            print(f"[train] lost worker(s) {ranks}; {where} (up to train.max_failures={max_failures} times)")
+
+    return LostWorkers()
+
+
+@dataclass
+class RayTrainRun:
+    """The workers as a Ray Train run named after the run (the default executor). Its reports reach the driver's
+    :class:`~pipeline.distributed.results.Reports` in this thread while Train fits in another; with ``verdicts``
+    (a sweep's trial) rank 0 waits after each report until the driver has handed it on (to Tune), so a trial that
+    Tune stops or pauses there trains and logs nothing past it."""
+
+    verdicts: bool = False
+    trained_in: ClassVar[str] = "ray train"
+
+    def location(self, cfg: PipelineConfig, name: str) -> str:
+        return run_location(cfg, name)
+
+    def check_resume(self, cfg: PipelineConfig, location: str) -> None:
+        verify_latest_checkpoint(cfg, location)
+
+    def describe(self, cfg: PipelineConfig, gpu: bool) -> str:
+        elastic = ", elastic (Ray Train sizes the group)" if cfg.scaling.max_workers else ""
+        return f"{world_size(cfg)} worker(s){elastic} on {'GPU' if gpu else 'CPU'} ({cfg.scaling.placement_strategy})"
+
+    def fit(self, job: WorkerJob, name: str, gpu: bool, verbose: bool, reports: Reports) -> Any:
+        """Fit the Train run in a thread and hand each of its reports to ``reports`` from this one, in order;
+        return Train's result, or raise what fitting raised. When a sweep stops or pauses the trial inside
+        ``reports`` (Tune ends this thread), Ray ends the process, the Train run with it: the queues stay up till
+        then, or the run would fail first (and mark its MLflow run FAILED) while the trial was only stopped."""
+        from ray.util.queue import Empty, Queue
+
+        queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        verdicts = Queue(actor_options={"num_cpus": 0}) if self.verdicts else None
+        job = dataclasses.replace(job, verdicts=verdicts)
+        trainer = build_trainer(job, name, [forward_reports(queue)], gpu, verbose)
+        outcome: dict[str, Any] = {}
+
+        def fit() -> None:
+            try:
+                outcome["result"] = trainer.fit()
+            except BaseException as exc:  # noqa: BLE001 - raised again in the driver's thread below
+                outcome["error"] = exc
+
+        runner = threading.Thread(target=fit, name="train-run", daemon=True)
+        runner.start()
+        while runner.is_alive() or not queue.empty():
+            try:
+                result, checkpoint = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            reports(result, checkpoint)
+            if verdicts is not None:
+                verdicts.put(True)
+        queue.shutdown()
+        if verdicts is not None:
+            verdicts.shutdown()
+        runner.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]

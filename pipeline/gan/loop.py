@@ -1,0 +1,320 @@
+"""`train_gan`: the DCGAN training loop. It knows nothing of Ray or MLflow.
+
+Per batch (the seed's algorithm, pipeline.gan.steps): the discriminator on real images (target 1) and on generated,
+detached ones (target 0), then the generator on generated images with target 1; one Adam per network. Its caller
+supplies a :class:`~pipeline.gan.steps.Runtime` (rank, world, device, DDP wrapping), the hooks that hear what it
+does (pipeline.gan.hooks) and a scorer; run in-process with none of them, it is one silent CPU process. At each stop
+the loop hands its hooks a typed report (pipeline.gan.reports): an epoch's end, a report inside an epoch, or a pause
+for an elastic resize.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config.schema import PipelineConfig
+from pipeline.data.batches import Batches, InMemory, Plan
+from pipeline.data.split import Split, to_model_range
+from pipeline.gan.hooks import Hook, Hooks, Scorer, Step
+from pipeline.gan.reports import (
+    LOSS_KEYS,
+    DivergedError,
+    EpochEnd,
+    Interval,
+    Pause,
+    Report,
+    TrainResult,
+    epoch_line,
+    report_line,
+)
+from pipeline.gan.sampling import fixed_noise, sample_images
+from pipeline.gan.state import TrainState
+from pipeline.gan.steps import GraphedStep, Nets, Runtime, StepTargets, TrainStep, uses_cuda_graphs
+
+EPOCH_KEYS = ("epoch_time_s", "images_per_s", "eval_time_s", "lr_g", "lr_d")  # recorded at each report, with scores
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_gan(
+    cfg: PipelineConfig,
+    data: Split | Batches,
+    runtime: Runtime | None = None,
+    hooks: Sequence[Hook] = (),
+    resume: dict[str, Any] | None = None,
+    scorer: Scorer | None = None,
+) -> TrainResult:
+    """Train G and D for ``cfg.train.epochs`` epochs, continuing from ``resume`` (a checkpoint dict, which may
+    have been taken inside an epoch). Reports go to the hooks at every epoch's end, every
+    ``tune.report_every_steps`` steps, and where a hook asks for a new worker count: the run then returns with
+    ``TrainResult.resize_to`` set, for the caller to continue with that many workers. ``scorer`` scores the
+    sampling generator when ``eval.every_epochs`` says so (rank 0)."""
+    rt = runtime or Runtime()
+    run = LoopRun.of(cfg, data, rt, Hooks(hooks), resume, scorer)
+    state, device = run.state, rt.device
+    report: Report | None = None
+    for epoch in range(state.epoch, cfg.train.epochs):
+        # Shuffling and noise depend only on (seed, epoch): resuming at an epoch boundary is exact, and inside
+        # an epoch too (the noise is drawn forward to the step, the epoch's loss sums come back).
+        run.nets.generator.train()
+        run.nets.discriminator.train()
+        noise = epoch_noise_generator(cfg.train.seed, epoch, device)
+        tally = Tally.start(run, epoch, noise)
+        # closing: a streamed epoch's reader stops however the loop ends (a pause, an error)
+        with contextlib.closing(run.data.epoch(epoch, tally.first, run.plan)) as batches:
+            pause = run.train_epoch(batches, epoch, tally, noise)
+        if pause is not None:
+            return TrainResult(state.sampler, pause.metrics, state.epoch, state.step, state, pause.resize_to)
+        report = run.close(tally, epoch, run.num_steps)
+    return TrainResult(state.sampler, report.metrics if report else {}, state.epoch, state.step, state)
+
+
+@dataclass
+class Tally:
+    """The epoch so far: its loss sums and training seconds (a checkpoint inside the epoch carries both)."""
+
+    sums: torch.Tensor
+    first: int  # the epoch's first step to train (0, or where a checkpoint inside it left off)
+    earlier_s: float  # this epoch's training seconds before the current interval
+    started: float  # when the current interval's steps began (perf_counter): reports and scoring are not steps
+
+    @classmethod
+    def start(cls, run: LoopRun, epoch: int, noise: torch.Generator) -> Tally:
+        sums = torch.zeros(len(LOSS_KEYS), device=run.rt.device, dtype=torch.float64)
+        first, earlier_s = run.state.step - epoch * run.num_steps, 0.0
+        if first:  # a checkpoint from inside this epoch: the noise drawn forward to its step, its sums back
+            draws = 2 if run.cfg.train.g_fresh_noise else 1
+            for _ in range(first * draws):
+                run.noise(noise)
+            sums += torch.tensor(run.partial["sums"], device=run.rt.device, dtype=torch.float64)
+            earlier_s = run.partial["elapsed_s"]
+        return cls(sums, first, earlier_s, time.perf_counter())
+
+
+@dataclass
+class LoopRun:
+    """One run of the loop: what it trains with (config, runtime, hooks, state and networks, the step, the data and
+    its counts) and how it closes an interval (:meth:`close`, the one way out to its caller)."""
+
+    cfg: PipelineConfig
+    rt: Runtime
+    hooks: Hooks
+    scorer: Scorer | None
+    state: TrainState
+    nets: Nets
+    step: Callable[..., torch.Tensor]
+    data: Batches  # where each epoch's batches come from (in memory, or streamed)
+    plan: Plan  # what they depend on besides the epoch
+    num_steps: int  # per epoch
+    total_steps: int
+    partial: dict[str, Any] | None  # a resumed checkpoint's record of the epoch it was taken inside
+    # The losses' sums since the tracker's last log, and how many steps they hold (on the device).
+    window: torch.Tensor = field(init=False)
+    window_steps: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.window = torch.zeros(len(LOSS_KEYS), device=self.rt.device, dtype=torch.float64)
+
+    @classmethod
+    def of(  # noqa: PLR0913 - the loop's own arguments, once
+        cls,
+        cfg: PipelineConfig,
+        data: Split | Batches,
+        rt: Runtime,
+        hooks: Hooks,
+        resume: dict[str, Any] | None,
+        scorer: Scorer | None,
+    ) -> LoopRun:
+        """Refuse what cannot work before any work, then build networks and optimizers from the seed; a resumed
+        run takes the checkpoint's weights and counters, and the config's learning rates and betas."""
+        num_steps = steps_per_epoch(len(data), cfg.train.batch_size)
+        if num_steps < 1:
+            raise ValueError(f"batch size {cfg.train.batch_size} exceeds the {len(data)} training images")
+        graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt)
+        total_steps = num_steps * cfg.train.epochs
+        source = InMemory(data.images, rt.device) if isinstance(data, Split) else data
+        state = TrainState.initial(cfg, source.image_shape, rt.device)
+        partial = None
+        if resume is not None:
+            partial = state.resume(resume, cfg, hooks.on_line if rt.is_main else None, total_steps)
+            hooks.on_resume(state)
+        nets = Nets.wrap(state, cfg, rt, graphs)
+        local_batch = cfg.train.batch_size // rt.world_size
+        step: Callable[..., torch.Tensor] = TrainStep(nets, state, StepTargets.of(cfg, local_batch, rt.device))
+        if graphs:
+            step = GraphedStep(step, rt.device)
+        plan = Plan(cfg.train.seed, rt.rank, rt.world_size, local_batch, num_steps, rt.device)
+        return cls(cfg, rt, hooks, scorer, state, nets, step, source, plan, num_steps, total_steps, partial)
+
+    @property
+    def local_batch(self) -> int:
+        return self.plan.local_batch
+
+    def train_epoch(
+        self, batches: Iterator[torch.Tensor], epoch: int, tally: Tally, noise: torch.Generator
+    ) -> Pause | None:
+        """The epoch's steps from ``tally.first`` on, each reported to the hooks and counted in ``tally``; a pause
+        (an elastic resize) ends it early, and is returned."""
+        cfg, state, hooks = self.cfg, self.state, self.hooks
+        for i in range(tally.first, self.num_steps):
+            real = to_model_range(next(batches)).contiguous(memory_format=self.nets.layout)
+            # Schedules follow the global step, not the epoch, so a resumed run follows them too.
+            if cfg.optim.lr_final_scale < 1.0:
+                scale = linear_schedule(cfg.optim.lr_final_scale, state.step, self.total_steps)
+                state.set_learning_rates(cfg.optim.lr_g * scale, cfg.optim.lr_d * scale)
+            share = linear_schedule(cfg.train.top_k_final, state.step, self.total_steps)
+            z = self.noise(noise)
+            z_g = self.noise(noise) if cfg.train.g_fresh_noise else None
+            values = self.step(real, z, z_g, share).double()
+            state.step += 1
+            if state.ema is not None:
+                state.ema.update(state.generator, state.step)
+            hooks.on_step(Step(self.rt.rank, state.step, epoch + 1, i + 1, self.num_steps, values))
+            # Every step counts towards the epoch means and the next logged mean (every tracking.log_every).
+            tally.sums += values
+            self.log_step(values)
+            if i + 1 < self.num_steps:
+                report = self.stop_inside_epoch(tally, epoch, i + 1)
+                if isinstance(report, Pause):
+                    return report
+        return None
+
+    def noise(self, generator: torch.Generator) -> torch.Tensor:
+        """The next global batch of noise, of which this worker keeps its rank's rows: N workers together use
+        the noise one process would, so a run's numbers do not depend on how many workers share it."""
+        rows = self.rt.rank * self.local_batch
+        drawn = torch.randn(
+            self.cfg.train.batch_size, self.cfg.model.latent_dim, device=self.rt.device, generator=generator
+        )
+        return drawn[rows : rows + self.local_batch]
+
+    def log_step(self, values: torch.Tensor) -> None:
+        """Every ``tracking.log_every`` global steps, the mean of every worker's steps since the last log to the
+        hooks (rank 0). Between logs the steps add up on the device: no host sync, and one all-reduce per log."""
+        step = self.state.step
+        self.window += values
+        self.window_steps += 1
+        if step % self.cfg.tracking.log_every:
+            return
+        means = self.rt.mean_over_workers(self.window) / self.window_steps  # every worker, at the same steps
+        self.window.zero_()
+        self.window_steps = 0
+        if self.rt.is_main:
+            self.hooks.on_metrics(dict(zip(LOSS_KEYS, means.tolist(), strict=True)), step=step)
+
+    def stop_inside_epoch(self, tally: Tally, epoch: int, done: int) -> Report | None:
+        """After step ``done`` of an epoch (not its last): a pause if ``hooks.resize`` names a new worker count,
+        a report if ``tune.report_every_steps`` says one is due, else None."""
+        step, every = self.state.step, self.cfg.tune.report_every_steps
+        target = self.hooks.resize(step, self.total_steps - step)
+        if target is not None:
+            return self.close(tally, epoch, done, resize_to=target)
+        if every and step % every == 0:
+            return self.close(tally, epoch, done)
+        return None
+
+    def close(self, tally: Tally, epoch: int, done: int, resize_to: int | None = None) -> Report:
+        """End the interval after ``done`` steps of ``epoch``: means over all workers (who carry on from the same
+        sums inside an epoch, as a resumed run would), scores when due, the lines and figures, then the report
+        with its checkpoint, and the tracker's buffered steps once the report is out."""
+        cfg, rt, state = self.cfg, self.rt, self.state
+        inside = done < self.num_steps
+        sums = rt.mean_over_workers(tally.sums)
+        if inside:
+            tally.sums = sums
+        metrics = running_means(sums, done, epoch, state.step, self.num_steps)
+        metrics["train_s"] = time.perf_counter() - tally.started
+        elapsed = tally.earlier_s + metrics["train_s"]
+        where = {"sums": sums.tolist(), "elapsed_s": elapsed} if inside else None
+        if resize_to is not None:
+            if rt.is_main:
+                self.hooks.on_line(
+                    f"[elastic] step {state.step}: {rt.world_size} -> {resize_to} worker(s); checkpoint, restart"
+                )
+            return self.emit(Pause(metrics, self._checkpoint(where), resize_to))
+        if inside:
+            tally.earlier_s = elapsed
+        else:
+            metrics.update(epoch=epoch + 1, epoch_time_s=elapsed, images_per_s=done * cfg.train.batch_size / elapsed)
+            state.epoch = epoch + 1
+        self.score_and_log(metrics, inside)
+        report = self.emit((Interval if inside else EpochEnd)(metrics, self._checkpoint(where)))
+        tally.started = time.perf_counter()
+        return report
+
+    def _checkpoint(self, where: dict[str, Any] | None) -> dict[str, Any] | None:
+        return self.state.to_checkpoint(self.cfg, where) if self.rt.is_main else None
+
+    def score_and_log(self, metrics: dict[str, Any], inside: bool) -> None:
+        """Scores when due (every report inside an epoch; every ``eval.every_epochs`` epochs and after the last),
+        the live learning rates; on rank 0 the line, the figures and (at an epoch's end) a sample grid."""
+        cfg, state, hooks = self.cfg, self.state, self.hooks
+        every = cfg.eval.every_epochs
+        due = inside or (every and (state.epoch % every == 0 or state.epoch == cfg.train.epochs))
+        scores: dict[str, float] = {}
+        if self.scorer is not None and every and due:
+            started = time.perf_counter()
+            scores = self.scorer(state.sampler, self.rt.device)
+            metrics.update(scores, eval_time_s=time.perf_counter() - started)
+        metrics.update(state.learning_rates)
+        if not self.rt.is_main:
+            return
+        describe = self.scorer.describe if self.scorer is not None else _no_scores
+        line = report_line if inside else epoch_line
+        hooks.on_line(line(metrics, cfg.train.epochs, describe))
+        # The report's figures and scores, and the epoch's means over every worker (so far, at a report inside it),
+        # beside the logged steps' means.
+        figures = {k: metrics[k] for k in EPOCH_KEYS if k in metrics} | scores
+        figures |= {f"epoch_{k}": metrics[k] for k in LOSS_KEYS}
+        hooks.on_metrics(figures, step=state.step)
+        if not inside:
+            grid = sample_images(state.sampler, fixed_noise(cfg.model.latent_dim, cfg.train.seed, self.rt.device))
+            hooks.on_samples(grid, f"samples/epoch_{state.epoch:03d}.png")
+
+    def emit(self, report: Report) -> Report:
+        """The loop's one exit to its caller: every hook hears the report, with the figures the hooks add to it.
+        A hook that records steps writes them once the report (and its checkpoint) is out: a restart resumes
+        after them, never before."""
+        report = dataclasses.replace(report, metrics={**report.metrics, **self.hooks.figures()})
+        self.hooks.on_report(report)
+        return report
+
+
+def _no_scores(metrics: Any) -> str:
+    return ""
+
+
+def running_means(sums: torch.Tensor, steps: int, epoch: int, step: int, num_steps: int) -> dict[str, Any]:
+    """The losses' means over ``steps`` steps of epoch ``epoch`` (0-based), or DivergedError if one is not
+    finite; ``epoch`` (epochs completed), ``step`` and ``progress`` (epochs trained, a fraction inside one)."""
+    metrics = dict(zip(LOSS_KEYS, (sums / steps).tolist(), strict=True))
+    if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
+        raise DivergedError(epoch + 1, metrics["loss_d"], metrics["loss_g"])
+    return {**metrics, "epoch": epoch, "step": step, "progress": round(step / num_steps, 6)}
+
+
+def epoch_noise_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The epoch's noise, from (seed, epoch) alone: resuming at an epoch boundary is exact, and every worker
+    draws the same global batches of noise (each keeps its rank's rows: see :meth:`LoopRun.noise`)."""
+    value = int(np.random.SeedSequence([seed, epoch, 0]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(value)
+
+
+def steps_per_epoch(num_images: int, batch_size: int) -> int:
+    return num_images // batch_size
+
+
+def linear_schedule(final: float, step: int, total_steps: int) -> float:
+    """1 at step 0, falling linearly to ``final`` at ``total_steps``; from the step alone, so a resumed run
+    follows the same schedule."""
+    return 1.0 - (1.0 - final) * step / total_steps

@@ -1,0 +1,158 @@
+"""The FID/IS evaluator everyone on a tracking store shares: one per dataset, registered as the model
+``evaluator-<dataset>`` by the first run that needs it (its files the artifacts of a run in the experiment
+:data:`EVALUATOR_EXPERIMENT`, the version tagged with their checksums), downloaded by every later run on any host,
+checked against those checksums and cached by checksum. FIDs from different hosts then compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from filelock import FileLock
+
+from pipeline.core.files import file_sha256
+from pipeline.data.kinds import source_of
+from pipeline.data.specs import DatasetSpec
+from pipeline.eval.evaluator import (
+    EVALUATOR_FILES,
+    EVALUATOR_VERSION,
+    Evaluator,
+    EvaluatorError,
+    cache_dir,
+    get_evaluator,
+    load_cached,
+)
+from pipeline.tracking.store import TrackingError, get_or_create_experiment, mlflow_client
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import DataConfig
+
+EVALUATOR_EXPERIMENT = "gan-pipeline-evaluators"  # where each registered evaluator's files are a run's artifacts
+EVALUATOR_ARTIFACTS = "evaluator"
+
+
+@dataclass(frozen=True)
+class SharedVersion:
+    """A registered evaluator version: its model name and number, tags (checksums, accuracy) and files' run."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+    run_id: str
+
+
+def shared_evaluator_version(uri: str, name: str, match: dict[str, str]) -> SharedVersion | None:
+    """The first version (the lowest number) of the registered model ``name`` whose tags hold ``match``: every
+    host asking the same store gets the same one, also when two registered at once. None if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow_client(uri).search_model_versions(f"name = '{name}'")  # none yet: []
+    except MlflowException as exc:
+        raise TrackingError(
+            f"the MLflow store {uri} cannot list the {name} versions ({str(exc).splitlines()[0]}); check that it "
+            "is up and tracking.uri / MLFLOW_TRACKING_URI"
+        ) from None
+    fitting = [v for v in versions if all(v.tags.get(k) == value for k, value in match.items())]
+    if not fitting:
+        return None
+    first = min(fitting, key=lambda v: int(v.version))
+    return SharedVersion(name, str(first.version), dict(first.tags), str(first.run_id))
+
+
+def register_evaluator(uri: str, name: str, files: list[Path], tags: dict[str, str]) -> None:
+    """``files`` (weights, statistics, metadata) as the artifacts of a run in :data:`EVALUATOR_EXPERIMENT`, and
+    that run as a new version of the registered model ``name`` with ``tags``."""
+    import shutil
+
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(uri)
+    experiment_id = get_or_create_experiment(client, EVALUATOR_EXPERIMENT, uri)
+    run_id = client.create_run(experiment_id, run_name=name, tags={"kind": "evaluator", **tags}).info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in files:
+            shutil.copy2(path, tmp)
+        client.log_artifacts(run_id, tmp, EVALUATOR_ARTIFACTS)
+    client.set_terminated(run_id)
+    with contextlib.suppress(MlflowException):  # it exists already (or another host just made it)
+        client.create_registered_model(name, description="The FID/IS evaluator every run on this store uses")
+    client.create_model_version(name, f"runs:/{run_id}/{EVALUATOR_ARTIFACTS}", run_id=run_id, tags=tags)
+
+
+def download_evaluator(uri: str, shared: SharedVersion, into: Path) -> Path:
+    """The files of ``shared`` downloaded into the directory ``into``; returns the folder holding them."""
+    return Path(mlflow_client(uri).download_artifacts(shared.run_id, EVALUATOR_ARTIFACTS, str(into)))
+
+
+def shared_evaluator(data: DataConfig, uri: str, progress: Callable[[str], None] = print) -> Evaluator:
+    """The evaluator of ``data``'s dataset that every run on the tracking store ``uri`` uses: the first version of
+    ``evaluator-<dataset>`` registered there for this dataset's files and this evaluator's version. With none,
+    this host's own (cached, or trained now) is registered first. A downloaded one is checked against the
+    checksums it was registered with and cached under the data root by checksum."""
+    spec = source_of(replace(data, limit=None)).spec()
+    name = spec.evaluator_name
+    match = {"dataset_sha256": spec.digest, "evaluator_version": str(EVALUATOR_VERSION)}
+    directory = cache_dir(data, spec)
+    directory.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory / ".shared.lock"), timeout=3600):
+        shared = shared_evaluator_version(uri, name, match)
+        if shared is None:
+            own = get_evaluator(data, progress)
+            meta = json.loads((directory / "meta.json").read_text())
+            tags = {
+                **match,
+                "dataset": spec.key,
+                "weights_sha256": own.checksum,
+                "stats_sha256": meta["stats_sha256"],
+                "test_accuracy": repr(own.test_accuracy),
+            }
+            register_evaluator(uri, name, [directory / f for f in EVALUATOR_FILES], tags)
+            shared = shared_evaluator_version(uri, name, match)  # the first registered, if two hosts raced
+            progress(f"[eval] registered this host's {spec.key} evaluator as {name} in {uri}")
+        return _shared_copy(directory, spec, uri, shared, progress)
+
+
+def _shared_copy(
+    directory: Path, spec: DatasetSpec, uri: str, shared: SharedVersion, progress: Callable[[str], None]
+) -> Evaluator:
+    """The evaluator ``shared`` from this host's cache (its own, or a copy kept by checksum), else downloaded,
+    verified and cached."""
+    checksum = shared.tags["weights_sha256"]
+    where = f"{shared.name} version {shared.version} in {uri}"
+    kept = directory / f"sha256-{checksum}"
+    for candidate in (directory, kept):
+        cached = load_cached(candidate, spec)
+        if cached is not None and cached.checksum == checksum:
+            return cached
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        files = download_evaluator(uri, shared, Path(tmp))
+        got = {
+            key: file_sha256(files / f)
+            for key, f in (("weights_sha256", "evaluator.pt"), ("stats_sha256", "test_stats.npz"))
+        }
+        wrong = [key for key, value in got.items() if shared.tags.get(key) != value]
+        if wrong:
+            raise EvaluatorError(
+                f"the shared {spec.key} evaluator ({where}) does not match its registered {', '.join(wrong)}: "
+                "its files were changed after registration; delete that model version so that the next run "
+                "registers a good one"
+            )
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(files, kept)
+    evaluator = load_cached(kept, spec)
+    if evaluator is None:
+        raise EvaluatorError(f"the shared {spec.key} evaluator ({where}) cannot be loaded from {kept}")
+    progress(
+        f"[eval] {spec.key} evaluator: {where} (sha256 {checksum[:12]}, test accuracy "
+        f"{evaluator.test_accuracy:.4f}), verified and cached in {kept}"
+    )
+    return evaluator
