@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="show the resolved config, or every key with its default and meaning")
     _add_config_args(cfg)
     cfg.add_argument("--keys", action="store_true", help="list every config key, its default and what it means")
+    cfg.add_argument("--markdown", action="store_true", help="docs/config.md: every key, the metrics, the schedulers")
     return parser
 
 
@@ -192,6 +193,11 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _cmd_config(args: argparse.Namespace) -> int:
     import yaml
 
+    if args.markdown:
+        from pipeline.tools.reference import config_markdown
+
+        print(config_markdown(), end="")
+        return 0
     if args.keys:
         for key, default, doc in describe_fields():
             print(f"{key:<28} {default!s:<14} {doc}")

@@ -1,4 +1,4 @@
-"""Equal-compute comparison of sweep methods (README "Population based training"): random search + ASHA,
+"""Equal-compute comparison of sweep methods (docs/sweeps.md, "Population based training"): random search + ASHA,
 Optuna + ASHA and PBT on the same config, one after another on this machine, each in its own MLflow store.
 
     python scripts/compare_schedulers.py [--config configs/pbt_local.yaml] [--seeds 0 1] [--out results/compare]

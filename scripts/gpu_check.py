@@ -180,9 +180,8 @@ def cpu_vs_device(device: torch.device) -> float:
     zero: TF32 and cuDNN's algorithms round differently)."""
     step_cfg = load_config(CONFIGS / "smoke.yaml", ["data.limit=64", "train.batch_size=64", "train.epochs=1"])
     small = load(step_cfg.data)
-    quiet = []
-    on_cpu = train_gan(step_cfg, small, hooks=quiet).generator.state_dict()
-    on_dev = train_gan(step_cfg, small, runtime=Runtime(device=device), hooks=quiet).generator.state_dict()
+    on_cpu = train_gan(step_cfg, small).generator.state_dict()
+    on_dev = train_gan(step_cfg, small, runtime=Runtime(device=device)).generator.state_dict()
     return max((on_cpu[k].float() - on_dev[k].cpu().float()).abs().max().item() for k in on_cpu)
 
 
@@ -263,14 +262,13 @@ def graph_agreement(name: str, overrides: list[str], device: torch.device) -> di
         def largest(a: dict, b: dict) -> float:
             return max((a[k] - b[k]).abs().max().item() for k in a)
 
-        quiet = []
-        plain = train_gan(cfg, data, runtime, quiet)
-        again = train_gan(cfg, data, runtime, quiet)
+        plain = train_gan(cfg, data, runtime)
+        again = train_gan(cfg, data, runtime)
         with_graphs = train_gan(graphed, data, runtime, [On(report=keep_first)])
         checkpoint = torch.load(io.BytesIO(saved[0]), weights_only=True)
-        resumed = train_gan(graphed, data, runtime, quiet, resume=checkpoint)
+        resumed = train_gan(graphed, data, runtime, resume=checkpoint)
         cpu_cfg = load_config(CONFIGS / name, [*overrides, "train.epochs=2"])
-        on_cpu = train_gan(cpu_cfg, data, hooks=quiet, resume=torch.load(io.BytesIO(saved[0]), weights_only=True))
+        on_cpu = train_gan(cpu_cfg, data, resume=torch.load(io.BytesIO(saved[0]), weights_only=True))
         return {
             "config": f"{name} {' '.join(overrides)}",
             "steps": with_graphs.step,

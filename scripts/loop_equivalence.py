@@ -35,13 +35,33 @@ SWITCHES = [
 ]
 
 
-def scenarios(out: str) -> None:
-    """Run in a child process, with the pipeline under test first on sys.path: every scenario's reports to ``out``."""
-    import torch
+def loop_under_test():
+    """(load_config, load, run) of the pipeline first on sys.path, whichever layout its checkout has: packages
+    (pipeline.gan.loop with a list of hooks), flat modules with LoopHooks, or flat modules before the typed reports.
+    ``run(cfg, data, resume, resize)`` returns every report as (metrics, checkpoint)."""
+    try:
+        from pipeline.config.load import load_config
+        from pipeline.data.kinds import load
+        from pipeline.gan.hooks import On
+        from pipeline.gan.loop import train_gan
+    except ImportError:
+        return flat_loop()
 
-    import pipeline.gan.loop as loop
-    from pipeline.config.load import load_config
-    from pipeline.data.kinds import load
+    def run(cfg, data, resume=None, resize=None):
+        reports: list = []
+        keep = On(report=lambda r: reports.append((dict(r.metrics), copy.deepcopy(r.checkpoint))), resize_to=resize)
+        train_gan(cfg, data, hooks=[keep], resume=resume)
+        return reports
+
+    return load_config, load, run
+
+
+def flat_loop():
+    """The loop of a checkout before the packages (pipeline.train)."""
+    import pipeline.train as loop
+
+    from pipeline.config import load_config
+    from pipeline.data import load
 
     hooked = "hooks" in inspect.signature(loop.train_gan).parameters  # the loop's API since the typed reports
 
@@ -56,6 +76,14 @@ def scenarios(out: str) -> None:
             loop.train_gan(cfg, data, report=keep, log=lambda _: None, resume=resume, resize=resize)
         return reports
 
+    return load_config, load, run
+
+
+def scenarios(out: str) -> None:
+    """Run in a child process, with the pipeline under test first on sys.path: every scenario's reports to ``out``."""
+    import torch
+
+    load_config, load, run = loop_under_test()
     torch.set_num_threads(1)
     smoke, local = ROOT / "configs" / "smoke.yaml", ROOT / "configs" / "local.yaml"
     fake = load(load_config(smoke, ["data.limit=256"]).data)  # 256 MNIST images: 4 steps of 64 an epoch

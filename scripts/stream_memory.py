@@ -70,7 +70,7 @@ def child(location: str, stream: bool, steps: int, batch: int) -> None:
     import torch
 
     from pipeline.config.load import load_config
-    from pipeline.data.idx import training_batches
+    from pipeline.data.kinds import source_of
     from pipeline.gan.hooks import On
     from pipeline.gan.loop import train_gan
 
@@ -87,17 +87,17 @@ def child(location: str, stream: bool, steps: int, batch: int) -> None:
     ]
     cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
     started = time.perf_counter()
-    data = training_batches(cfg.data, torch.device("cpu"), lambda _: None)
+    data = source_of(cfg.data).batches(torch.device("cpu"), lambda _: None)
     loaded = time.perf_counter() - started
     times = []
 
-    def progress(epoch: int, step: int, num_steps: int) -> None:
+    def progress(step: object) -> None:
         times.append(time.perf_counter())
         if len(times) > steps:
             raise Enough
 
     with contextlib.suppress(Enough):
-        train_gan(cfg, data, hooks=[On(step=lambda st: (progress)(st.epoch, st.index, st.per_epoch))])
+        train_gan(cfg, data, hooks=[On(step=progress)])
     rate = batch * (len(times) - 1) / (times[-1] - times[0])
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"num_images": len(data), "load_s": loaded, "img_s": rate, "peak_rss_mb": rss_mb}))

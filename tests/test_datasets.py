@@ -1,4 +1,4 @@
-"""A dataset is one DatasetSpec (pipeline/datasets.py): registered inside this test, a new one passes config
+"""An IDX dataset is one DatasetSpec (pipeline/data/specs.py): registered inside this test, a new one passes config
 validation, is found ready by the preparation (its checksums), reaches the loader and trains, with networks and
 an evaluator shaped by its spec. No other module needs an edit (tests/test_design.py: no dataset fact elsewhere)."""
 

@@ -142,6 +142,7 @@ def test_ray_train_workers_train_what_one_process_trains(tmp_path):
     """
     import ray
 
+    from pipeline.data.kinds import source_of
     from pipeline.distributed.prepare import prepare_inputs
     from pipeline.distributed.ray_runtime import init_ray
     from pipeline.distributed.train_run import build_trainer
@@ -160,7 +161,8 @@ def test_ray_train_workers_train_what_one_process_trains(tmp_path):
     )
     init_ray()
     try:
-        result = build_trainer(WorkerJob(cfg, evaluator=prepare_inputs(cfg)), "dp-step").fit()
+        job = WorkerJob(cfg, source_of(cfg.data), evaluator=prepare_inputs(cfg))
+        result = build_trainer(job, "dp-step").fit()
     finally:
         ray.shutdown()
     trained = checkpoint.load(f"{result.checkpoint.path}/{checkpoint.FILENAME}")

@@ -6,6 +6,7 @@ import scipy.linalg
 import torch
 
 from pipeline.config.schema import DataConfig
+from pipeline.data.kinds import load
 from pipeline.data.specs import MNIST
 from pipeline.data.split import Split
 from pipeline.eval import evaluator as metrics
@@ -107,9 +108,9 @@ def test_real_mnist_evaluator_and_reference(tmp_path):
     evaluator = get_evaluator(cfg, lambda _: None)
     assert evaluator.test_accuracy >= MNIST.evaluator_min_accuracy
     ref = metrics.real_reference(cfg, evaluator, progress=lambda _: None)
-    assert ref["inception_score_test"] > 9.0  # near 10: confident and balanced over the 10 digits
-    assert 0 < ref["fid_train_vs_test"] < 20
-    one_digit = metrics.load(cfg, train=False)
+    assert ref["test"]["inception_score"] > 9.0  # near 10: confident and balanced over the 10 digits
+    assert 0 < ref["train"]["fid"] < 20
+    one_digit = load(cfg, train=False)
     sevens = one_digit.images[one_digit.labels == 7][:500]
     assert evaluator.score(sevens)["inception_score"] < 1.5
 
@@ -120,7 +121,7 @@ from pipeline.config.schema import DataConfig
 from pipeline.data.kinds import load
 from pipeline.data.split import Split
 from pipeline.data.specs import MNIST
-from pipeline.eval.evaluator import train_classifier
+from pipeline.eval.classifier import train_classifier
 
 cfg = DataConfig(dataset="mnist")
 train, test = load(cfg), load(cfg, train=False)

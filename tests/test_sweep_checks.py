@@ -124,3 +124,13 @@ def test_a_metric_s_own_direction_is_the_default_mode():
         check_sweep(cfg)
         assert (ranking(cfg)[0].name, ranking(cfg)[1]) == (metric, mode)
     assert ranking(load_config(CONFIGS / "smoke.yaml", [SPACE]))[0].name == "fid"  # null: the registry's default
+
+
+def test_tune_scheduler_s_doc_names_every_scheduler():
+    """The config cannot import the sweep's registry: its doc of tune.scheduler names the schedulers by hand, and
+    this keeps it true."""
+    from pipeline.config.load import describe_fields
+    from pipeline.sweep.schedulers import SCHEDULERS
+
+    doc = next(doc for key, _, doc in describe_fields() if key == "tune.scheduler")
+    assert all(name in doc for name in SCHEDULERS), doc

@@ -30,7 +30,7 @@ class DataConfig:
     root: str | None = _f(None, "data directory; null = $PIPELINE_DATA_ROOT, else ~/.cache/gan-pipeline/data")
     limit: int | None = _f(None, "train on the first N training images only; null = all", ge=1)
     path: str | None = _f(None, "images only: the folder (a directory or s3://bucket/prefix), one subfolder per class")
-    image_size: int | None = _f(None, f"images only: the side images are prepared at, one of {IMAGE_SIZES}")
+    image_size: int | None = _f(None, f"images only: the side they are prepared at: {', '.join(map(str, IMAGE_SIZES))}")
     channels: int = _f(1, "images only: 1 (grey) or 3 (RGB)", ge=1, le=3)
     prepared: str | None = _f(None, "images only: where the prepared shards go; null = <path>.prepared/<side>px-<c>ch")
     test_fraction: float = _f(0.1, "images only: the share held out (by a hash of each path)", ge=0.0, lt=1.0)
@@ -160,7 +160,7 @@ class ScalingConfig:
     gpus_per_worker: float = _f(
         1.0,
         "share of a GPU each worker reserves when GPUs are used; below 1 (e.g. 0.25) packs several one-worker "
-        "trials onto one GPU (pays for small, launch-bound models: README 'Several trials per GPU')",
+        "trials onto one GPU (pays for small, launch-bound models: docs/performance.md, 'Several trials per GPU')",
         gt=0.0,
         le=1.0,
     )

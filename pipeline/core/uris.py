@@ -1,8 +1,8 @@
 """What a location may look like: MLflow tracking URIs and ``train.storage_path``, checked by their form alone.
 
-A location that does not parse as what the user meant goes somewhere else without a word: ``127.0.0.1:5000``
-(no scheme) became a local file store of that name, ``s3:/bucket/runs`` (one slash) a local directory, and under
-`ray job submit` both lived in a working directory that is thrown away. These checks run before anything is
+A location that does not parse as what the user meant would go somewhere else without a word: ``127.0.0.1:5000``
+(no scheme) is a local file store of that name to MLflow, ``s3:/bucket/runs`` (one slash) a local directory, and
+under `ray job submit` both would live in a working directory that is thrown away. These checks run before anything is
 written; reaching the place (a server, a bucket) is checked later, by pipeline.tracking.store and
 pipeline.distributed.storage.
 :func:`resolve_tracking_uri` says which store a run uses ($MLFLOW_TRACKING_URI, the config, the default).

@@ -1,5 +1,5 @@
-"""A prepared image folder, read back: its manifest, its shards checked by SHA-256, its split in memory and its
-spec (classes, counts, content digest). pipeline.data.images writes what this reads; pipeline.data.batches streams it.
+"""A prepared image folder, read back: its manifest and its shards, each checked by SHA-256. pipeline.data.images
+writes what this reads; pipeline.data.folder and pipeline.data.batches read through it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
-"""What the pipeline knows about each dataset: one frozen spec per dataset, looked up by name.
+"""What the pipeline knows about a dataset: a frozen :class:`DatasetSpec` (image shape, classes, training images,
+the evaluator's accuracy gate, and for the IDX datasets their files, checksums and offline mirror).
 
-Every other module asks a spec (image shape, training images, files and their checksums, where an offline
-copy comes from, the evaluator's accuracy gate) rather than knowing a dataset itself, so a new dataset is one
-entry in :data:`DATASETS`. Files are kept in torchvision's layout, ``<root>/<folder>/raw/*-ubyte``.
-
-A folder of your own images (``data.dataset: images``) is the one dataset described by its config rather than
-by an entry: :func:`spec_of` gives its spec from ``data.path``, ``data.image_size`` and ``data.channels``;
-its counts and classes are in the manifest that preparing it writes (pipeline.data.images).
+The IDX datasets are one entry each in :data:`DATASETS` (pipeline.data.idx prepares and reads them), so a new one
+is one entry here. Other kinds of data make their spec themselves (pipeline.data.folder's from a folder's config
+and manifest). Files are kept in torchvision's layout, ``<root>/<folder>/raw/*-ubyte``.
 """
 
 from __future__ import annotations

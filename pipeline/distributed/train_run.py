@@ -199,10 +199,10 @@ class RayTrainRun:
         return Train's result, or raise what fitting raised. When a sweep stops or pauses the trial inside
         ``reports`` (Tune ends this thread), Ray ends the process, the Train run with it: the queues stay up till
         then, or the run would fail first (and mark its MLflow run FAILED) while the trial was only stopped."""
-        from ray.util.queue import Empty, Queue
+        from ray.util.queue import Empty
 
-        queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-        verdicts = Queue(actor_options={"num_cpus": 0}) if self.verdicts else None
+        queue = queue_here(maxsize=1)
+        verdicts = queue_here() if self.verdicts else None
         job = dataclasses.replace(job, verdicts=verdicts)
         trainer = build_trainer(job, name, [forward_reports(queue)], gpu, verbose)
         outcome: dict[str, Any] = {}
@@ -230,3 +230,14 @@ class RayTrainRun:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["result"]
+
+
+def queue_here(maxsize: int = 0) -> Any:
+    """A ray.util.queue.Queue whose actor lives on this process's node (the driver's): a lost worker node, which Ray
+    Train survives by restarting the group, must not take the report path with it."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return Queue(maxsize=maxsize, actor_options={"num_cpus": 0, "scheduling_strategy": here})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from torch import nn
 from pipeline.eval.evaluator import Evaluator
 from pipeline.eval.metrics import scores_line
 from pipeline.gan.sampling import generate_images
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import PipelineConfig
 
 
 @dataclass
@@ -25,7 +28,7 @@ class Scorer:
     seed: int
 
     @classmethod
-    def of(cls, payload: dict[str, Any], cfg: Any) -> Scorer:
+    def of(cls, payload: dict[str, Any], cfg: PipelineConfig) -> Scorer:
         """The scorer of a run: its evaluator shipped as ``payload`` (Evaluator.payload), its config's sample count,
         latent size and seed."""
         return cls(Evaluator.from_payload(payload), cfg.eval.num_samples, cfg.model.latent_dim, cfg.train.seed)

@@ -16,13 +16,16 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.errors import ConfigError
 from pipeline.distributed.hooks import EXPLOIT_TAG
 from pipeline.eval.metrics import DEFAULT_RANKING, Metric, metric
 from pipeline.sweep.search_space import spec_kind, tune_domain
 from pipeline.sweep.tune_internals import WithoutFailedTrials, perturbations, save_sweep_state
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -32,15 +35,15 @@ class Summary:
     text: str | None = None  # printed after the trials table
 
 
-def _no_checks(cfg: Any) -> None:
+def _no_checks(cfg: PipelineConfig) -> None:
     return None
 
 
-def _no_live_keys(cfg: Any) -> list[str]:
+def _no_live_keys(cfg: PipelineConfig) -> list[str]:
     return []
 
 
-def _no_summary(cfg: Any, parent: Any, children: Sequence[Any], best: dict[str, Any] | None) -> Summary:
+def _no_summary(cfg: PipelineConfig, parent: Any, children: Sequence[Any], best: dict[str, Any] | None) -> Summary:
     return Summary()
 
 
@@ -48,25 +51,25 @@ def _no_summary(cfg: Any, parent: Any, children: Sequence[Any], best: dict[str, 
 class Scheduler:
     name: str
     doc: str  # one line for `config --keys`
-    make: Callable[[Any], Any]  # cfg -> the Tune scheduler (None: Tune's FIFO, every trial to its end)
-    describe: Callable[[Any], str]  # cfg -> how the sweep's first line says what it does
-    validate: Callable[[Any], None] = _no_checks  # cfg -> ConfigError for bad values (with a search space)
+    make: Callable[[PipelineConfig], Any]  # cfg -> the Tune scheduler (None: Tune's FIFO, every trial to its end)
+    describe: Callable[[PipelineConfig], str]  # cfg -> how the sweep's first line says what it does
+    validate: Callable[[PipelineConfig], None] = _no_checks  # cfg -> ConfigError for bad values (with a search space)
     min_trials: int = 1  # fewer trials than this in a sweep are refused ...
     too_few_trials: str = ""  # ... with this reason and fix
     needs_checkpoints: bool = False  # each report hands Tune a checkpoint (PBT copies them between trials)
-    live_keys: Callable[[Any], list[str]] = _no_live_keys  # cfg -> searched keys that change mid-run
+    live_keys: Callable[[PipelineConfig], list[str]] = _no_live_keys  # cfg -> searched keys that change mid-run
     # (cfg, the parent run's tracker, the child runs, the best row or None) -> what the summary adds
     summarise: Callable[..., Summary] = field(default=_no_summary)
 
 
-def ranking(cfg: Any) -> tuple[Metric, str]:
+def ranking(cfg: PipelineConfig) -> tuple[Metric, str]:
     """The metric a sweep ranks its trials by (``tune.metric``; null: the registry's default) and which way
     (``tune.mode``; null: the metric's own)."""
     entry = metric(cfg.tune.metric or DEFAULT_RANKING.name)
     return entry, cfg.tune.mode or entry.mode
 
 
-def scheduler_of(cfg: Any) -> Scheduler:
+def scheduler_of(cfg: PipelineConfig) -> Scheduler:
     """The entry ``tune.scheduler`` names; a ConfigError naming the known ones otherwise."""
     if cfg.tune.scheduler not in SCHEDULERS:
         raise ConfigError(
@@ -98,7 +101,7 @@ def _final_report_passes(base: type, final_epoch: int) -> type:
 # ASHA and none
 
 
-def _make_asha(cfg: Any) -> Any:
+def _make_asha(cfg: PipelineConfig) -> Any:
     """ASHA stops weak trials at rungs of ``grace_period * reduction_factor^k`` epochs. A grace period at or past
     the last epoch means no early stopping at all (ASHA itself refuses ``grace_period > max_t``)."""
     from ray.tune.schedulers import ASHAScheduler
@@ -112,7 +115,7 @@ def _make_asha(cfg: Any) -> Any:
     )
 
 
-def _describe_asha(cfg: Any) -> str:
+def _describe_asha(cfg: PipelineConfig) -> str:
     tune = cfg.tune
     if tune.grace_period < cfg.train.epochs:
         ranked, mode = ranking(cfg)
@@ -154,14 +157,14 @@ PBT_MUTABLE = (
 PBT_FIXED = ("train.batch_size", "train.epochs", "data.limit", "data.dataset")
 
 
-def pbt_mutated_keys(cfg: Any) -> list[str]:
+def pbt_mutated_keys(cfg: PipelineConfig) -> list[str]:
     """The searched keys PBT perturbs: ``tune.pbt_mutate``, or every searched key it can change mid-run."""
     if cfg.tune.pbt_mutate is not None:
         return list(cfg.tune.pbt_mutate)
     return [key for key in cfg.tune.search_space if key in PBT_MUTABLE]
 
 
-def _validate_pbt(cfg: Any) -> None:
+def _validate_pbt(cfg: PipelineConfig) -> None:
     tune = cfg.tune
     if tune.search_alg != "random":
         raise ConfigError(
@@ -213,7 +216,7 @@ def _check_mutated(key: str, search_space: dict[str, Any]) -> None:
         )
 
 
-def pbt_options(cfg: Any) -> dict[str, Any]:
+def pbt_options(cfg: PipelineConfig) -> dict[str, Any]:
     """Ray's PopulationBasedTraining, synchronous: every trial reaches a decision point before the bottom
     quantile copies the top one, so a copy continues at the step its trial left (no MLflow step twice, no
     step skipped). A perturbed number is multiplied by one of ``tune.pbt_factors`` and clipped to its search
@@ -245,13 +248,13 @@ def pbt_options(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _make_pbt(cfg: Any) -> Any:
+def _make_pbt(cfg: PipelineConfig) -> Any:
     from ray.tune.schedulers import PopulationBasedTraining
 
     return _final_report_passes(PopulationBasedTraining, cfg.train.epochs)(**pbt_options(cfg))
 
 
-def _describe_pbt(cfg: Any) -> str:
+def _describe_pbt(cfg: PipelineConfig) -> str:
     tune, (ranked, mode) = cfg.tune, ranking(cfg)
     return (
         f"PBT on {ranked.name} ({mode}) every {tune.pbt_interval:g} epoch(s), the bottom "
@@ -297,7 +300,7 @@ def lineage(parent: Any, trial_id: str, run_id: str, until: int | None = None) -
     return [*before, Segment(trial_id, run_id, last["step"], until)]
 
 
-def _summarise_pbt(cfg: Any, parent: Any, children: Sequence[Any], best: dict[str, Any] | None) -> Summary:
+def _summarise_pbt(cfg: PipelineConfig, parent: Any, children: Sequence[Any], best: dict[str, Any] | None) -> Summary:
     """The number of exploits (the parent's ``pbt_exploits``) and the best trial's schedule along its lineage
     (``plots/pbt_schedule.png`` and ``pbt_schedule.md`` on the parent run)."""
     exploits = sum(len(exploits_of(child.tags)) for child in children)
@@ -309,7 +312,7 @@ def _summarise_pbt(cfg: Any, parent: Any, children: Sequence[Any], best: dict[st
     return Summary(f"PBT: {exploits} exploit(s); the best trial's schedule along its lineage:\n{schedule}")
 
 
-def _log_schedule(cfg: Any, parent: Any, best: dict[str, Any]) -> str:
+def _log_schedule(cfg: PipelineConfig, parent: Any, best: dict[str, Any]) -> str:
     """The best trial's hyperparameters along its lineage, as a plot and a table on the parent run; the table."""
     keys = [dotted.split(".")[1] for dotted in pbt_mutated_keys(cfg)]
     lines = [

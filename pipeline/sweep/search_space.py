@@ -7,10 +7,13 @@ draws (nested by config section) turns back into dotted config keys.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config.load import with_overrides
 from pipeline.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import PipelineConfig
 
 # Each spec kind and how many values it takes (None: any number of them).
 SEARCH_KINDS: dict[str, int | None] = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None, "grid": None}
@@ -99,6 +102,6 @@ def trial_count(num_samples: int, search_space: Mapping[str, Mapping[str, Any]])
     return count
 
 
-def trial_config(base: Any, point: Mapping[str, Any]) -> Any:
+def trial_config(base: PipelineConfig, point: Mapping[str, Any]) -> PipelineConfig:
     """The base config of a sweep with one point of its search space (dotted keys) applied, validated again."""
     return with_overrides(base, {**point, "tune.search_space": {}})

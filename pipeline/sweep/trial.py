@@ -3,7 +3,8 @@
 A one-worker trial trains in the trial's own process (:class:`InTrial`): the worker's code reports each epoch
 with its checkpoint straight to Tune, which keeps the checkpoints and restarts the trial after a failure. Any
 other trial is a *trial driver*: it runs a Ray Train run named ``<sweep>-<trial id>`` (so a restored sweep
-continues the same Train run) and hands each of its reports to Tune in lock-step (:func:`fit_reporting`). A
+continues the same Train run) whose reports reach the driver (pipeline.distributed.train_run.RayTrainRun) and
+are handed to Tune in lock-step (:class:`TuneHandOff`). A
 scheduler that needs checkpoints (PBT) gets a Tune checkpoint with every report, carrying its lineage; a trial
 restarted from another trial's checkpoint goes on in a new Train run that begins there, logging into the
 trial's one MLflow run. An elastic trial continues the same Train run with another worker count whenever its

@@ -1,5 +1,6 @@
-"""Owns the measurements: throughput of the loop alone and under Ray Train (bench) and the data-parallel scaling
-model (scaling). Scripts that print tables, not parts of a run.
+"""Owns the measurements and the generated reference: throughput of the loop alone and under Ray Train (bench), the
+data-parallel scaling model (scaling), and docs/config.md made from the code (reference). Commands that print
+tables or pages, not parts of a run.
 
 Imports: core, data, config, gan, eval, tracking, distributed, sweep
 """

@@ -1,10 +1,6 @@
-"""Experiment tracking: a Tracker interface, a no-op implementation, and the MLflow backend.
-
-Only rank 0 gets a real tracker; every other worker gets :class:`NullTracker`, so the training loop
-calls the same methods everywhere without asking who it is. Everything else asks an :class:`MLflowTracker`
-(one run) or the functions here (runs by tag); pipeline.tracking.registry, built on this module, is the only other
-module that touches MLflow. The private MLflow APIs the project uses sit here, each behind one function, with a
-probe in :data:`PRIVATE_APIS`.
+"""The MLflow store: its client, the check that it can be used, experiments, runs found by their tags or started,
+MLflow's system-metrics monitor, and every private MLflow API the project touches, each behind one function with a
+probe in :data:`PRIVATE_APIS` (tests/test_private_apis.py runs them). The rest of pipeline.tracking is built on it.
 """
 
 from __future__ import annotations
