@@ -203,6 +203,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
             print(f"{key:<28} {default!s:<14} {doc}")
         return 0
     cfg = load_config(args.config, args.overrides)
+    if cfg.tune.search_space:  # a sweep's config: what only a sweep needs, checked as `tune` would
+        from pipeline.sweep.checks import check_sweep
+
+        check_sweep(cfg)
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     return 0
 
@@ -293,7 +297,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.core.uris import resolve_tracking_uri
     from pipeline.data.kinds import source_of
-    from pipeline.eval.metrics import scores_line
+    from pipeline.eval.metrics import comparing, scores_line
     from pipeline.tracking.evaluators import shared_evaluator
     from pipeline.tracking.store import check_tracking_uri
 
@@ -306,8 +310,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         ref = real_reference(data_cfg, shared_evaluator(data_cfg, uri))
         print(f"{args.dataset} real-data reference (evaluator test accuracy {ref['evaluator_test_accuracy']:.4f}):")
-        print(f"  10,000 training images against the test split: {scores_line(ref['train'], digits=3)}")
-        print(f"  the test split itself:                         {scores_line(ref['test'], digits=3)}")
+        print(f"  10,000 training images against the test split: {scores_line(comparing(ref['train']), 3)}")
+        print(f"  the test split itself: {scores_line(comparing(ref['test'], compares=False), 3, spread=True)}")
         return 0
     if args.samples:
         import numpy as np
@@ -344,7 +348,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         label = args.model or f"run {args.run_id}"
         data_cfg = DataConfig(dataset=facts.get("dataset") or args.dataset, root=args.root)
     scores = shared_evaluator(data_cfg, uri).score(images)
-    print(f"{label}: {len(images)} images  {scores_line(scores, digits=3)}  ({data_cfg.dataset} evaluator)")
+    print(f"{label}: {len(images)} images  {scores_line(scores, 3, spread=True)}  ({data_cfg.dataset} evaluator)")
     return 0
 
 

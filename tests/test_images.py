@@ -130,7 +130,7 @@ def test_folders_that_cannot_be_prepared_are_refused_before_anything_is_written(
 def test_a_64px_rgb_run_trains_and_samples_in_colour(shapes, tmp_path):
     """The loop, the networks and the sample grid on 64x64 RGB images read back from the shards."""
     from pipeline.config.load import load_config
-    from pipeline.data.kinds import load, prepare_data
+    from pipeline.data.kinds import load, source_of
     from pipeline.gan.loop import train_gan
     from pipeline.gan.sampling import fixed_noise, sample_images
     from tests.conftest import CONFIGS
@@ -146,7 +146,7 @@ def test_a_64px_rgb_run_trains_and_samples_in_colour(shapes, tmp_path):
         "train.epochs=1",
     ]
     cfg = load_config(CONFIGS / "smoke.yaml", overrides)
-    assert prepare_data(cfg.data, lambda _: None) > 64
+    assert source_of(cfg.data).prepare(lambda _: None) > 64
     data = load(cfg.data)
     assert data.images.shape[1:] == (3, 64, 64)
     result = train_gan(cfg, data)
@@ -158,7 +158,7 @@ def test_a_64px_rgb_run_trains_and_samples_in_colour(shapes, tmp_path):
 def test_the_held_out_share_travels_from_prepare_to_training(shapes, tmp_path):
     """data.test_fraction is what `data prepare --test-fraction` wrote: training finds the preparation it made."""
     from pipeline.config.schema import DataConfig
-    from pipeline.data.kinds import prepare_data, source_of
+    from pipeline.data.kinds import source_of
 
     said: list[str] = []
     data = DataConfig(
@@ -181,13 +181,13 @@ def test_the_held_out_share_travels_from_prepare_to_training(shapes, tmp_path):
         "0.3",
     )
     assert done.returncode == 0 and "--set data.test_fraction=0.3" in done.stdout, done.stderr
-    train = prepare_data(data, said.append)
+    train = source_of(data).prepare(said.append)
     assert "nothing to do" in said[-1] and 0.6 < train / (3 * PER_CLASS) < 0.8
     # None held out: no evaluator can be tested, so FID/IS are not available, and the reason says so.
     nothing = DataConfig(
         dataset="images", path=str(shapes), image_size=32, channels=3, prepared=str(tmp_path / "q"), test_fraction=0.0
     )
-    prepare_data(nothing, said.append)
+    source_of(nothing).prepare(said.append)
     from pipeline.config.load import load_config
     from tests.conftest import CONFIGS
 

@@ -66,3 +66,22 @@ def test_a_run_whose_last_report_diverged_ends_failed_from_that_report(tmp_path,
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FAILED" and run.data.tags["status"] == "diverged"
     assert run.data.tags["diverged_epoch"] == "2"
+
+
+def test_a_diverged_trial_that_tune_stops_at_that_report_is_ended_failed_by_the_sweep(tmp_path):
+    """Tune may stop a diverged trial at its last report (its FID ranks last), before the trial's driver ends the
+    run: the sweep's callback ends it from Tune's last result, with the same tags a driver writes."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.report import close_child_runs
+    from pipeline.tracking.store import start_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "gan-pipeline", "t1", {"sweep": "s", "trial_id": "t1"})
+    closing = close_child_runs(uri, "gan-pipeline", "s", 3)
+    closing.on_trial_complete(1, [], SimpleNamespace(trial_id="t1", last_result=to_result(Diverged.at(2))))
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "diverged"
+    assert run.data.tags["diverged_epoch"] == "2"

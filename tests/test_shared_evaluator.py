@@ -20,7 +20,8 @@ from pipeline.data.idx import prepare
 from pipeline.data.kinds import load
 from pipeline.data.source import default_root
 from pipeline.data.specs import MNIST
-from pipeline.distributed.lifecycle import generator_facts, rescorer
+from pipeline.distributed.lifecycle import generator_facts
+from pipeline.distributed.registration import rescorer
 from pipeline.eval.evaluator import EvaluatorError, get_evaluator
 from pipeline.gan.sampling import generate_images
 from pipeline.tracking.evaluators import shared_evaluator

@@ -529,14 +529,21 @@ from pipeline.data.split import Split
 from pipeline.gan.hooks import On
 from pipeline.gan.loop import train_gan
 
+from pipeline.data.specs import MNIST
+from pipeline.eval.classifier import FEATURE_DIM, Classifier
+from pipeline.eval.evaluator import Evaluator
+from pipeline.eval.scoring import Scorer
+
 cfg = load_config("configs/smoke.yaml", ["train.epochs=1", "data.limit=128", "tracking.log_every=1"])
 split = Split(torch.randint(0, 256, (128, 28, 28), dtype=torch.uint8), torch.zeros(128, dtype=torch.long))
+evaluator = Evaluator(Classifier(MNIST), "mnist", 1.0, torch.zeros(FEATURE_DIM).numpy(), torch.eye(FEATURE_DIM).numpy())
 reports = []
-result = train_gan(cfg, split, hooks=[On(report=reports.append)])
-print(result.step, len(reports), sorted({m.split(".")[0] for m in sys.modules} & {"ray", "mlflow"}))
+result = train_gan(cfg, split, hooks=[On(report=reports.append)], scorer=Scorer(evaluator, 64, 16, 0))
+scored = "fid" in reports[-1].metrics and "inception_score" in reports[-1].metrics
+print(result.step, len(reports), scored, sorted({m.split(".")[0] for m in sys.modules} & {"ray", "mlflow"}))
 """
     from tests.conftest import run_python
 
     done = run_python("-c", code)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split()[-1] == "[]" and done.stdout.split()[:2] == ["2", "1"], done.stdout
+    assert done.stdout.split()[-1] == "[]" and done.stdout.split()[:3] == ["2", "1", "True"], done.stdout

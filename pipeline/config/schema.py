@@ -29,7 +29,11 @@ class DataConfig:
     )
     root: str | None = _f(None, "data directory; null = $PIPELINE_DATA_ROOT, else ~/.cache/gan-pipeline/data")
     limit: int | None = _f(None, "train on the first N training images only; null = all", ge=1)
-    path: str | None = _f(None, "images only: the folder (a directory or s3://bucket/prefix), one subfolder per class")
+    path: str | None = _f(
+        None,
+        "the data's folder, for kinds that read one (images: a directory or s3://bucket/prefix, one subfolder per "
+        "class)",
+    )
     image_size: int | None = _f(None, f"images only: the side they are prepared at: {', '.join(map(str, IMAGE_SIZES))}")
     channels: int = _f(1, "images only: 1 (grey) or 3 (RGB)", ge=1, le=3)
     prepared: str | None = _f(None, "images only: where the prepared shards go; null = <path>.prepared/<side>px-<c>ch")

@@ -46,6 +46,7 @@ class FolderSource(DataSource):
     """A folder of images (a directory or ``s3://bucket/prefix``), one subfolder per class or none."""
 
     reads = ("path", "image_size", "channels", "prepared", "test_fraction", "stream", "stream_above_mb")
+    fixed = ("image_size", "channels")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 KINDS: dict[str, Callable[[DataConfig], DataSource]] = {IMAGES: FolderSource}
 COMMON_KEYS = ("dataset", "root", "limit")  # the data.* keys every kind reads
 
-__all__ = ["DEFAULT_DATASET", "KINDS", "check_data", "load", "prepare_data", "source_names", "source_of"]
+__all__ = ["DEFAULT_DATASET", "KINDS", "check_data", "load", "source_names", "source_of"]
 
 
 def source_names() -> list[str]:
@@ -62,8 +62,3 @@ def _reads(name: str) -> tuple[str, ...]:
 def load(data: DataConfig, train: bool = True, progress: Progress = print, most: int | None = None) -> Split:
     """A split of the data ``data`` names, in memory (its source's :meth:`~pipeline.data.source.DataSource.load`)."""
     return source_of(data).load(train, progress, most)
-
-
-def prepare_data(data: DataConfig, progress: Progress = print) -> int:
-    """The data ``data`` names made ready on this node; its number of training images."""
-    return source_of(data).prepare(progress)

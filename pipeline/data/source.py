@@ -83,6 +83,7 @@ class DataSource:
     :meth:`spec`; every other question has an answer here that fits a set read whole into memory."""
 
     reads: tuple[str, ...] = ()  # the data.* keys this kind reads besides dataset, root and limit
+    fixed: tuple[str, ...] = ()  # those of them a resumed run keeps (its checkpoint's networks are shaped by them)
 
     def __init__(self, data: DataConfig):
         self.data = data

@@ -43,7 +43,7 @@ class Console(Hook):
 
 class Tracking(Hook):
     """The loop's figures and sample grids into the run's tracker (rank 0's MLflow run; a NullTracker elsewhere),
-    its buffered steps written once each report is out."""
+    its buffered steps written once each report is out (it follows the :class:`Reporter`)."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -73,7 +73,7 @@ class Reporter(Hook):
 
     def on_report(self, report: Report) -> None:
         place = self.place
-        if self.live:
+        if self.live and "step" in report.metrics:  # a divergence's report has no step
             self.tracker.log_metrics(self.live, step=int(report.metrics["step"]))
         result = to_result(report)
         if place.is_main:

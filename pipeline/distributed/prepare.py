@@ -16,6 +16,7 @@ from pipeline.data.kinds import source_of
 from pipeline.data.source import check_counts
 from pipeline.distributed.storage import check_storage, exists, resume_checkpoint_file, run_location
 from pipeline.distributed.worker import TrialPart
+from pipeline.eval.metrics import computed_by
 from pipeline.gan.models import SHAPE_KEYS
 from pipeline.tracking.store import check_tracking_uri, find_run, start_run
 from pipeline.tracking.tracker import tracker_for
@@ -57,7 +58,8 @@ def prepare_inputs(
         return None
     unavailable = source.scores_unavailable()
     if unavailable:
-        progress(f"[eval] FID and IS: not available ({unavailable}); everything else is logged")
+        scores = " and ".join(metric.label for metric in computed_by("classifier"))
+        progress(f"[eval] {scores}: not available ({unavailable}); everything else is logged")
         return None
     if evaluator is not None:
         return evaluator
@@ -115,17 +117,15 @@ def prepare_run(
 
 
 # What a run cannot change when it resumes: the data's order and size and the networks' shapes, which its
-# checkpoint holds.
-RESUME_FIXED = ("data.dataset", "data.limit", "data.image_size", "data.channels", "train.batch_size") + tuple(
-    f"model.{key}" for key in SHAPE_KEYS
-)
+# checkpoint holds (and the keys its kind of data fixes: DataSource.fixed).
+RESUME_FIXED = ("data.dataset", "data.limit", "train.batch_size") + tuple(f"model.{key}" for key in SHAPE_KEYS)
 
 
 def check_resume_config(cfg: PipelineConfig, saved: dict[str, Any], source: str) -> None:
-    """Refuse a resume whose config changes a key in :data:`RESUME_FIXED` from the checkpoint's (``saved``, its
-    config as a dict), naming the key, both values and the fix."""
+    """Refuse a resume whose config changes a key in :data:`RESUME_FIXED`, or one its data source fixes, from the
+    checkpoint's (``saved``, its config as a dict), naming the key, both values and the fix."""
     given = cfg.to_dict()
-    for key in RESUME_FIXED:
+    for key in RESUME_FIXED + tuple(f"data.{key}" for key in source_of(cfg.data).fixed):
         section, name = key.split(".")
         if name not in saved.get(section, {}):  # a checkpoint from before the key existed
             continue

@@ -17,17 +17,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pipeline import STARTED_AT
 from pipeline.data.kinds import source_of
 from pipeline.distributed.hooks import FaultDrill
-from pipeline.distributed.lifecycle import (
-    RunDiverged,
-    TrainOutcome,
-    WorkersUnavailable,
-    fail_run,
-    finish_run,
-    open_run,
-    register_best,
-)
+from pipeline.distributed.lifecycle import RunDiverged, TrainOutcome, WorkersUnavailable, fail_run, finish_run, open_run
 from pipeline.distributed.prepare import RunRequest, prepare_run
 from pipeline.distributed.ray_runtime import init_ray, startup_timed_out
+from pipeline.distributed.registration import register_best
 from pipeline.distributed.resources import check_resources, resolve_scaling, use_gpu, world_size
 from pipeline.distributed.results import Reports, result_resize_to
 from pipeline.distributed.train_run import RayTrainRun

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -177,9 +177,9 @@ def lost_workers(location: str, max_failures: int) -> Any:
 @dataclass
 class RayTrainRun:
     """The workers as a Ray Train run named after the run (the default executor). Its reports reach the driver's
-    :class:`~pipeline.distributed.results.Reports` in this thread while Train fits in another; with ``verdicts``
-    (a sweep's trial) rank 0 waits after each report until the driver has handed it on (to Tune), so a trial that
-    Tune stops or pauses there trains and logs nothing past it."""
+    :class:`~pipeline.distributed.results.Reports` as they come; with ``verdicts`` (a sweep's trial) rank 0 waits
+    after each report until the driver has handed it on (to Tune), so a trial that Tune stops or pauses there trains
+    and logs nothing past it."""
 
     verdicts: bool = False
     trained_in: ClassVar[str] = "ray train"
@@ -195,41 +195,74 @@ class RayTrainRun:
         return f"{world_size(cfg)} worker(s){elastic} on {'GPU' if gpu else 'CPU'} ({cfg.scaling.placement_strategy})"
 
     def fit(self, job: WorkerJob, name: str, gpu: bool, verbose: bool, reports: Reports) -> Any:
-        """Fit the Train run in a thread and hand each of its reports to ``reports`` from this one, in order;
-        return Train's result, or raise what fitting raised. When a sweep stops or pauses the trial inside
-        ``reports`` (Tune ends this thread), Ray ends the process, the Train run with it: the queues stay up till
-        then, or the run would fail first (and mark its MLflow run FAILED) while the trial was only stopped."""
-        from ray.util.queue import Empty
-
+        """Fit the Train run and hand each of its reports to ``reports``, in order; return Train's result, or raise
+        what fitting raised. A plain run fits in this thread (where Ray Train aborts the run gracefully on Ctrl-C)
+        while another drains the reports. A sweep's trial (``verdicts``) fits in another thread and hands the
+        reports to Tune from this one, the trial's: when Tune stops or pauses the trial there (it ends this thread),
+        Ray ends the process, the Train run with it; the queues stay up till then, or the run would fail first (and
+        mark its MLflow run FAILED) while the trial was only stopped."""
         queue = queue_here(maxsize=1)
         verdicts = queue_here() if self.verdicts else None
         job = dataclasses.replace(job, verdicts=verdicts)
         trainer = build_trainer(job, name, [forward_reports(queue)], gpu, verbose)
-        outcome: dict[str, Any] = {}
+        if verdicts is None:
+            return fit_while_draining(trainer, queue, reports)
+        return drain_while_fitting(trainer, queue, reports, verdicts)
 
-        def fit() -> None:
-            try:
-                outcome["result"] = trainer.fit()
-            except BaseException as exc:  # noqa: BLE001 - raised again in the driver's thread below
-                outcome["error"] = exc
 
-        runner = threading.Thread(target=fit, name="train-run", daemon=True)
-        runner.start()
-        while runner.is_alive() or not queue.empty():
-            try:
-                result, checkpoint = queue.get(timeout=0.5)
-            except Empty:
-                continue
-            reports(result, checkpoint)
-            if verdicts is not None:
-                verdicts.put(True)
+def fit_while_draining(trainer: Any, queue: Any, reports: Reports) -> Any:
+    """Train's fit in this thread; a thread hands each report on to ``reports`` as it comes."""
+    done = threading.Event()
+    drainer = threading.Thread(target=drain, args=(queue, reports, lambda: not done.is_set()), daemon=True)
+    drainer.start()
+    try:
+        return trainer.fit()
+    finally:
+        done.set()  # every report is on the queue once fit returns (the callback's put waits for room)
+        drainer.join()
         queue.shutdown()
+
+
+def drain_while_fitting(trainer: Any, queue: Any, reports: Reports, verdicts: Any) -> Any:
+    """Train's fit in a thread; this thread hands each report on and then lets rank 0 go on (a verdict)."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - raised again in this thread below
+            outcome["error"] = exc
+
+    runner = threading.Thread(target=fit, name="train-run", daemon=True)
+    runner.start()
+    try:
+        drain(queue, reports, runner.is_alive, verdicts)
+    except Exception:
+        # The hand-on failed (not Tune ending the trial): rank 0 must not wait for a verdict for ever.
+        verdicts.shutdown()
+        queue.shutdown()
+        raise
+    queue.shutdown()
+    verdicts.shutdown()
+    runner.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def drain(queue: Any, reports: Reports, running: Callable[[], bool], verdicts: Any = None) -> None:
+    """Each (result, checkpoint) on ``queue`` to ``reports``, then a verdict if there is a queue for them, until
+    nothing runs and the queue is empty."""
+    from ray.util.queue import Empty
+
+    while running() or not queue.empty():
+        try:
+            result, checkpoint = queue.get(timeout=0.5)
+        except Empty:
+            continue
+        reports(result, checkpoint)
         if verdicts is not None:
-            verdicts.shutdown()
-        runner.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
+            verdicts.put(True)
 
 
 def queue_here(maxsize: int = 0) -> Any:

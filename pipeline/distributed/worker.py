@@ -30,7 +30,6 @@ from pipeline.distributed.hooks import (
     resize_poll,
     thread_share,
 )
-from pipeline.distributed.results import to_result
 from pipeline.gan.hooks import Hook
 from pipeline.gan.models import identity, network_shape
 from pipeline.gan.reports import Diverged, DivergedError
@@ -132,12 +131,14 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
     console = Console(job.trial.label)
     if place.is_main:
         announce(cfg, rt, tracker, nodes, console)
-    hooks: list[Hook] = [*job.hooks, *thread_share(job, place, tracker, nodes, console, resume), Tracking(tracker)]
+    reporter = Reporter(job, place, tracker)
+    hooks: list[Hook] = [*job.hooks, *thread_share(job, place, tracker, nodes, console, resume)]
     if place.is_main:
         hooks += [console, timing] + ([EpochProgress(cfg.train)] if job.show_progress else [])
     if place.is_main and exploit:
         hooks.append(ExploitRecord({**exploit, "network": network_shape(cfg.model)}, tracker, console))
-    hooks += [*resize_poll(job, place, console), Reporter(job, place, tracker)]
+    # The report out first, then the tracker's steps written: a restart resumes after them, never before.
+    hooks += [*resize_poll(job, place, console), reporter, Tracking(tracker)]
     runtime = rt if job.sync_gradients else dataclasses.replace(rt, wrap_model=identity)
     monitor = (
         system_metrics(job.tracking_uri, job.mlflow_run_id, cfg.tracking.system_metrics_s)
@@ -149,11 +150,10 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
             train_gan(cfg, data, runtime, hooks, resume, scorer)
         except DivergedError as exc:
             # Not a crash to retry from the checkpoint: the same steps would diverge again. Every worker
-            # reports it as the run's last result (the driver ends the run on it) and returns.
+            # reports it as the run's last report, on the report path (the driver ends the run on it), and returns.
             if place.is_main:
                 console.on_line(f"[train] {exc}")
-                tracker.flush()
-            place.report(to_result(Diverged.at(exc.epoch)), None)
+            reporter.on_report(Diverged.at(exc.epoch))
 
 
 def restored_state(job: WorkerJob, place: WorkerPlace) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

@@ -38,6 +38,7 @@ class Metric:
     compute: Callable[[Features], dict[str, float]]  # its value (and companions, e.g. a spread) for the samples
     worst: float  # what a run that diverged reports: ranked after every real value
     ranks: bool  # a sweep may rank trials by it (tune.metric)
+    compares: bool  # it compares the samples with the test split (0 for the test split itself), or judges them alone
     doc: str
 
     def better(self, a: float, b: float) -> bool:
@@ -70,6 +71,7 @@ FID = Metric(
     _fid,
     worst=math.inf,
     ranks=True,
+    compares=True,
     doc="Fréchet distance between the samples' and the test split's features (the dataset's classifier)",
 )
 INCEPTION_SCORE = Metric(
@@ -80,6 +82,7 @@ INCEPTION_SCORE = Metric(
     _inception_score,
     worst=0.0,
     ranks=True,
+    compares=False,
     doc="exp(E KL(p(y|x) || p(y))) of the classifier's class probabilities, over 10 splits (with its std)",
 )
 
@@ -102,9 +105,21 @@ def computed_by(evaluator: str) -> list[Metric]:
     return [m for m in METRICS.values() if m.evaluator == evaluator]
 
 
-def scores_line(metrics: Mapping[str, float], digits: int = 2) -> str:
-    """The scores among ``metrics`` as a console line shows them: ``FID=12.34  IS=2.10``."""
-    return "  ".join(f"{m.label}={metrics[m.name]:.{digits}f}" for m in METRICS.values() if m.name in metrics)
+def scores_line(metrics: Mapping[str, float], digits: int = 2, spread: bool = False) -> str:
+    """The scores among ``metrics`` as a console line shows them: ``FID=12.34  IS=2.10`` (with ``spread``, a
+    metric's std where it has one: ``IS=2.10 +- 0.03``)."""
+    shown = []
+    for metric in (m for m in METRICS.values() if m.name in metrics):
+        std = metrics.get(f"{metric.name}_std") if spread else None
+        shown.append(f"{metric.label}={metrics[metric.name]:.{digits}f}" + (f" +- {std:.{digits}f}" if std else ""))
+    return "  ".join(shown)
+
+
+def comparing(scores: Mapping[str, float], compares: bool = True) -> dict[str, float]:
+    """The scores of the metrics that compare with the test split (or, ``compares=False``, of those that do not),
+    with their companions (a std)."""
+    names = [m.name for m in METRICS.values() if m.compares == compares]
+    return {key: value for key, value in scores.items() if any(key == n or key.startswith(f"{n}_") for n in names)}
 
 
 def worst_scores() -> dict[str, float]:

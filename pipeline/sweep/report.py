@@ -16,7 +16,8 @@ from typing import Any
 
 from pipeline.config.schema import PipelineConfig
 from pipeline.core.errors import first_line
-from pipeline.distributed.lifecycle import RunFailed, finish_from_storage, register_best
+from pipeline.distributed.lifecycle import RunFailed, finish_from_storage
+from pipeline.distributed.registration import register_best
 from pipeline.distributed.results import report_kind
 from pipeline.eval.metrics import METRICS
 from pipeline.gan.reports import Diverged
@@ -52,19 +53,20 @@ class SweepStoreFailed(RunFailed):
 def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) -> Any:
     """A Tune callback that ends each trial's MLflow child run when the trial ends, so its duration is the
     trial's: an early-stopped trial's run ends KILLED (tag ``status=early_stopped``), an errored one FAILED, a
-    completed one is ended by its own driver. The end time is also kept as the tag ``trial_end_ms``, which the
-    summary at the end of the sweep reuses whenever it ends a run again."""
+    diverged one FAILED (tags ``status=diverged``, ``diverged_epoch``: Tune may stop it at that report, before its
+    driver ends the run), a completed one is ended by its own driver. The end time is also kept as the tag
+    ``trial_end_ms``, which the summary at the end of the sweep reuses whenever it ends a run again."""
     from ray.tune import Callback
 
     class CloseChildRuns(Callback):
-        def _close(self, trial: Any, status: str | None, tag: str | None) -> None:
+        def _close(self, trial: Any, status: str | None, tags: dict[str, str]) -> None:
             try:
                 run_id = find_run(uri, experiment, {"sweep": sweep, "trial_id": trial.trial_id})
                 if run_id is None:
                     return
                 now = int(time.time() * 1000)
                 run = tracker_for(uri, run_id)
-                run.set_tags({"trial_end_ms": str(now), **({"status": tag} if tag else {})})
+                run.set_tags({"trial_end_ms": str(now), **tags})
                 if status is not None:
                     run.end(status, end_time_ms=now)
             except Exception as exc:  # noqa: BLE001 - whatever MLflow or its transport raised: one line
@@ -75,13 +77,17 @@ def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) ->
                 ) from exc
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            if ended_status(trial.last_result or {}, final_epoch) == "early_stopped":
-                self._close(trial, "KILLED", "early_stopped")
+            last = trial.last_result or {}
+            ended = ended_status(last, final_epoch)
+            if ended == "early_stopped":
+                self._close(trial, "KILLED", {"status": ended})
+            elif ended == "diverged":
+                self._close(trial, "FAILED", {"status": ended, "diverged_epoch": str(last.get("epoch", "?"))})
             else:
-                self._close(trial, None, None)
+                self._close(trial, None, {})
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._close(trial, "FAILED", "failed")
+            self._close(trial, "FAILED", {"status": "failed"})
 
     return CloseChildRuns()
 
@@ -293,7 +299,7 @@ def _close_child(cfg: PipelineConfig, result: Any, child: RunRecord, status: str
         run.set_tags({"status": status})
         if child.status != "KILLED":
             run.end("KILLED", end_time_ms=ended)
-    elif status == "failed":
+    elif status in ("failed", "diverged"):
         run.set_tags({"status": status})
         if child.status == "RUNNING":
             run.end("FAILED", end_time_ms=ended)

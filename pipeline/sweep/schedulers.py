@@ -364,4 +364,3 @@ PBT = Scheduler(
 )
 
 SCHEDULERS: dict[str, Scheduler] = {entry.name: entry for entry in (ASHA, PBT, NONE)}
-DEFAULT_SCHEDULER = ASHA.name

@@ -221,7 +221,7 @@ def sweep_evaluators(cfg: PipelineConfig, uri: str, progress: Callable[[str], No
         elif unavailable := source_of(trial.data).scores_unavailable():
             raise ConfigError(
                 f"tune.metric: {ranking(cfg)[0].name} cannot be measured: {unavailable}; a sweep compares trials by "
-                "it (train single runs on this folder, or give it class subfolders)"
+                "it (train single runs on this data instead)"
             )
     return evaluators
 

@@ -33,12 +33,12 @@ def config_markdown() -> str:
     parts.append(
         "\n## Metrics\n\nWhat runs are scored by (`pipeline/eval/metrics.py`, one entry each). `tune.metric` takes "
         f"one that can rank trials (null: {DEFAULT_RANKING.name}); the Model Registry's champion and the checkpoints "
-        f"Ray Train keeps are chosen by {CHAMPION_METRIC.name}.\n\n| metric | shown as | better | can rank | meaning |"
-        "\n|---|---|---|---|---|"
+        f"Ray Train keeps are chosen by {CHAMPION_METRIC.name}.\n\n| metric | shown as | better | can rank | "
+        "compares with the test split | meaning |\n|---|---|---|---|---|---|"
     )
     parts += [
         f"| `{m.name}` | {m.label} | {'lower' if m.mode == 'min' else 'higher'} | {'yes' if m.ranks else 'no'} | "
-        f"{_escaped(m.doc)} |"
+        f"{'yes' if m.compares else 'no'} | {_escaped(m.doc)} |"
         for m in METRICS.values()
     ]
     parts.append(
