@@ -47,6 +47,8 @@ class FolderSource(DataSource):
 
     reads = ("path", "image_size", "channels", "prepared", "test_fraction", "stream", "stream_above_mb")
     fixed = ("image_size", "channels")
+    classes_from = " (one subfolder per class)"
+    hold_out_more = "raise data.test_fraction or add images"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -157,17 +159,6 @@ class FolderSource(DataSource):
             test_images=prepared.count("test"),
             evaluator_images=EVALUATOR_IMAGES,
         )
-
-    def scores_unavailable(self) -> str | None:
-        spec = self.spec()
-        if spec.num_classes < 2:
-            return f"{self.describe()} has no classes (one subfolder per class): FID and IS need a classifier of them"
-        if spec.test_images < 2 * spec.num_classes:
-            return (
-                f"{self.describe()} holds out {spec.test_images} image(s) for {spec.num_classes} classes: too few to "
-                "test an evaluator or to compare with; raise data.test_fraction or add images"
-            )
-        return None
 
     def evaluator_fix(self) -> str:
         return (

@@ -283,6 +283,10 @@ class IdxSource(DataSource):
     def spec(self) -> DatasetSpec:
         return self.entry
 
+    def scores_unavailable(self) -> str | None:
+        """None: an IDX dataset has its classes and its own test files (its spec counts no held-out images)."""
+        return None
+
     def check_early(self) -> None:
         """A dataset that still needs preparing needs a writable data root."""
         raw_dir = self.raw_dir

@@ -47,16 +47,13 @@ def check_data(cfg: PipelineConfig) -> None:
         key = field.name
         if key in COMMON_KEYS or key in source.reads or getattr(cfg.data, key) == getattr(defaults, key):
             continue
-        readers = [name for name in source_names() if key in _reads(name)]
+        kinds = (source_of(dataclasses.replace(cfg.data, dataset=name)) for name in source_names())
+        readers = [kind.name for kind in kinds if key in kind.reads]
         raise ConfigError(
             f"data.{key}: set for data.dataset={cfg.data.dataset!r}, which does not read it; it is for "
             f"data.dataset={' or '.join(readers) or '?'}: remove it, or choose that dataset"
         )
     source.check(cfg)
-
-
-def _reads(name: str) -> tuple[str, ...]:
-    return IdxSource.reads if name in DATASETS else getattr(KINDS[name], "reads", ())
 
 
 def load(data: DataConfig, train: bool = True, progress: Progress = print, most: int | None = None) -> Split:

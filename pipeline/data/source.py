@@ -84,6 +84,8 @@ class DataSource:
 
     reads: tuple[str, ...] = ()  # the data.* keys this kind reads besides dataset, root and limit
     fixed: tuple[str, ...] = ()  # those of them a resumed run keeps (its checkpoint's networks are shaped by them)
+    classes_from = ""  # where its classes come from, for the message when it has none
+    hold_out_more = "hold out more or add images"  # the fix when too few images are held out
 
     def __init__(self, data: DataConfig):
         self.data = data
@@ -153,11 +155,11 @@ class DataSource:
         to train it on, and held-out images of each to test it and to compare with."""
         spec = self.spec()
         if spec.num_classes < 2:
-            return f"{self.describe()} has no classes: FID and IS need a classifier of them"
-        if spec.test_images and spec.test_images < 2 * spec.num_classes:
+            return f"{self.describe()} has no classes{self.classes_from}: FID and IS need a classifier of them"
+        if spec.test_images < 2 * spec.num_classes:
             return (
                 f"{self.describe()} holds out {spec.test_images} image(s) for {spec.num_classes} classes: too few to "
-                "test an evaluator or to compare with; hold out more or add images"
+                f"test an evaluator or to compare with; {self.hold_out_more}"
             )
         return None
 
@@ -171,7 +173,8 @@ class DataSource:
 
     def record(self) -> DataRecord:
         """How a run records its training split (after :meth:`prepare`)."""
-        spec, count = self.spec(), self.spec().train_images
+        spec = self.spec()
+        count = spec.train_images
         return DataRecord(
             self.name,
             spec.digest,

@@ -123,7 +123,7 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
     data = job.source.batches(rt.device, print if place.local_rank == 0 else (lambda _: None))
     timing = StartTiming.of(job, entered)
     resume, exploit = restored_state(job, place)
-    tracker = tracker_for(job.tracking_uri, job.mlflow_run_id) if place.is_main else tracker_for(None, None)
+    tracker = tracker_for(job.tracking_uri, job.mlflow_run_id if place.is_main else None)
     # The run's worker count from its first step on: an elastic run's curve of sizes in MLflow.
     tracker.log_metrics({"world_size": rt.world_size}, step=int(resume["step"]) if resume else 0)
     scorer = Scorer.of(job.evaluator, cfg) if place.is_main and cfg.eval.every_epochs and job.evaluator else None

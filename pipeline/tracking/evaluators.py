@@ -71,8 +71,6 @@ def shared_evaluator_version(uri: str, name: str, match: dict[str, str]) -> Shar
 def register_evaluator(uri: str, name: str, files: list[Path], tags: dict[str, str]) -> None:
     """``files`` (weights, statistics, metadata) as the artifacts of a run in :data:`EVALUATOR_EXPERIMENT`, and
     that run as a new version of the registered model ``name`` with ``tags``."""
-    import shutil
-
     from mlflow.exceptions import MlflowException
 
     client = mlflow_client(uri)
