@@ -22,7 +22,7 @@ from pipeline.data.source import default_root
 from pipeline.data.specs import MNIST
 from pipeline.distributed.lifecycle import generator_facts
 from pipeline.distributed.registration import rescorer
-from pipeline.eval.evaluator import EvaluatorError, get_evaluator
+from pipeline.eval.evaluator import EVALUATOR_VERSION, EvaluatorError, get_evaluator
 from pipeline.gan.sampling import generate_images
 from pipeline.tracking.evaluators import shared_evaluator
 from pipeline.tracking.registry import CHAMPION, register_generator
@@ -55,10 +55,12 @@ def host(root: Path, nudge: float) -> DataConfig:
     directory.mkdir(parents=True)
     weights = {k: v + nudge if v.is_floating_point() else v for k, v in mine.model.state_dict().items()}
     torch.save(weights, directory / "evaluator.pt")
-    np.savez(directory / "test_stats.npz", mu=mine.test_mu, sigma=mine.test_sigma)
+    np.savez(directory / "test_stats.npz", reference=mine.reference)
     meta = {
-        "version": 1,
+        "version": EVALUATOR_VERSION,
         "dataset": "mnist",
+        "kind": mine.kind,
+        "shape": list(mine.shape),
         "test_accuracy": mine.test_accuracy,
         "weights_sha256": file_sha256(directory / "evaluator.pt"),
         "stats_sha256": file_sha256(directory / "test_stats.npz"),

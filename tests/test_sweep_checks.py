@@ -101,12 +101,15 @@ def test_a_pbt_sweep_needs_a_population():
     [
         (["tune.scheduler=hyperband"], "tune.scheduler: 'hyperband' is not a scheduler; choose one of asha, pbt, none"),
         (
-            ["tune.metric=kid"],
-            "tune.metric: 'kid' is not a metric that can rank trials; use one of fid, inception_score",
+            ["tune.metric=ssim"],
+            "tune.metric: 'ssim' is not a metric that can rank trials; use one of fid, inception_score, kid, "
+            "precision, recall",
         ),
         (["tune.mode=max"], "tune.mode: max with tune.metric=fid; use min (or null)"),
         (["tune.metric=inception_score", "tune.mode=min"], "tune.mode: min with tune.metric=inception_score; use max"),
         (["eval.every_epochs=2"], "eval.every_epochs: 2; a sweep on fid needs it every epoch"),
+        (["tune.metric=kid", "tune.mode=max"], "tune.mode: max with tune.metric=kid; use min"),
+        (["tracking.champion_metric=ssim"], "tracking.champion_metric: 'ssim' is not a metric that can rank"),
     ],
 )
 def test_the_scheduler_metric_and_mode_are_checked_by_the_sweep(overrides, words):

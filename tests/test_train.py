@@ -536,10 +536,11 @@ from pipeline.eval.scoring import Scorer
 
 cfg = load_config("configs/smoke.yaml", ["train.epochs=1", "data.limit=128", "tracking.log_every=1"])
 split = Split(torch.randint(0, 256, (128, 28, 28), dtype=torch.uint8), torch.zeros(128, dtype=torch.long))
-evaluator = Evaluator(Classifier(MNIST), "mnist", 1.0, torch.zeros(FEATURE_DIM).numpy(), torch.eye(FEATURE_DIM).numpy())
+reference = torch.randn(200, FEATURE_DIM).numpy()
+evaluator = Evaluator(Classifier(MNIST), "mnist", 1.0, reference, "", "classifier", 10)
 reports = []
 result = train_gan(cfg, split, hooks=[On(report=reports.append)], scorer=Scorer(evaluator, 64, 16, 0))
-scored = "fid" in reports[-1].metrics and "inception_score" in reports[-1].metrics
+scored = {"fid", "inception_score", "kid", "precision", "recall"} <= set(reports[-1].metrics)
 print(result.step, len(reports), scored, sorted({m.split(".")[0] for m in sys.modules} & {"ray", "mlflow"}))
 """
     from tests.conftest import run_python

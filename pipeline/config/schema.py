@@ -235,8 +235,13 @@ class TrackingConfig:
     log_every: int = _f(50, "every N global steps, log the losses' mean over those N steps of every worker", ge=1)
     registered_model: str | None = _f(
         None,
-        "Model Registry name for the best generator of each train/tune (alias `champion` = lowest FID); "
-        "null = gan-<dataset>, '' = do not register",
+        "Model Registry name for the best generator of each train/tune (alias `champion` = the best "
+        "tracking.champion_metric); null = gan-<dataset>, '' = do not register",
+    )
+    champion_metric: str | None = _f(
+        None,
+        "the metric that moves the registry's `champion` alias and picks the checkpoints Ray Train keeps besides the "
+        "latest: any metric that can rank (docs/config.md lists them, with their direction); null = FID",
     )
     system_metrics_s: float = _f(10.0, "seconds between MLflow system-metrics samples (CPU, memory, GPU); 0 off", ge=0)
 

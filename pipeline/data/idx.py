@@ -283,9 +283,9 @@ class IdxSource(DataSource):
     def spec(self) -> DatasetSpec:
         return self.entry
 
-    def scores_unavailable(self) -> str | None:
-        """None: an IDX dataset has its classes and its own test files (its spec counts no held-out images)."""
-        return None
+    def labelled(self) -> bool:
+        """True: an IDX dataset has its classes and its own test files (its spec counts no held-out images)."""
+        return True
 
     def check_early(self) -> None:
         """A dataset that still needs preparing needs a writable data root."""

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from pipeline.data.specs import DatasetSpec
 
 Progress = Callable[[str], None]
+# The fewest (training, held-out) images a folder without classes needs to be scored: below, its feature extractor
+# no longer orders known degradations correctly (measured: docs/scores.md, scripts/score_degradations.py).
+SCORES_NEED = (300, 50)
 DATA_TAG = "data_sha256"  # a run's tag: the digest of the data it began with (pipeline.data.source.DataRecord)
 
 
@@ -150,18 +153,26 @@ class DataSource:
 
         return InMemory(self.load(True, progress).images, device)
 
-    def scores_unavailable(self) -> str | None:
-        """Why the classifier's scores cannot be measured on this data (None when they can): they need classes
-        to train it on, and held-out images of each to test it and to compare with."""
+    def labelled(self) -> bool:
+        """Whether it has classes to train a classifier on, and held-out images of each to test it (after
+        :meth:`prepare`)."""
         spec = self.spec()
-        if spec.num_classes < 2:
-            return f"{self.describe()} has no classes{self.classes_from}: FID and IS need a classifier of them"
-        if spec.test_images < 2 * spec.num_classes:
-            return (
-                f"{self.describe()} holds out {spec.test_images} image(s) for {spec.num_classes} classes: too few to "
-                f"test an evaluator or to compare with; {self.hold_out_more}"
-            )
-        return None
+        return spec.num_classes >= 2 and spec.test_images >= 2 * spec.num_classes
+
+    def scores_unavailable(self) -> str | None:
+        """Why its images cannot be scored (None when they can): a feature space needs images to learn from
+        and held-out images to compare with (:data:`SCORES_NEED`), unless it has classes (:meth:`labelled`)."""
+        spec = self.spec()
+        train, test = SCORES_NEED
+        if self.labelled() or (spec.train_images >= train and spec.test_images >= test):
+            return None
+        held = f"{self.describe()} holds out {spec.test_images} image(s)"
+        if spec.num_classes >= 2:
+            held += f" for {spec.num_classes} classes (a classifier of them needs {2 * spec.num_classes})"
+        return (
+            f"{held} and has {spec.train_images} to learn from: too few to score it; a feature extractor needs at "
+            f"least {train} to learn from and {test} held out; {self.hold_out_more}"
+        )
 
     def describe(self) -> str:
         """The data in a few words, for messages."""

@@ -18,7 +18,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.core import checkpoint
 from pipeline.core.errors import UserError
 from pipeline.data.kinds import source_of
-from pipeline.eval.metrics import CHAMPION_METRIC, METRICS
+from pipeline.eval.metrics import METRICS, champion_metric
 from pipeline.gan.models import build_generator, network_shape
 from pipeline.gan.state import TrainState
 from pipeline.tracking.registry import Registration
@@ -134,10 +134,11 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
         generator.load_state_dict(TrainState.sampling_weights(state))
         model_uri = tracker.log_generator(generator, generator_facts(cfg), scores=tuple(METRICS))
         tracker.set_tags({"generator_model": model_uri})
-    ranked = [value for _, value in tracker.metric_history(CHAMPION_METRIC.name)]
+    champion = champion_metric(cfg)
+    ranked = [value for _, value in tracker.metric_history(champion.name)]
     if ranked:
         step = int((result.metrics or {}).get("step", 0))
-        tracker.log_metrics({f"best_{CHAMPION_METRIC.name}": CHAMPION_METRIC.best(ranked)}, step=step)
+        tracker.log_metrics({f"best_{champion.name}": champion.best(ranked)}, step=step)
     tracker.set_tags({"status": "finished"})
     tracker.end("FINISHED")
     return TrainOutcome(

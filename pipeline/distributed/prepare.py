@@ -16,7 +16,7 @@ from pipeline.data.kinds import source_of
 from pipeline.data.source import check_counts
 from pipeline.distributed.storage import check_storage, exists, resume_checkpoint_file, run_location
 from pipeline.distributed.worker import TrialPart
-from pipeline.eval.metrics import computed_by
+from pipeline.eval.metrics import METRICS, champion_metric
 from pipeline.gan.models import SHAPE_KEYS
 from pipeline.tracking.store import check_tracking_uri, find_run, start_run
 from pipeline.tracking.tracker import tracker_for
@@ -58,8 +58,10 @@ def prepare_inputs(
         return None
     unavailable = source.scores_unavailable()
     if unavailable:
-        scores = " and ".join(metric.label for metric in computed_by("classifier"))
-        progress(f"[eval] {scores}: not available ({unavailable}); everything else is logged")
+        progress(
+            f"[eval] scores ({', '.join(m.label for m in METRICS.values())}): not available ({unavailable}); "
+            "everything else is logged"
+        )
         return None
     if evaluator is not None:
         return evaluator
@@ -85,6 +87,7 @@ def prepare_run(
     location) before anything starts."""
     name = request.name
     location = run_location(cfg, name)
+    champion_metric(cfg)  # a name that is no metric: refused before any work
     source_of(cfg.data).check_early()
     uri = resolve_tracking_uri(cfg.tracking.uri, PROJECT_ROOT)
     check_tracking_uri(uri, cfg.tracking.experiment)

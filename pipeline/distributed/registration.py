@@ -11,7 +11,7 @@ import torch
 
 from pipeline.data.kinds import source_of
 from pipeline.distributed.lifecycle import config_digest
-from pipeline.eval.metrics import CHAMPION_METRIC, METRICS
+from pipeline.eval.metrics import METRICS, champion_metric
 from pipeline.tracking.registry import Registration, Rescore, load_generator, register_generator, registered_model_name
 from pipeline.tracking.tracker import tracker_for
 
@@ -31,9 +31,10 @@ def register_best(
         return None
     tracker = tracker_for(uri, run_id)
     scores = {key: max(tracker.metric_history(key), default=None) for key in METRICS}
-    if scores[CHAMPION_METRIC.name] is None:
+    ranked = champion_metric(cfg)
+    if scores[ranked.name] is None:
         why = source_of(cfg.data).scores_unavailable() or f"eval.every_epochs={cfg.eval.every_epochs}"
-        progress(f"[registry] run {run_id} not registered in {name!r}: it has no {CHAMPION_METRIC.label} ({why})")
+        progress(f"[registry] run {run_id} not registered in {name!r}: it has no {ranked.label} ({why})")
         return None
     tags = tracker.tags()
     version_tags = {
@@ -45,7 +46,7 @@ def register_best(
         "evaluator_sha256": tags.get("evaluator_sha256", "unknown"),
         "eval_num_samples": str(cfg.eval.num_samples),
     }
-    registration = register_generator(uri, name, model_uri, version_tags, rescorer(cfg, uri, progress))
+    registration = register_generator(uri, name, model_uri, version_tags, rescorer(cfg, uri, progress), ranked)
     progress(f"[registry] {registration.message}")
     return registration
 

@@ -24,7 +24,7 @@ from pipeline.distributed.resources import resolve_scaling, worker_resources, wo
 from pipeline.distributed.results import Reports
 from pipeline.distributed.storage import recorded_progress, run_location, storage_root
 from pipeline.distributed.worker import WorkerJob, WorkerPlace, run_worker
-from pipeline.eval.metrics import CHAMPION_METRIC
+from pipeline.eval.metrics import champion_metric
 from pipeline.gan.steps import Runtime, all_reduce_mean
 
 if TYPE_CHECKING:
@@ -124,8 +124,8 @@ def checkpoint_config(job: WorkerJob, cls: type) -> Any:
     if ranks_checkpoints(job):
         return cls(
             num_to_keep=job.config.train.keep_checkpoints,
-            checkpoint_score_attribute=CHAMPION_METRIC.name,
-            checkpoint_score_order=CHAMPION_METRIC.mode,
+            checkpoint_score_attribute=champion_metric(job.config).name,
+            checkpoint_score_order=champion_metric(job.config).mode,
         )
     return cls(num_to_keep=job.config.train.keep_checkpoints)
 

@@ -173,5 +173,9 @@ def announce(cfg: PipelineConfig, rt: Runtime, tracker: Tracker, nodes: list[str
     precision = "bf16" if uses_bf16(cfg.train.precision, rt.device) else "fp32"
     console.on_line(f"[train] {rt.world_size} worker(s) on {len(set(nodes))} node(s), {precision}")
     tracker.set_tags(
-        {"train_nodes": ",".join(sorted(set(nodes))), "num_train_nodes": str(len(set(nodes))), "precision": precision}
+        {
+            "train_nodes": ",".join(sorted(set(nodes))),
+            "num_train_nodes": str(len(set(nodes))),
+            "numeric_precision": precision,
+        }
     )

@@ -1,7 +1,9 @@
-"""The FID/IS evaluator of a dataset: its classifier (pipeline.eval.classifier) and the test split's feature
-statistics, trained the first time it is needed, checked against the dataset's accuracy gate and cached under the
-data root with its checksums. Its scores are the metric registry's (pipeline.eval.metrics); they are *not*
-comparable with Inception-FIDs. pipeline.tracking.evaluators shares one evaluator per dataset through a store.
+"""The evaluator of a dataset: the network whose features score generated images, and the test split's features.
+Data with classes gets its classifier (pipeline.eval.classifier), data without a feature extractor trained without
+labels (pipeline.eval.extractor). It is trained the first time it is needed, held to its gate on held-out images
+and cached under the data root with its checksums. Its scores are the metric registry's (pipeline.eval.metrics);
+they are *not* comparable with Inception-FIDs (pipeline.eval.inception). pipeline.tracking.evaluators shares one
+evaluator per dataset through a store.
 """
 
 from __future__ import annotations
@@ -17,48 +19,79 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from filelock import FileLock
+from torch import nn
 
 from pipeline.core.errors import UserError
 from pipeline.core.files import file_sha256
 from pipeline.data.kinds import source_of
 from pipeline.data.source import data_root
-from pipeline.data.specs import DatasetSpec, dataset_spec
+from pipeline.data.specs import DatasetSpec
 from pipeline.data.split import Split, to_model_range
-from pipeline.eval.classifier import EVAL_BATCH, FEATURE_DIM, Classifier, train_classifier
+from pipeline.eval.classifier import EVAL_BATCH, Classifier, train_classifier
+from pipeline.eval.extractor import Extractor, train_extractor
 from pipeline.eval.metrics import Features, computed_by
 from pipeline.eval.scores import statistics
 
 if TYPE_CHECKING:
     from pipeline.config.schema import DataConfig
+    from pipeline.data.source import DataSource
 
-EVALUATOR_VERSION = 1
+EVALUATOR_VERSION = 2  # 2: the test split's features are kept (KID, precision/recall); extractors for unlabelled data
 EVALUATOR_FILES = ("evaluator.pt", "test_stats.npz", "meta.json")  # meta.json last: it marks a cache valid
+CLASSIFIER = "classifier"
+EXTRACTOR = "rotation"  # the objective of the extractor of data without classes: chosen by docs/scores.md's table
+EXTRACTOR_STEPS = 400  # batches of 64 it trains for, once per folder
+# The held-out rotation accuracy it must reach: 0.25 is chance, and 0.35 is over 3 standard errors above it with
+# the fewest held-out images scored (50, four turns each). Symmetric content (circles, squares, textures) keeps
+# it low though its features still score well, so the gate asks only that it learned something.
+EXTRACTOR_GATE = 0.35
+REFERENCE_MOST = 10_000  # the most test features kept as the reference
 
 
 class EvaluatorError(UserError):
     """The evaluator could not be trained to its accuracy gate, or its cache is unusable."""
 
 
+def evaluator_kind(source: DataSource) -> str:
+    """Which network scores ``source``'s images: its classifier where it has classes (and held-out images of
+    each), else a feature extractor trained without labels (pipeline.eval.extractor)."""
+    return CLASSIFIER if source.labelled() else EXTRACTOR
+
+
+def network(kind: str, shape: tuple[int, int, int]) -> nn.Module:
+    """An untrained evaluator network of ``kind`` for images of ``shape`` (channels, side, classes)."""
+    channels, side, classes = shape
+    if kind == CLASSIFIER:
+        return Classifier(DatasetSpec("", "", side, channels, classes, 0, 0.0))
+    return Extractor(channels, side, kind)
+
+
 @dataclass
 class Evaluator:
-    model: Classifier
+    model: nn.Module  # a Classifier or an Extractor: (features, outputs) for images in [-1, 1]
     dataset: str
-    test_accuracy: float
-    test_mu: np.ndarray
-    test_sigma: np.ndarray
-    # SHA-256 of the cached weights: FIDs are comparable only between runs scored by the same evaluator.
+    test_accuracy: float  # on held-out images: class accuracy, or the extractor's objective (see its kind)
+    reference: np.ndarray  # (M, D) float32: the test split's features, in a fixed random order
+    # SHA-256 of the cached weights: scores are comparable only between runs scored by the same evaluator.
     checksum: str = ""
+    kind: str = CLASSIFIER
+    classes: int = 0
+
+    def __post_init__(self) -> None:
+        self.test_mu, self.test_sigma = statistics(self.reference)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> Features:
-        """uint8 images (N, H, W) or (N, C, H, W) -> float64 features (N, 128) and class probabilities."""
+        """uint8 images (N, H, W) or (N, C, H, W) -> float64 features (N, 128) and, from a classifier, class
+        probabilities."""
         self.model.eval()
         feats, probs = [], []
         for start in range(0, len(images), EVAL_BATCH):
             f, logits = self.model(to_model_range(images[start : start + EVAL_BATCH].cpu()))
             feats.append(f.double())
             probs.append(F.softmax(logits.double(), dim=1))
-        return Features(torch.cat(feats).numpy(), torch.cat(probs).numpy(), self.test_mu, self.test_sigma)
+        classes = torch.cat(probs).numpy() if self.kind == CLASSIFIER else None
+        return Features(torch.cat(feats).numpy(), classes, self.reference, self.test_mu, self.test_sigma)
 
     def payload(self) -> dict[str, Any]:
         """Everything needed to rebuild this evaluator elsewhere (shipped to every worker of a run, so all
@@ -66,40 +99,45 @@ class Evaluator:
         return {
             "weights": self.model.state_dict(),
             "dataset": self.dataset,
-            "shape": list(self.model.shape),
+            "kind": self.kind,
+            "shape": list(self.shape),
             "test_accuracy": self.test_accuracy,
-            "test_mu": self.test_mu,
-            "test_sigma": self.test_sigma,
+            "reference": self.reference,
             "checksum": self.checksum,
         }
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.model.shape[0], self.model.shape[1], self.classes
+
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Evaluator:
-        model = Classifier(_payload_spec(payload))
+        shape = tuple(payload["shape"])
+        model = network(payload["kind"], shape)
         model.load_state_dict(payload["weights"])
         return cls(
             model.eval(),
             payload["dataset"],
             payload["test_accuracy"],
-            payload["test_mu"],
-            payload["test_sigma"],
-            payload.get("checksum", ""),
+            payload["reference"],
+            payload["checksum"],
+            payload["kind"],
+            shape[2],
         )
 
     def score(self, images: torch.Tensor) -> dict[str, float]:
-        """Every metric its classifier computes (pipeline.eval.metrics), of uint8 images."""
-        if len(images) < 2:
-            raise EvaluatorError(f"need at least 2 images to score, got {len(images)}")
+        """Every metric it computes (pipeline.eval.metrics), of uint8 images."""
+        if len(images) < 4:
+            raise EvaluatorError(f"need at least 4 images to score, got {len(images)}")
         features = self.features(images)
-        return {key: value for metric in computed_by("classifier") for key, value in metric.compute(features).items()}
+        metrics = computed_by(classes=self.kind == CLASSIFIER)
+        return {key: value for metric in metrics for key, value in metric.compute(features).items()}
 
-
-def _payload_spec(payload: dict[str, Any]) -> DatasetSpec:
-    """The spec a shipped evaluator's network is built for: its recorded shape, or its dataset's entry."""
-    if "shape" not in payload:
-        return dataset_spec(payload["dataset"])
-    channels, side, classes = payload["shape"]
-    return DatasetSpec(payload["dataset"], "", side, channels, classes, 0, 0.0)
+    def describe(self) -> str:
+        """Its network and how it did on held-out images, for a console line."""
+        if self.kind == CLASSIFIER:
+            return f"classifier, test accuracy {self.test_accuracy:.4f}"
+        return f"{self.kind} extractor, held-out {self.kind} accuracy {self.test_accuracy:.4f}"
 
 
 def cache_dir(data: DataConfig, spec: DatasetSpec) -> Path:
@@ -128,33 +166,65 @@ def get_evaluator(
         if splits is None:
             most = spec.evaluator_images or (None, None)  # a large folder's evaluator: its first images
             splits = source.load(True, progress, most[0]), source.load(False, progress, most[1])
-        train, test = splits
-        progress(f"[eval] training the {spec.key} evaluator (once; cached in {directory})")
-        model, accuracy = train_classifier(spec, train, test, progress=progress)
-        gate = spec.evaluator_min_accuracy
-        if accuracy < gate:
-            raise EvaluatorError(
-                f"the {spec.key} evaluator reached only {accuracy:.4f} test accuracy (< {gate}); "
-                f"FID/IS from it would mislead, so nothing was cached. {source.evaluator_fix()}"
-            )
-        evaluator = Evaluator(model, spec.key, accuracy, np.zeros(FEATURE_DIM), np.eye(FEATURE_DIM))
-        evaluator.test_mu, evaluator.test_sigma = statistics(evaluator.features(test.images).features)
-        weights = directory / "evaluator.pt"
-        tmp = weights.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        tmp.replace(weights)
-        np.savez(directory / "test_stats.npz", mu=evaluator.test_mu, sigma=evaluator.test_sigma)
-        evaluator.checksum = file_sha256(weights)
-        meta = {
-            "version": EVALUATOR_VERSION,
-            "dataset": spec.key,
-            "test_accuracy": accuracy,
-            "weights_sha256": evaluator.checksum,
-            "stats_sha256": file_sha256(directory / "test_stats.npz"),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        (directory / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache valid
+        evaluator = _train(evaluator_kind(source), spec, splits, directory, progress, source.evaluator_fix())
+        _save(evaluator, directory)
         return evaluator
+
+
+def _train(
+    kind: str,
+    spec: DatasetSpec,
+    splits: tuple[Split, Split],
+    directory: Path,
+    progress: Callable[[str], None],
+    fix: str,
+) -> Evaluator:
+    """A new evaluator of ``kind`` for ``spec``, trained on ``splits`` and held to its gate."""
+    train, test = splits
+    progress(f"[eval] training the {spec.key} evaluator, a {kind} network (once; cached in {directory})")
+    if kind == CLASSIFIER:
+        model, figure = train_classifier(spec, train, test, progress=progress)
+        gate, what = spec.evaluator_min_accuracy, "test accuracy"
+    else:
+        model, figure = train_extractor(train, test, kind, EXTRACTOR_STEPS, 0, progress)
+        gate, what = EXTRACTOR_GATE, f"held-out {kind} accuracy"
+        fix = (
+            "Its images look alike turned by a quarter (textures, symmetric shapes), so the extractor learns nothing "
+            "from turning them: train without scores (eval.every_epochs=0)"
+        )
+    if figure < gate:
+        raise EvaluatorError(
+            f"the {spec.key} evaluator reached only {figure:.4f} {what} (< {gate}); scores from it would mislead, "
+            f"so nothing was cached. {fix}"
+        )
+    classes = spec.num_classes if kind == CLASSIFIER else 0
+    unreferenced = Evaluator(model, spec.key, figure, np.eye(2, 4, dtype=np.float32), "", kind, classes)
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:REFERENCE_MOST]
+    if isinstance(model, Extractor):
+        model.calibrate(to_model_range(test.images[order]))
+    reference = unreferenced.features(test.images[order]).features.astype(np.float32)
+    return replace(unreferenced, reference=reference)
+
+
+def _save(evaluator: Evaluator, directory: Path) -> None:
+    """Its files into ``directory``, meta.json last (it marks the cache valid); sets its checksum."""
+    weights = directory / "evaluator.pt"
+    tmp = weights.with_suffix(".tmp")
+    torch.save(evaluator.model.state_dict(), tmp)
+    tmp.replace(weights)
+    np.savez(directory / "test_stats.npz", reference=evaluator.reference)
+    evaluator.checksum = file_sha256(weights)
+    meta = {
+        "version": EVALUATOR_VERSION,
+        "dataset": evaluator.dataset,
+        "kind": evaluator.kind,
+        "shape": list(evaluator.shape),
+        "test_accuracy": evaluator.test_accuracy,
+        "weights_sha256": evaluator.checksum,
+        "stats_sha256": file_sha256(directory / "test_stats.npz"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 def load_cached(directory: Path, spec: DatasetSpec) -> Evaluator | None:
@@ -169,13 +239,15 @@ def load_cached(directory: Path, spec: DatasetSpec) -> Evaluator | None:
             or file_sha256(stats) != meta["stats_sha256"]
         ):
             return None
-        model = Classifier(spec)
+        shape = tuple(meta["shape"])
+        model = network(meta["kind"], shape)
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         with np.load(stats, allow_pickle=False) as arrays:
-            mu, sigma = arrays["mu"], arrays["sigma"]
+            reference = arrays["reference"]
     except (OSError, KeyError, ValueError, json.JSONDecodeError, RuntimeError):
         return None
-    return Evaluator(model.eval(), spec.key, float(meta["test_accuracy"]), mu, sigma, meta["weights_sha256"])
+    accuracy = float(meta["test_accuracy"])
+    return Evaluator(model.eval(), spec.key, accuracy, reference, meta["weights_sha256"], meta["kind"], shape[2])
 
 
 def real_reference(

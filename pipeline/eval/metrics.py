@@ -11,22 +11,43 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from pipeline.core.errors import ConfigError
-from pipeline.eval.scores import frechet_distance, inception_score, statistics
+from pipeline.eval.scores import (
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+    statistics,
+)
+
+if TYPE_CHECKING:
+    from pipeline.config.schema import PipelineConfig
+
+PR_SAMPLES = 5000  # precision/recall compare at most this many generated and real images (their k-NN manifolds)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Features:
-    """What an evaluator makes of a batch of images, and its reference: the test split's feature statistics."""
+    """What an evaluator makes of a batch of images, and its reference: the test split's features (in a fixed
+    random order) and their statistics."""
 
     features: np.ndarray  # (N, D) float64
-    probs: np.ndarray  # (N, classes) class probabilities
+    probs: np.ndarray | None  # (N, classes) class probabilities: a classifier's; None for an extractor's features
+    reference: np.ndarray  # (M, D) the test split's features
     reference_mu: np.ndarray
     reference_sigma: np.ndarray
+
+    @cached_property
+    def precision_recall(self) -> tuple[float, float]:
+        """Precision and recall with k=3 on the first ``min(N, M, PR_SAMPLES)`` of each (equal counts: both
+        depend on how many images make a manifold)."""
+        m = min(len(self.features), len(self.reference), PR_SAMPLES)
+        return precision_recall(self.features[:m], self.reference[:m], k=3)
 
 
 @dataclass(frozen=True)
@@ -34,12 +55,14 @@ class Metric:
     name: str  # its key everywhere: reports, MLflow metrics, Tune results, registry tags
     label: str  # how a console line shows it
     mode: Literal["min", "max"]  # which way is better
-    evaluator: str  # whose features it is computed from: "classifier", the dataset's own (pipeline.eval.classifier)
+    needs: Literal["features", "classes", "inception"]  # what it is computed from: the evaluator's features (any
+    # evaluator), its class probabilities (a classifier only), or the Inception network's features
     compute: Callable[[Features], dict[str, float]]  # its value (and companions, e.g. a spread) for the samples
     worst: float  # what a run that diverged reports: ranked after every real value
     ranks: bool  # a sweep may rank trials by it (tune.metric)
     compares: bool  # it compares the samples with the test split (0 for the test split itself), or judges them alone
     doc: str
+    more_digits: int = 0  # shown with this many more decimals than the others (KID's values are ~1e-3)
 
     def better(self, a: float, b: float) -> bool:
         """Whether ``a`` beats ``b`` strictly."""
@@ -63,22 +86,70 @@ def _inception_score(features: Features) -> dict[str, float]:
     return {INCEPTION_SCORE.name: mean, f"{INCEPTION_SCORE.name}_std": spread}
 
 
+def _kid(features: Features) -> dict[str, float]:
+    mean, spread = kernel_inception_distance(features.features, features.reference)
+    return {KID.name: mean, f"{KID.name}_std": spread}
+
+
+def _precision(features: Features) -> dict[str, float]:
+    return {PRECISION.name: features.precision_recall[0]}
+
+
+def _recall(features: Features) -> dict[str, float]:
+    return {RECALL.name: features.precision_recall[1]}
+
+
 FID = Metric(
     "fid",
     "FID",
     "min",
-    "classifier",
+    "features",
     _fid,
     worst=math.inf,
     ranks=True,
     compares=True,
-    doc="Fréchet distance between the samples' and the test split's features (the dataset's classifier)",
+    doc="Fréchet distance between the samples' and the test split's features (the dataset's evaluator)",
+)
+KID = Metric(
+    "kid",
+    "KID",
+    "min",
+    "features",
+    _kid,
+    worst=math.inf,
+    ranks=True,
+    compares=True,
+    doc="unbiased MMD² (cubic kernel) between the samples' and the test split's features, over 100 subsets of "
+    "up to 1000 (with its std); unbiased at small counts",
+    more_digits=2,
+)
+PRECISION = Metric(
+    "precision",
+    "precision",
+    "max",
+    "features",
+    _precision,
+    worst=0.0,
+    ranks=True,
+    compares=True,
+    doc="share of samples inside the test split's k-NN manifold (k=3): fidelity",
+)
+RECALL = Metric(
+    "recall",
+    "recall",
+    "max",
+    "features",
+    _recall,
+    worst=0.0,
+    ranks=True,
+    compares=True,
+    doc="share of test images inside the samples' k-NN manifold (k=3): diversity",
 )
 INCEPTION_SCORE = Metric(
     "inception_score",
     "IS",
     "max",
-    "classifier",
+    "classes",
     _inception_score,
     worst=0.0,
     ranks=True,
@@ -86,9 +157,9 @@ INCEPTION_SCORE = Metric(
     doc="exp(E KL(p(y|x) || p(y))) of the classifier's class probabilities, over 10 splits (with its std)",
 )
 
-METRICS: dict[str, Metric] = {entry.name: entry for entry in (FID, INCEPTION_SCORE)}
+METRICS: dict[str, Metric] = {entry.name: entry for entry in (FID, INCEPTION_SCORE, KID, PRECISION, RECALL)}
 DEFAULT_RANKING = FID  # what a sweep ranks by when tune.metric is null
-CHAMPION_METRIC = FID  # what picks the Model Registry's champion and the checkpoints Ray Train keeps besides the latest
+CHAMPION_METRIC = FID  # what picks the registry's champion and the checkpoints Ray Train keeps, by default
 
 
 def metric(name: str, key: str = "tune.metric") -> Metric:
@@ -100,9 +171,15 @@ def metric(name: str, key: str = "tune.metric") -> Metric:
     return entry
 
 
-def computed_by(evaluator: str) -> list[Metric]:
-    """The metrics ``evaluator``'s features compute."""
-    return [m for m in METRICS.values() if m.evaluator == evaluator]
+def champion_metric(cfg: PipelineConfig) -> Metric:
+    """What picks ``cfg``'s registry champion and the checkpoints Ray Train keeps (``tracking.champion_metric``)."""
+    return metric(cfg.tracking.champion_metric or CHAMPION_METRIC.name, "tracking.champion_metric")
+
+
+def computed_by(classes: bool) -> list[Metric]:
+    """The metrics an evaluator computes: from its features, and, for a classifier (``classes``), from its class
+    probabilities."""
+    return [m for m in METRICS.values() if m.needs == "features" or (classes and m.needs == "classes")]
 
 
 def scores_line(metrics: Mapping[str, float], digits: int = 2, spread: bool = False) -> str:
@@ -111,7 +188,8 @@ def scores_line(metrics: Mapping[str, float], digits: int = 2, spread: bool = Fa
     shown = []
     for metric in (m for m in METRICS.values() if m.name in metrics):
         std = metrics.get(f"{metric.name}_std") if spread else None
-        shown.append(f"{metric.label}={metrics[metric.name]:.{digits}f}" + (f" +- {std:.{digits}f}" if std else ""))
+        places = digits + metric.more_digits
+        shown.append(f"{metric.label}={metrics[metric.name]:.{places}f}" + (f" +- {std:.{places}f}" if std else ""))
     return "  ".join(shown)
 
 

@@ -1,8 +1,10 @@
-"""The maths of the scores, on feature arrays: Fréchet distance, Inception Score, feature statistics."""
+"""The maths of the scores, on feature arrays: Fréchet distance, Inception Score, KID, precision and recall, feature
+statistics."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -35,3 +37,60 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, np.float64)
     return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def kernel_inception_distance(
+    features: np.ndarray, reference: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """KID (Bińkowski et al., 2018): the unbiased MMD² with the cubic polynomial kernel (x·y/d + 1)³, mean and std
+    over ``subsets`` random subsets of ``subset_size`` of each set (both drawn without replacement; the size cut to
+    the smaller set), as torch-fidelity and clean-fid compute it, on features scaled by the reference's RMS."""
+    x, y = np.asarray(features, np.float64), np.asarray(reference, np.float64)
+    # The kernel sees features scaled so that the reference's mean squared entry is 1, as Inception's pool features
+    # roughly are: a network's own features may be 100x larger or smaller, and the cube would swamp or vanish.
+    scale = np.sqrt((y**2).mean()) or 1.0
+    x, y = x / scale, y / scale
+    m = min(subset_size, len(x), len(y))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 images in each set, got {len(x)} and {len(y)}")
+    rng = np.random.default_rng(seed)
+    dim = x.shape[1]
+    values = []
+    for _ in range(subsets):
+        a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
+        k_aa, k_bb, k_ab = ((p @ q.T / dim + 1) ** 3 for p, q in ((a, a), (b, b), (a, b)))
+        within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
+        values.append(within - 2 * k_ab.sum() / (m * m))
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _pairwise(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """Euclidean distances (len(a), len(b)), a block of rows at a time."""
+    return torch.cat([torch.cdist(a[i : i + rows], b) for i in range(0, len(a), rows)])
+
+
+def manifold_radii(features: np.ndarray, k: int = 3) -> np.ndarray:
+    """Each feature's distance to its k-th nearest neighbour among the others: the radius of its ball in the
+    k-NN manifold of Kynkäänniemi et al. (2019)."""
+    x = torch.from_numpy(np.asarray(features, np.float32))
+    if len(x) <= k:
+        raise ValueError(f"a k={k} manifold needs more than {k} images, got {len(x)}")
+    radii = [torch.cdist(x[i : i + 1024], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), 1024)]
+    return torch.cat(radii).numpy()  # k + 1: each point is its own nearest, at 0
+
+
+def precision_recall(
+    features: np.ndarray, reference: np.ndarray, k: int = 3, reference_radii: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al., 2019): precision is the share of generated features
+    inside the real manifold (the union of balls around each real feature reaching its k-th nearest real
+    neighbour), recall the share of real features inside the generated manifold. ``reference_radii`` are the real
+    manifold's radii when already known (:func:`manifold_radii`)."""
+    fake = torch.from_numpy(np.asarray(features, np.float32))
+    real = torch.from_numpy(np.asarray(reference, np.float32))
+    real_radii = torch.from_numpy(reference_radii if reference_radii is not None else manifold_radii(reference, k))
+    fake_radii = torch.from_numpy(manifold_radii(features, k))
+    distances = _pairwise(fake, real)  # (fake, real)
+    precision = (distances <= real_radii[None, :]).any(dim=1).float().mean()
+    recall = (distances <= fake_radii[:, None]).any(dim=0).float().mean()
+    return float(precision), float(recall)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config.load import with_overrides
 from pipeline.core.errors import ConfigError
+from pipeline.eval.metrics import champion_metric
 from pipeline.sweep.schedulers import ranking, scheduler_of
 from pipeline.sweep.search_space import check_spec, trial_count
 
@@ -24,6 +25,7 @@ def check_sweep(cfg: PipelineConfig) -> None:
             "tune.search_space: empty; give at least one key, e.g. optim.lr_g: {loguniform: [1.0e-5, 1.0e-2]}"
         )
     check_search_space(cfg)
+    champion_metric(cfg)
     scheduler = scheduler_of(cfg)
     scheduler.validate(cfg)
     ranked, mode = ranking(cfg)

@@ -165,26 +165,28 @@ def live_row(cfg: PipelineConfig, trial: Any, searched: list[str]) -> dict[str, 
     return trial_row(trial.trial_id, status or ended_status(last, cfg.train.epochs), last, trial.config, searched)
 
 
+def fmt(value: Any) -> str:
+    """A trials table cell."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.3f}"
+    return str(value)
+
+
 def format_rows(rows: list[dict[str, Any]], searched: list[str]) -> str:
-    """Trials table rows as a markdown table."""
+    """Trials table rows as a markdown table: a column for each metric some trial has a value of."""
     timed = any("train_s" in r for r in rows)  # a finished sweep's table: where each trial's time went
-    labels = [metric.label for metric in METRICS.values()]
+    shown = [m for m in METRICS.values() if any(fmt(r.get(m.name)) != "-" for r in rows)]
+    labels = [metric.label for metric in shown]
     head = ["trial", *searched, "epochs", *labels, "status", *(["train s", "start s"] if timed else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def fmt(value: Any) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 0.01 else f"{value:.3f}"
-        return str(value)
-
     for r in rows:
         cells = [
             r["trial_id"],
             *(fmt(r[k]) for k in searched),
             str(r["epochs"]),
-            *(fmt(r[name]) for name in METRICS),
+            *(fmt(r[metric.name]) for metric in shown),
             r["status"],
             *([f"{r['train_s']:.0f}", fmt(r["start_s"])] if timed else []),
         ]

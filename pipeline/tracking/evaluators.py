@@ -1,4 +1,4 @@
-"""The FID/IS evaluator everyone on a tracking store shares: one per dataset, registered as the model
+"""The evaluator everyone on a tracking store shares: one per dataset, registered as the model
 ``evaluator-<dataset>`` by the first run that needs it (its files the artifacts of a run in the experiment
 :data:`EVALUATOR_EXPERIMENT`, the version tagged with their checksums), downloaded by every later run on any host,
 checked against those checksums and cached by checksum. FIDs from different hosts then compare.
@@ -82,7 +82,7 @@ def register_evaluator(uri: str, name: str, files: list[Path], tags: dict[str, s
         client.log_artifacts(run_id, tmp, EVALUATOR_ARTIFACTS)
     client.set_terminated(run_id)
     with contextlib.suppress(MlflowException):  # it exists already (or another host just made it)
-        client.create_registered_model(name, description="The FID/IS evaluator every run on this store uses")
+        client.create_registered_model(name, description="The evaluator every run on this store scores with")
     client.create_model_version(name, f"runs:/{run_id}/{EVALUATOR_ARTIFACTS}", run_id=run_id, tags=tags)
 
 
@@ -109,6 +109,7 @@ def shared_evaluator(data: DataConfig, uri: str, progress: Callable[[str], None]
             tags = {
                 **match,
                 "dataset": spec.key,
+                "evaluator_kind": own.kind,
                 "weights_sha256": own.checksum,
                 "stats_sha256": meta["stats_sha256"],
                 "test_accuracy": repr(own.test_accuracy),
@@ -150,7 +151,7 @@ def _shared_copy(
     if evaluator is None:
         raise EvaluatorError(f"the shared {spec.key} evaluator ({where}) cannot be loaded from {kept}")
     progress(
-        f"[eval] {spec.key} evaluator: {where} (sha256 {checksum[:12]}, test accuracy "
-        f"{evaluator.test_accuracy:.4f}), verified and cached in {kept}"
+        f"[eval] {spec.key} evaluator: {where} (sha256 {checksum[:12]}, {evaluator.describe()}), verified and "
+        f"cached in {kept}"
     )
     return evaluator

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.eval.metrics import CHAMPION_METRIC as RANKED
+from pipeline.eval.metrics import CHAMPION_METRIC, Metric
 from pipeline.tracking.store import (
     GENERATOR_FACTS,
     TrackingError,
@@ -118,7 +118,12 @@ COMPARED_ON = ("dataset", "evaluator_sha256", "eval_num_samples")
 
 
 def register_generator(
-    uri: str, name: str, model_uri: str, tags: dict[str, str], rescore: Rescore | None = None
+    uri: str,
+    name: str,
+    model_uri: str,
+    tags: dict[str, str],
+    rescore: Rescore | None = None,
+    ranked: Metric = CHAMPION_METRIC,
 ) -> Registration:
     """Register ``model_uri`` as a new version of ``name`` with ``tags`` (``fid``, ``dataset``,
     ``evaluator_sha256``, ``eval_num_samples``, ...), then give it the ``champion`` alias if its FID beats the
@@ -137,33 +142,37 @@ def register_generator(
     version = _new_version(client, name, model_uri, tags)
     previous = _champion(client, name)
     note, hold = "", False
-    if previous is not None and previous.tags.get("dataset") == tags.get("dataset") and not _comparable(previous, tags):
-        note, hold = _rescore(client, name, previous, tags, rescore)
+    if (
+        previous is not None
+        and previous.tags.get("dataset") == tags.get("dataset")
+        and not _comparable(previous, tags, ranked)
+    ):
+        note, hold = _rescore(client, name, previous, tags, rescore, ranked)
         previous = _champion(client, name)
     if not hold:
-        _move_alias(client, name, tags)
+        _move_alias(client, name, tags, ranked)
     champion = _champion(client, name)
-    score = float(tags[RANKED.name])
+    score = float(tags[ranked.name])
     if champion is not None and str(champion.version) == str(version):
-        before = _score_for(previous, tags) if previous is not None else None
+        before = _score_for(previous, tags, ranked) if previous is not None else None
         was = (
-            f"version {previous.version} ({RANKED.label} {before if before is None else f'{before:.3f}'})"
+            f"version {previous.version} ({ranked.label} {before if before is None else f'{before:.3f}'})"
             if previous is not None
             else "no champion before"
         )
         outcome = f"champion moved to it from {was}"
     elif champion is not None:
-        comparable = _score_for(champion, tags)
+        comparable = _score_for(champion, tags, ranked)
         outcome = (
-            f"champion stays version {champion.version} ({RANKED.label} {comparable:.3f} is better)"
+            f"champion stays version {champion.version} ({ranked.label} {comparable:.3f} is better)"
             if comparable is not None
-            else f"champion stays version {champion.version} ({RANKED.label} {_float(champion.tags.get(RANKED.name))}, "
+            else f"champion stays version {champion.version} ({ranked.label} {_float(champion.tags.get(ranked.name))}, "
             "not comparable)"
         )
     else:
         outcome = "no champion"
     message = (
-        f"registered model {name!r} version {version} ({RANKED.label} {score:.3f}); {note}{outcome}; "
+        f"registered model {name!r} version {version} ({ranked.label} {score:.3f}); {note}{outcome}; "
         f"models:/{name}@{CHAMPION}"
     )
     return Registration(name, str(version), str(champion.version) if champion is not None else "", message)
@@ -195,12 +204,14 @@ def _new_version(client: Any, name: str, model_uri: str, tags: dict[str, str]) -
     raise AssertionError("unreachable")
 
 
-def score_key(tags: dict[str, str]) -> str:
+def score_key(tags: dict[str, str], ranked: Metric = CHAMPION_METRIC) -> str:
     """The version tag that holds a re-score by the evaluator and sample count of ``tags``: fid.<sha12>.<n>."""
-    return f"{RANKED.name}.{tags.get('evaluator_sha256', '')[:12]}.{tags.get('eval_num_samples', '')}"
+    return f"{ranked.name}.{tags.get('evaluator_sha256', '')[:12]}.{tags.get('eval_num_samples', '')}"
 
 
-def _rescore(client: Any, name: str, champion: Any, tags: dict[str, str], rescore: Rescore | None) -> tuple[str, bool]:
+def _rescore(
+    client: Any, name: str, champion: Any, tags: dict[str, str], rescore: Rescore | None, ranked: Metric
+) -> tuple[str, bool]:
     """Re-score ``champion`` the way ``tags`` were scored and record it on the version beside its own figures (tag
     :func:`score_key`): (a note for the log line, whether the alias must stay for want of evidence)."""
     was = f"evaluator {champion.tags.get('evaluator_sha256', '')[:12] or 'unknown'}, "
@@ -210,26 +221,30 @@ def _rescore(client: Any, name: str, champion: Any, tags: dict[str, str], rescor
         return f"{held} and cannot be re-scored here; ", True
     try:
         fresh = rescore(f"models:/{name}/{champion.version}")
-        client.set_model_version_tag(name, champion.version, score_key(fresh), fresh[RANKED.name])
+        client.set_model_version_tag(name, champion.version, score_key(fresh, ranked), fresh[ranked.name])
     except Exception as exc:  # noqa: BLE001 - whatever failed, the alias stays without evidence
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return f"{held} and could not be re-scored ({type(exc).__name__}: {reason}); ", True
     note = (
         f"champion version {champion.version} re-scored with evaluator {fresh['evaluator_sha256'][:12]} at "
-        f"{fresh['eval_num_samples']} samples (was {was}, {RANKED.label} {_float(champion.tags.get(RANKED.name))}): "
-        f"{RANKED.label} {float(fresh[RANKED.name]):.3f}; "
+        f"{fresh['eval_num_samples']} samples (was {was}, {ranked.label} {_float(champion.tags.get(ranked.name))}): "
+        f"{ranked.label} {float(fresh[ranked.name]):.3f}; "
     )
-    return note, score_key(fresh) != score_key(tags)  # another evaluator than this version's: still no comparison
+    return note, score_key(fresh, ranked) != score_key(
+        tags, ranked
+    )  # another evaluator than this version's: still no comparison
 
 
-def _move_alias(client: Any, name: str, tags: dict[str, str]) -> None:
+def _move_alias(client: Any, name: str, tags: dict[str, str], ranked: Metric) -> None:
     """The alias onto the best version comparable with ``tags``, until a read shows it there (writers racing)."""
     from mlflow.exceptions import MlflowException
 
     for _ in range(20):
         current = _champion(client, name)
-        best = _best_version(client, name, tags)
-        if current is not None and (str(current.version) == str(best.version) or not _beats(best, current, tags)):
+        best = _best_version(client, name, tags, ranked)
+        if current is not None and (
+            str(current.version) == str(best.version) or not _beats(best, current, tags, ranked)
+        ):
             return
         with contextlib.suppress(MlflowException):  # two writers at once (a unique-key clash): read and try again
             client.set_registered_model_alias(name, CHAMPION, best.version)
@@ -251,37 +266,37 @@ def _float(text: str | None) -> str:
         return str(text)
 
 
-def _score_for(version: Any, tags: dict[str, str]) -> float | None:
+def _score_for(version: Any, tags: dict[str, str], ranked: Metric) -> float | None:
     """``version``'s FID measured as ``tags`` were (same dataset, evaluator and sample count): its own, or a
     re-score recorded on it; None when it has none."""
     if version.tags.get("dataset") != tags.get("dataset"):
         return None
     own = all(version.tags.get(k) == tags.get(k) for k in COMPARED_ON)
-    value = version.tags.get(RANKED.name) if own else version.tags.get(score_key(tags))
+    value = version.tags.get(ranked.name) if own else version.tags.get(score_key(tags, ranked))
     try:
         return float(value) if value is not None else None
     except ValueError:
         return None
 
 
-def _comparable(version: Any, tags: dict[str, str]) -> bool:
-    return _score_for(version, tags) is not None
+def _comparable(version: Any, tags: dict[str, str], ranked: Metric) -> bool:
+    return _score_for(version, tags, ranked) is not None
 
 
-def _best_version(client: Any, name: str, tags: dict[str, str]) -> Any:
+def _best_version(client: Any, name: str, tags: dict[str, str], ranked: Metric) -> Any:
     """The version with the lowest FID among those comparable with ``tags`` (the oldest of equals)."""
-    versions = [v for v in client.search_model_versions(f"name = '{name}'") if _comparable(v, tags)]
-    return min(versions, key=lambda v: (RANKED.sort_key(_score_for(v, tags)), int(v.version)))
+    versions = [v for v in client.search_model_versions(f"name = '{name}'") if _comparable(v, tags, ranked)]
+    return min(versions, key=lambda v: (ranked.sort_key(_score_for(v, tags, ranked)), int(v.version)))
 
 
-def _beats(candidate: Any, champion: Any, tags: dict[str, str]) -> bool:
+def _beats(candidate: Any, champion: Any, tags: dict[str, str], ranked: Metric) -> bool:
     """Whether ``candidate`` should take the alias from ``champion``: a strictly lower FID by the same evaluator
     and sample count, or a champion of another dataset (no comparison: the name's latest dataset wins). A
     champion of the same dataset without a comparable FID keeps it: no evidence."""
     if champion.tags.get("dataset") != tags.get("dataset"):
         return True
-    held = _score_for(champion, tags)
-    return held is not None and RANKED.better(_score_for(candidate, tags), held)
+    held = _score_for(champion, tags, ranked)
+    return held is not None and ranked.better(_score_for(candidate, tags, ranked), held)
 
 
 def registered_model_name(cfg: PipelineConfig) -> str:

@@ -1,0 +1,109 @@
+"""A folder without classes is scored: its feature extractor is trained without labels, held to its gate, cached
+and orders known degradations correctly (FID and KID grow with blur, noise and collapse; precision falls for blur
+and noise, recall for collapse); a folder too small to learn from says what it needs; and a sweep on such a folder
+ranks its trials by a score, registers a champion and lines its children up in MLflow. Slow but the last: real
+MNIST digits (a folder of them without classes), real Ray and MLflow."""
+
+import copy
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config.schema import DataConfig
+from pipeline.data.kinds import source_of
+from pipeline.data.source import SCORES_NEED
+from pipeline.eval.evaluator import EXTRACTOR, cache_dir, get_evaluator
+from pipeline.tools.degradations import degradation_rows, ordering_problems
+from tests.conftest import run_cli
+from tests.image_folders import make_folder
+
+DIGITS = 1200  # real images, no classes: 840 to learn from, 360 held out
+
+
+@pytest.fixture(scope="module")
+def flat(tmp_path_factory):
+    """A folder of 1,200 MNIST digits as PNG files with no class subfolders, prepared at 32 px grey (30% held
+    out)."""
+    from PIL import Image
+
+    base = tmp_path_factory.mktemp("unlabelled")
+    folder = base / "digits"
+    folder.mkdir()
+    mnist = source_of(DataConfig(dataset="mnist"))
+    mnist.prepare(lambda line: None)
+    for i, image in enumerate(mnist.load(True, lambda line: None, DIGITS).images[:DIGITS]):
+        Image.fromarray(image.numpy()).save(folder / f"{i:05d}.png")
+    data = DataConfig(
+        dataset="images", path=str(folder), image_size=32, channels=1, test_fraction=0.3, root=str(base / "root")
+    )
+    source_of(data).prepare(lambda line: None)
+    return data
+
+
+@pytest.mark.slow
+def test_a_folder_without_classes_gets_an_extractor_that_orders_known_degradations(flat):
+    source = source_of(flat)
+    assert not source.labelled() and source.scores_unavailable() is None
+    said: list[str] = []
+    evaluator = get_evaluator(flat, said.append)
+    assert evaluator.kind == EXTRACTOR and any("a rotation network" in line for line in said)
+    meta = json.loads((cache_dir(flat, source.spec()) / "meta.json").read_text())
+    assert meta["kind"] == EXTRACTOR and meta["weights_sha256"] == evaluator.checksum
+    again = get_evaluator(flat, lambda line: pytest.fail(f"trained again: {line}"))
+    assert again.checksum == evaluator.checksum and (again.reference == evaluator.reference).all()
+    scores = evaluator.score(source.load(True).images[:200])
+    assert {"fid", "kid", "precision", "recall"} <= set(scores) and "inception_score" not in scores
+    rows = degradation_rows(copy.deepcopy(evaluator), EXTRACTOR, source.load(False).images)
+    assert ordering_problems(rows) == [], rows
+
+
+def test_a_folder_too_small_for_an_extractor_says_what_it_needs(tmp_path):
+    folder = make_folder(tmp_path / "few", 30, labelled=False, broken=False)
+    data = DataConfig(dataset="images", path=str(folder), image_size=32, channels=3, root=str(tmp_path / "root"))
+    source = source_of(data)
+    source.prepare(lambda line: None)
+    why = source.scores_unavailable()
+    need = f"needs at least {SCORES_NEED[0]} to learn from and {SCORES_NEED[1]} held out"
+    assert why is not None and "holds out" in why and need in why, why
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["asha", "pbt"])
+def test_a_sweep_on_a_folder_without_classes_ranks_registers_and_lines_up(flat, scheduler, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {
+        "data.dataset": "images",
+        "data.path": flat.path,
+        "data.image_size": "32",
+        "data.channels": "1",
+        "data.test_fraction": "0.3",
+        "data.limit": "null",
+        "data.root": flat.root,
+        "train.epochs": "2",
+        "train.storage_path": str(tmp_path / "runs"),
+        "tracking.uri": uri,
+        "tracking.champion_metric": "kid",
+        "tune.metric": "kid",
+        "tune.num_samples": "2",
+        "tune.scheduler": scheduler,
+        "tune.pbt_interval": "1",
+        "tune.search_space": "{optim.lr_g: {loguniform: [1.0e-4, 1.0e-3]}}",
+    }
+    args = [item for key, value in settings.items() for item in ("--set", f"{key}={value}")]
+    done = run_cli("tune", "-c", "configs/smoke.yaml", *args, "--name", f"flat-{scheduler}", timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("gan-pipeline").experiment_id
+    (parent,) = [r for r in client.search_runs([experiment]) if r.data.tags.get("kind") == "sweep"]
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags
+        assert {"fid", "kid", "precision", "recall"} <= set(child.data.metrics), child.data.metrics
+        assert set(child.data.params) == set(children[0].data.params)  # one column per key in the compare view
+    # The champion is the trial with the lowest KID: ranked by the score the sweep was told to use.
+    champion = client.get_model_version_by_alias("gan-images", "champion")
+    kids = sorted(child.data.metrics["kid"] for child in children)
+    assert float(champion.tags["kid"]) == pytest.approx(kids[0]), (champion.tags, kids)
