@@ -19,7 +19,6 @@ from pipeline.config.schema import DataConfig
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.data.folder import IMAGE_SIZES
 from pipeline.data.kinds import DEFAULT_DATASET, source_names
-from pipeline.data.specs import DATASETS
 
 EXIT_USAGE = 2
 MODEL_HELP = (
@@ -82,25 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--model", help=MODEL_HELP)
     sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
     sample.add_argument(
-        "--out", required=True, help="output .npz: key `images`, uint8 (N, H, W) grey or (N, 3, H, W) RGB"
+        "--out",
+        required=True,
+        help="an .npz (key `images`, uint8 (N, H, W) grey or (N, 3, H, W) RGB), or a new folder: one PNG per image",
     )
     sample.add_argument("--grid", help="also write a PNG grid of the samples")
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sample.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
 
-    evaluate = sub.add_parser("evaluate", help="FID and Inception Score (the project's evaluator)")
+    evaluate = sub.add_parser("evaluate", help="FID, KID, precision/recall (and IS) by the data's evaluator")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--real", action="store_true", help="the real-data reference for --dataset")
     source.add_argument("--run-id", help="score the generator logged in this MLflow run")
     source.add_argument("--model", help=MODEL_HELP)
-    source.add_argument("--samples", help="score a .npz written by `sample` (key `images`, uint8 (N, height, width))")
+    source.add_argument(
+        "--samples", help="score an .npz written by `sample` (key `images`, uint8) or a folder of image files"
+    )
     evaluate.add_argument(
         "--dataset",
         default=DEFAULT_DATASET,
-        choices=list(DATASETS),
+        choices=source_names(),
         help=f"default {DEFAULT_DATASET}; a run's own with --run-id",
     )
     evaluate.add_argument("--root", help="data directory (default: $PIPELINE_DATA_ROOT or the per-user cache)")
+    evaluate.add_argument("--path", help="images: the folder the samples are compared with (as for data prepare)")
+    evaluate.add_argument("--image-size", type=int, help=f"images: its prepared side, one of {IMAGE_SIZES}")
+    evaluate.add_argument("--channels", type=int, default=1, help="images: 1 (grey, the default) or 3 (RGB)")
+    evaluate.add_argument("--test-fraction", type=float, default=0.1, help="images: its held-out share (default 0.1)")
     evaluate.add_argument("--num", type=int, default=10_000, help="samples to generate with --run-id")
     evaluate.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
 
@@ -154,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     raise AssertionError(args.command)
 
+
+# The data.* keys `evaluate` takes for a folder of images.
+EVALUATE_FOLDER_KEYS = ("path", "image_size", "channels", "test_fraction")
 
 # The data.* keys `data prepare` takes, and the flag that sets each.
 PREPARE_FLAGS = {
@@ -268,9 +278,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise ConfigError(f"--num: {args.num} must be >= 1")
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise ConfigError(f"--out: {args.out!r} must end in .npz")
+    out = Path(args.out).expanduser()
+    if out.suffix and out.suffix != ".npz":
+        raise ConfigError(f"--out: {args.out!r}; give an .npz file or a folder (no suffix) for PNG files")
     import torch
 
     from pipeline.core.pictures import save_image_grid
@@ -283,11 +293,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     check_tracking_uri(uri)
     generator, facts = load_generator(uri, generator_uri(args.run_id, args.model))
     images = generate_images(generator, args.num, facts["latent_dim"], args.seed, torch.device("cpu"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import numpy as np
+    if out.suffix != ".npz":
+        from pipeline.tools.samples import write_pngs
 
-    np.savez_compressed(out, images=images.numpy())
-    print(f"wrote {args.num} samples {tuple(images.shape)} uint8 to {out}")
+        write_pngs(images, out)
+        print(f"wrote {args.num} samples as PNG files {out}/00000.png ... (each {tuple(images.shape[1:])} uint8)")
+    else:
+        import numpy as np
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, images=images.numpy())
+        print(f"wrote {args.num} samples {tuple(images.shape)} uint8 to {out}")
     if args.grid:
         save_image_grid(images[:64], args.grid)
         print(f"wrote grid of {min(args.num, 64)} to {args.grid}")
@@ -304,36 +320,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     # Scored by the evaluator every run on the store shares: the figures compare with the runs'.
     uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
     check_tracking_uri(uri)
-    data_cfg = DataConfig(dataset=args.dataset, root=args.root)
+    reads = source_of(DataConfig(dataset=args.dataset)).reads  # the flags this kind of data takes
+    data_cfg = DataConfig(
+        dataset=args.dataset,
+        root=args.root,
+        **{key: getattr(args, key) for key in EVALUATE_FOLDER_KEYS if key in reads},
+    )
+    source_of(data_cfg).check_settings()
     if args.real:
         from pipeline.eval.evaluator import real_reference
 
-        ref = real_reference(data_cfg, shared_evaluator(data_cfg, uri))
-        print(f"{args.dataset} real-data reference (evaluator test accuracy {ref['evaluator_test_accuracy']:.4f}):")
-        print(f"  10,000 training images against the test split: {scores_line(comparing(ref['train']), 3)}")
+        evaluator = shared_evaluator(data_cfg, uri)
+        ref = real_reference(data_cfg, evaluator)
+        print(f"{data_cfg.dataset} real-data reference ({evaluator.describe()}):")
+        print(f"  training images against the test split: {scores_line(comparing(ref['train']), 3)}")
         print(f"  the test split itself: {scores_line(comparing(ref['test'], compares=False), 3, spread=True)}")
         return 0
     if args.samples:
-        import numpy as np
-        import torch
+        from pipeline.tools.samples import read_samples
 
-        path = Path(args.samples)
-        if not path.is_file():
-            raise ConfigError(f"--samples: {args.samples!r} not found")
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                images = archive["images"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"--samples: {args.samples!r} is not an .npz with an `images` array ({exc})") from None
-        channels, *side = source_of(data_cfg).image_shape
-        shape = tuple(side) if channels == 1 else (channels, *side)
-        if images.dtype != np.uint8 or images.shape[1:] != shape:
-            raise ConfigError(
-                f"--samples: `images` must be uint8 of shape (N, {', '.join(map(str, shape))}) for {args.dataset}, "
-                f"got {images.dtype} {images.shape}"
-            )
-        images = torch.from_numpy(images)
-        label = str(path)
+        images = read_samples(args.samples, source_of(data_cfg).image_shape)
+        label = args.samples
     else:
         if args.num < 2:
             raise ConfigError(f"--num: {args.num} must be >= 2")
@@ -347,8 +354,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         images = generate_images(generator, args.num, facts["latent_dim"], 0, torch.device("cpu"))
         label = args.model or f"run {args.run_id}"
         data_cfg = DataConfig(dataset=facts.get("dataset") or args.dataset, root=args.root)
-    scores = shared_evaluator(data_cfg, uri).score(images)
-    print(f"{label}: {len(images)} images  {scores_line(scores, 3, spread=True)}  ({data_cfg.dataset} evaluator)")
+    evaluator = shared_evaluator(data_cfg, uri)
+    scores = evaluator.score(images)
+    print(
+        f"{label}: {len(images)} images  {scores_line(scores, 3, spread=True)}  ({evaluator.dataset} {evaluator.kind})"
+    )
     return 0
 
 

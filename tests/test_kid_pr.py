@@ -24,7 +24,7 @@ def test_kid_equals_torch_fidelitys_on_the_same_features():
     real, fake = _sets()
     ours, _ = kernel_inception_distance(fake, real, subsets=1, subset_size=len(real))  # every row: no random draw
     theirs = mmd2(kernel_poly(fake, fake), kernel_poly(fake, real), kernel_poly(real, real))
-    assert ours == pytest.approx(theirs, rel=1e-9)
+    assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6)  # float32 kernels, float64 sums
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_the_shift():

@@ -127,8 +127,23 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = _f(1, "compute FID and Inception Score every N epochs (and after the last); 0 = never", ge=0)
-    num_samples: int = _f(10_000, "generated images scored per evaluation", ge=2)
+    every_epochs: int = _f(1, "score the generator every N epochs (and after the last); 0 = never", ge=0)
+    num_samples: int = _f(10_000, "generated images scored per evaluation", ge=4)
+    inception_weights: str | None = _f(
+        None,
+        "the TF-FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth) for the standard Inception FID: a "
+        "path, an http(s) URL, or 'download' (pytorch-fid's release); fetched once, checked, shared through the "
+        "tracking store; null = only weights already kept here or in the store",
+    )
+    inception_sha256: str | None = _f(
+        None, "the SHA-256 the Inception weights must have; null = the published file's (its digest starts 6726825d)"
+    )
+    inception_samples: int = _f(
+        2_000,
+        "generated (and held-out) images the Inception FID compares at each evaluation; papers use 50,000, which "
+        "takes hours on a CPU",
+        ge=4,
+    )
 
 
 @dataclass

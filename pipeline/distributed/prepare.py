@@ -66,10 +66,10 @@ def prepare_inputs(
     if evaluator is not None:
         return evaluator
     from pipeline.eval.evaluator import get_evaluator
-    from pipeline.tracking.evaluators import shared_evaluator
+    from pipeline.tracking.evaluators import shared_evaluator, shared_inception
 
     own = shared_evaluator(cfg.data, uri, progress) if uri else get_evaluator(cfg.data, progress)
-    return own.payload()
+    return {**own.payload(), "inception": shared_inception(cfg, uri, progress)}
 
 
 def existing_run(cfg: PipelineConfig, name: str) -> str | None:

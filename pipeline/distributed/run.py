@@ -64,6 +64,11 @@ def run_training(
     tags = {"world_size": world_size(cfg), "device": "cuda" if gpu else "cpu", "trained_in": executor.trained_in}
     if evaluator and evaluator.get("checksum"):
         tags["evaluator_sha256"] = evaluator["checksum"]
+    if evaluator and evaluator.get("inception"):  # the standard FID: figures compare only with the same weights
+        tags |= {
+            "inception_sha256": evaluator["inception"]["sha256"],
+            "inception_resize": evaluator["inception"]["resize"],
+        }
     open_run(cfg, tracker, request.resume, request.trial.live_keys, tags)
     request.progress(
         f"[train] run {request.name!r}: {executor.describe(cfg, gpu)}; checkpoints in {location}; "

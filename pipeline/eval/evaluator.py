@@ -30,7 +30,7 @@ from pipeline.data.split import Split, to_model_range
 from pipeline.eval.classifier import EVAL_BATCH, Classifier, train_classifier
 from pipeline.eval.extractor import Extractor, train_extractor
 from pipeline.eval.metrics import Features, computed_by
-from pipeline.eval.scores import statistics
+from pipeline.eval.scores import manifold_radii, statistics
 
 if TYPE_CHECKING:
     from pipeline.config.schema import DataConfig
@@ -79,6 +79,13 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         self.test_mu, self.test_sigma = statistics(self.reference)
+        self._radii: dict[int, np.ndarray] = {}
+
+    def radii(self, m: int) -> np.ndarray:
+        """The k=3 manifold radii of the first ``m`` reference features (computed once per count)."""
+        if m not in self._radii:
+            self._radii[m] = manifold_radii(self.reference[:m], 3)
+        return self._radii[m]
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> Features:
@@ -91,7 +98,7 @@ class Evaluator:
             feats.append(f.double())
             probs.append(F.softmax(logits.double(), dim=1))
         classes = torch.cat(probs).numpy() if self.kind == CLASSIFIER else None
-        return Features(torch.cat(feats).numpy(), classes, self.reference, self.test_mu, self.test_sigma)
+        return Features(torch.cat(feats).numpy(), classes, self.reference, self.test_mu, self.test_sigma, self.radii)
 
     def payload(self) -> dict[str, Any]:
         """Everything needed to rebuild this evaluator elsewhere (shipped to every worker of a run, so all

@@ -41,13 +41,15 @@ class Features:
     reference: np.ndarray  # (M, D) the test split's features
     reference_mu: np.ndarray
     reference_sigma: np.ndarray
+    radii: Callable[[int], np.ndarray] | None = None  # the first m reference features' k=3 radii (cached by m)
 
     @cached_property
     def precision_recall(self) -> tuple[float, float]:
         """Precision and recall with k=3 on the first ``min(N, M, PR_SAMPLES)`` of each (equal counts: both
         depend on how many images make a manifold)."""
         m = min(len(self.features), len(self.reference), PR_SAMPLES)
-        return precision_recall(self.features[:m], self.reference[:m], k=3)
+        radii = self.radii(m) if self.radii is not None else None
+        return precision_recall(self.features[:m], self.reference[:m], k=3, reference_radii=radii)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ def _fid(features: Features) -> dict[str, float]:
 def _inception_score(features: Features) -> dict[str, float]:
     mean, spread = inception_score(features.probs, splits=min(10, len(features.probs)))
     return {INCEPTION_SCORE.name: mean, f"{INCEPTION_SCORE.name}_std": spread}
+
+
+def _inception_fid(features: Features) -> dict[str, float]:
+    mu, sigma = statistics(features.features)
+    return {INCEPTION_FID.name: frechet_distance(mu, sigma, features.reference_mu, features.reference_sigma)}
 
 
 def _kid(features: Features) -> dict[str, float]:
@@ -157,7 +164,22 @@ INCEPTION_SCORE = Metric(
     doc="exp(E KL(p(y|x) || p(y))) of the classifier's class probabilities, over 10 splits (with its std)",
 )
 
-METRICS: dict[str, Metric] = {entry.name: entry for entry in (FID, INCEPTION_SCORE, KID, PRECISION, RECALL)}
+INCEPTION_FID = Metric(
+    "fid_inception",
+    "FID(Inception)",
+    "min",
+    "inception",
+    _inception_fid,
+    worst=math.inf,
+    ranks=True,
+    compares=True,
+    doc="the standard FID: TF-FID Inception-v3 pool3 features of eval.inception_samples samples against the test "
+    "split's, where eval.inception_weights gives the weights (pipeline.eval.inception)",
+)
+
+METRICS: dict[str, Metric] = {
+    entry.name: entry for entry in (FID, INCEPTION_SCORE, KID, PRECISION, RECALL, INCEPTION_FID)
+}
 DEFAULT_RANKING = FID  # what a sweep ranks by when tune.metric is null
 CHAMPION_METRIC = FID  # what picks the registry's champion and the checkpoints Ray Train keeps, by default
 
@@ -182,11 +204,16 @@ def computed_by(classes: bool) -> list[Metric]:
     return [m for m in METRICS.values() if m.needs == "features" or (classes and m.needs == "classes")]
 
 
+def metrics_needing(what: str) -> list[Metric]:
+    """The metrics computed from ``what`` (a Metric's ``needs``)."""
+    return [m for m in METRICS.values() if m.needs == what]
+
+
 def scores_line(metrics: Mapping[str, float], digits: int = 2, spread: bool = False) -> str:
     """The scores among ``metrics`` as a console line shows them: ``FID=12.34  IS=2.10`` (with ``spread``, a
     metric's std where it has one: ``IS=2.10 +- 0.03``)."""
     shown = []
-    for metric in (m for m in METRICS.values() if m.name in metrics):
+    for metric in (m for m in METRICS.values() if metrics.get(m.name) is not None):
         std = metrics.get(f"{metric.name}_std") if spread else None
         places = digits + metric.more_digits
         shown.append(f"{metric.label}={metrics[metric.name]:.{places}f}" + (f" +- {std:.{places}f}" if std else ""))

@@ -40,27 +40,34 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def kernel_inception_distance(
-    features: np.ndarray, reference: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+    features: np.ndarray, reference: np.ndarray, subsets: int = 50, subset_size: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
     """KID (Bińkowski et al., 2018): the unbiased MMD² with the cubic polynomial kernel (x·y/d + 1)³, mean and std
     over ``subsets`` random subsets of ``subset_size`` of each set (both drawn without replacement; the size cut to
-    the smaller set), as torch-fidelity and clean-fid compute it, on features scaled by the reference's RMS."""
+    the smaller set), as torch-fidelity and clean-fid compute it (they take 100 subsets: 50 halve the time and
+    change the mean's spread by 1.4x), on features scaled by the reference's RMS; kernels in float32, their sums
+    in float64."""
     x, y = np.asarray(features, np.float64), np.asarray(reference, np.float64)
     # The kernel sees features scaled so that the reference's mean squared entry is 1, as Inception's pool features
     # roughly are: a network's own features may be 100x larger or smaller, and the cube would swamp or vanish.
     scale = np.sqrt((y**2).mean()) or 1.0
-    x, y = x / scale, y / scale
     m = min(subset_size, len(x), len(y))
     if m < 2:
         raise ValueError(f"KID needs at least 2 images in each set, got {len(x)} and {len(y)}")
     rng = np.random.default_rng(seed)
-    dim = x.shape[1]
+    xt, yt, dim = torch.from_numpy(x / scale).float(), torch.from_numpy(y / scale).float(), x.shape[1]
+
+    def kernel(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        k = p @ q.T / dim + 1
+        return (k * k * k).double()  # a product, not a power: several times faster
+
     values = []
     for _ in range(subsets):
-        a, b = x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)]
-        k_aa, k_bb, k_ab = ((p @ q.T / dim + 1) ** 3 for p, q in ((a, a), (b, b), (a, b)))
-        within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
-        values.append(within - 2 * k_ab.sum() / (m * m))
+        a = xt[torch.from_numpy(rng.choice(len(x), m, replace=False))]
+        b = yt[torch.from_numpy(rng.choice(len(y), m, replace=False))]
+        k_aa, k_bb, k_ab = kernel(a, a), kernel(b, b), kernel(a, b)
+        within = (k_aa.sum() - k_aa.trace() + k_bb.sum() - k_bb.trace()) / (m * (m - 1))
+        values.append(float(within - 2 * k_ab.sum() / (m * m)))
     return float(np.mean(values)), float(np.std(values))
 
 
@@ -72,7 +79,7 @@ def _pairwise(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tenso
 def manifold_radii(features: np.ndarray, k: int = 3) -> np.ndarray:
     """Each feature's distance to its k-th nearest neighbour among the others: the radius of its ball in the
     k-NN manifold of Kynkäänniemi et al. (2019)."""
-    x = torch.from_numpy(np.asarray(features, np.float32))
+    x = torch.from_numpy(np.array(features, np.float32))  # a copy: arrays from Ray's object store are read-only
     if len(x) <= k:
         raise ValueError(f"a k={k} manifold needs more than {k} images, got {len(x)}")
     radii = [torch.cdist(x[i : i + 1024], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), 1024)]
@@ -86,9 +93,11 @@ def precision_recall(
     inside the real manifold (the union of balls around each real feature reaching its k-th nearest real
     neighbour), recall the share of real features inside the generated manifold. ``reference_radii`` are the real
     manifold's radii when already known (:func:`manifold_radii`)."""
-    fake = torch.from_numpy(np.asarray(features, np.float32))
-    real = torch.from_numpy(np.asarray(reference, np.float32))
-    real_radii = torch.from_numpy(reference_radii if reference_radii is not None else manifold_radii(reference, k))
+    fake = torch.from_numpy(np.array(features, np.float32))  # copies: arrays from Ray's object store are read-only
+    real = torch.from_numpy(np.array(reference, np.float32))
+    real_radii = torch.from_numpy(
+        np.array(reference_radii if reference_radii is not None else manifold_radii(reference, k))
+    )
     fake_radii = torch.from_numpy(manifold_radii(features, k))
     distances = _pairwise(fake, real)  # (fake, real)
     precision = (distances <= real_radii[None, :]).any(dim=1).float().mean()

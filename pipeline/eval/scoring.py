@@ -1,5 +1,6 @@
 """What the training loop asks when a report is scored: :class:`Scorer` generates ``eval.num_samples`` images from
-the run's sampling generator (the same noise at every evaluation) and scores them with the run's evaluator."""
+the run's sampling generator (the same noise at every evaluation) and scores them with the run's evaluator, and,
+where the run has the Inception weights, the first ``eval.inception_samples`` of them by the Inception FID."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.eval.evaluator import Evaluator
+from pipeline.eval.inception import Inception
 from pipeline.eval.metrics import scores_line
 from pipeline.gan.sampling import generate_images
 
@@ -26,16 +28,30 @@ class Scorer:
     num_samples: int
     latent_dim: int
     seed: int
+    inception: Inception | None = None  # where the run has the Inception weights: the standard FID too
+    inception_samples: int = 0  # of the first this many samples
 
     @classmethod
     def of(cls, payload: dict[str, Any], cfg: PipelineConfig) -> Scorer:
-        """The scorer of a run: its evaluator shipped as ``payload`` (Evaluator.payload), its config's sample count,
-        latent size and seed."""
-        return cls(Evaluator.from_payload(payload), cfg.eval.num_samples, cfg.model.latent_dim, cfg.train.seed)
+        """The scorer of a run: its evaluator shipped as ``payload`` (Evaluator.payload, with the Inception
+        network's under ``inception`` where the run has one), its config's sample counts, latent size and seed."""
+        inception = Inception.of(payload["inception"]) if payload.get("inception") else None
+        return cls(
+            Evaluator.from_payload(payload),
+            cfg.eval.num_samples,
+            cfg.model.latent_dim,
+            cfg.train.seed,
+            inception,
+            cfg.eval.inception_samples,
+        )
 
     def __call__(self, generator: nn.Module, device: torch.device) -> dict[str, float]:
-        images = generate_images(generator, self.num_samples, self.latent_dim, self.seed, device)
-        return self.evaluator.score(images)
+        count = max(self.num_samples, self.inception_samples if self.inception else 0)
+        images = generate_images(generator, count, self.latent_dim, self.seed, device)
+        scores = self.evaluator.score(images[: self.num_samples])
+        if self.inception is not None:
+            scores |= self.inception.score(images[: self.inception_samples])
+        return scores
 
     @staticmethod
     def describe(scores: Mapping[str, float]) -> str:

@@ -16,10 +16,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
 from filelock import FileLock
 
 from pipeline.core.files import file_sha256
 from pipeline.data.kinds import source_of
+from pipeline.data.source import data_root
 from pipeline.data.specs import DatasetSpec
 from pipeline.eval.evaluator import (
     EVALUATOR_FILES,
@@ -30,10 +33,19 @@ from pipeline.eval.evaluator import (
     get_evaluator,
     load_cached,
 )
+from pipeline.eval.inception import (
+    PUBLISHED_PREFIX,
+    RESIZE,
+    WEIGHTS_FILE,
+    Inception,
+    InceptionError,
+    cached_weights,
+    fetch_weights,
+)
 from pipeline.tracking.store import TrackingError, get_or_create_experiment, mlflow_client
 
 if TYPE_CHECKING:
-    from pipeline.config.schema import DataConfig
+    from pipeline.config.schema import DataConfig, PipelineConfig
 
 EVALUATOR_EXPERIMENT = "gan-pipeline-evaluators"  # where each registered evaluator's files are a run's artifacts
 EVALUATOR_ARTIFACTS = "evaluator"
@@ -155,3 +167,93 @@ def _shared_copy(
         f"cached in {kept}"
     )
     return evaluator
+
+
+# ------------------------------------------------------------------------------------------- Inception weights
+
+INCEPTION_MODEL = "inception-v3-tf-fid"  # the registered model the weights are shared as
+
+
+def shared_inception(cfg: PipelineConfig, uri: str | None, progress: Callable[[str], None] = print) -> dict | None:
+    """The Inception FID's payload for workers (weights, digest, resize, the test split's statistics), or None with
+    one line saying why and how to provide the weights: found kept on this host, else in the store ``uri``, else
+    fetched as ``eval.inception_weights`` says (and then registered in the store)."""
+    cache = data_root(cfg.data) / "inception"
+    expected = cfg.eval.inception_sha256
+    try:
+        found = cached_weights(cache, expected) or (_stored_inception(uri, expected, cache) if uri else None)
+        if found is None and cfg.eval.inception_weights:
+            found = fetch_weights(cfg.eval.inception_weights, expected, cache, progress)
+        if found is None:
+            progress(
+                "[eval] Inception FID: off (no TF-FID Inception weights kept here or in the store); to add it, set "
+                f"eval.inception_weights to the path or URL of {WEIGHTS_FILE}, or to 'download'"
+            )
+            return None
+        weights, digest = found
+        if uri and _inception_version(uri, digest) is None:
+            tags = {"sha256": digest, "kept_sha256": file_sha256(weights), "resize": RESIZE}
+            register_evaluator(uri, INCEPTION_MODEL, [weights], tags)
+            progress(f"[eval] registered the Inception weights (sha256 {digest[:12]}) as {INCEPTION_MODEL} in {uri}")
+    except (InceptionError, TrackingError) as exc:
+        progress(
+            f"[eval] Inception FID: off ({exc}); everything else is scored. The weights: the path or URL of "
+            f"{WEIGHTS_FILE} in eval.inception_weights, or 'download'"
+        )
+        return None
+    mu, sigma = _inception_reference(cfg, weights, digest, progress)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    return {"weights": state, "sha256": digest, "resize": RESIZE, "mu": mu, "sigma": sigma}
+
+
+def _inception_version(uri: str, digest: str | None, prefix: str = "") -> SharedVersion | None:
+    """The store's first version of the Inception weights with ``digest`` (or, None, any whose digest starts with
+    ``prefix``)."""
+    if digest is not None:
+        return shared_evaluator_version(uri, INCEPTION_MODEL, {"sha256": digest})
+    versions = mlflow_client(uri).search_model_versions(f"name = '{INCEPTION_MODEL}'")
+    fitting = [v for v in versions if v.tags.get("sha256", "").startswith(prefix)]
+    first = min(fitting, key=lambda v: int(v.version), default=None)
+    return None if first is None else SharedVersion(INCEPTION_MODEL, str(first.version), dict(first.tags), first.run_id)
+
+
+def _stored_inception(uri: str, expected: str | None, cache: Path) -> tuple[Path, str] | None:
+    """The weights from the store (checked against their registered digest) kept in ``cache``; None without."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        shared = _inception_version(uri, expected, "" if expected else PUBLISHED_PREFIX)
+    except MlflowException:
+        return None  # no such registered model yet
+    if shared is None:
+        return None
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        folder = download_evaluator(uri, shared, Path(tmp))
+        (file,) = list(folder.glob("sha256-*.pt"))
+        if file_sha256(file) != shared.tags.get("kept_sha256"):
+            raise InceptionError(f"{INCEPTION_MODEL} version {shared.version} in {uri} does not match its checksum")
+        digest = shared.tags["sha256"]
+        os.replace(file, cache / f"sha256-{digest}.pt")
+    return cache / f"sha256-{digest}.pt", digest
+
+
+def _inception_reference(
+    cfg: PipelineConfig, weights: Path, digest: str, progress: Callable[[str], None]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The test split's Inception statistics (up to ``eval.inception_samples`` images), cached beside the data's
+    evaluator by the weights' digest and the count."""
+    source = source_of(replace(cfg.data, limit=None))
+    spec = source.spec()
+    count = cfg.eval.inception_samples
+    path = cache_dir(cfg.data, spec) / f"inception-{digest[:12]}-{count}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as saved:
+            return saved["mu"], saved["sigma"]
+    test = source.load(False, progress, count).images[:count]
+    progress(f"[eval] the test split's Inception statistics ({len(test)} images; once, cached in {path.parent})")
+    inception = Inception(weights, digest)
+    inception.reference(test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=inception.mu, sigma=inception.sigma)
+    return inception.mu, inception.sigma

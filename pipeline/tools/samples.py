@@ -1,0 +1,81 @@
+"""Images in and out of the pipeline for scoring elsewhere or here: samples read from an ``.npz`` array or a folder of
+image files (``evaluate --samples``), and samples written as a folder of PNG files (``sample --out DIR``) to hand to
+clean-fid or torch-fidelity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.core.errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def read_samples(path: str, image_shape: tuple[int, int, int], flag: str = "--samples") -> torch.Tensor:
+    """uint8 images shaped as the networks see ``image_shape``'s data ((N, H, W) grey, (N, C, H, W) colour) from
+    an ``.npz`` (key ``images``: (N, H, W) or (N, C, H, W) uint8) or a folder of image files (each decoded,
+    centre-cropped and resized as a prepared folder's are)."""
+    where = Path(path).expanduser()
+    if where.is_dir():
+        images = _read_folder(where, image_shape, flag)
+    elif where.is_file():
+        images = _read_npz(where, flag)
+    else:
+        raise ConfigError(f"{flag}: {path!r} not found; give an .npz written by `sample` or a folder of images")
+    channels, height, width = image_shape
+    if images.ndim == 4 and images.shape[1] == 1 and channels == 1:
+        images = images[:, 0]
+    want = (height, width) if channels == 1 else (channels, height, width)
+    if images.dtype != np.uint8 or images.shape[1:] != want:
+        raise ConfigError(
+            f"{flag}: images must be uint8 of shape (N, {', '.join(map(str, want))}) for this data, got "
+            f"{images.dtype} {images.shape}"
+        )
+    if len(images) < 4:
+        raise ConfigError(f"{flag}: {len(images)} image(s); scoring needs at least 4")
+    return torch.from_numpy(np.ascontiguousarray(images))
+
+
+def _read_npz(path: Path, flag: str) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return archive["images"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{flag}: {str(path)!r} is not an .npz with an `images` array ({exc})") from None
+
+
+def _read_folder(folder: Path, image_shape: tuple[int, int, int], flag: str) -> np.ndarray:
+    from pipeline.data.images import decode
+
+    channels, side, _ = image_shape
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError(f"{flag}: {str(folder)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    decoded = []
+    for file in files:
+        try:
+            decoded.append(decode(file.read_bytes(), side, channels))
+        except Exception as exc:  # noqa: BLE001 - whatever Pillow raises for a file that is no image
+            raise ConfigError(f"{flag}: {file} does not decode as an image ({type(exc).__name__}: {exc})") from None
+    images = np.stack(decoded)
+    return images[:, 0] if channels == 1 else images
+
+
+def write_pngs(images: torch.Tensor, folder: Path) -> list[Path]:
+    """uint8 images (N, H, W) or (N, C, H, W) as ``folder/00000.png`` ...; a folder that already holds files is
+    refused (nothing there is overwritten)."""
+    from PIL import Image
+
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"--out: {str(folder)!r} exists and is not an empty folder; give a new or empty one")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, image in enumerate(images.numpy()):
+        pixels = image if image.ndim == 2 else (image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+        path = folder / f"{i:05d}.png"
+        Image.fromarray(np.ascontiguousarray(pixels)).save(path)
+        written.append(path)
+    return written
