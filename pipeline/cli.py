@@ -320,30 +320,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     # Scored by the evaluator every run on the store shares: the figures compare with the runs'.
     uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
     check_tracking_uri(uri)
-    reads = source_of(DataConfig(dataset=args.dataset)).reads  # the flags this kind of data takes
-    data_cfg = DataConfig(
-        dataset=args.dataset,
-        root=args.root,
-        **{key: getattr(args, key) for key in EVALUATE_FOLDER_KEYS if key in reads},
-    )
-    source_of(data_cfg).check_settings()
     if args.real:
         from pipeline.eval.evaluator import real_reference
 
+        data_cfg = _evaluated_data(args, args.dataset)
         evaluator = shared_evaluator(data_cfg, uri)
         ref = real_reference(data_cfg, evaluator)
         print(f"{data_cfg.dataset} real-data reference ({evaluator.describe()}):")
         print(f"  training images against the test split: {scores_line(comparing(ref['train']), 3)}")
-        print(f"  the test split itself: {scores_line(comparing(ref['test'], compares=False), 3, spread=True)}")
+        if alone := scores_line(comparing(ref["test"], compares=False), 3, spread=True):
+            print(f"  the test split itself: {alone}")
         return 0
     if args.samples:
         from pipeline.tools.samples import read_samples
 
+        data_cfg = _evaluated_data(args, args.dataset)
         images = read_samples(args.samples, source_of(data_cfg).image_shape)
         label = args.samples
     else:
-        if args.num < 2:
-            raise ConfigError(f"--num: {args.num} must be >= 2")
+        if args.num < 4:
+            raise ConfigError(f"--num: {args.num} must be >= 4 (precision and recall need a k=3 neighbourhood)")
         import torch
 
         from pipeline.gan.sampling import generate_images
@@ -351,15 +347,31 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         model_uri = generator_uri(args.run_id, args.model)
         generator, facts = load_generator(uri, model_uri)
+        data_cfg = _evaluated_data(args, facts.get("dataset") or args.dataset)
         images = generate_images(generator, args.num, facts["latent_dim"], 0, torch.device("cpu"))
         label = args.model or f"run {args.run_id}"
-        data_cfg = DataConfig(dataset=facts.get("dataset") or args.dataset, root=args.root)
     evaluator = shared_evaluator(data_cfg, uri)
-    scores = evaluator.score(images)
-    print(
-        f"{label}: {len(images)} images  {scores_line(scores, 3, spread=True)}  ({evaluator.dataset} {evaluator.kind})"
-    )
+    shown = scores_line(evaluator.score(images), 3, spread=True)
+    print(f"{label}: {len(images)} images  {shown}  ({evaluator.dataset}'s {evaluator.kind} evaluator)")
     return 0
+
+
+def _evaluated_data(args: argparse.Namespace, dataset: str) -> DataConfig:
+    """The data ``evaluate`` compares with: ``dataset`` and the flags its kind reads, checked, prepared, and able
+    to be scored (a ConfigError saying why not, before an evaluator is trained)."""
+    from pipeline.data.kinds import source_of
+
+    reads = source_of(DataConfig(dataset=dataset)).reads  # the flags this kind of data takes
+    data = DataConfig(
+        dataset=dataset, root=args.root, **{key: getattr(args, key) for key in EVALUATE_FOLDER_KEYS if key in reads}
+    )
+    source = source_of(data)
+    source.check_settings({key: PREPARE_FLAGS[key] for key in EVALUATE_FOLDER_KEYS})
+    source.prepare(print)
+    unavailable = source.scores_unavailable()
+    if unavailable:
+        raise ConfigError(f"--dataset: {unavailable}")
+    return data
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

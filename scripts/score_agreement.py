@@ -17,7 +17,6 @@ from scipy.stats import spearmanr
 
 from pipeline.config.load import load_config
 from pipeline.data.kinds import source_of
-from pipeline.data.split import to_model_range
 from pipeline.eval.evaluator import CLASSIFIER, EXTRACTOR, EXTRACTOR_STEPS
 from pipeline.eval.metrics import FID, KID
 from pipeline.gan.loop import train_gan
@@ -82,7 +81,7 @@ def main() -> None:
     classifier = replace(classifier, reference=classifier.features(test.images).features.astype("float32"))
     started = time.perf_counter()
     extractor = train_evaluator(EXTRACTOR, train, test, EXTRACTOR_STEPS, lambda line: None)
-    extractor.model.calibrate(to_model_range(test.images))
+    extractor.model.calibrate(test.images)
     extractor = replace(extractor, reference=extractor.features(test.images).features.astype("float32"))
     print(f"classifier held-out accuracy {classifier.test_accuracy:.3f}")
     print(f"extractor trained in {time.perf_counter() - started:.0f}s; training the GAN for {args.epochs} epochs")

@@ -16,6 +16,15 @@ from pipeline.eval.inception import Inception, InceptionError, fetch_weights, re
 from pipeline.eval.scores import frechet_distance, statistics  # noqa: E402
 
 
+class _Payload:
+    """Unpickled in full, this would call a function (a harmless one here): what weights_only refuses."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())
+
+
 class _Untrained(FeatureExtractorInceptionV3):
     def load_state_dict(self, state_dict, strict=True):  # keep the random initialisation
         return None
@@ -51,7 +60,7 @@ def test_the_pin_refuses_other_weights_unless_named_by_their_digest(random_weigh
     assert got == digest and kept.name == f"sha256-{digest}.pt"
     with pytest.raises(InceptionError, match="is not a file"):
         fetch_weights(str(tmp_path / "missing.pth"), digest, tmp_path / "cache")
-    (tmp_path / "evil.pth").write_bytes(b"\x80\x04\x95not a state dict")
+    torch.save({"weights": _Payload()}, tmp_path / "evil.pth")  # a pickle that would run code when loaded in full
     with pytest.raises(InceptionError, match="is not a weights file"):
         fetch_weights(str(tmp_path / "evil.pth"), file_sha256(tmp_path / "evil.pth"), tmp_path / "cache")
 
@@ -141,7 +150,7 @@ def test_a_run_scores_with_the_weights_shares_them_through_the_store_and_goes_on
     )
     assert run.data.metrics["fid_inception"] > 0 and "fid" in run.data.metrics
     # Another host, no weights of its own and no setting: the store's copy, checked, and the same digest recorded.
-    said, run = train("from-the-store", "host-b", uri)
+    said, run = train("from-the-store", "host-b", uri, "eval.inception_weights=download")  # no internet needed
     assert "registered the Inception weights" not in said and "Inception FID: off" not in said
     assert run.data.tags["inception_sha256"] == digest and run.data.metrics["fid_inception"] > 0
     # Weights that cannot be had: one line saying how to provide them, and the run goes on without.

@@ -25,6 +25,9 @@ def test_kid_equals_torch_fidelitys_on_the_same_features():
     ours, _ = kernel_inception_distance(fake, real, subsets=1, subset_size=len(real))  # every row: no random draw
     theirs = mmd2(kernel_poly(fake, fake), kernel_poly(fake, real), kernel_poly(real, real))
     assert ours == pytest.approx(theirs, rel=1e-4, abs=1e-6)  # float32 kernels, float64 sums
+    # Features 10x larger (a network's own scale): the kernel sees them scaled by the reference's RMS, as before.
+    scaled, _ = kernel_inception_distance(10 * fake, 10 * real, subsets=1, subset_size=len(real))
+    assert scaled == pytest.approx(theirs, rel=1e-4, abs=1e-6)
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_the_shift():

@@ -132,8 +132,8 @@ class EvalConfig:
     inception_weights: str | None = _f(
         None,
         "the TF-FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth) for the standard Inception FID: a "
-        "path, an http(s) URL, or 'download' (pytorch-fid's release); fetched once, checked, shared through the "
-        "tracking store; null = only weights already kept here or in the store",
+        "path, an http(s) URL, or 'download' (pytorch-fid's release); looked for first on this host and in the "
+        "tracking store (by their SHA-256), else fetched, checked and shared there; null = no Inception FID",
     )
     inception_sha256: str | None = _f(
         None, "the SHA-256 the Inception weights must have; null = the published file's (its digest starts 6726825d)"

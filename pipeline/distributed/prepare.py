@@ -16,7 +16,7 @@ from pipeline.data.kinds import source_of
 from pipeline.data.source import check_counts
 from pipeline.distributed.storage import check_storage, exists, resume_checkpoint_file, run_location
 from pipeline.distributed.worker import TrialPart
-from pipeline.eval.metrics import METRICS, champion_metric
+from pipeline.eval.metrics import METRICS, Metric, champion_metric, check_measured
 from pipeline.gan.models import SHAPE_KEYS
 from pipeline.tracking.store import check_tracking_uri, find_run, start_run
 from pipeline.tracking.tracker import tracker_for
@@ -47,11 +47,14 @@ def prepare_inputs(
     progress: Callable[[str], None] = print,
     evaluator: dict[str, Any] | None = None,
     uri: str | None = None,
+    ranked: Metric | None = None,
 ) -> dict[str, Any] | None:
     """Data and (if evaluating) the evaluator, made ready on this node before any worker starts; returns the
     evaluator's payload for the workers: the one every run on the tracking store ``uri`` shares (None: this
     host's own, for tools without a store). A sweep's trial is handed the sweep's ``evaluator``: every trial, on
-    any node, is scored by the same network, and none trains one on a node that has none cached."""
+    any node, is scored by the same network, and none trains one on a node that has none cached. A sweep's
+    ``ranked`` metric, and the champion's, must be ones the data's evaluator computes (refused before it is
+    trained)."""
     source = source_of(cfg.data)
     check_counts(cfg, source.prepare(progress))
     if not cfg.eval.every_epochs:
@@ -63,6 +66,9 @@ def prepare_inputs(
             "everything else is logged"
         )
         return None
+    for entry, key in ((champion_metric(cfg), "tracking.champion_metric"), (ranked, "tune.metric")):
+        if entry is not None:
+            check_measured(entry, key, source.labelled(), source.describe())
     if evaluator is not None:
         return evaluator
     from pipeline.eval.evaluator import get_evaluator

@@ -66,7 +66,7 @@ def rescorer(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> 
         )
         scores = evaluator.score(images)
         return {
-            **{key: repr(scores[key]) for key in METRICS},
+            **{key: repr(scores[key]) for key in METRICS if key in scores},  # what this evaluator computes
             "evaluator_sha256": evaluator.checksum,
             "eval_num_samples": str(cfg.eval.num_samples),
         }

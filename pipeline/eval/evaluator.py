@@ -89,8 +89,8 @@ class Evaluator:
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> Features:
-        """uint8 images (N, H, W) or (N, C, H, W) -> float64 features (N, 128) and, from a classifier, class
-        probabilities."""
+        """uint8 images (N, H, W) or (N, C, H, W) -> float64 features (N, D: a classifier's 128, an extractor's
+        two per channel of each block) and, from a classifier, class probabilities."""
         self.model.eval()
         feats, probs = [], []
         for start in range(0, len(images), EVAL_BATCH):
@@ -208,7 +208,7 @@ def _train(
     unreferenced = Evaluator(model, spec.key, figure, np.eye(2, 4, dtype=np.float32), "", kind, classes)
     order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:REFERENCE_MOST]
     if isinstance(model, Extractor):
-        model.calibrate(to_model_range(test.images[order]))
+        model.calibrate(test.images[order])
     reference = unreferenced.features(test.images[order]).features.astype(np.float32)
     return replace(unreferenced, reference=reference)
 
@@ -263,7 +263,7 @@ def real_reference(
     """The real-data yardstick, scored by ``evaluator``: the scores of ``num`` training images against the test
     split (``train``), and of the test split itself (``test``)."""
     source = source_of(replace(data, limit=None))
-    train, test = source.load(True, progress), source.load(False, progress)
+    train, test = source.load(True, progress, num), source.load(False, progress, REFERENCE_MOST)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:num]
     return {
         "train": evaluator.score(train.images[pick]),

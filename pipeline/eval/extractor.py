@@ -66,15 +66,18 @@ class Extractor(nn.Module):
         return features, self.head(self.bottleneck(x))
 
     @torch.no_grad()
-    def calibrate(self, x: torch.Tensor) -> None:
-        """Scale each block's means, and its deviations, to a root-mean-square entry of 1 over the images ``x`` (in
-        [-1, 1])."""
+    def calibrate(self, images: torch.Tensor) -> None:
+        """Scale each block's means, and its deviations, to a root-mean-square entry of 1 over the uint8 ``images``
+        (a batch at a time: 10,000 images of 128 px would not fit in memory at once)."""
         self.eval()
         self.scales.fill_(1.0)
-        features, _ = self(x)
         sizes = [block[0].out_channels for block in self.blocks for _ in range(2)]
-        for i, part in enumerate(features.split(sizes, dim=1)):
-            self.scales[i] = 1.0 / part.pow(2).mean().sqrt().clamp_min(1e-12)
+        squares = torch.zeros(len(sizes), dtype=torch.float64)
+        for start in range(0, len(images), EVAL_BATCH):
+            features, _ = self(to_model_range(images[start : start + EVAL_BATCH]))
+            for i, part in enumerate(features.split(sizes, dim=1)):
+                squares[i] += part.double().pow(2).sum() / sizes[i]
+        self.scales.copy_((squares / len(images)).sqrt().clamp_min(1e-12).reciprocal())
 
 
 def rotations(x: torch.Tensor, gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

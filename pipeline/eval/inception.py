@@ -53,8 +53,9 @@ def check_digest(digest: str, expected: str | None, where: str) -> None:
 
 def fetch_weights(setting: str, expected: str | None, cache: Path, progress: Any = print) -> tuple[Path, str]:
     """The weights ``setting`` names (a path, an http(s) URL, or ``download``: pytorch-fid's release), checked and
-    kept in ``cache`` as ``sha256-<digest>.pt``, a state dict this project saved after loading the file with
-    ``weights_only=True``; returns that file and the original's digest."""
+    kept in ``cache``: the file as it came (``original-<digest>.pth``, what the tracking store shares) and
+    ``sha256-<digest>.pt``, a state dict this project saved after loading it with ``weights_only=True``; returns
+    that file and the original's digest."""
     cache.mkdir(parents=True, exist_ok=True)
     url = WEIGHTS_URL if setting == "download" else setting if "://" in setting else None
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
@@ -72,11 +73,18 @@ def fetch_weights(setting: str, expected: str | None, cache: Path, progress: Any
                 raise InceptionError(f"eval.inception_weights: {setting!r} is not a file")
         digest = file_sha256(source)
         check_digest(digest, expected, url or str(source))
-        return keep(source, digest, cache), digest
+        kept = keep(source, digest, cache)
+        original = cache / f"original-{digest}.pth"
+        if not original.is_file():
+            shutil.copyfile(source, Path(tmp) / "original")
+            (Path(tmp) / "original").replace(original)
+        return kept, digest
 
 
 def keep(source: Path, digest: str, cache: Path) -> Path:
-    """``source`` loaded with ``weights_only=True`` and saved again as ``cache/sha256-<digest>.pt``."""
+    """``source`` (whose SHA-256 is ``digest``, checked by the caller) loaded with ``weights_only=True`` and saved
+    again as ``cache/sha256-<digest>.pt``: the only file handed to torch-fidelity, which loads without
+    ``weights_only``."""
     kept = cache / f"sha256-{digest}.pt"
     if not kept.is_file():
         try:
@@ -124,6 +132,13 @@ class Inception:
         self.network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(weights))
         self.digest = digest
         self.mu, self.sigma = mu, sigma
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> Inception:
+        """Run the network on ``device`` (a GPU makes 50,000 samples an evaluation affordable)."""
+        self.network.to(device)
+        self.device = device
+        return self
 
     @classmethod
     def of(cls, payload: dict[str, Any]) -> Inception:
@@ -137,7 +152,10 @@ class Inception:
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> np.ndarray:
         """uint8 images -> float64 pool3 features (N, 2048)."""
-        parts = [self.network(resize(images[i : i + BATCH]))[0].double() for i in range(0, len(images), BATCH)]
+        parts = [
+            self.network(resize(images[i : i + BATCH].cpu()).to(self.device))[0].double().cpu()
+            for i in range(0, len(images), BATCH)
+        ]
         return torch.cat(parts).numpy()
 
     def reference(self, test: torch.Tensor) -> None:

@@ -126,7 +126,7 @@ KID = Metric(
     worst=math.inf,
     ranks=True,
     compares=True,
-    doc="unbiased MMD² (cubic kernel) between the samples' and the test split's features, over 100 subsets of "
+    doc="unbiased MMD² (cubic kernel) between the samples' and the test split's features, over 50 subsets of "
     "up to 1000 (with its std); unbiased at small counts",
     more_digits=2,
 )
@@ -171,7 +171,7 @@ INCEPTION_FID = Metric(
     "inception",
     _inception_fid,
     worst=math.inf,
-    ranks=True,
+    ranks=False,  # its figures need the same weights and sample count to compare, which the registry does not track
     compares=True,
     doc="the standard FID: TF-FID Inception-v3 pool3 features of eval.inception_samples samples against the test "
     "split's, where eval.inception_weights gives the weights (pipeline.eval.inception)",
@@ -191,6 +191,17 @@ def metric(name: str, key: str = "tune.metric") -> Metric:
         ranking = ", ".join(m.name for m in METRICS.values() if m.ranks)
         raise ConfigError(f"{key}: {name!r} is not a metric that can rank trials; use one of {ranking}")
     return entry
+
+
+def check_measured(entry: Metric, key: str, classes: bool, data: str) -> None:
+    """``entry`` (given as ``key``) is one the data's evaluator computes: a ConfigError before training if not (a
+    classifier's IS on data without classes)."""
+    if entry not in computed_by(classes):
+        kinds = "a classifier's class probabilities; this data has no classes"
+        raise ConfigError(
+            f"{key}: {entry.name} needs {kinds} ({data}); use one of "
+            f"{', '.join(m.name for m in computed_by(classes) if m.ranks)}"
+        )
 
 
 def champion_metric(cfg: PipelineConfig) -> Metric:

@@ -45,8 +45,9 @@ def kernel_inception_distance(
     """KID (Bińkowski et al., 2018): the unbiased MMD² with the cubic polynomial kernel (x·y/d + 1)³, mean and std
     over ``subsets`` random subsets of ``subset_size`` of each set (both drawn without replacement; the size cut to
     the smaller set), as torch-fidelity and clean-fid compute it (they take 100 subsets: 50 halve the time and
-    change the mean's spread by 1.4x), on features scaled by the reference's RMS; kernels in float32, their sums
-    in float64."""
+    widen the mean's spread by 1.4x). Unlike theirs, the features are first divided by the reference's RMS (theirs
+    are Inception's, already about 1; a network's own may be 100x off, and the cube would swamp or vanish); kernels
+    in float32, their sums in float64."""
     x, y = np.asarray(features, np.float64), np.asarray(reference, np.float64)
     # The kernel sees features scaled so that the reference's mean squared entry is 1, as Inception's pool features
     # roughly are: a network's own features may be 100x larger or smaller, and the cube would swamp or vanish.

@@ -50,7 +50,7 @@ class Scorer:
         images = generate_images(generator, count, self.latent_dim, self.seed, device)
         scores = self.evaluator.score(images[: self.num_samples])
         if self.inception is not None:
-            scores |= self.inception.score(images[: self.inception_samples])
+            scores |= self.inception.to(device).score(images[: self.inception_samples])
         return scores
 
     @staticmethod

@@ -311,7 +311,7 @@ def _log_best(
     cfg: PipelineConfig, parent: MLflowTracker, best: dict[str, Any], rows: list[dict[str, Any]], searched: list[str]
 ) -> None:
     """The best trial's scores, point and last sample grid on the parent run, and the sweep's plots."""
-    parent.log_metrics({f"best_{name}": best[name] or float("nan") for name in METRICS}, step=0)
+    parent.log_metrics({f"best_{name}": float("nan") if best[name] is None else best[name] for name in METRICS}, step=0)
     parent.flush()
     parent.log_params({f"best_{key.split('.')[1]}": best[key] for key in searched})
     parent.set_tags({"best_run_id": best["run_id"] or "", "best_trial_id": best["trial_id"] or ""})

@@ -207,7 +207,7 @@ def _new_tuner(
 
 
 def sweep_evaluators(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """The data and FID/IS evaluator of each dataset the sweep's trials may train on (``data.dataset`` may be
+    """The data and evaluator of each dataset the sweep's trials may train on (``data.dataset`` may be
     searched), prepared once, here: each trial gets its dataset's evaluator through Ray's object store, so a
     trial on a node without a cached evaluator starts training at once, scored like every other trial."""
     spec = cfg.tune.search_space.get("data.dataset")
@@ -215,7 +215,7 @@ def sweep_evaluators(cfg: PipelineConfig, uri: str, progress: Callable[[str], No
     evaluators = {}
     for dataset in datasets:
         trial = with_overrides(cfg, {"data.dataset": dataset})
-        payload = prepare_inputs(trial, progress, uri=uri)
+        payload = prepare_inputs(trial, progress, uri=uri, ranked=ranking(cfg)[0])
         if payload is not None:
             evaluators[dataset] = payload
         elif unavailable := source_of(trial.data).scores_unavailable():

@@ -3,8 +3,8 @@ dataset's held-out images are cut in two: one half is the reference, the other i
 degradations (light and heavy blur, added noise, a few images repeated). A trustworthy score orders them: real <
 light blur < heavy blur, real < noise, real < collapse; precision falls for blur and noise, recall for collapse.
 
-``scripts/score_degradations.py`` prints the table (docs/scores.md); tests/test_scores_quality.py holds a small
-folder to the same orderings.
+``scripts/score_degradations.py`` prints the table (docs/scores.md); tests/test_unlabelled.py holds a folder of
+real digits without classes to the same orderings.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 
-from pipeline.data.split import Split, to_model_range
+from pipeline.data.split import Split
 from pipeline.eval.classifier import train_classifier
 from pipeline.eval.evaluator import CLASSIFIER, Evaluator
 from pipeline.eval.extractor import Extractor, train_extractor
@@ -80,7 +80,7 @@ def degradation_rows(evaluator: Evaluator, kind: str, held_out: torch.Tensor, se
     order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))
     reference, sample = held_out[order[: len(order) // 2]], held_out[order[len(order) // 2 :]]
     if isinstance(evaluator.model, Extractor):
-        evaluator.model.calibrate(to_model_range(reference))
+        evaluator.model.calibrate(reference)
     evaluator = replace(evaluator, reference=evaluator.features(reference).features.astype(np.float32))
     rows = []
     for how in DEGRADATIONS:

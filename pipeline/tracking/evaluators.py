@@ -40,7 +40,9 @@ from pipeline.eval.inception import (
     Inception,
     InceptionError,
     cached_weights,
+    check_digest,
     fetch_weights,
+    keep,
 )
 from pipeline.tracking.store import TrackingError, get_or_create_experiment, mlflow_client
 
@@ -175,85 +177,89 @@ INCEPTION_MODEL = "inception-v3-tf-fid"  # the registered model the weights are 
 
 
 def shared_inception(cfg: PipelineConfig, uri: str | None, progress: Callable[[str], None] = print) -> dict | None:
-    """The Inception FID's payload for workers (weights, digest, resize, the test split's statistics), or None with
-    one line saying why and how to provide the weights: found kept on this host, else in the store ``uri``, else
-    fetched as ``eval.inception_weights`` says (and then registered in the store)."""
-    cache = data_root(cfg.data) / "inception"
-    expected = cfg.eval.inception_sha256
+    """With ``eval.inception_weights`` set, the Inception FID's payload for workers (weights, digest, resize, the
+    test split's statistics), or None with one line saying why and how to provide the weights. The weights are
+    those kept on this host, else the store's (checked against the pin), else fetched as the setting says and
+    then registered in the store ``uri`` (once they have loaded into the network)."""
+    setting = cfg.eval.inception_weights
+    if not setting:
+        return None
+    cache, expected = data_root(cfg.data) / "inception", cfg.eval.inception_sha256
     try:
         found = cached_weights(cache, expected) or (_stored_inception(uri, expected, cache) if uri else None)
-        if found is None and cfg.eval.inception_weights:
-            found = fetch_weights(cfg.eval.inception_weights, expected, cache, progress)
-        if found is None:
-            progress(
-                "[eval] Inception FID: off (no TF-FID Inception weights kept here or in the store); to add it, set "
-                f"eval.inception_weights to the path or URL of {WEIGHTS_FILE}, or to 'download'"
-            )
-            return None
-        weights, digest = found
-        if uri and _inception_version(uri, digest) is None:
-            tags = {"sha256": digest, "kept_sha256": file_sha256(weights), "resize": RESIZE}
-            register_evaluator(uri, INCEPTION_MODEL, [weights], tags)
+        weights, digest = found or fetch_weights(setting, expected, cache, progress)
+        mu, sigma = _inception_reference(cfg, weights, digest, progress)  # fails on weights of another network
+        original = cache / f"original-{digest}.pth"
+        if uri and original.is_file() and _inception_version(uri, digest) is None:
+            register_evaluator(uri, INCEPTION_MODEL, [original], {"sha256": digest, "resize": RESIZE})
             progress(f"[eval] registered the Inception weights (sha256 {digest[:12]}) as {INCEPTION_MODEL} in {uri}")
-    except (InceptionError, TrackingError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the run goes on without the Inception FID
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         progress(
-            f"[eval] Inception FID: off ({exc}); everything else is scored. The weights: the path or URL of "
+            f"[eval] Inception FID: off ({reason}); everything else is scored. The weights: the path or URL of "
             f"{WEIGHTS_FILE} in eval.inception_weights, or 'download'"
         )
         return None
-    mu, sigma = _inception_reference(cfg, weights, digest, progress)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     return {"weights": state, "sha256": digest, "resize": RESIZE, "mu": mu, "sigma": sigma}
 
 
 def _inception_version(uri: str, digest: str | None, prefix: str = "") -> SharedVersion | None:
     """The store's first version of the Inception weights with ``digest`` (or, None, any whose digest starts with
-    ``prefix``)."""
+    ``prefix``); None when there is none (or no such model yet)."""
+    from mlflow.exceptions import MlflowException
+
     if digest is not None:
         return shared_evaluator_version(uri, INCEPTION_MODEL, {"sha256": digest})
-    versions = mlflow_client(uri).search_model_versions(f"name = '{INCEPTION_MODEL}'")
+    try:
+        versions = mlflow_client(uri).search_model_versions(f"name = '{INCEPTION_MODEL}'")
+    except MlflowException:
+        return None
     fitting = [v for v in versions if v.tags.get("sha256", "").startswith(prefix)]
     first = min(fitting, key=lambda v: int(v.version), default=None)
     return None if first is None else SharedVersion(INCEPTION_MODEL, str(first.version), dict(first.tags), first.run_id)
 
 
 def _stored_inception(uri: str, expected: str | None, cache: Path) -> tuple[Path, str] | None:
-    """The weights from the store (checked against their registered digest) kept in ``cache``; None without."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        shared = _inception_version(uri, expected, "" if expected else PUBLISHED_PREFIX)
-    except MlflowException:
-        return None  # no such registered model yet
+    """The store's copy of the weights: the original file, checked against the pin like a user's file, then kept
+    (loaded with ``weights_only=True`` and saved again) in ``cache``; None when the store has none."""
+    shared = _inception_version(uri, expected, "" if expected else PUBLISHED_PREFIX)
     if shared is None:
         return None
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         folder = download_evaluator(uri, shared, Path(tmp))
-        (file,) = list(folder.glob("sha256-*.pt"))
-        if file_sha256(file) != shared.tags.get("kept_sha256"):
-            raise InceptionError(f"{INCEPTION_MODEL} version {shared.version} in {uri} does not match its checksum")
-        digest = shared.tags["sha256"]
-        os.replace(file, cache / f"sha256-{digest}.pt")
-    return cache / f"sha256-{digest}.pt", digest
+        files = list(folder.glob("original-*.pth"))
+        if len(files) != 1:
+            raise InceptionError(f"{INCEPTION_MODEL} version {shared.version} in {uri} holds no weights file")
+        digest = file_sha256(files[0])
+        where = f"{INCEPTION_MODEL} version {shared.version} in {uri}"
+        if digest != shared.tags.get("sha256"):
+            raise InceptionError(f"{where} does not match its registered SHA-256: its file was changed")
+        check_digest(digest, expected, where)
+        kept = keep(files[0], digest, cache)
+        os.replace(files[0], cache / f"original-{digest}.pth")
+    return kept, digest
 
 
 def _inception_reference(
     cfg: PipelineConfig, weights: Path, digest: str, progress: Callable[[str], None]
 ) -> tuple[np.ndarray, np.ndarray]:
     """The test split's Inception statistics (up to ``eval.inception_samples`` images), cached beside the data's
-    evaluator by the weights' digest and the count."""
+    evaluator by the weights' digest, the resize protocol and the count."""
     source = source_of(replace(cfg.data, limit=None))
     spec = source.spec()
     count = cfg.eval.inception_samples
-    path = cache_dir(cfg.data, spec) / f"inception-{digest[:12]}-{count}.npz"
+    path = cache_dir(cfg.data, spec) / f"inception-{digest[:12]}-{RESIZE}-{count}.npz"
+    inception = Inception(weights, digest)  # loads the weights into the network first: another network fails here
     if path.is_file():
         with np.load(path, allow_pickle=False) as saved:
             return saved["mu"], saved["sigma"]
     test = source.load(False, progress, count).images[:count]
     progress(f"[eval] the test split's Inception statistics ({len(test)} images; once, cached in {path.parent})")
-    inception = Inception(weights, digest)
     inception.reference(test)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=inception.mu, sigma=inception.sigma)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, mu=inception.mu, sigma=inception.sigma)
+    tmp.replace(path)
     return inception.mu, inception.sigma
