@@ -82,3 +82,15 @@ def test_the_champion_metric_is_configurable_and_checked():
     assert champion_metric(build_config({})).name == "fid"
     with pytest.raises(ConfigError, match="tracking.champion_metric: 'ssim' is not a metric that can rank"):
         champion_metric(build_config({"tracking": {"champion_metric": "ssim"}}))
+
+
+def test_a_metric_the_data_s_evaluator_does_not_compute_is_refused_before_training():
+    from pipeline.core.errors import ConfigError
+    from pipeline.eval.metrics import INCEPTION_SCORE, check_measured
+
+    check_measured(KID, "tune.metric", classes=False, data="the image folder x")  # any evaluator computes KID
+    check_measured(INCEPTION_SCORE, "tune.metric", classes=True, data="mnist")
+    with pytest.raises(ConfigError, match="tune.metric: inception_score needs a classifier's class probabilities"):
+        check_measured(INCEPTION_SCORE, "tune.metric", classes=False, data="the image folder x")
+    with pytest.raises(ConfigError, match="'fid_inception' is not a metric that can rank"):
+        metric("fid_inception")  # logged where the weights are, but its figures compare only with the same weights

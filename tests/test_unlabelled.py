@@ -100,8 +100,10 @@ def test_a_sweep_on_a_folder_without_classes_ranks_registers_and_lines_up(flat, 
     (parent,) = [r for r in client.search_runs([experiment]) if r.data.tags.get("kind") == "sweep"]
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 2
+    # ASHA may stop a trial after its first epoch (KILLED in MLflow); each still reported its scores.
+    assert "FINISHED" in {child.info.status for child in children}
     for child in children:
-        assert child.info.status == "FINISHED", child.data.tags
+        assert child.info.status in ("FINISHED", "KILLED"), child.data.tags
         assert {"fid", "kid", "precision", "recall"} <= set(child.data.metrics), child.data.metrics
         assert set(child.data.params) == set(children[0].data.params)  # one column per key in the compare view
     # The champion is the trial with the lowest KID: ranked by the score the sweep was told to use.
