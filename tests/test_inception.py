@@ -153,9 +153,18 @@ def test_a_run_scores_with_the_weights_shares_them_through_the_store_and_goes_on
     said, run = train("from-the-store", "host-b", uri, "eval.inception_weights=download")  # no internet needed
     assert "registered the Inception weights" not in said and "Inception FID: off" not in said
     assert run.data.tags["inception_sha256"] == digest and run.data.metrics["fid_inception"] > 0
-    # Weights that cannot be had: one line saying how to provide them, and the run goes on without.
-    other = f"sqlite:///{tmp_path / 'other.db'}"
-    said, run = train("no-weights", "host-c", other, f"eval.inception_weights={tmp_path / 'missing.pth'}")
-    assert "Inception FID: off (eval.inception_weights:" in said and "is not a file" in said
-    assert "fid" in run.data.metrics and "fid_inception" not in run.data.metrics
-    assert "inception_sha256" not in run.data.tags
+
+
+def test_weights_that_cannot_be_had_turn_the_inception_fid_off_with_one_line(tmp_path):
+    """A run's preparation without the weights: one line saying how to provide them, and no payload (the run
+    scores everything else: tests/test_train.py's scorer runs without one)."""
+    from pipeline.config.load import build_config
+    from pipeline.tracking.evaluators import shared_inception
+
+    said: list[str] = []
+    missing = tmp_path / "missing.pth"
+    cfg = build_config({"data": {"root": str(tmp_path)}, "eval": {"inception_weights": str(missing)}})
+    assert shared_inception(cfg, None, said.append) is None
+    assert len(said) == 1 and "Inception FID: off (eval.inception_weights:" in said[0] and "is not a file" in said[0]
+    assert "pt_inception-2015-12-05-6726825d.pth in eval.inception_weights, or 'download'" in said[0]
+    assert shared_inception(build_config({}), None, said.append) is None and len(said) == 1  # not asked: silent

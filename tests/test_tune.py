@@ -67,7 +67,7 @@ def test_sweep_with_asha_parent_child_runs_and_best_entries(tmp_path):
     )
     result = run_cli(*args, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| trial | optim.lr_g | epochs | FID | IS | status |" in result.stdout
+    assert "| trial | optim.lr_g | epochs | FID | IS | KID | precision | recall | status |" in result.stdout
     assert "early_stopped" in result.stdout
     # The console: our trials table as trials change, not Ray's every-30-s status table; every worker line
     # names its trial.
@@ -538,7 +538,8 @@ def test_a_sweep_prepares_the_evaluator_of_each_dataset_its_trials_may_train_on(
 
     prepared = []
 
-    def prepare(cfg, progress, uri):
+    def prepare(cfg, progress, uri, ranked=None):
+        assert ranked is not None and ranked.name == "fid"  # the sweep's metric: checked against the evaluator
         assert uri == "sqlite:///store.db"  # the sweep's store: its trials share its evaluators
         prepared.append(cfg.data.dataset)
         return {"dataset": cfg.data.dataset} if cfg.eval.every_epochs else None

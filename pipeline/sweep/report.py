@@ -19,7 +19,7 @@ from pipeline.core.errors import first_line
 from pipeline.distributed.lifecycle import RunFailed, finish_from_storage
 from pipeline.distributed.registration import register_best
 from pipeline.distributed.results import report_kind
-from pipeline.eval.metrics import METRICS
+from pipeline.eval.metrics import FID, INCEPTION_SCORE, METRICS
 from pipeline.gan.reports import Diverged
 from pipeline.sweep.accounting import SweepTime, TrialTime, sweep_time
 from pipeline.sweep.schedulers import ranking, scheduler_of
@@ -175,9 +175,11 @@ def fmt(value: Any) -> str:
 
 
 def format_rows(rows: list[dict[str, Any]], searched: list[str]) -> str:
-    """Trials table rows as a markdown table: a column for each metric some trial has a value of."""
+    """Trials table rows as a markdown table: FID and IS, and a column for each other metric some trial has a
+    value of."""
     timed = any("train_s" in r for r in rows)  # a finished sweep's table: where each trial's time went
-    shown = [m for m in METRICS.values() if any(fmt(r.get(m.name)) != "-" for r in rows)]
+    always = (FID, INCEPTION_SCORE)
+    shown = [m for m in METRICS.values() if m in always or any(fmt(r.get(m.name)) != "-" for r in rows)]
     labels = [metric.label for metric in shown]
     head = ["trial", *searched, "epochs", *labels, "status", *(["train s", "start s"] if timed else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
