@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from scipy.stats import spearmanr
@@ -100,11 +99,10 @@ def main() -> None:
     # The folder's classifier as runs are scored by it, without its accuracy gate (the icons' classes are hard to
     # tell apart: it reaches about 0.7 held out), and the extractor a folder without classes would get.
     classifier = train_evaluator(CLASSIFIER, train, test, 600, lambda line: None)
-    classifier = replace(classifier, reference=classifier.features(test.images).features.astype("float32"))
+    classifier = classifier.referenced(test.images)
     started = time.perf_counter()
     extractor = train_evaluator(EXTRACTOR, train, test, EXTRACTOR_STEPS, lambda line: None)
-    extractor.model.calibrate(test.images)
-    extractor = replace(extractor, reference=extractor.features(test.images).features.astype("float32"))
+    extractor = extractor.referenced(test.images)
     print(f"classifier held-out accuracy {classifier.test_accuracy:.3f}")
     print(f"extractor trained in {time.perf_counter() - started:.0f}s; training the GAN for {args.epochs} epochs")
     scorer = BothScores(classifier, copy.deepcopy(extractor), args.samples, cfg.model.latent_dim)

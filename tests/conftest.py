@@ -53,6 +53,17 @@ def fake_split():
     return Split(images, labels)
 
 
+def sweep_runs(uri: str) -> tuple:
+    """A finished sweep's MLflow parent run (the only one in the store) and its child runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("gan-pipeline").experiment_id
+    (parent,) = [r for r in client.search_runs([experiment]) if r.data.tags.get("kind") == "sweep"]
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return parent, children
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m pipeline ARGS` in the repo, as a user would run it."""
     return run_python("-m", "pipeline", *args, env=env, timeout=timeout)

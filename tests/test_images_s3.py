@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, sweep_runs
 from tests.image_folders import make_folder
 from tests.servers import S3Server
 
@@ -138,11 +138,8 @@ def test_a_sweep_of_two_data_parallel_trials_on_the_folder_in_s3(s3, data_root, 
     done = run_cli("tune", "-c", "configs/smoke.yaml", *args, "--name", "rgb-sweep", env=s3.env, timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("gan-pipeline").experiment_id
-    (parent,) = [r for r in client.search_runs([experiment]) if r.data.tags.get("kind") == "sweep"]
-    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    _, children = sweep_runs(uri)
     assert len(children) == 2
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["world_size"] == "2", child.data.tags
-        assert len(client.get_metric_history(child.info.run_id, "fid")) == 1
+        assert len(MlflowClient(uri).get_metric_history(child.info.run_id, "fid")) == 1

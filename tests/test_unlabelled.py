@@ -15,7 +15,7 @@ from pipeline.data.kinds import source_of
 from pipeline.data.source import SCORES_NEED
 from pipeline.eval.evaluator import EXTRACTOR, cache_dir, get_evaluator
 from pipeline.tools.degradations import degradation_rows, ordering_problems
-from tests.conftest import run_cli
+from tests.conftest import run_cli, sweep_runs
 from tests.image_folders import make_folder
 
 DIGITS = 1200  # real images, no classes: 840 to learn from, 360 held out
@@ -95,10 +95,7 @@ def test_a_sweep_on_a_folder_without_classes_ranks_registers_and_lines_up(flat, 
     done = run_cli("tune", "-c", "configs/smoke.yaml", *args, "--name", f"flat-{scheduler}", timeout=900)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("gan-pipeline").experiment_id
-    (parent,) = [r for r in client.search_runs([experiment]) if r.data.tags.get("kind") == "sweep"]
-    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    _, children = sweep_runs(uri)
     assert len(children) == 2
     # ASHA may stop a trial after its first epoch (KILLED in MLflow); each still reported its scores.
     assert "FINISHED" in {child.info.status for child in children}
@@ -107,6 +104,6 @@ def test_a_sweep_on_a_folder_without_classes_ranks_registers_and_lines_up(flat, 
         assert {"fid", "kid", "precision", "recall"} <= set(child.data.metrics), child.data.metrics
         assert set(child.data.params) == set(children[0].data.params)  # one column per key in the compare view
     # The champion is the trial with the lowest KID: ranked by the score the sweep was told to use.
-    champion = client.get_model_version_by_alias("gan-images", "champion")
+    champion = MlflowClient(uri).get_model_version_by_alias("gan-images", "champion")
     kids = sorted(child.data.metrics["kid"] for child in children)
     assert float(champion.tags["kid"]) == pytest.approx(kids[0]), (champion.tags, kids)

@@ -47,7 +47,6 @@ class FolderSource(DataSource):
 
     reads = ("path", "image_size", "channels", "prepared", "test_fraction", "stream", "stream_above_mb")
     fixed = ("image_size", "channels")
-    classes_from = " (one subfolder per class)"
     hold_out_more = "raise data.test_fraction or add images"
 
     @property

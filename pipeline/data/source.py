@@ -88,7 +88,6 @@ class DataSource:
 
     reads: tuple[str, ...] = ()  # the data.* keys this kind reads besides dataset, root and limit
     fixed: tuple[str, ...] = ()  # those of them a resumed run keeps (its checkpoint's networks are shaped by them)
-    classes_from = ""  # where its classes come from, for the message when it has none
     hold_out_more = "hold out more or add images"  # the fix when too few images are held out
 
     def __init__(self, data: DataConfig):

@@ -100,6 +100,12 @@ class Evaluator:
         classes = torch.cat(probs).numpy() if self.kind == CLASSIFIER else None
         return Features(torch.cat(feats).numpy(), classes, self.reference, self.test_mu, self.test_sigma, self.radii)
 
+    def referenced(self, images: torch.Tensor) -> Evaluator:
+        """This evaluator with ``images`` (uint8) as its reference: an extractor first calibrated on them."""
+        if isinstance(self.model, Extractor):
+            self.model.calibrate(images)
+        return replace(self, reference=self.features(images).features.astype(np.float32))
+
     def payload(self) -> dict[str, Any]:
         """Everything needed to rebuild this evaluator elsewhere (shipped to every worker of a run, so all
         trials on all nodes are scored by the very same network)."""
@@ -207,10 +213,7 @@ def _train(
     classes = spec.num_classes if kind == CLASSIFIER else 0
     unreferenced = Evaluator(model, spec.key, figure, np.eye(2, 4, dtype=np.float32), "", kind, classes)
     order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:REFERENCE_MOST]
-    if isinstance(model, Extractor):
-        model.calibrate(test.images[order])
-    reference = unreferenced.features(test.images[order]).features.astype(np.float32)
-    return replace(unreferenced, reference=reference)
+    return unreferenced.referenced(test.images[order])
 
 
 def _save(evaluator: Evaluator, directory: Path) -> None:

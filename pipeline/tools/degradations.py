@@ -10,7 +10,7 @@ real digits without classes to the same orderings.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -79,9 +79,7 @@ def degradation_rows(evaluator: Evaluator, kind: str, held_out: torch.Tensor, se
     """The scores of each degradation of one half of ``held_out`` against the other half."""
     order = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))
     reference, sample = held_out[order[: len(order) // 2]], held_out[order[len(order) // 2 :]]
-    if isinstance(evaluator.model, Extractor):
-        evaluator.model.calibrate(reference)
-    evaluator = replace(evaluator, reference=evaluator.features(reference).features.astype(np.float32))
+    evaluator = evaluator.referenced(reference)
     rows = []
     for how in DEGRADATIONS:
         features = evaluator.features(degraded(sample, how, seed))
