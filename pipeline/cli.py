@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--image-size", type=int, help=f"images: its prepared side, one of {IMAGE_SIZES}")
     evaluate.add_argument("--channels", type=int, default=1, help="images: 1 (grey, the default) or 3 (RGB)")
     evaluate.add_argument("--test-fraction", type=float, default=0.1, help="images: its held-out share (default 0.1)")
+    evaluate.add_argument(
+        "--evaluator",
+        default="auto",
+        choices=("auto", "classifier", "rotation"),
+        help="the network that scores (data.evaluator): auto = a classifier where the data has classes",
+    )
     evaluate.add_argument("--num", type=int, default=10_000, help="samples to generate with --run-id")
     evaluate.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
 
@@ -363,7 +369,10 @@ def _evaluated_data(args: argparse.Namespace, dataset: str) -> DataConfig:
 
     reads = source_of(DataConfig(dataset=dataset)).reads  # the flags this kind of data takes
     data = DataConfig(
-        dataset=dataset, root=args.root, **{key: getattr(args, key) for key in EVALUATE_FOLDER_KEYS if key in reads}
+        dataset=dataset,
+        root=args.root,
+        evaluator=args.evaluator,
+        **{key: getattr(args, key) for key in EVALUATE_FOLDER_KEYS if key in reads},
     )
     source = source_of(data)
     source.check_settings({key: PREPARE_FLAGS[key] for key in EVALUATE_FOLDER_KEYS})

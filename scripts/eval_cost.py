@@ -34,7 +34,7 @@ def measure(cfg, label: str) -> None:
     data = source.load(True, lambda line: None)
     one = with_overrides(cfg, {"train.epochs": 1, "eval.every_epochs": 0})
     result, epoch_s = timed(lambda: train_gan(one, data))
-    n = cfg.eval.num_samples
+    n = evaluator.sample_count(cfg.eval.num_samples)
     images, generate_s = timed(
         lambda: generate_images(result.generator, n, cfg.model.latent_dim, 0, torch.device("cpu"))
     )

@@ -60,7 +60,7 @@ def main() -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(curve, indent=2))
 
-    scorer = Scorer(evaluator, cfg.eval.num_samples, cfg.model.latent_dim, cfg.train.seed)
+    scorer = Scorer(evaluator, evaluator.sample_count(cfg.eval.num_samples), cfg.model.latent_dim, cfg.train.seed)
     train_gan(cfg, data, Runtime(device=device), [On(report=report, line=print)], scorer=scorer)
     ranked = CHAMPION_METRIC.name
     scored = [r for r in curve["epochs"] if ranked in r]

@@ -107,3 +107,40 @@ def test_a_sweep_on_a_folder_without_classes_ranks_registers_and_lines_up(flat, 
     champion = MlflowClient(uri).get_model_version_by_alias("gan-images", "champion")
     kids = sorted(child.data.metrics["kid"] for child in children)
     assert float(champion.tags["kid"]) == pytest.approx(kids[0]), (champion.tags, kids)
+
+
+def test_the_scoring_network_is_chosen_checked_and_cached_apart(tmp_path):
+    from pipeline.data.source import DataError
+
+    labelled = make_folder(tmp_path / "shapes", 40, broken=False)
+    data = DataConfig(dataset="images", path=str(labelled), image_size=32, channels=3, root=str(tmp_path / "root"))
+    source = source_of(data)
+    source.prepare(lambda line: None)
+    spec = source.spec()
+    assert source.labelled() and source.scored_by() == "classifier"
+    rotation = source_of(DataConfig(**{**data.__dict__, "evaluator": "rotation"}))
+    assert rotation.scored_by() == "rotation"
+    assert cache_dir(data, spec) == cache_dir(DataConfig(**{**data.__dict__, "evaluator": "classifier"}), spec)
+    assert cache_dir(rotation.data, spec) == cache_dir(data, spec).with_name(f"{spec.key}-rotation")
+    # An extractor needs as many images as on a folder without classes; a classifier of 3 shapes does not.
+    assert source.scores_unavailable() is None and "needs at least" in rotation.scores_unavailable()
+
+    flat_folder = make_folder(tmp_path / "flat", 10, labelled=False, broken=False)
+    flat_data = DataConfig(dataset="images", path=str(flat_folder), image_size=32, channels=3, evaluator="classifier")
+    flat_source = source_of(DataConfig(**{**flat_data.__dict__, "root": str(tmp_path / "root")}))
+    flat_source.prepare(lambda line: None)
+    with pytest.raises(DataError, match="data.evaluator=classifier: .* has no classes .* use data.evaluator=auto"):
+        flat_source.scores_unavailable()
+
+
+def test_an_evaluation_scores_as_many_samples_as_its_reference_unless_told():
+    import numpy as np
+
+    from pipeline.config.schema import EvalConfig
+    from pipeline.eval.evaluator import Evaluator, network
+
+    reference = np.random.default_rng(0).normal(size=(123, 8)).astype(np.float32)
+    evaluator = Evaluator(network(EXTRACTOR, (1, 32, 0)), "x", 0.9, reference, "", EXTRACTOR)
+    assert evaluator.sample_count(None) == 123 and evaluator.sample_count(5000) == 5000
+    assert DataConfig().evaluator == "auto"
+    assert EvalConfig().num_samples is None  # the shipped default: an evaluation costs a share of an epoch

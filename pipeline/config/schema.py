@@ -44,6 +44,12 @@ class DataConfig:
         "set; null = stream when the training images pass data.stream_above_mb",
     )
     stream_above_mb: int = _f(1024, "images only: with data.stream null, stream sets above this many MB (pixels)", ge=0)
+    evaluator: Literal["auto", "classifier", "rotation"] = _f(
+        "auto",
+        "the network whose features score this data (docs/scores.md): auto = a classifier of its classes where it "
+        "has them (FID, IS, KID, precision/recall), else a rotation extractor trained without labels (no IS); "
+        "rotation on data with classes too (no IS; its precision falls under heavy blur, a classifier's rises)",
+    )
 
 
 @dataclass
@@ -128,7 +134,12 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = _f(1, "score the generator every N epochs (and after the last); 0 = never", ge=0)
-    num_samples: int = _f(10_000, "generated images scored per evaluation", ge=4)
+    num_samples: int | None = _f(
+        None,
+        "generated images scored per evaluation; null = as many as the held-out images they are compared with (at "
+        "most 10,000: MNIST's test split), so that scoring costs the same small share of an epoch on any folder",
+        ge=4,
+    )
     inception_weights: str | None = _f(
         None,
         "the TF-FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth) for the standard Inception FID: a "

@@ -159,12 +159,25 @@ class DataSource:
         spec = self.spec()
         return spec.num_classes >= 2 and spec.test_images >= 2 * spec.num_classes
 
+    def scored_by(self) -> str:
+        """The network that scores its images (``data.evaluator``; auto: ``classifier`` where it has classes, else
+        ``rotation``, an extractor trained without labels): a DataError for a classifier of data without classes."""
+        chosen = self.data.evaluator
+        if chosen == "auto":
+            return "classifier" if self.labelled() else "rotation"
+        if chosen == "classifier" and not self.labelled():
+            raise DataError(
+                f"data.evaluator=classifier: {self.describe()} has no classes with held-out images of each to train "
+                "a classifier on; use data.evaluator=auto (a feature extractor trained without labels)"
+            )
+        return chosen
+
     def scores_unavailable(self) -> str | None:
         """Why its images cannot be scored (None when they can): a feature space needs images to learn from
-        and held-out images to compare with (:data:`SCORES_NEED`), unless it has classes (:meth:`labelled`)."""
+        and held-out images to compare with (:data:`SCORES_NEED`), unless a classifier of its classes scores it."""
         spec = self.spec()
         train, test = SCORES_NEED
-        if self.labelled() or (spec.train_images >= train and spec.test_images >= test):
+        if self.scored_by() == "classifier" or (spec.train_images >= train and spec.test_images >= test):
             return None
         held = f"{self.describe()} holds out {spec.test_images} image(s)"
         if spec.num_classes >= 2:

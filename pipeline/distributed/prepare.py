@@ -68,7 +68,7 @@ def prepare_inputs(
         return None
     for entry, key in ((champion_metric(cfg), "tracking.champion_metric"), (ranked, "tune.metric")):
         if entry is not None:
-            check_measured(entry, key, source.labelled(), source.describe())
+            check_measured(entry, key, source.scored_by() == "classifier", source.describe())
     if evaluator is not None:
         return evaluator
     from pipeline.eval.evaluator import get_evaluator

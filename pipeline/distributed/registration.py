@@ -44,7 +44,7 @@ def register_best(
         "dataset": source_of(cfg.data).spec().key,
         "config_digest": tags.get("config_digest") or config_digest(cfg),
         "evaluator_sha256": tags.get("evaluator_sha256", "unknown"),
-        "eval_num_samples": str(cfg.eval.num_samples),
+        "eval_num_samples": tags.get("eval_num_samples") or str(cfg.eval.num_samples),
     }
     registration = register_generator(uri, name, model_uri, version_tags, rescorer(cfg, uri, progress), ranked)
     progress(f"[registry] {registration.message}")
@@ -53,7 +53,8 @@ def register_best(
 
 def rescorer(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> Rescore:
     """How a registered generator is scored again as ``cfg``'s runs are: by the store's shared evaluator of
-    ``cfg.data``, ``cfg.eval.num_samples`` images from the noise of ``cfg.train.seed``."""
+    ``cfg.data``, ``cfg.eval.num_samples`` images (null: as many as its reference) from the noise of
+    ``cfg.train.seed``."""
 
     def rescore(model_uri: str) -> dict[str, str]:
         from pipeline.gan.sampling import generate_images
@@ -61,14 +62,13 @@ def rescorer(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> 
 
         evaluator = shared_evaluator(cfg.data, uri, progress)
         generator, facts = load_generator(uri, model_uri)
-        images = generate_images(
-            generator, cfg.eval.num_samples, facts["latent_dim"], cfg.train.seed, torch.device("cpu")
-        )
+        count = evaluator.sample_count(cfg.eval.num_samples)
+        images = generate_images(generator, count, facts["latent_dim"], cfg.train.seed, torch.device("cpu"))
         scores = evaluator.score(images)
         return {
             **{key: repr(scores[key]) for key in METRICS if key in scores},  # what this evaluator computes
             "evaluator_sha256": evaluator.checksum,
-            "eval_num_samples": str(cfg.eval.num_samples),
+            "eval_num_samples": str(count),
         }
 
     return rescore

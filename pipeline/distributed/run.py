@@ -64,6 +64,8 @@ def run_training(
     tags = {"world_size": world_size(cfg), "device": "cuda" if gpu else "cpu", "trained_in": executor.trained_in}
     if evaluator and evaluator.get("checksum"):
         tags["evaluator_sha256"] = evaluator["checksum"]
+        # What an evaluation scores (null: as many as the reference holds): the registry compares only equal counts.
+        tags["eval_num_samples"] = cfg.eval.num_samples or len(evaluator["reference"])
     if evaluator and evaluator.get("inception"):  # the standard FID: figures compare only with the same weights
         tags |= {
             "inception_sha256": evaluator["inception"]["sha256"],

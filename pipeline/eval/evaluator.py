@@ -53,9 +53,9 @@ class EvaluatorError(UserError):
 
 
 def evaluator_kind(source: DataSource) -> str:
-    """Which network scores ``source``'s images: its classifier where it has classes (and held-out images of
-    each), else a feature extractor trained without labels (pipeline.eval.extractor)."""
-    return CLASSIFIER if source.labelled() else EXTRACTOR
+    """Which network scores ``source``'s images (``data.evaluator``): by default its classifier where it has
+    classes (and held-out images of each), else a feature extractor trained without labels (pipeline.eval.extractor)."""
+    return source.scored_by()
 
 
 def network(kind: str, shape: tuple[int, int, int]) -> nn.Module:
@@ -80,6 +80,11 @@ class Evaluator:
     def __post_init__(self) -> None:
         self.test_mu, self.test_sigma = statistics(self.reference)
         self._radii: dict[int, np.ndarray] = {}
+
+    def sample_count(self, setting: int | None) -> int:
+        """How many generated images an evaluation scores: ``eval.num_samples``, or with null as many as the
+        reference holds (the held-out images' features, at most :data:`REFERENCE_MOST`)."""
+        return setting or len(self.reference)
 
     def radii(self, m: int) -> np.ndarray:
         """The k=3 manifold radii of the first ``m`` reference features (computed once per count)."""
@@ -154,8 +159,11 @@ class Evaluator:
 
 
 def cache_dir(data: DataConfig, spec: DatasetSpec) -> Path:
-    """Where the evaluator of ``spec`` is cached: under the data root, by the data's key."""
-    return data_root(data) / "evaluators" / spec.key
+    """Where the evaluator of ``spec`` is cached: under the data root, by the data's key (and its kind, where
+    ``data.evaluator`` chose another than the default's)."""
+    kind = evaluator_kind(source_of(replace(data, limit=None)))
+    default = evaluator_kind(source_of(replace(data, limit=None, evaluator="auto")))
+    return data_root(data) / "evaluators" / (spec.key if kind == default else f"{spec.key}-{kind}")
 
 
 def get_evaluator(

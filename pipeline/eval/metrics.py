@@ -197,7 +197,7 @@ def check_measured(entry: Metric, key: str, classes: bool, data: str) -> None:
     """``entry`` (given as ``key``) is one the data's evaluator computes: a ConfigError before training if not (a
     classifier's IS on data without classes)."""
     if entry not in computed_by(classes):
-        kinds = "a classifier's class probabilities; this data has no classes"
+        kinds = "a classifier's class probabilities; this data is scored by a feature extractor (data.evaluator)"
         raise ConfigError(
             f"{key}: {entry.name} needs {kinds} ({data}); use one of "
             f"{', '.join(m.name for m in computed_by(classes) if m.ranks)}"

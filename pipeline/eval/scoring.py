@@ -1,6 +1,7 @@
-"""What the training loop asks when a report is scored: :class:`Scorer` generates ``eval.num_samples`` images from
-the run's sampling generator (the same noise at every evaluation) and scores them with the run's evaluator, and,
-where the run has the Inception weights, the first ``eval.inception_samples`` of them by the Inception FID."""
+"""What the training loop asks when a report is scored: :class:`Scorer` generates ``eval.num_samples`` images (null:
+as many as the held-out reference holds) from the run's sampling generator (the same noise at every evaluation)
+and scores them with the run's evaluator, and, where the run has the Inception weights, the first
+``eval.inception_samples`` of them by the Inception FID."""
 
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ class Scorer:
         """The scorer of a run: its evaluator shipped as ``payload`` (Evaluator.payload, with the Inception
         network's under ``inception`` where the run has one), its config's sample counts, latent size and seed."""
         inception = Inception.of(payload["inception"]) if payload.get("inception") else None
+        evaluator = Evaluator.from_payload(payload)
         return cls(
-            Evaluator.from_payload(payload),
-            cfg.eval.num_samples,
+            evaluator,
+            evaluator.sample_count(cfg.eval.num_samples),
             cfg.model.latent_dim,
             cfg.train.seed,
             inception,

@@ -30,6 +30,7 @@ from pipeline.eval.evaluator import (
     Evaluator,
     EvaluatorError,
     cache_dir,
+    evaluator_kind,
     get_evaluator,
     load_cached,
 )
@@ -112,7 +113,8 @@ def shared_evaluator(data: DataConfig, uri: str, progress: Callable[[str], None]
     checksums it was registered with and cached under the data root by checksum."""
     spec = source_of(replace(data, limit=None)).spec()
     name = spec.evaluator_name
-    match = {"dataset_sha256": spec.digest, "evaluator_version": str(EVALUATOR_VERSION)}
+    kind = evaluator_kind(source_of(replace(data, limit=None)))
+    match = {"dataset_sha256": spec.digest, "evaluator_version": str(EVALUATOR_VERSION), "evaluator_kind": kind}
     directory = cache_dir(data, spec)
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory / ".shared.lock"), timeout=3600):
@@ -123,7 +125,6 @@ def shared_evaluator(data: DataConfig, uri: str, progress: Callable[[str], None]
             tags = {
                 **match,
                 "dataset": spec.key,
-                "evaluator_kind": own.kind,
                 "weights_sha256": own.checksum,
                 "stats_sha256": meta["stats_sha256"],
                 "test_accuracy": repr(own.test_accuracy),
