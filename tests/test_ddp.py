@@ -128,7 +128,7 @@ def images() -> Split:
     return load(cfg.data)
 
 
-def single_process(overrides: list[str], data: Split) -> dict[str, torch.Tensor]:
+def single_process(overrides: list[str], data: Split, steps: int = 20) -> dict[str, torch.Tensor]:
     cfg = load_config(CONFIGS / "smoke.yaml", overrides)
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
@@ -136,7 +136,7 @@ def single_process(overrides: list[str], data: Split) -> dict[str, torch.Tensor]
         result = train_gan(cfg, data)
     finally:
         torch.set_default_dtype(before)
-    assert result.step == 20
+    assert result.step == steps
     return everything(result)
 
 
@@ -201,3 +201,26 @@ def test_mlflow_holds_the_mean_of_every_workers_losses(tmp_path, images):
             assert got == pytest.approx(want, rel=1e-9), key
         epoch_mean = sum(per_rank[r][s][key] for r in range(WORLD) for s in range(1, 11)) / 20
         assert tracker.metric_history(f"epoch_{key}") == [(10, pytest.approx(epoch_mean, rel=1e-9))]
+
+
+@pytest.mark.slow
+def test_hinge_r1_and_flips_train_under_ddp_what_one_process_trains(tmp_path, images):
+    """R1's double backward through a DDP-wrapped, spectrally normalised D, the hinge loss and the flips of real
+    images: two workers end where one process does (R1 on every other step, so both kinds of step are crossed;
+    one epoch of 10 steps, for CI's time)."""
+    overrides = [
+        *SETTINGS,
+        "train.epochs=1",
+        "model.sync_batchnorm=true",
+        "model.d_norm=spectral",
+        "model.loss=hinge",
+        "optim.r1_gamma=1.0",
+        "optim.r1_every=2",
+        "data.flip=true",
+    ]
+    reference = single_process(overrides, images, steps=10)
+    plain = single_process(overrides[:-4], images, steps=10)
+    assert len(disagreeing(plain, reference, "without hinge, R1 and flips")) > len(reference) / 2
+    for rank, got in enumerate(data_parallel(tmp_path, overrides, images)):
+        assert got["step"] == 10
+        assert disagreeing(got["tensors"], reference, f"rank {rank}, hinge + R1 + flips") == []

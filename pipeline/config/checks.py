@@ -233,6 +233,13 @@ def _check_gpu_options(cfg: PipelineConfig) -> None:
             "train.cuda_graphs: true with scaling.use_gpu=false; CUDA graphs need a GPU: set train.cuda_graphs=false "
             "or scaling.use_gpu to auto or true"
         )
+    if graphs == "true" and cfg.optim.r1_gamma:
+        # Lazy R1 runs on one step in r1_every: the steps differ, and one captured graph replays one of them.
+        raise ConfigError(
+            f"train.cuda_graphs: true with optim.r1_gamma={cfg.optim.r1_gamma:g}; a step with the lazy R1 penalty "
+            "differs from the others, and a CUDA graph replays one step: set train.cuda_graphs to auto (off with "
+            "R1) or false, or optim.r1_gamma=0"
+        )
     if graphs != "false" and cfg.train.compile:
         raise ConfigError(
             f"train.cuda_graphs={graphs} with train.compile=true; choose one (torch.compile's own CUDA "

@@ -44,6 +44,7 @@ class DataConfig:
         "set; null = stream when the training images pass data.stream_above_mb",
     )
     stream_above_mb: int = _f(1024, "images only: with data.stream null, stream sets above this many MB (pixels)", ge=0)
+    flip: bool = _f(False, "mirror each real image left-right at even odds as it is trained on (not for digits)")
     evaluator: Literal["auto", "classifier", "rotation"] = _f(
         "auto",
         "the network whose features score this data (docs/scores.md): auto = a classifier of its classes where it "
@@ -67,6 +68,11 @@ class ModelConfig:
     d_extra_layers: int = _f(
         0, "3x3 conv layers the discriminator adds at its smallest side (MNIST: 7x7) before its last layer", ge=0
     )
+    loss: Literal["bce", "hinge"] = _f(
+        "bce",
+        "the GAN loss (pipeline/gan/losses.py): bce = the seed's binary cross-entropy, i.e. the non-saturating "
+        "logistic loss (with optim.r1_gamma: StyleGAN2's); hinge = SAGAN/BigGAN's",
+    )
     sync_batchnorm: bool = _f(
         False,
         "with several workers, BatchNorm statistics over the global batch (SyncBatchNorm: one process's "
@@ -86,6 +92,10 @@ class OptimConfig:
         ge=0.0,
         le=1.0,
     )
+    r1_gamma: float = _f(
+        0.0, "R1 penalty on D's gradient at real images, gamma/2 |grad|^2; 0 = off, e.g. 0.1 at 32-64 px", ge=0.0
+    )
+    r1_every: int = _f(16, "with optim.r1_gamma: the penalty every N D steps, weighted N times (lazy R1)", ge=1)
     fused: bool = _f(True, "Adam's fused kernel: one pass over all parameters; false = PyTorch's per-tensor loop")
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 # data.dataset -> its source for a DataConfig (the IDX datasets are found in DATASETS)
 KINDS: dict[str, Callable[[DataConfig], DataSource]] = {IMAGES: FolderSource}
-COMMON_KEYS = ("dataset", "root", "limit", "evaluator")  # the data.* keys every kind reads
+COMMON_KEYS = ("dataset", "root", "limit", "flip", "evaluator")  # the data.* keys every kind reads
 
 __all__ = ["DEFAULT_DATASET", "KINDS", "check_data", "load", "source_names", "source_of"]
 

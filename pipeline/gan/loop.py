@@ -37,13 +37,21 @@ from pipeline.gan.reports import (
 )
 from pipeline.gan.sampling import fixed_noise, sample_images
 from pipeline.gan.state import TrainState
-from pipeline.gan.steps import GraphedStep, Nets, Runtime, StepTargets, TrainStep, uses_cuda_graphs
+from pipeline.gan.steps import GraphedStep, Nets, Runtime, TrainStep, uses_cuda_graphs
 
 EPOCH_KEYS = ("epoch_time_s", "images_per_s", "eval_time_s", "lr_g", "lr_d")  # recorded at each report, with scores
 
 
 # --------------------------------------------------------------------------------------------------
 # The loop
+
+
+def mirrored(real: torch.Tensor, draws: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """A worker's ``real`` images, each mirrored left-right where its draw (of the global batch's ``draws``) is under
+    one half. A sampler deals a global batch's images to the workers in turn, so worker ``rank`` of ``world`` keeps
+    every ``world``-th draw from its rank on: N workers flip the images one process would."""
+    mirror = draws[rank::world] < 0.5
+    return torch.where(mirror[:, None, None, None], real.flip(3), real)
 
 
 def train_gan(
@@ -140,7 +148,8 @@ class LoopRun:
         num_steps = steps_per_epoch(len(data), cfg.train.batch_size)
         if num_steps < 1:
             raise ValueError(f"batch size {cfg.train.batch_size} exceeds the {len(data)} training images")
-        graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt)
+        # A lazy R1 step differs from the others, so a run with R1 is never one captured graph (config checks).
+        graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt) and not cfg.optim.r1_gamma
         total_steps = num_steps * cfg.train.epochs
         source = InMemory(data.images, rt.device) if isinstance(data, Split) else data
         state = TrainState.initial(cfg, source.image_shape, rt.device)
@@ -150,7 +159,7 @@ class LoopRun:
             hooks.on_resume(state)
         nets = Nets.wrap(state, cfg, rt, graphs)
         local_batch = cfg.train.batch_size // rt.world_size
-        step: Callable[..., torch.Tensor] = TrainStep(nets, state, StepTargets.of(cfg, local_batch, rt.device))
+        step: Callable[..., torch.Tensor] = TrainStep.of(nets, state, cfg, local_batch, rt.device)
         if graphs:
             step = GraphedStep(step, rt.device)
         plan = Plan(cfg.train.seed, rt.rank, rt.world_size, local_batch, num_steps, rt.device)
@@ -175,6 +184,8 @@ class LoopRun:
             share = linear_schedule(cfg.train.top_k_final, state.step, self.total_steps)
             z = self.noise(noise)
             z_g = self.noise(noise) if cfg.train.g_fresh_noise else None
+            if cfg.data.flip:
+                real = self.flipped(real, noise)
             values = self.step(real, z, z_g, share).double()
             state.step += 1
             if state.ema is not None:
@@ -197,6 +208,12 @@ class LoopRun:
             self.cfg.train.batch_size, self.cfg.model.latent_dim, device=self.rt.device, generator=generator
         )
         return drawn[rows : rows + self.local_batch]
+
+    def flipped(self, real: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``real`` with each image mirrored left-right at even odds (``data.flip``), drawn as :meth:`noise` is: for
+        the global batch, on the device."""
+        drawn = torch.rand(self.cfg.train.batch_size, device=self.rt.device, generator=generator)
+        return mirrored(real, drawn, self.rt.rank, self.rt.world_size)
 
     def log_step(self, values: torch.Tensor) -> None:
         """Every ``tracking.log_every`` global steps, the mean of every worker's steps since the last log to the

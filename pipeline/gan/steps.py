@@ -1,5 +1,6 @@
 """One training step of the DCGAN: the discriminator on real (target 1) and detached generated images (target 0)
-with binary cross-entropy on logits, then the generator on generated images with target 1, one Adam each.
+with binary cross-entropy on logits, then the generator on generated images with target 1, one Adam each; or the
+same step with the hinge loss, and with D's R1 penalty on real images (pipeline.gan.losses).
 
 :class:`Nets` holds G and D as the loop calls them (compiled, wrapped for data parallelism, in the run's
 precision); :class:`TrainStep` is one step on them, and :class:`GraphedStep` the same step captured as a CUDA
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config.schema import PipelineConfig
+from pipeline.gan.losses import d_fake_loss, d_real_loss, g_loss, r1_penalty
 from pipeline.gan.models import identity, sync_batchnorm
 from pipeline.gan.state import TrainState
 
@@ -156,6 +157,15 @@ class TrainStep:
     nets: Nets
     state: TrainState
     targets: StepTargets
+    loss: str = "bce"  # model.loss (pipeline.gan.losses)
+    r1_gamma: float = 0.0  # optim.r1_gamma: 0 = no R1 penalty
+    r1_every: int = 16  # optim.r1_every: the penalty on every this many D steps (lazy), scaled by it
+
+    @classmethod
+    def of(cls, nets: Nets, state: TrainState, cfg: PipelineConfig, batch: int, device: torch.device) -> TrainStep:
+        """The step ``cfg`` asks for, on a worker's batch of ``batch`` images."""
+        targets = StepTargets.of(cfg, batch, device)
+        return cls(nets, state, targets, cfg.model.loss, cfg.optim.r1_gamma, cfg.optim.r1_every)
 
     def __call__(self, real: torch.Tensor, z: torch.Tensor, z_g: torch.Tensor | None, share: float) -> torch.Tensor:
         """D learns real -> real, fake -> 0; then G learns from fresh fakes (from ``z_g``) or, when ``z_g`` is None,
@@ -180,14 +190,18 @@ class TrainStep:
         opt_d.zero_grad(set_to_none=True)
         with nets.autocast(), torch.set_grad_enabled(keep_fake_graph):
             fake = nets.generator(z)
+        # R1 on this step (lazy: every r1_every optimizer steps), its weight scaled by the interval.
+        r1 = self.r1_gamma / 2 * self.r1_every if self.r1_gamma and self.state.step % self.r1_every == 0 else 0.0
         with nets.d_no_sync():
+            if r1:
+                real = real.detach().requires_grad_(True)
             with nets.autocast():
                 real_logits = nets.discriminator(real)
-                loss_real = F.binary_cross_entropy_with_logits(real_logits, self.targets.real)
-            loss_real.backward()
+                loss_real = d_real_loss(self.loss, real_logits, self.targets.real)
+            (loss_real + r1 * r1_penalty(real_logits, real) if r1 else loss_real).backward()
         with nets.autocast():
             fake_logits = nets.discriminator(fake.detach())
-            loss_fake = F.binary_cross_entropy_with_logits(fake_logits, self.targets.fake)
+            loss_fake = d_fake_loss(self.loss, fake_logits, self.targets.fake)
         loss_fake.backward()
         opt_d.step()
         with torch.no_grad():
@@ -201,7 +215,7 @@ class TrainStep:
         with nets.d_no_sync():
             with nets.autocast():
                 logits = most_real(nets.discriminator(fake), share)
-                loss = F.binary_cross_entropy_with_logits(logits, self.targets.generator[: len(logits)])
+                loss = g_loss(self.loss, logits, self.targets.generator[: len(logits)])
             loss.backward()
         opt_g.step()
         return loss.detach()
