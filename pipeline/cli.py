@@ -56,6 +56,39 @@ def _add_data_parser(sub: Any) -> None:
     prep.add_argument("--test-fraction", type=float, default=0.1, help="images: share held out (default 0.1)")
 
 
+def _add_evaluate_parser(sub: Any) -> None:
+    """``evaluate``: scores of a run's generator, of sample files, or of the real data against itself."""
+    evaluate = sub.add_parser("evaluate", help="FID, KID, precision/recall (and IS) by the data's evaluator")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--real", action="store_true", help="the real-data reference for --dataset")
+    source.add_argument("--run-id", help="score the generator logged in this MLflow run")
+    source.add_argument("--model", help=MODEL_HELP)
+    source.add_argument(
+        "--samples", help="score an .npz written by `sample` (key `images`, uint8) or a folder of image files"
+    )
+    evaluate.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        choices=source_names(),
+        help=f"default {DEFAULT_DATASET}; a run's own with --run-id",
+    )
+    evaluate.add_argument("--root", help="data directory (default: $PIPELINE_DATA_ROOT or the per-user cache)")
+    evaluate.add_argument("--path", help="images: the folder the samples are compared with (as for data prepare)")
+    evaluate.add_argument("--image-size", type=int, help=f"images: its prepared side, one of {IMAGE_SIZES}")
+    evaluate.add_argument("--channels", type=int, default=1, help="images: 1 (grey, the default) or 3 (RGB)")
+    evaluate.add_argument("--test-fraction", type=float, default=0.1, help="images: its held-out share (default 0.1)")
+    evaluate.add_argument(
+        "--evaluator",
+        default="auto",
+        choices=("auto", "classifier", "rotation"),
+        help="the network that scores (data.evaluator): auto = a classifier where the data has classes",
+    )
+    evaluate.add_argument(
+        "--num", type=int, help="samples to generate with --run-id/--model (default: as many as the run scored)"
+    )
+    evaluate.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,33 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sample.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
 
-    evaluate = sub.add_parser("evaluate", help="FID, KID, precision/recall (and IS) by the data's evaluator")
-    source = evaluate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--real", action="store_true", help="the real-data reference for --dataset")
-    source.add_argument("--run-id", help="score the generator logged in this MLflow run")
-    source.add_argument("--model", help=MODEL_HELP)
-    source.add_argument(
-        "--samples", help="score an .npz written by `sample` (key `images`, uint8) or a folder of image files"
-    )
-    evaluate.add_argument(
-        "--dataset",
-        default=DEFAULT_DATASET,
-        choices=source_names(),
-        help=f"default {DEFAULT_DATASET}; a run's own with --run-id",
-    )
-    evaluate.add_argument("--root", help="data directory (default: $PIPELINE_DATA_ROOT or the per-user cache)")
-    evaluate.add_argument("--path", help="images: the folder the samples are compared with (as for data prepare)")
-    evaluate.add_argument("--image-size", type=int, help=f"images: its prepared side, one of {IMAGE_SIZES}")
-    evaluate.add_argument("--channels", type=int, default=1, help="images: 1 (grey, the default) or 3 (RGB)")
-    evaluate.add_argument("--test-fraction", type=float, default=0.1, help="images: its held-out share (default 0.1)")
-    evaluate.add_argument(
-        "--evaluator",
-        default="auto",
-        choices=("auto", "classifier", "rotation"),
-        help="the network that scores (data.evaluator): auto = a classifier where the data has classes",
-    )
-    evaluate.add_argument("--num", type=int, default=10_000, help="samples to generate with --run-id")
-    evaluate.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
+    _add_evaluate_parser(sub)
 
     bench = sub.add_parser("bench", help="throughput: plain loop, Ray Train 1 and N workers, vs the matmul peak")
     _add_config_args(bench)
@@ -343,8 +350,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         data_cfg = _evaluated_data(args, args.dataset)
         images = read_samples(args.samples, source_of(data_cfg).image_shape)
         label = args.samples
+        evaluator = shared_evaluator(data_cfg, uri)
     else:
-        if args.num < 4:
+        if args.num is not None and args.num < 4:
             raise ConfigError(f"--num: {args.num} must be >= 4 (precision and recall need a k=3 neighbourhood)")
         import torch
 
@@ -354,9 +362,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         model_uri = generator_uri(args.run_id, args.model)
         generator, facts = load_generator(uri, model_uri)
         data_cfg = _evaluated_data(args, facts.get("dataset") or args.dataset)
-        images = generate_images(generator, args.num, facts["latent_dim"], 0, torch.device("cpu"))
+        evaluator = shared_evaluator(data_cfg, uri)
+        # As many as a run scores by default (eval.num_samples null): the held-out reference's count.
+        count = evaluator.sample_count(args.num)
+        images = generate_images(generator, count, facts["latent_dim"], 0, torch.device("cpu"))
         label = args.model or f"run {args.run_id}"
-    evaluator = shared_evaluator(data_cfg, uri)
     shown = scores_line(evaluator.score(images), 3, spread=True)
     print(f"{label}: {len(images)} images  {shown}  ({evaluator.dataset}'s {evaluator.kind} evaluator)")
     return 0

@@ -107,7 +107,8 @@ def differences(a, b, path: str) -> list[str]:
     if isinstance(a, torch.Tensor):
         return [] if torch.equal(a, b) else [path]
     if isinstance(a, dict):
-        found = [f"{path}.{k} (only one side)" for k in set(a) ^ set(b)]
+        # A config key one checkout does not have yet is a new setting at its default, not a difference.
+        found = [] if ".config" in path else [f"{path}.{k} (only one side)" for k in set(a) ^ set(b)]
         return found + [d for k in set(a) & set(b) for d in differences(a[k], b[k], f"{path}.{k}")]
     if isinstance(a, list | tuple):
         if len(a) != len(b):

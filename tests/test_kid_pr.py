@@ -94,3 +94,16 @@ def test_a_metric_the_data_s_evaluator_does_not_compute_is_refused_before_traini
         check_measured(INCEPTION_SCORE, "tune.metric", classes=False, data="the image folder x")
     with pytest.raises(ConfigError, match="'fid_inception' is not a metric that can rank"):
         metric("fid_inception")  # logged where the weights are, but its figures compare only with the same weights
+
+
+@pytest.mark.parametrize(("n", "m", "d"), [(40, 30, 200), (300, 200, 16)])
+def test_the_frechet_distance_from_the_sets_equals_the_one_from_their_statistics(n, m, d):
+    """Fewer images than feature dimensions (a small folder's extractor features): FID from the sets, an n x m
+    problem, equals FID from the two d x d covariances."""
+    from pipeline.eval.scores import frechet_distance, frechet_distance_of_sets, statistics
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(n, d)), rng.normal(0.5, 1.5, size=(m, d)) ** 2
+    want = frechet_distance(*statistics(x), *statistics(y))
+    assert frechet_distance_of_sets(x, y) == pytest.approx(want, rel=1e-8)
+    assert frechet_distance_of_sets(x, x) == pytest.approx(0.0, abs=1e-8 * want)

@@ -93,3 +93,29 @@ def test_each_loss_trains_finite_with_r1_bf16_ema_and_spectral_norm(fake_split, 
     assert result.step == 4
     assert all(torch.isfinite(p).all() for p in result.state.discriminator.parameters())
     assert all(torch.isfinite(p).all() for p in result.state.generator.parameters())
+
+
+def test_r1_where_its_second_derivative_does_not_exist_is_refused():
+    with pytest.raises(ConfigError, match="torch.compile does not support R1's double backward"):
+        load_config(CONFIGS / "smoke.yaml", ["train.compile=true", "optim.r1_gamma=1", "train.cuda_graphs=false"])
+    with pytest.raises(ConfigError, match="the all-reduce of its statistics has no second derivative"):
+        load_config(CONFIGS / "smoke.yaml", ["optim.r1_gamma=1", "model.sync_batchnorm=true", "scaling.num_workers=2"])
+    load_config(  # spectral norm in D: fine
+        CONFIGS / "smoke.yaml",
+        ["optim.r1_gamma=1", "model.sync_batchnorm=true", "model.d_norm=spectral", "scaling.num_workers=2"],
+    )
+
+
+def test_a_resumed_run_keeps_its_loss_and_how_it_is_scored():
+    from pipeline.distributed.prepare import check_resume_config
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["model.loss=hinge"])
+    saved = load_config(CONFIGS / "smoke.yaml").to_dict()
+    with pytest.raises(
+        ConfigError, match="model.loss: 'hinge' differs from the checkpoint's 'bce'.*set model.loss=bce"
+    ):
+        check_resume_config(cfg, saved, "ckpt")
+    old = {**saved, "eval": {**saved["eval"], "num_samples": 10000}}  # a run from before the default was null
+    with pytest.raises(ConfigError, match="eval.num_samples: 1000 differs .* set eval.num_samples=10000"):
+        check_resume_config(load_config(CONFIGS / "smoke.yaml"), old, "ckpt")
+    check_resume_config(load_config(CONFIGS / "smoke.yaml", ["optim.r1_gamma=1"]), saved, "ckpt")  # R1 may change

@@ -24,6 +24,8 @@ SPACE = "tune.search_space={optim.lr_g: {loguniform: [1.0e-5, 1.0e-2]}}"
         ("{model.latent_dim: {choice: []}}", "expected a non-empty list"),
         ("{model.latent_dim: {choice: [16, 0]}}", "value 0 is invalid (model.latent_dim: 0 is out of range"),
         ("{data.dataset: {choice: [mnist, cifar]}}", "value 'cifar' is invalid"),
+        ("{data.evaluator: {choice: [auto, rotation]}}", "every trial is scored the same way"),
+        ("{eval.num_samples: {choice: [1000, 5000]}}", "set eval.num_samples for the whole sweep"),
     ],
 )
 def test_malformed_search_space_is_a_clean_error(space, words):
@@ -50,6 +52,10 @@ PBT_SPACE = {"optim.lr_g": {"loguniform": [1.0e-4, 1.0e-2]}, "model.latent_dim":
         ({"pbt_mutate": ["model.latent_dim"]}, "tune.pbt_mutate: model.latent_dim changes the networks' shapes"),
         ({"pbt_mutate": ["optim.lr_d"]}, "tune.pbt_mutate: optim.lr_d is not in tune.search_space"),
         ({"pbt_mutate": ["train.seed"]}, "tune.pbt_mutate: train.seed cannot change in the middle of a run"),
+        (
+            {"search_space": {**PBT_SPACE, "model.loss": {"choice": ["bce", "hinge"]}}, "pbt_mutate": ["model.loss"]},
+            "tune.pbt_mutate: model.loss cannot change in the middle of a run",  # not a shape: its Adam moments
+        ),
         ({"search_alg": "optuna"}, "use tune.search_alg=random"),
         ({"pbt_interval": 0.5}, "set tune.report_every_steps"),
         ({"pbt_interval": 4.0}, "leaves no decision before the last"),
@@ -74,6 +80,9 @@ def test_pbt_mutates_the_searched_keys_it_can_by_default():
 
     cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE}})
     assert pbt_mutated_keys(cfg) == ["optim.lr_g"]  # model.latent_dim is searched, never mutated
+    r1 = {**PBT_SPACE, "optim.r1_gamma": {"loguniform": [0.01, 10.0]}, "model.loss": {"choice": ["bce", "hinge"]}}
+    cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": r1}})
+    assert pbt_mutated_keys(cfg) == ["optim.lr_g", "optim.r1_gamma"]  # the loss is searched, not mutated
     fractional = build_config(
         {
             "train": {"epochs": 3},

@@ -220,6 +220,23 @@ def _check_threads_and_gpus(cfg: PipelineConfig) -> None:
         )
 
 
+def _check_r1(cfg: PipelineConfig, most: int) -> None:
+    """R1 needs D's second derivative: torch.compile's graphs and the all-reduce of BatchNorm statistics over
+    workers have none."""
+    gamma = cfg.optim.r1_gamma
+    if gamma and cfg.train.compile:
+        raise ConfigError(
+            f"optim.r1_gamma={gamma:g} with train.compile=true; torch.compile does not support R1's double backward: "
+            "set train.compile=false or optim.r1_gamma=0"
+        )
+    if gamma and cfg.model.sync_batchnorm and cfg.model.d_norm == "batch" and most > 1:
+        raise ConfigError(
+            f"optim.r1_gamma={gamma:g} with model.sync_batchnorm=true, a BatchNorm discriminator and up to {most} "
+            "workers: the all-reduce of its statistics has no second derivative, so R1's gradient would be wrong; "
+            "set model.d_norm=spectral (or none), model.sync_batchnorm=false, or optim.r1_gamma=0"
+        )
+
+
 def _check_gpu_options(cfg: PipelineConfig) -> None:
     graphs, most = cfg.train.cuda_graphs, most_workers(cfg)
     if graphs == "true" and most > 1:
@@ -240,6 +257,7 @@ def _check_gpu_options(cfg: PipelineConfig) -> None:
             "differs from the others, and a CUDA graph replays one step: set train.cuda_graphs to auto (off with "
             "R1) or false, or optim.r1_gamma=0"
         )
+    _check_r1(cfg, most)
     if graphs != "false" and cfg.train.compile:
         raise ConfigError(
             f"train.cuda_graphs={graphs} with train.compile=true; choose one (torch.compile's own CUDA "

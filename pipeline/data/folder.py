@@ -161,8 +161,9 @@ class FolderSource(DataSource):
 
     def evaluator_fix(self) -> str:
         return (
-            "Its classes must be told apart by their images: add images per class, or train without FID/IS "
-            "(eval.every_epochs=0)"
+            "Its classes must be told apart by their images: add images per class, score it without its classes "
+            "by a feature extractor (data.evaluator=rotation: FID, KID, precision/recall, no IS), or train without "
+            "scores (eval.every_epochs=0)"
         )
 
     def record(self) -> DataRecord:

@@ -181,7 +181,7 @@ class DataSource:
         if self.scored_by() == "classifier" or (spec.train_images >= train and spec.test_images >= test):
             return None
         held = f"{self.describe()} holds out {spec.test_images} image(s)"
-        if spec.num_classes >= 2:
+        if spec.num_classes >= 2 and self.data.evaluator != "rotation":
             held += f" for {spec.num_classes} classes (a classifier of them needs {2 * spec.num_classes})"
         return (
             f"{held} and has {spec.train_images} to learn from: too few to score it; a feature extractor needs at "

@@ -119,7 +119,7 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
     """Loss curve, last checkpoint and the generator model into the MLflow run; close it. ``result`` has the
     last report's ``metrics`` and the run's latest ``checkpoint`` (a Ray Checkpoint or None)."""
     checkpoint_dir = model_uri = None
-    with tracker.log_figure("loss_curve.png", "global step", "BCE loss") as ax:
+    with tracker.log_figure("loss_curve.png", "global step", f"{cfg.model.loss} loss") as ax:
         for key in ("loss_d", "loss_g"):
             points = sorted(tracker.metric_history(key))
             if points:

@@ -57,6 +57,7 @@ def prepare_inputs(
     trained)."""
     source = source_of(cfg.data)
     check_counts(cfg, source.prepare(progress))
+    source.scored_by()  # a classifier asked of data without classes: refused here, scored or not, not after training
     if not cfg.eval.every_epochs:
         return None
     unavailable = source.scores_unavailable()
@@ -126,8 +127,13 @@ def prepare_run(
 
 
 # What a run cannot change when it resumes: the data's order and size and the networks' shapes, which its
-# checkpoint holds (and the keys its kind of data fixes: DataSource.fixed).
-RESUME_FIXED = ("data.dataset", "data.limit", "train.batch_size") + tuple(f"model.{key}" for key in SHAPE_KEYS)
+# checkpoint holds (and the keys its kind of data fixes: DataSource.fixed); its loss, whose figures and Adam
+# moments it continues; and how it is scored, which its FIDs (and the checkpoint Ray Train keeps) compare by.
+RESUME_FIXED = (
+    ("data.dataset", "data.limit", "train.batch_size")
+    + tuple(f"model.{key}" for key in SHAPE_KEYS)
+    + ("model.loss", "data.evaluator", "eval.num_samples")
+)
 
 
 def check_resume_config(cfg: PipelineConfig, saved: dict[str, Any], source: str) -> None:

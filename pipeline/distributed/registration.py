@@ -44,7 +44,7 @@ def register_best(
         "dataset": source_of(cfg.data).spec().key,
         "config_digest": tags.get("config_digest") or config_digest(cfg),
         "evaluator_sha256": tags.get("evaluator_sha256", "unknown"),
-        "eval_num_samples": tags.get("eval_num_samples") or str(cfg.eval.num_samples),
+        "eval_num_samples": tags.get("eval_num_samples") or str(cfg.eval.num_samples or "unknown"),
     }
     registration = register_generator(uri, name, model_uri, version_tags, rescorer(cfg, uri, progress), ranked)
     progress(f"[registry] {registration.message}")

@@ -19,6 +19,7 @@ import numpy as np
 from pipeline.core.errors import ConfigError
 from pipeline.eval.scores import (
     frechet_distance,
+    frechet_distance_of_sets,
     inception_score,
     kernel_inception_distance,
     precision_recall,
@@ -42,6 +43,15 @@ class Features:
     reference_mu: np.ndarray
     reference_sigma: np.ndarray
     radii: Callable[[int], np.ndarray] | None = None  # the first m reference features' k=3 radii (cached by m)
+
+    def frechet(self) -> float:
+        """The Fréchet distance of the features to the reference: from the sets themselves where either has fewer
+        rows than features have dimensions (the smaller problem), else (or with only the reference's statistics
+        kept, as the Inception FID keeps them) from their statistics."""
+        if len(self.reference) and min(len(self.features), len(self.reference)) < self.features.shape[1]:
+            return frechet_distance_of_sets(self.features, self.reference)
+        mu, sigma = statistics(self.features)
+        return frechet_distance(mu, sigma, self.reference_mu, self.reference_sigma)
 
     @cached_property
     def precision_recall(self) -> tuple[float, float]:
@@ -79,8 +89,7 @@ class Metric:
 
 
 def _fid(features: Features) -> dict[str, float]:
-    mu, sigma = statistics(features.features)
-    return {FID.name: frechet_distance(mu, sigma, features.reference_mu, features.reference_sigma)}
+    return {FID.name: features.frechet()}
 
 
 def _inception_score(features: Features) -> dict[str, float]:
@@ -89,8 +98,7 @@ def _inception_score(features: Features) -> dict[str, float]:
 
 
 def _inception_fid(features: Features) -> dict[str, float]:
-    mu, sigma = statistics(features.features)
-    return {INCEPTION_FID.name: frechet_distance(mu, sigma, features.reference_mu, features.reference_sigma)}
+    return {INCEPTION_FID.name: features.frechet()}
 
 
 def _kid(features: Features) -> dict[str, float]:

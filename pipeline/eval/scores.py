@@ -23,6 +23,20 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
+def frechet_distance_of_sets(features: np.ndarray, reference: np.ndarray) -> float:
+    """:func:`frechet_distance` of two feature sets' statistics, computed from the sets (N and M rows of D): with
+    A and B the centred sets over sqrt(N-1) and sqrt(M-1), S1 = A'A and S2 = B'B, and Tr((S1 S2)^1/2) is the sum of
+    the singular values of A B' (the nonzero eigenvalues of S1 S2 are those of (A B')(A B')'). An N x M problem
+    instead of two D x D ones: what a small folder's evaluation costs when D (a 64 px extractor's 1,920 features)
+    exceeds its images."""
+    x, y = np.asarray(features, np.float64), np.asarray(reference, np.float64)
+    mu1, mu2 = x.mean(axis=0), y.mean(axis=0)
+    a, b = (x - mu1) / np.sqrt(len(x) - 1), (y - mu2) / np.sqrt(len(y) - 1)
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + (a * a).sum() + (b * b).sum() - 2.0 * trace_sqrt)
+
+
 def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` equal parts (Salimans et al., 2016)."""
     probs = np.asarray(probs, np.float64)

@@ -48,8 +48,9 @@ EPOCH_KEYS = ("epoch_time_s", "images_per_s", "eval_time_s", "lr_g", "lr_d")  # 
 
 def mirrored(real: torch.Tensor, draws: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     """A worker's ``real`` images, each mirrored left-right where its draw (of the global batch's ``draws``) is under
-    one half. A sampler deals a global batch's images to the workers in turn, so worker ``rank`` of ``world`` keeps
-    every ``world``-th draw from its rank on: N workers flip the images one process would."""
+    one half. Worker ``rank`` of ``world`` keeps every ``world``-th draw from its rank on: in memory, the sampler
+    deals a global batch's images to the workers in turn, so N workers flip the images one process would (streamed
+    shares have no one-process order: each worker's flips are still fair and its own)."""
     mirror = draws[rank::world] < 0.5
     return torch.where(mirror[:, None, None, None], real.flip(3), real)
 
@@ -100,10 +101,9 @@ class Tally:
     def start(cls, run: LoopRun, epoch: int, noise: torch.Generator) -> Tally:
         sums = torch.zeros(len(LOSS_KEYS), device=run.rt.device, dtype=torch.float64)
         first, earlier_s = run.state.step - epoch * run.num_steps, 0.0
-        if first:  # a checkpoint from inside this epoch: the noise drawn forward to its step, its sums back
-            draws = 2 if run.cfg.train.g_fresh_noise else 1
-            for _ in range(first * draws):
-                run.noise(noise)
+        if first:  # a checkpoint from inside this epoch: the steps' draws made again up to it, its sums back
+            for _ in range(first):
+                run.draws(noise)
             sums += torch.tensor(run.partial["sums"], device=run.rt.device, dtype=torch.float64)
             earlier_s = run.partial["elapsed_s"]
         return cls(sums, first, earlier_s, time.perf_counter())
@@ -182,10 +182,9 @@ class LoopRun:
                 scale = linear_schedule(cfg.optim.lr_final_scale, state.step, self.total_steps)
                 state.set_learning_rates(cfg.optim.lr_g * scale, cfg.optim.lr_d * scale)
             share = linear_schedule(cfg.train.top_k_final, state.step, self.total_steps)
-            z = self.noise(noise)
-            z_g = self.noise(noise) if cfg.train.g_fresh_noise else None
-            if cfg.data.flip:
-                real = self.flipped(real, noise)
+            z, z_g, flips = self.draws(noise)
+            if flips is not None:
+                real = mirrored(real, flips, self.rt.rank, self.rt.world_size)
             values = self.step(real, z, z_g, share).double()
             state.step += 1
             if state.ema is not None:
@@ -209,11 +208,15 @@ class LoopRun:
         )
         return drawn[rows : rows + self.local_batch]
 
-    def flipped(self, real: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``real`` with each image mirrored left-right at even odds (``data.flip``), drawn as :meth:`noise` is: for
-        the global batch, on the device."""
-        drawn = torch.rand(self.cfg.train.batch_size, device=self.rt.device, generator=generator)
-        return mirrored(real, drawn, self.rt.rank, self.rt.world_size)
+    def draws(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """One step's random draws, in order (a run resumed inside an epoch makes them again up to its step): D's
+        noise, G's own (``train.g_fresh_noise``) and the global batch's flip draws (``data.flip``)."""
+        z = self.noise(generator)
+        z_g = self.noise(generator) if self.cfg.train.g_fresh_noise else None
+        flips = None
+        if self.cfg.data.flip:
+            flips = torch.rand(self.cfg.train.batch_size, device=self.rt.device, generator=generator)
+        return z, z_g, flips
 
     def log_step(self, values: torch.Tensor) -> None:
         """Every ``tracking.log_every`` global steps, the mean of every worker's steps since the last log to the

@@ -39,7 +39,7 @@ def g_loss(kind: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 
 
 def r1_penalty(logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """The mean over images of |d logits / d real|^2, with its graph (``real`` was given requires_grad); in fp32
-    whatever precision D ran in."""
+    """The mean over images of |d logits / d real|^2, with its graph (``real`` was given requires_grad); the
+    gradient is taken in D's precision (bf16 under autocast), its square and sum in fp32."""
     (grad,) = torch.autograd.grad(logits.float().sum(), real, create_graph=True)
     return grad.float().square().sum(dim=[1, 2, 3]).mean()

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from pipeline.config.schema import PipelineConfig
 
 NOT_SEARCHABLE = ("tune", "tracking")
+# Keys every trial of a sweep shares, since its trials are ranked against each other: one evaluator per dataset
+# scores them all, at one sample count.
+SHARED_BY_TRIALS = ("data.evaluator", "eval.num_samples")
 
 
 def check_sweep(cfg: PipelineConfig) -> None:
@@ -51,6 +54,11 @@ def check_search_space(cfg: PipelineConfig) -> None:
         where = f"tune.search_space.{dotted}"
         if dotted not in known or dotted.split(".")[0] in NOT_SEARCHABLE:
             raise ConfigError(f"{where}: not a searchable config key; use a dotted key such as optim.lr_g")
+        if dotted in SHARED_BY_TRIALS:
+            raise ConfigError(
+                f"{where}: every trial is scored the same way, so that their scores rank them; set {dotted} for the "
+                "whole sweep instead"
+            )
         kind, args = check_spec(where, spec, cfg.tune.search_alg)
         for value in args:
             try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.errors import ConfigError
 from pipeline.distributed.hooks import EXPLOIT_TAG
 from pipeline.eval.metrics import DEFAULT_RANKING, Metric, metric
+from pipeline.gan.models import SHAPE_KEYS
 from pipeline.sweep.search_space import spec_kind, tune_domain
 from pipeline.sweep.tune_internals import WithoutFailedTrials, perturbations, save_sweep_state
 
@@ -148,6 +149,7 @@ PBT_MUTABLE = (
     "optim.beta1",
     "optim.beta2",
     "optim.lr_final_scale",
+    "optim.r1_gamma",
     "train.real_label",
     "train.ema_decay",
     "train.top_k_final",
@@ -200,7 +202,7 @@ def _validate_pbt(cfg: PipelineConfig) -> None:
 
 
 def _check_mutated(key: str, search_space: dict[str, Any]) -> None:
-    if key.startswith("model."):
+    if key.removeprefix("model.") in SHAPE_KEYS:
         raise ConfigError(
             f"tune.pbt_mutate: {key} changes the networks' shapes (a copied checkpoint would not fit them); "
             "search it, but leave it out of tune.pbt_mutate"
