@@ -107,3 +107,17 @@ def test_the_frechet_distance_from_the_sets_equals_the_one_from_their_statistics
     want = frechet_distance(*statistics(x), *statistics(y))
     assert frechet_distance_of_sets(x, y) == pytest.approx(want, rel=1e-8)
     assert frechet_distance_of_sets(x, x) == pytest.approx(0.0, abs=1e-8 * want)
+
+
+def test_kid_from_whole_kernels_equals_kid_from_each_subset_s_own(monkeypatch):
+    """Small sets compute each kernel once and sum a subset's blocks through its indicators: the same KID (and
+    spread) as new kernels of each subset's features."""
+    import pipeline.eval.scores as scores
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(150, 40)), rng.normal(0.3, 1.2, size=(120, 40))
+    whole = scores.kernel_inception_distance(x, y, subsets=20, subset_size=100)
+    monkeypatch.setattr(scores, "KID_WHOLE_KERNELS", 0)
+    each = scores.kernel_inception_distance(x, y, subsets=20, subset_size=100)
+    assert whole[0] == pytest.approx(each[0], rel=1e-9) and whole[1] == pytest.approx(each[1], rel=1e-6)
+    assert whole[1] > 0  # subsets of 100 out of 150 and 120 differ
