@@ -204,23 +204,23 @@ def test_mlflow_holds_the_mean_of_every_workers_losses(tmp_path, images):
 
 
 @pytest.mark.slow
-def test_hinge_r1_and_flips_train_under_ddp_what_one_process_trains(tmp_path, images):
-    """R1's double backward through a DDP-wrapped, spectrally normalised D, the hinge loss and the flips of real
-    images: two workers end where one process does (R1 on every other step, so both kinds of step are crossed;
-    one epoch of 10 steps, for CI's time)."""
+def test_hinge_r1_flips_and_diffaugment_train_under_ddp_what_one_process_trains(tmp_path, images):
+    """R1's double backward through a DDP-wrapped, spectrally normalised D, the hinge loss, the flips of real images
+    and DiffAugment (each worker keeping its rows of the global batch's draws): two workers end where one process
+    does (R1 on every other step, so both kinds of step are crossed; one epoch of 10 steps, for CI's time)."""
+    base = [*SETTINGS, "train.epochs=1", "model.sync_batchnorm=true", "model.d_norm=spectral"]
     overrides = [
-        *SETTINGS,
-        "train.epochs=1",
-        "model.sync_batchnorm=true",
-        "model.d_norm=spectral",
+        *base,
         "model.loss=hinge",
         "optim.r1_gamma=1.0",
         "optim.r1_every=2",
         "data.flip=true",
+        "train.diffaugment=color,translation,cutout",
+        "train.augment_p=0.5",
     ]
     reference = single_process(overrides, images, steps=10)
-    plain = single_process(overrides[:-4], images, steps=10)
-    assert len(disagreeing(plain, reference, "without hinge, R1 and flips")) > len(reference) / 2
+    plain = single_process(base, images, steps=10)
+    assert len(disagreeing(plain, reference, "without hinge, R1, flips and DiffAugment")) > len(reference) / 2
     for rank, got in enumerate(data_parallel(tmp_path, overrides, images)):
         assert got["step"] == 10
         assert disagreeing(got["tensors"], reference, f"rank {rank}, hinge + R1 + flips") == []

@@ -384,6 +384,7 @@ def test_resume_from_inside_an_epoch_is_exact(fake_split, tmp_path, fresh):
             "tune.report_every_steps=3",
             f"train.g_fresh_noise={str(fresh).lower()}",
             f"data.flip={str(fresh).lower()}",  # its draws come from the same generator: made again to the step
+            f"train.diffaugment={'translation,cutout' if fresh else 'color'}",  # so do DiffAugment's
         ],
     )
     straight = []

@@ -220,6 +220,23 @@ def _check_threads_and_gpus(cfg: PipelineConfig) -> None:
         )
 
 
+def _check_diffaugment(cfg: PipelineConfig) -> None:
+    from pipeline.config.schema import DIFFAUGMENT_KINDS
+
+    given = [kind for kind in cfg.train.diffaugment.split(",") if kind]
+    unknown = [kind for kind in given if kind not in DIFFAUGMENT_KINDS]
+    if unknown or len(set(given)) != len(given):
+        raise ConfigError(
+            f"train.diffaugment: {cfg.train.diffaugment!r}; give each of {', '.join(DIFFAUGMENT_KINDS)} at most once, "
+            "comma-separated (e.g. color,translation,cutout), or nothing for none"
+        )
+    if given and cfg.train.cuda_graphs == "true":
+        raise ConfigError(
+            "train.cuda_graphs: true with train.diffaugment; its draws are no input of a captured graph: set "
+            "train.cuda_graphs to auto (off with DiffAugment) or false"
+        )
+
+
 def _check_r1(cfg: PipelineConfig, most: int) -> None:
     """R1 needs D's second derivative: torch.compile's graphs and the all-reduce of BatchNorm statistics over
     workers have none."""
@@ -258,6 +275,7 @@ def _check_gpu_options(cfg: PipelineConfig) -> None:
             "R1) or false, or optim.r1_gamma=0"
         )
     _check_r1(cfg, most)
+    _check_diffaugment(cfg)
     if graphs != "false" and cfg.train.compile:
         raise ConfigError(
             f"train.cuda_graphs={graphs} with train.compile=true; choose one (torch.compile's own CUDA "

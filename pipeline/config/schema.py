@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pipeline.data.folder import IMAGE_SIZES
 from pipeline.data.kinds import DEFAULT_DATASET, source_names
 
+DIFFAUGMENT_KINDS = ("color", "translation", "cutout")  # train.diffaugment's (pipeline.gan.augment)
+
 
 def _f(default: Any, doc: str, **checks: Any) -> Any:
     """A dataclass field with its doc and range checks (``gt``, ``ge``, ``le``, ``lt``) as metadata."""
@@ -113,6 +115,12 @@ class TrainConfig:
         ge=0.0,
         lt=1.0,
     )
+    diffaugment: str = _f(
+        "",
+        "DiffAugment (pipeline/gan/augment.py) of every image D sees, real and generated, in D's and G's steps: "
+        "comma-separated kinds of color, translation, cutout; empty = off; e.g. color,translation,cutout",
+    )
+    augment_p: float = _f(1.0, "with train.diffaugment: the probability each kind applies to an image", ge=0.0, le=1.0)
     real_label: float = _f(1.0, "D's target for real images; 0.9 = one-sided label smoothing", gt=0.0, le=1.0)
     top_k_final: float = _f(
         1.0,

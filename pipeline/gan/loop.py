@@ -23,6 +23,7 @@ import torch
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.batches import Batches, InMemory, Plan
 from pipeline.data.split import Split, to_model_range
+from pipeline.gan import augment
 from pipeline.gan.hooks import Hook, Hooks, Scorer, Step
 from pipeline.gan.reports import (
     LOSS_KEYS,
@@ -148,8 +149,8 @@ class LoopRun:
         num_steps = steps_per_epoch(len(data), cfg.train.batch_size)
         if num_steps < 1:
             raise ValueError(f"batch size {cfg.train.batch_size} exceeds the {len(data)} training images")
-        # A lazy R1 step differs from the others, so a run with R1 is never one captured graph (config checks).
-        graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt) and not cfg.optim.r1_gamma
+        # A lazy R1 step differs from the others, and DiffAugment's draws are no graph input: neither is captured.
+        graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt) and not (cfg.optim.r1_gamma or cfg.train.diffaugment)
         total_steps = num_steps * cfg.train.epochs
         source = InMemory(data.images, rt.device) if isinstance(data, Split) else data
         state = TrainState.initial(cfg, source.image_shape, rt.device)
@@ -182,10 +183,10 @@ class LoopRun:
                 scale = linear_schedule(cfg.optim.lr_final_scale, state.step, self.total_steps)
                 state.set_learning_rates(cfg.optim.lr_g * scale, cfg.optim.lr_d * scale)
             share = linear_schedule(cfg.train.top_k_final, state.step, self.total_steps)
-            z, z_g, flips = self.draws(noise)
+            z, z_g, flips, augments = self.draws(noise)
             if flips is not None:
                 real = mirrored(real, flips, self.rt.rank, self.rt.world_size)
-            values = self.step(real, z, z_g, share).double()
+            values = self.step(real, z, z_g, share, augments).double()
             state.step += 1
             if state.ema is not None:
                 state.ema.update(state.generator, state.step)
@@ -208,15 +209,23 @@ class LoopRun:
         )
         return drawn[rows : rows + self.local_batch]
 
-    def draws(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def draws(self, generator: torch.Generator) -> tuple[Any, ...]:
         """One step's random draws, in order (a run resumed inside an epoch makes them again up to its step): D's
-        noise, G's own (``train.g_fresh_noise``) and the global batch's flip draws (``data.flip``)."""
+        noise, G's own (``train.g_fresh_noise``), the global batch's flip draws (``data.flip``) and DiffAugment's
+        for the real images, D's fakes and G's (``train.diffaugment``; this worker's rows of the global batch's)."""
+        cfg, rt = self.cfg, self.rt
         z = self.noise(generator)
-        z_g = self.noise(generator) if self.cfg.train.g_fresh_noise else None
-        flips = None
-        if self.cfg.data.flip:
-            flips = torch.rand(self.cfg.train.batch_size, device=self.rt.device, generator=generator)
-        return z, z_g, flips
+        z_g = self.noise(generator) if cfg.train.g_fresh_noise else None
+        flips = augments = None
+        if cfg.data.flip:
+            flips = torch.rand(cfg.train.batch_size, device=rt.device, generator=generator)
+        if cfg.train.diffaugment:
+            rows = rt.rank * self.local_batch
+            real, fake, own = (augment.draw(cfg.train.batch_size, rt.device, generator) for _ in range(3))
+            # Real rows as the sampler deals them to the workers, generated ones as the noise is cut (see noise).
+            mine = slice(rows, rows + self.local_batch)
+            augments = (real[rt.rank :: rt.world_size], fake[mine], own[mine])
+        return z, z_g, flips, augments
 
     def log_step(self, values: torch.Tensor) -> None:
         """Every ``tracking.log_every`` global steps, the mean of every worker's steps since the last log to the

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.config.schema import PipelineConfig
+from pipeline.gan.augment import augment
 from pipeline.gan.losses import d_fake_loss, d_real_loss, g_loss, r1_penalty
 from pipeline.gan.models import identity, sync_batchnorm
 from pipeline.gan.state import TrainState
@@ -160,25 +161,49 @@ class TrainStep:
     loss: str = "bce"  # model.loss (pipeline.gan.losses)
     r1_gamma: float = 0.0  # optim.r1_gamma: 0 = no R1 penalty
     r1_every: int = 16  # optim.r1_every: the penalty on every this many D steps (lazy), scaled by it
+    augment_kinds: tuple[str, ...] = ()  # train.diffaugment: what D sees is augmented so (pipeline.gan.augment)
+    augment_p: float = 1.0  # train.augment_p
+
+    def seen(self, images: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
+        """What D is shown of ``images``: DiffAugmented with ``draws`` where the run augments, else the images."""
+        return images if draws is None else augment(images, draws, self.augment_p, self.augment_kinds)
 
     @classmethod
     def of(cls, nets: Nets, state: TrainState, cfg: PipelineConfig, batch: int, device: torch.device) -> TrainStep:
         """The step ``cfg`` asks for, on a worker's batch of ``batch`` images."""
         targets = StepTargets.of(cfg, batch, device)
-        return cls(nets, state, targets, cfg.model.loss, cfg.optim.r1_gamma, cfg.optim.r1_every)
+        kinds = tuple(kind for kind in cfg.train.diffaugment.split(",") if kind)
+        return cls(
+            nets, state, targets, cfg.model.loss, cfg.optim.r1_gamma, cfg.optim.r1_every, kinds, cfg.train.augment_p
+        )
 
-    def __call__(self, real: torch.Tensor, z: torch.Tensor, z_g: torch.Tensor | None, share: float) -> torch.Tensor:
+    def __call__(
+        self,
+        real: torch.Tensor,
+        z: torch.Tensor,
+        z_g: torch.Tensor | None,
+        share: float,
+        draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """D learns real -> real, fake -> 0; then G learns from fresh fakes (from ``z_g``) or, when ``z_g`` is None,
-        D's own, labelled real. Returns (loss_d, loss_g, D(x), D(G(z))), detached, as one tensor."""
-        fake, loss_d, d_real, d_fake = self.discriminator_step(real, z, keep_fake_graph=z_g is None)
+        D's own, labelled real. ``draws``: DiffAugment's for the real images, D's fakes and G's (augmenting runs).
+        Returns (loss_d, loss_g, D(x), D(G(z))), detached, as one tensor."""
+        real_draws, fake_draws, g_draws = draws if draws is not None else (None, None, None)
+        fake, loss_d, d_real, d_fake = self.discriminator_step(
+            real, z, keep_fake_graph=z_g is None, draws=(real_draws, fake_draws)
+        )
         if z_g is not None:
             with self.nets.autocast():
                 fake = self.nets.generator(z_g)
-        loss_g = self.generator_step(fake, share)
+        loss_g = self.generator_step(fake, share, g_draws)
         return torch.stack([loss_d, loss_g, d_real, d_fake])
 
     def discriminator_step(
-        self, real: torch.Tensor, z: torch.Tensor, keep_fake_graph: bool
+        self,
+        real: torch.Tensor,
+        z: torch.Tensor,
+        keep_fake_graph: bool,
+        draws: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One D update: real images towards the real targets, G's fakes (detached) towards the fake ones.
 
@@ -196,25 +221,25 @@ class TrainStep:
             if r1:
                 real = real.detach().requires_grad_(True)
             with nets.autocast():
-                real_logits = nets.discriminator(real)
+                real_logits = nets.discriminator(self.seen(real, draws[0]))  # R1: the gradient at the unaugmented
                 loss_real = d_real_loss(self.loss, real_logits, self.targets.real)
             (loss_real + r1 * r1_penalty(real_logits, real) if r1 else loss_real).backward()
         with nets.autocast():
-            fake_logits = nets.discriminator(fake.detach())
+            fake_logits = nets.discriminator(self.seen(fake.detach(), draws[1]))
             loss_fake = d_fake_loss(self.loss, fake_logits, self.targets.fake)
         loss_fake.backward()
         opt_d.step()
         with torch.no_grad():
             return fake, loss_real + loss_fake, torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
 
-    def generator_step(self, fake: torch.Tensor, share: float) -> torch.Tensor:
+    def generator_step(self, fake: torch.Tensor, share: float, draws: torch.Tensor | None = None) -> torch.Tensor:
         """One G update: D's verdict on ``fake`` pushed towards "real"; with top-k training only the ``share`` of
         fakes D rates most real counts. Returns the loss, detached."""
         nets, opt_g = self.nets, self.state.opt_g
         opt_g.zero_grad(set_to_none=True)
         with nets.d_no_sync():
             with nets.autocast():
-                logits = most_real(nets.discriminator(fake), share)
+                logits = most_real(nets.discriminator(self.seen(fake, draws)), share)
                 loss = g_loss(self.loss, logits, self.targets.generator[: len(logits)])
             loss.backward()
         opt_g.step()
@@ -251,7 +276,10 @@ class GraphedStep:
         self.inputs: list[torch.Tensor] = []
         self.out: torch.Tensor | None = None
 
-    def __call__(self, real: torch.Tensor, z: torch.Tensor, z_g: torch.Tensor | None, share: float) -> torch.Tensor:
+    def __call__(
+        self, real: torch.Tensor, z: torch.Tensor, z_g: torch.Tensor | None, share: float, draws: None = None
+    ) -> torch.Tensor:
+        """``draws``: none (DiffAugment's draws are no graph input: an augmenting run is never graphed)."""
         k = top_k_count(self.batch, share)  # most_real's k: the one shape that changes between steps
         if self.warm < self.WARMUP:
             self.warm += 1

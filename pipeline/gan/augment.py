@@ -1,0 +1,78 @@
+"""DiffAugment (Zhao et al. 2020): the same differentiable augmentation of the images D sees, real and generated, in
+D's step and of G's images in G's, so that D cannot memorise a small set and G's gradients pass through.
+
+Three kinds, each applied to an image with probability ``p``: colour (brightness, saturation, contrast, as the
+paper's official code draws them), translation (up to 1/8 of the side, zero padded) and cutout (a square of half the
+side set to zero). Every random number is drawn by the caller for the whole global batch (:func:`draw`), so a run's
+augmentations do not depend on how many workers share it, and everything stays on the device: no host round trip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Per image, the columns of its draws: 0-2 whether colour, translation and cutout apply; 3-5 brightness, saturation
+# and contrast; 6-7 the translation (rows, columns); 8-9 the cutout's top and left.
+DRAWS = 10
+
+
+def draw(count: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
+    """Uniform [0, 1) draws for ``count`` images' augmentations: (count, DRAWS)."""
+    return torch.rand(count, DRAWS, device=device, generator=generator)
+
+
+def augment(images: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor, kinds: tuple[str, ...]) -> torch.Tensor:
+    """``images`` (N, C, H, W) in [-1, 1] augmented by ``kinds`` with the draws ``u`` (N, DRAWS), each kind on an
+    image where its apply draw is below ``p``; differentiable in ``images``."""
+    x = images
+    if "color" in kinds:
+        x = _color(x, u, p)
+    if "translation" in kinds:
+        x = _translation(x, u, p)
+    if "cutout" in kinds:
+        x = _cutout(x, u, p)
+    return x
+
+
+def _on(u: torch.Tensor, column: int, p: float | torch.Tensor) -> torch.Tensor:
+    """(N, 1, 1, 1): 1.0 where the kind of apply draw ``column`` is on for that image, else 0.0."""
+    return (u[:, column] < p).to(u.dtype)[:, None, None, None]
+
+
+def _color(x: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    y = x + (u[:, 3, None, None, None] - 0.5).to(x.dtype)  # brightness
+    if y.shape[1] > 1:  # saturation: only colour images have any
+        mean = y.mean(dim=1, keepdim=True)
+        y = mean + (y - mean) * (u[:, 4, None, None, None] * 2).to(x.dtype)
+    mean = y.mean(dim=[1, 2, 3], keepdim=True)
+    y = mean + (y - mean) * (u[:, 5, None, None, None] + 0.5).to(x.dtype)  # contrast
+    return torch.where(_on(u, 0, p).bool(), y, x)
+
+
+def _translation(x: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    n, _, h, w = x.shape
+    shift_h, shift_w = max(1, h // 8), max(1, w // 8)
+    on = _on(u, 1, p).flatten().long()
+    dy = ((u[:, 6] * (2 * shift_h + 1)).long() - shift_h) * on
+    dx = ((u[:, 7] * (2 * shift_w + 1)).long() - shift_w) * on
+    rows = torch.arange(h, device=x.device)[None, :] - dy[:, None]  # (N, H): the source row of each target row
+    cols = torch.arange(w, device=x.device)[None, :] - dx[:, None]
+    inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
+    rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    index = torch.arange(n, device=x.device)[:, None, None]
+    moved = x.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    return moved * inside.to(x.dtype)
+
+
+def _cutout(x: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
+    _, _, h, w = x.shape
+    on = _on(u, 2, p).flatten().bool()
+    size_h, size_w = h // 2, w // 2
+    top = (u[:, 8] * (h - size_h + 1)).long()
+    left = (u[:, 9] * (w - size_w + 1)).long()
+    rows = torch.arange(h, device=x.device)[None, :]
+    cols = torch.arange(w, device=x.device)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < top[:, None] + size_h)
+    in_cols = (cols >= left[:, None]) & (cols < left[:, None] + size_w)
+    hole = in_rows[:, :, None] & in_cols[:, None, :] & on[:, None, None]
+    return x * (~hole)[:, None].to(x.dtype)
