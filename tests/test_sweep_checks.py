@@ -80,9 +80,16 @@ def test_pbt_mutates_the_searched_keys_it_can_by_default():
 
     cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": PBT_SPACE}})
     assert pbt_mutated_keys(cfg) == ["optim.lr_g"]  # model.latent_dim is searched, never mutated
-    r1 = {**PBT_SPACE, "optim.r1_gamma": {"loguniform": [0.01, 10.0]}, "model.loss": {"choice": ["bce", "hinge"]}}
-    cfg = build_config({"train": {"epochs": 3}, "tune": {"scheduler": "pbt", "search_space": r1}})
-    assert pbt_mutated_keys(cfg) == ["optim.lr_g", "optim.r1_gamma"]  # the loss is searched, not mutated
+    r1 = {
+        **PBT_SPACE,
+        "optim.r1_gamma": {"loguniform": [0.01, 10.0]},
+        "model.loss": {"choice": ["bce", "hinge"]},
+        "train.augment_p": {"uniform": [0.0, 1.0]},
+    }
+    cfg = build_config(
+        {"train": {"epochs": 3, "diffaugment": "color"}, "tune": {"scheduler": "pbt", "search_space": r1}}
+    )
+    assert pbt_mutated_keys(cfg) == ["optim.lr_g", "optim.r1_gamma", "train.augment_p"]  # the loss: searched only
     fractional = build_config(
         {
             "train": {"epochs": 3},

@@ -151,6 +151,7 @@ PBT_MUTABLE = (
     "optim.lr_final_scale",
     "optim.r1_gamma",
     "train.real_label",
+    "train.augment_p",
     "train.ema_decay",
     "train.top_k_final",
 )
