@@ -223,4 +223,4 @@ def test_hinge_r1_flips_and_diffaugment_train_under_ddp_what_one_process_trains(
     assert len(disagreeing(plain, reference, "without hinge, R1, flips and DiffAugment")) > len(reference) / 2
     for rank, got in enumerate(data_parallel(tmp_path, overrides, images)):
         assert got["step"] == 10
-        assert disagreeing(got["tensors"], reference, f"rank {rank}, hinge + R1 + flips") == []
+        assert disagreeing(got["tensors"], reference, f"rank {rank}, hinge + R1 + flips + DiffAugment") == []

@@ -223,8 +223,8 @@ def _check_threads_and_gpus(cfg: PipelineConfig) -> None:
 def _check_diffaugment(cfg: PipelineConfig) -> None:
     from pipeline.config.schema import DIFFAUGMENT_KINDS
 
-    given = [kind for kind in cfg.train.diffaugment.split(",") if kind]
-    unknown = [kind for kind in given if kind not in DIFFAUGMENT_KINDS]
+    given = cfg.train.diffaugment.split(",") if cfg.train.diffaugment else []
+    unknown = [kind for kind in given if kind not in DIFFAUGMENT_KINDS]  # an empty item ("color,") too
     if unknown or len(set(given)) != len(given):
         raise ConfigError(
             f"train.diffaugment: {cfg.train.diffaugment!r}; give each of {', '.join(DIFFAUGMENT_KINDS)} at most once, "

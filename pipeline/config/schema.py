@@ -121,6 +121,12 @@ class TrainConfig:
         "comma-separated kinds of color, translation, cutout; empty = off; e.g. color,translation,cutout",
     )
     augment_p: float = _f(1.0, "with train.diffaugment: the probability each kind applies to an image", ge=0.0, le=1.0)
+
+    @property
+    def diffaugment_kinds(self) -> tuple[str, ...]:
+        """The kinds ``diffaugment`` names (applied colour, translation, cutout, in that order)."""
+        return tuple(kind for kind in self.diffaugment.split(",") if kind)
+
     real_label: float = _f(1.0, "D's target for real images; 0.9 = one-sided label smoothing", gt=0.0, le=1.0)
     top_k_final: float = _f(
         1.0,

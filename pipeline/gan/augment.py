@@ -1,10 +1,11 @@
 """DiffAugment (Zhao et al. 2020): the same differentiable augmentation of the images D sees, real and generated, in
 D's step and of G's images in G's, so that D cannot memorise a small set and G's gradients pass through.
 
-Three kinds, each applied to an image with probability ``p``: colour (brightness, saturation, contrast, as the
-paper's official code draws them), translation (up to 1/8 of the side, zero padded) and cutout (a square of half the
-side set to zero). Every random number is drawn by the caller for the whole global batch (:func:`draw`), so a run's
-augmentations do not depend on how many workers share it, and everything stays on the device: no host round trip.
+Three kinds, each applied to an image with probability ``p``, always in this order: colour (brightness, saturation,
+contrast), translation (up to 1/8 of the side, zero padded) and cutout (a square of half the side set to zero, its
+centre anywhere in the image, clipped at the border), each as the paper's official code draws it. Every random
+number is drawn by the caller for the whole global batch (:func:`draw`), so a run's augmentations do not depend on
+how many workers share it, and everything stays on the device: no host round trip.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _color(x: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor) -> torch.T
 
 def _translation(x: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     n, _, h, w = x.shape
-    shift_h, shift_w = max(1, h // 8), max(1, w // 8)
+    shift_h, shift_w = max(1, int(h / 8 + 0.5)), max(1, int(w / 8 + 0.5))  # rounded as the official code does
     on = _on(u, 1, p).flatten().long()
     dy = ((u[:, 6] * (2 * shift_h + 1)).long() - shift_h) * on
     dx = ((u[:, 7] * (2 * shift_w + 1)).long() - shift_w) * on
@@ -60,16 +61,18 @@ def _translation(x: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor) -> t
     inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
     rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
     index = torch.arange(n, device=x.device)[:, None, None]
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     moved = x.permute(0, 2, 3, 1)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    return moved * inside.to(x.dtype)
+    return (moved * inside.to(x.dtype)).contiguous(memory_format=layout)  # D's layout, as it came
 
 
 def _cutout(x: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor) -> torch.Tensor:
     _, _, h, w = x.shape
     on = _on(u, 2, p).flatten().bool()
-    size_h, size_w = h // 2, w // 2
-    top = (u[:, 8] * (h - size_h + 1)).long()
-    left = (u[:, 9] * (w - size_w + 1)).long()
+    size_h, size_w = int(h / 2 + 0.5), int(w / 2 + 0.5)
+    # The centre anywhere (the official code's offsets), the square clipped by the masks below.
+    top = (u[:, 8] * (h + 1 - size_h % 2)).long() - size_h // 2
+    left = (u[:, 9] * (w + 1 - size_w % 2)).long() - size_w // 2
     rows = torch.arange(h, device=x.device)[None, :]
     cols = torch.arange(w, device=x.device)[None, :]
     in_rows = (rows >= top[:, None]) & (rows < top[:, None] + size_h)

@@ -150,7 +150,7 @@ class LoopRun:
         if num_steps < 1:
             raise ValueError(f"batch size {cfg.train.batch_size} exceeds the {len(data)} training images")
         # A lazy R1 step differs from the others, and DiffAugment's draws are no graph input: neither is captured.
-        graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt) and not (cfg.optim.r1_gamma or cfg.train.diffaugment)
+        graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt) and not (cfg.optim.r1_gamma or cfg.train.diffaugment_kinds)
         total_steps = num_steps * cfg.train.epochs
         source = InMemory(data.images, rt.device) if isinstance(data, Split) else data
         state = TrainState.initial(cfg, source.image_shape, rt.device)
@@ -219,7 +219,7 @@ class LoopRun:
         flips = augments = None
         if cfg.data.flip:
             flips = torch.rand(cfg.train.batch_size, device=rt.device, generator=generator)
-        if cfg.train.diffaugment:
+        if cfg.train.diffaugment_kinds:
             rows = rt.rank * self.local_batch
             real, fake, own = (augment.draw(cfg.train.batch_size, rt.device, generator) for _ in range(3))
             # Real rows as the sampler deals them to the workers, generated ones as the noise is cut (see noise).

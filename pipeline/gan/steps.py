@@ -172,7 +172,7 @@ class TrainStep:
     def of(cls, nets: Nets, state: TrainState, cfg: PipelineConfig, batch: int, device: torch.device) -> TrainStep:
         """The step ``cfg`` asks for, on a worker's batch of ``batch`` images."""
         targets = StepTargets.of(cfg, batch, device)
-        kinds = tuple(kind for kind in cfg.train.diffaugment.split(",") if kind)
+        kinds = cfg.train.diffaugment_kinds
         return cls(
             nets, state, targets, cfg.model.loss, cfg.optim.r1_gamma, cfg.optim.r1_every, kinds, cfg.train.augment_p
         )
@@ -221,7 +221,8 @@ class TrainStep:
             if r1:
                 real = real.detach().requires_grad_(True)
             with nets.autocast():
-                real_logits = nets.discriminator(self.seen(real, draws[0]))  # R1: the gradient at the unaugmented
+                # With R1, its gradient is taken at the unaugmented real images, through the augmentation.
+                real_logits = nets.discriminator(self.seen(real, draws[0]))
                 loss_real = d_real_loss(self.loss, real_logits, self.targets.real)
             (loss_real + r1 * r1_penalty(real_logits, real) if r1 else loss_real).backward()
         with nets.autocast():
@@ -280,6 +281,8 @@ class GraphedStep:
         self, real: torch.Tensor, z: torch.Tensor, z_g: torch.Tensor | None, share: float, draws: None = None
     ) -> torch.Tensor:
         """``draws``: none (DiffAugment's draws are no graph input: an augmenting run is never graphed)."""
+        if draws is not None:
+            raise ValueError("a CUDA-graphed step takes no DiffAugment draws (config checks keep them apart)")
         k = top_k_count(self.batch, share)  # most_real's k: the one shape that changes between steps
         if self.warm < self.WARMUP:
             self.warm += 1
