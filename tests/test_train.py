@@ -329,6 +329,15 @@ def test_a_lost_peers_consequences_are_hidden_and_other_worker_errors_shown():
             "epoch 2/3  loss_d=1.0966",
         ],
     ) == ["epoch 2/3  loss_d=1.0966"]
+    # The peer lost while this worker's report waited on it (Ray Train syncs the checkpoint's folder name).
+    assert noise(4, [*broken[:2], '  File "context.py", line 254, in _sync_checkpoint_dir_name_across_ranks']) == []
+    ending = [
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+        "The actor is dead because it was killed by `ray.kill`.",
+        "",
+        "epoch 2/5  loss_d=1.0963",
+    ]
+    assert noise(4, ending) == ["epoch 2/5  loss_d=1.0963"]
     own = [*broken[:3], "ValueError: a bug of our own"]
     assert noise(3, own) == own
 

@@ -27,13 +27,15 @@ RAY_NOISE = (
     "bundle(s) for placement group",
     "A worker died or was killed while executing a task by an unexpected system error",
     "class_name: RayTrainWorker",
-    "The actor is dead because its worker process has died",
+    "The actor is dead because",  # its worker process has died, or it was killed by `ray.kill`
     "The actor died unexpectedly before finishing this task",
 )
 # How a worker's training function fails when a peer is lost (its collective broken): that traceback is hidden
 # too, as a consequence the "[train] lost worker" line explains. Any other error of a worker shows in full.
 TRAINING_ERROR = "Error in training function"
-RAY_LOST_PEER = ("gloo/transport",)  # gloo's own error: its source file in the message
+# gloo's own error (its source file in the message), or Ray's when the peer died while this worker's report waited
+# on it (Ray Train syncs the checkpoint's folder name across the ranks).
+RAY_LOST_PEER = ("gloo/transport", "ray.exceptions.ActorDiedError")
 HELD_MOST = 400  # lines of a held error at most
 # Ray's internal actors whose every line is for Ray's developers: the placement-group janitor of each Train
 # run ("Detected that the Ray Train controller actor ... is dead. Cleaning up placement group").
