@@ -25,6 +25,7 @@ from pipeline.distributed.resources import check_resources, resolve_scaling, use
 from pipeline.distributed.results import Reports, result_resize_to
 from pipeline.distributed.train_run import RayTrainRun
 from pipeline.distributed.worker import WorkerJob
+from pipeline.eval.evaluator import sample_count
 from pipeline.gan.reports import DIVERGENCE_HINT
 from pipeline.tracking.tracker import MLflowTracker, tracker_for
 
@@ -64,8 +65,8 @@ def run_training(
     tags = {"world_size": world_size(cfg), "device": "cuda" if gpu else "cpu", "trained_in": executor.trained_in}
     if evaluator and evaluator.get("checksum"):
         tags["evaluator_sha256"] = evaluator["checksum"]
-        # What an evaluation scores (null: as many as the reference holds): the registry compares only equal counts.
-        tags["eval_num_samples"] = cfg.eval.num_samples or len(evaluator["reference"])
+        # What an evaluation scores: the registry compares only equal counts.
+        tags["eval_num_samples"] = sample_count(cfg.eval.num_samples, len(evaluator["reference"]))
     if evaluator and evaluator.get("inception"):  # the standard FID: figures compare only with the same weights
         tags |= {
             "inception_sha256": evaluator["inception"]["sha256"],

@@ -58,6 +58,12 @@ def evaluator_kind(source: DataSource) -> str:
     return source.scored_by()
 
 
+def sample_count(setting: int | None, reference_rows: int) -> int:
+    """How many generated images an evaluation scores: ``eval.num_samples``, or with null as many as the reference
+    holds (``reference_rows``: the held-out images' features, at most :data:`REFERENCE_MOST`)."""
+    return setting or reference_rows
+
+
 def network(kind: str, shape: tuple[int, int, int]) -> nn.Module:
     """An untrained evaluator network of ``kind`` for images of ``shape`` (channels, side, classes)."""
     channels, side, classes = shape
@@ -82,9 +88,8 @@ class Evaluator:
         self._radii: dict[int, np.ndarray] = {}
 
     def sample_count(self, setting: int | None) -> int:
-        """How many generated images an evaluation scores: ``eval.num_samples``, or with null as many as the
-        reference holds (the held-out images' features, at most :data:`REFERENCE_MOST`)."""
-        return setting or len(self.reference)
+        """How many generated images an evaluation scores (:func:`sample_count`)."""
+        return sample_count(setting, len(self.reference))
 
     def radii(self, m: int) -> np.ndarray:
         """The k=3 manifold radii of the first ``m`` reference features (computed once per count)."""

@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("bce", "hinge")
-
 
 def d_real_loss(kind: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """D's loss on real images' logits (``target``: BCE's real label, one per image)."""
