@@ -1,6 +1,7 @@
 """DiffAugment (pipeline/gan/augment.py): each kind does what it says on draws chosen by hand, nothing where its
-probability is 0, and gradients pass through to the images."""
+probability is 0, and gradients pass through to the images; the adaptive probability (ADA) follows its rule."""
 
+import pytest
 import torch
 
 from pipeline.gan.augment import DRAWS, augment, draw
@@ -81,3 +82,56 @@ def test_an_augmenting_run_trains_and_bad_settings_are_refused(fake_split):
             CONFIGS / "smoke.yaml",
             ["train.diffaugment=cutout", "train.cuda_graphs=true", "scaling.use_gpu=true", "scaling.num_workers=1"],
         )
+
+
+def test_the_adaptive_probability_follows_the_sign_of_real_logits():
+    """ADA's rule: p rises by batch * interval / speed after intervals where E[sign D(x)] is above the target,
+    falls where below, stays in [0, 1], and continues from its saved state."""
+    from pipeline.gan.augment import ADA_INTERVAL, AdaptiveP
+
+    ada = AdaptiveP(0.5, 0.6, batch=10, speed=100, device=torch.device("cpu"))
+    step = 10 * ADA_INTERVAL / 100
+    for _ in range(ADA_INTERVAL):
+        ada.observe(torch.tensor([1.0, 2.0, 3.0, -1.0]))  # r_t = 0.5: under the target
+    ada.adjust(lambda t: t)
+    assert float(ada.r_t) == 0.5 and float(ada.p) == pytest.approx(0.5 - step)
+    ada.observe(torch.tensor([1.0, 2.0, 3.0, 4.0, -1.0]))  # r_t = 0.6, the target: p stays
+    ada.adjust(lambda t: t)
+    assert float(ada.p) == pytest.approx(0.5 - step) and float(ada.r_t) == pytest.approx(0.6)
+    ada.observe(torch.tensor([1.0, 1.0, 1.0, -1.0]))  # 0.5 within one interval, then 1.0: over the target
+    ada.observe(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    ada.adjust(lambda t: t)
+    assert float(ada.p) == pytest.approx(0.5) and float(ada.r_t) == 0.75
+    for _ in range(5):
+        ada.observe(torch.ones(3))
+        ada.adjust(lambda t: t)
+    assert float(ada.p) == 1.0  # clamped
+    ada.observe(-torch.ones(2))
+    saved = ada.to_dict()
+    again = AdaptiveP(0.0, 0.6, batch=10, speed=100, device=torch.device("cpu"))
+    again.load(saved)
+    again.adjust(lambda t: t)
+    ada.adjust(lambda t: t)
+    assert float(again.p) == float(ada.p) == pytest.approx(1.0 - step) and float(again.r_t) == -1.0
+
+
+def test_an_adaptive_run_logs_its_probability_and_needs_diffaugment(fake_split):
+    from pipeline.config.load import load_config
+    from pipeline.core.errors import ConfigError
+    from pipeline.gan.hooks import On
+    from pipeline.gan.loop import train_gan
+    from tests.conftest import CONFIGS
+
+    settings = ["train.epochs=2", "train.diffaugment=translation", "train.augment_p=0.2", "train.augment_speed=256"]
+    reports: list = []
+    cfg = load_config(CONFIGS / "smoke.yaml", [*settings, "train.augment_target=0.6"])
+    result = train_gan(cfg, fake_split, hooks=[On(report=reports.append)])
+    # 4 steps of 64 an epoch: one adjustment each, by 64 * 4 / 256 = 1, so p is 0 or 1 after the first
+    assert [r.metrics["augment_p"] for r in reports] == [r.checkpoint["ada"]["p"] for r in reports]
+    assert reports[-1].metrics["augment_p"] == float(result.state.ada.p)
+    assert all(r.metrics["augment_p"] in (0.0, 1.0) for r in reports)  # moved from its start, 0.2
+    assert all(-1 <= r.metrics["augment_r_t"] <= 1 for r in reports)
+    fixed = train_gan(load_config(CONFIGS / "smoke.yaml", settings), fake_split)
+    assert fixed.state.ada is None
+    with pytest.raises(ConfigError, match="train.augment_target: 0.6 without train.diffaugment"):
+        load_config(CONFIGS / "smoke.yaml", ["train.augment_target=0.6"])

@@ -62,13 +62,16 @@ def _wrap(summed: bool):
 
 
 def everything(result: Any) -> dict[str, torch.Tensor]:
-    """Every tensor a run's result holds: G's and D's parameters and buffers, both Adams' state per parameter."""
+    """Every tensor a run's result holds: G's and D's parameters and buffers, both Adams' state per parameter, and
+    ADA's state where it adapts."""
     state = result.state
     tensors = {f"G.{k}": v for k, v in state.generator.state_dict().items()}
     tensors |= {f"D.{k}": v for k, v in state.discriminator.state_dict().items()}
     for name, optimizer in (("adam_g", state.opt_g), ("adam_d", state.opt_d)):
         for index, per_param in optimizer.state_dict()["state"].items():
             tensors |= {f"{name}.{index}.{k}": v for k, v in per_param.items()}
+    if state.ada is not None:  # ADA's probability and its last r_t (over every worker's real images)
+        tensors |= {"ada.p": state.ada.p, "ada.r_t": state.ada.r_t}
     return {k: v.detach().clone().double() for k, v in tensors.items()}
 
 
@@ -206,7 +209,8 @@ def test_mlflow_holds_the_mean_of_every_workers_losses(tmp_path, images):
 @pytest.mark.slow
 def test_hinge_r1_flips_and_diffaugment_train_under_ddp_what_one_process_trains(tmp_path, images):
     """R1's double backward through a DDP-wrapped, spectrally normalised D, the hinge loss, the flips of real images
-    and DiffAugment (each worker keeping its rows of the global batch's draws): two workers end where one process
+    and DiffAugment (each worker keeping its rows of the global batch's draws) at ADA's adaptive probability (its
+    sums reduced over the workers): two workers end where one process
     does (R1 on every other step, so both kinds of step are crossed; one epoch of 10 steps, for CI's time)."""
     base = [*SETTINGS, "train.epochs=1", "model.sync_batchnorm=true", "model.d_norm=spectral"]
     overrides = [
@@ -217,10 +221,14 @@ def test_hinge_r1_flips_and_diffaugment_train_under_ddp_what_one_process_trains(
         "data.flip=true",
         "train.diffaugment=color,translation,cutout",
         "train.augment_p=0.5",
+        # ADA: the signs of D's real logits summed over both workers move p by 0.25 every 4 steps
+        "train.augment_target=0.6",
+        "train.augment_speed=1024",
     ]
     reference = single_process(overrides, images, steps=10)
     plain = single_process(base, images, steps=10)
-    assert len(disagreeing(plain, reference, "without hinge, R1, flips and DiffAugment")) > len(reference) / 2
+    networks = {k: v for k, v in reference.items() if not k.startswith("ada.")}
+    assert len(disagreeing(plain, networks, "without hinge, R1, flips and DiffAugment")) > len(networks) / 2
     for rank, got in enumerate(data_parallel(tmp_path, overrides, images)):
         assert got["step"] == 10
         assert disagreeing(got["tensors"], reference, f"rank {rank}, hinge + R1 + flips + DiffAugment") == []

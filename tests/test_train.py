@@ -394,6 +394,8 @@ def test_resume_from_inside_an_epoch_is_exact(fake_split, tmp_path, fresh):
             f"train.g_fresh_noise={str(fresh).lower()}",
             f"data.flip={str(fresh).lower()}",  # its draws come from the same generator: made again to the step
             f"train.diffaugment={'translation,cutout' if fresh else 'color'}",  # so do DiffAugment's
+            # ADA's sums of D's signs since its last adjustment (every 4 steps) are in the checkpoint
+            *(["train.augment_target=0.6", "train.augment_speed=512", "train.augment_p=0.5"] if fresh else []),
         ],
     )
     straight = []
@@ -419,6 +421,7 @@ def test_resume_from_inside_an_epoch_is_exact(fake_split, tmp_path, fresh):
         for key in ("generator", "discriminator"):
             a, b = straight[-1][1][key], resumed[-1][1][key]
             assert all(torch.equal(a[k], b[k]) for k in a), (inside, key)
+        assert resumed[-1][1]["ada"] == straight[-1][1]["ada"]
         for (want, _), (got, _) in zip(straight[inside + 1 :], resumed, strict=True):
             for key in ("loss_d", "loss_g", "d_real", "d_fake"):
                 assert got[key] == pytest.approx(want[key], rel=1e-12, abs=0), (inside, want["step"], key)

@@ -230,6 +230,11 @@ def _check_diffaugment(cfg: PipelineConfig) -> None:
             f"train.diffaugment: {cfg.train.diffaugment!r}; give each of {', '.join(DIFFAUGMENT_KINDS)} at most once, "
             "comma-separated (e.g. color,translation,cutout), or nothing for none"
         )
+    if cfg.train.augment_target is not None and not given:
+        raise ConfigError(
+            f"train.augment_target: {cfg.train.augment_target:g} without train.diffaugment; it adapts the probability "
+            "of DiffAugment's kinds: name them (e.g. train.diffaugment=color,translation,cutout) or unset it"
+        )
     if given and cfg.train.cuda_graphs == "true":
         raise ConfigError(
             "train.cuda_graphs: true with train.diffaugment; its draws are no input of a captured graph: set "

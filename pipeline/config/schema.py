@@ -120,7 +120,27 @@ class TrainConfig:
         "DiffAugment (pipeline/gan/augment.py) of every image D sees, real and generated, in D's and G's steps: "
         "comma-separated kinds of color, translation, cutout; empty = off; e.g. color,translation,cutout",
     )
-    augment_p: float = _f(1.0, "with train.diffaugment: the probability each kind applies to an image", ge=0.0, le=1.0)
+    augment_p: float = _f(
+        1.0,
+        "with train.diffaugment: the probability each kind applies to an image (with train.augment_target: where "
+        "it starts)",
+        ge=0.0,
+        le=1.0,
+    )
+    augment_target: float | None = _f(
+        None,
+        "with train.diffaugment: adapt the probability as ADA does (Karras et al. 2020): every 4 steps it rises "
+        "while the share of real images D rates real, E[sign D(x)], is above this and falls while below; logged as "
+        "augment_p; null = fixed train.augment_p; e.g. 0.6",
+        gt=0.0,
+        lt=1.0,
+    )
+    augment_speed: int = _f(
+        100_000,
+        "with train.augment_target: training images over which the probability can move by 1 (ADA's 500k suits "
+        "runs of millions of images)",
+        ge=1,
+    )
 
     @property
     def diffaugment_kinds(self) -> tuple[str, ...]:

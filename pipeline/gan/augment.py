@@ -10,6 +10,9 @@ how many workers share it, and everything stays on the device: no host round tri
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 # Per image, the columns of its draws: 0-2 whether colour, translation and cutout apply; 3-5 brightness, saturation
@@ -79,3 +82,41 @@ def _cutout(x: torch.Tensor, u: torch.Tensor, p: float | torch.Tensor) -> torch.
     in_cols = (cols >= left[:, None]) & (cols < left[:, None] + size_w)
     hole = in_rows[:, :, None] & in_cols[:, None, :] & on[:, None, None]
     return x * (~hole)[:, None].to(x.dtype)
+
+
+ADA_INTERVAL = 4  # steps between adjustments of an adaptive probability (ADA's)
+
+
+class AdaptiveP:
+    """ADA's augmentation probability (Karras et al. 2020, ``train.augment_target``): D's real logits are watched
+    (:meth:`observe`), and every :data:`ADA_INTERVAL` steps r_t = E[sign D(x)] over every worker's real images
+    since the last adjustment moves p by ``batch * ADA_INTERVAL / speed`` towards more augmentation when r_t is above
+    the target (D is sure of the real images: it is overfitting) and less when below; p stays in [0, 1]. p and the
+    sums live on the device: no host round trip per step."""
+
+    def __init__(self, p: float, target: float, batch: int, speed: int, device: torch.device):
+        self.p = torch.tensor(p, dtype=torch.float64, device=device)
+        self.target = target
+        self.step_size = batch * ADA_INTERVAL / speed
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum of signs, count of logits
+        self.r_t = torch.full((), float("nan"), dtype=torch.float64, device=device)  # the last adjustment's
+
+    def observe(self, real_logits: torch.Tensor) -> None:
+        logits = real_logits.detach().flatten()
+        self.sums += torch.stack([logits.sign().sum().double(), logits.new_tensor(len(logits), dtype=torch.float64)])
+
+    def adjust(self, mean_over_workers: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """One adjustment from the sums since the last, over every worker (the same p on each); then the sums
+        restart."""
+        sums = mean_over_workers(self.sums)
+        self.r_t = sums[0] / sums[1].clamp(min=1)
+        self.p = (self.p + torch.sign(self.r_t - self.target) * self.step_size).clamp(0.0, 1.0)
+        self.sums.zero_()
+
+    def to_dict(self) -> dict[str, float | list[float]]:
+        return {"p": float(self.p), "sums": self.sums.tolist(), "r_t": float(self.r_t)}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        self.p.fill_(saved["p"])
+        self.sums.copy_(torch.tensor(saved["sums"], dtype=torch.float64))
+        self.r_t.fill_(saved["r_t"])

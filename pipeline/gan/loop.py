@@ -40,7 +40,8 @@ from pipeline.gan.sampling import fixed_noise, sample_images
 from pipeline.gan.state import TrainState
 from pipeline.gan.steps import GraphedStep, Nets, Runtime, TrainStep, uses_cuda_graphs
 
-EPOCH_KEYS = ("epoch_time_s", "images_per_s", "eval_time_s", "lr_g", "lr_d")  # recorded at each report, with scores
+# Recorded at each report, with the scores.
+EPOCH_KEYS = ("epoch_time_s", "images_per_s", "eval_time_s", "lr_g", "lr_d", "augment_p", "augment_r_t")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,6 +189,8 @@ class LoopRun:
                 real = mirrored(real, flips, self.rt.rank, self.rt.world_size)
             values = self.step(real, z, z_g, share, augments).double()
             state.step += 1
+            if state.ada is not None and state.step % augment.ADA_INTERVAL == 0:
+                state.ada.adjust(self.rt.mean_over_workers)
             if state.ema is not None:
                 state.ema.update(state.generator, state.step)
             hooks.on_step(Step(self.rt.rank, state.step, epoch + 1, i + 1, self.num_steps, values))
@@ -296,6 +299,8 @@ class LoopRun:
             scores = self.scorer(state.sampler, self.rt.device)
             metrics.update(scores, eval_time_s=time.perf_counter() - started)
         metrics.update(state.learning_rates)
+        if state.ada is not None:
+            metrics.update(augment_p=float(state.ada.p), augment_r_t=float(state.ada.r_t))
         if not self.rt.is_main:
             return
         describe = self.scorer.describe if self.scorer is not None else _no_scores

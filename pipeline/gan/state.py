@@ -18,6 +18,7 @@ from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from pipeline.config.schema import PipelineConfig
+from pipeline.gan.augment import AdaptiveP
 from pipeline.gan.models import Generator, build_models
 
 
@@ -56,6 +57,7 @@ class TrainState:
     ema: EmaGenerator | None
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
+    ada: AdaptiveP | None = None  # an adaptive augmentation probability (train.augment_target)
 
     @classmethod
     def initial(cls, cfg: PipelineConfig, image_shape: tuple[int, int, int], device: torch.device) -> TrainState:
@@ -72,7 +74,11 @@ class TrainState:
         opt_g = adam(generator.parameters(), lr=cfg.optim.lr_g)
         opt_d = adam(discriminator.parameters(), lr=cfg.optim.lr_d)
         ema = EmaGenerator(generator, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        return cls(generator, discriminator, opt_g, opt_d, ema)
+        ada = None
+        if cfg.train.augment_target is not None and cfg.train.diffaugment_kinds:
+            train = cfg.train
+            ada = AdaptiveP(train.augment_p, train.augment_target, train.batch_size, train.augment_speed, device)
+        return cls(generator, discriminator, opt_g, opt_d, ema, ada=ada)
 
     @property
     def sampler(self) -> nn.Module:
@@ -120,6 +126,7 @@ class TrainState:
             "epoch": self.epoch,
             "step": self.step,
             "rng": {"torch": torch.get_rng_state()},
+            "ada": self.ada.to_dict() if self.ada is not None else None,
             "config": cfg.to_dict(),
         }
 
@@ -132,6 +139,8 @@ class TrainState:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if self.ada is not None and state.get("ada"):  # else it starts at train.augment_p
+            self.ada.load(state["ada"])
         torch.set_rng_state(state["rng"]["torch"])
 
     def resume(

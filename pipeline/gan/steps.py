@@ -166,7 +166,10 @@ class TrainStep:
 
     def seen(self, images: torch.Tensor, draws: torch.Tensor | None) -> torch.Tensor:
         """What D is shown of ``images``: DiffAugmented with ``draws`` where the run augments, else the images."""
-        return images if draws is None else augment(images, draws, self.augment_p, self.augment_kinds)
+        if draws is None:
+            return images
+        p = self.state.ada.p if self.state.ada is not None else self.augment_p
+        return augment(images, draws, p, self.augment_kinds)
 
     @classmethod
     def of(cls, nets: Nets, state: TrainState, cfg: PipelineConfig, batch: int, device: torch.device) -> TrainStep:
@@ -224,6 +227,8 @@ class TrainStep:
                 # With R1, its gradient is taken at the unaugmented real images, through the augmentation.
                 real_logits = nets.discriminator(self.seen(real, draws[0]))
                 loss_real = d_real_loss(self.loss, real_logits, self.targets.real)
+            if self.state.ada is not None:
+                self.state.ada.observe(real_logits)
             (loss_real + r1 * r1_penalty(real_logits, real) if r1 else loss_real).backward()
         with nets.autocast():
             fake_logits = nets.discriminator(self.seen(fake.detach(), draws[1]))

@@ -152,6 +152,7 @@ PBT_MUTABLE = (
     "optim.r1_gamma",
     "train.real_label",
     "train.augment_p",
+    "train.augment_target",
     "train.ema_decay",
     "train.top_k_final",
 )
