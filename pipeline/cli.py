@@ -119,6 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="an .npz (key `images`, uint8 (N, H, W) grey or (N, 3, H, W) RGB), or a new folder: one PNG per image",
     )
     sample.add_argument("--grid", help="also write a PNG grid of the samples")
+    sample.add_argument(
+        "--truncation",
+        type=float,
+        default=1.0,
+        metavar="PSI",
+        help="the truncation trick: the noise scaled by PSI towards its mean; < 1 trades variety for typical images "
+        "(default 1: none)",
+    )
+    sample.add_argument(
+        "--interpolate",
+        type=int,
+        metavar="STEPS",
+        help="walks through the latent space instead: --out a .png of 8 rows, each STEPS images between two random "
+        "points, or a .gif whose frames walk an 8x8 grid through 4 points and back, STEPS frames between each two",
+    )
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     sample.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
 
@@ -291,8 +306,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise ConfigError(f"--num: {args.num} must be >= 1")
+    if args.truncation < 0:
+        raise ConfigError(f"--truncation: {args.truncation:g}; give PSI >= 0 (1 = none, 0.7 a common choice)")
     out = Path(args.out).expanduser()
-    if out.suffix and out.suffix != ".npz":
+    if args.interpolate is not None:
+        if args.interpolate < 2 or out.suffix not in (".png", ".gif"):
+            raise ConfigError("--interpolate STEPS: STEPS >= 2, with --out a .png (rows of walks) or a .gif (frames)")
+    elif out.suffix and out.suffix != ".npz":
         raise ConfigError(f"--out: {args.out!r}; give an .npz file or a folder (no suffix) for PNG files")
     import torch
 
@@ -305,7 +325,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri, PROJECT_ROOT, "--tracking-uri", given_wins=True)
     check_tracking_uri(uri)
     generator, facts = load_generator(uri, generator_uri(args.run_id, args.model))
-    images = generate_images(generator, args.num, facts["latent_dim"], args.seed, torch.device("cpu"))
+    if args.interpolate is not None:
+        from pipeline.tools.samples import write_walk
+
+        print(write_walk(generator, facts["latent_dim"], args.interpolate, args.seed, args.truncation, out))
+        return 0
+    images = generate_images(generator, args.num, facts["latent_dim"], args.seed, torch.device("cpu"), args.truncation)
     if out.suffix != ".npz":
         from pipeline.tools.samples import write_pngs
 

@@ -55,12 +55,12 @@ def run_one(job: dict) -> dict:
     base = load_config(None, [*job["set"], *RECIPES[job["recipe"]], f"train.seed={job['seed']}", "eval.every_epochs=0"])
     split = load(base.data, True, lambda _: None)
     per_epoch = steps_per_epoch(len(split), base.train.batch_size) * base.train.batch_size
-    epochs = max(1, math.ceil(job["images"] / per_epoch))
+    epochs = max(1, math.ceil(job["budget"] / per_epoch))
     cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=epochs))
     started = time.perf_counter()
     result = train_gan(cfg, split)
     seconds = time.perf_counter() - started
-    row = {"recipe": job["recipe"], "seed": job["seed"], "epochs": epochs, "images": epochs * per_epoch}
+    row = {"recipe": job["recipe"], "seed": job["seed"], "epochs": epochs, "trained": epochs * per_epoch}
     row["train_s"] = seconds
     reference = torch.cat([split.images, load(base.data, False, lambda _: None).images])
     device = torch.device("cpu")
@@ -87,7 +87,12 @@ def table(rows: list[dict], evaluators: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for recipe in [r for r in RECIPES if r in by]:
         runs = by[recipe]
-        cells = [recipe, str(len(runs)), str(runs[0]["images"]), f"{statistics.mean(r['train_s'] for r in runs):.0f}"]
+        cells = [
+            recipe,
+            str(len(runs)),
+            str(runs[0].get("trained", runs[0].get("images"))),
+            f"{statistics.mean(r['train_s'] for r in runs):.0f}",
+        ]
         for kind in evaluators:
             fid = [r[f"{kind}_fid"] for r in runs]
             kid = [r[f"{kind}_kid"] for r in runs]
@@ -132,7 +137,7 @@ def main() -> None:
     done = {(r["recipe"], r["seed"]) for r in rows}
     recipes = args.recipes.split(",")
     jobs = [
-        {"recipe": r, "seed": s, "images": args.images, "set": [*data, *args.set], "evaluators": evaluators, "out": out}
+        {"recipe": r, "seed": s, "budget": args.images, "set": [*data, *args.set], "evaluators": evaluators, "out": out}
         for s in range(args.seeds)
         for r in recipes
         if (r, s) not in done

@@ -76,6 +76,7 @@ def test_two_workers_then_resume_then_sample(store, tmp_path):
     assert {a.path for a in client.list_artifacts(run_id, "samples")} == {
         "samples/epoch_001.png",
         "samples/epoch_002.png",
+        "samples/nearest_training.png",  # the memorisation check at the run's end
     }
 
     import os

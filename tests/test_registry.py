@@ -183,3 +183,27 @@ def test_registered_model_names_are_checked(smoke_cfg):
     assert registered_model_name(with_overrides(smoke_cfg, {"tracking.registered_model": ""})) == ""
     with pytest.raises(ConfigError, match="tracking.registered_model: 'a/b@c'"):
         with_overrides(smoke_cfg, {"tracking.registered_model": "a/b@c"})
+
+
+def test_sample_walks_the_latent_space_and_truncates_it(store, tmp_path):
+    """``sample --interpolate``: a .png of 8 walks or a looping .gif; ``--truncation 0`` puts every sample at the
+    noise's mean (one image, many times), ``1`` does not."""
+    from PIL import Image
+
+    uri, _, model_uri = store
+    walk = tmp_path / "walk.png"
+    assert main(["sample", "--model", model_uri, "--interpolate", "5", "--out", str(walk), "--tracking-uri", uri]) == 0
+    with Image.open(walk) as grid:  # 8 rows of 5 images of 28 px, 2 px apart and around
+        assert grid.size == (5 * 30 + 2, 8 * 30 + 2)
+    loop = tmp_path / "walk.gif"
+    assert main(["sample", "--model", model_uri, "--interpolate", "3", "--out", str(loop), "--tracking-uri", uri]) == 0
+    with Image.open(loop) as animation:
+        assert animation.n_frames == 4 * 3 and animation.size == (8 * 30 + 2, 8 * 30 + 2)
+    for psi, distinct in (("0", 1), ("1", 8)):
+        out = tmp_path / f"psi{psi}.npz"
+        args = ["sample", "--model", model_uri, "--num", "8", "--truncation", psi, "--out", str(out)]
+        assert main([*args, "--tracking-uri", uri]) == 0
+        with np.load(out) as archive:
+            assert len(np.unique(archive["images"].reshape(8, -1), axis=0)) == distinct
+    bad = main(["sample", "--model", model_uri, "--interpolate", "4", "--out", str(tmp_path / "w.npz")])
+    assert bad == 2

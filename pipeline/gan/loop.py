@@ -23,7 +23,7 @@ import torch
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.batches import Batches, InMemory, Plan
 from pipeline.data.split import Split, to_model_range
-from pipeline.gan import augment
+from pipeline.gan import augment, views
 from pipeline.gan.hooks import Hook, Hooks, Scorer, Step
 from pipeline.gan.reports import (
     LOSS_KEYS,
@@ -87,6 +87,8 @@ def train_gan(
         if pause is not None:
             return TrainResult(state.sampler, pause.metrics, state.epoch, state.step, state, pause.resize_to)
         report = run.close(tally, epoch, run.num_steps)
+    if report is not None and rt.is_main:  # a run that trained to its end: is it copying its training images?
+        run.hooks.on_samples(run.nearest_grid(), "samples/nearest_training.png")
     return TrainResult(state.sampler, report.metrics if report else {}, state.epoch, state.step, state)
 
 
@@ -229,6 +231,18 @@ class LoopRun:
             mine = slice(rows, rows + self.local_batch)
             augments = (real[rt.rank :: rt.world_size], fake[mine], own[mine])
         return z, z_g, flips, augments
+
+    def nearest_grid(self) -> torch.Tensor:
+        """A few samples of the sampling generator, each beside its nearest training images (pipeline.gan.views):
+        of the whole set in memory, or of this worker's first rows of a streamed epoch (up to views.NEAREST_POOL)."""
+        if isinstance(self.data, InMemory):
+            training = self.data.images
+        else:
+            with contextlib.closing(self.data.epoch(0, 0, self.plan)) as batches:
+                wanted = -(-views.NEAREST_POOL // self.local_batch)
+                training = torch.cat([batch.cpu() for batch, _ in zip(batches, range(wanted), strict=False)])
+        cfg = self.cfg
+        return views.nearest_grid(self.state.sampler, training, cfg.model.latent_dim, cfg.train.seed, self.rt.device)
 
     def log_step(self, values: torch.Tensor) -> None:
         """Every ``tracking.log_every`` global steps, the mean of every worker's steps since the last log to the

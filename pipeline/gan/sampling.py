@@ -37,12 +37,13 @@ def sample_images(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 
 def generate_images(
-    generator: nn.Module, num: int, latent_dim: int, seed: int, device: torch.device, batch: int = 1000
+    generator: nn.Module, num: int, latent_dim: int, seed: int, device: torch.device, psi: float = 1.0
 ) -> torch.Tensor:
-    """``num`` uint8 images from noise seeded by ``seed`` (the same noise at every evaluation of a run)."""
+    """``num`` uint8 images from noise seeded by ``seed`` (the same noise at every evaluation of a run), truncated by
+    ``psi`` (pipeline.gan.views)."""
     gen = torch.Generator(device="cpu").manual_seed(seed + 54321)
     chunks = []
-    for start in range(0, num, batch):
-        z = torch.randn(min(batch, num - start), latent_dim, generator=gen).to(device)
-        chunks.append(sample_images(generator, z))
+    for start in range(0, num, 1000):
+        z = torch.randn(min(1000, num - start), latent_dim, generator=gen) * psi
+        chunks.append(sample_images(generator, z.to(device)))
     return torch.cat(chunks)

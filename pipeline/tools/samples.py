@@ -79,3 +79,19 @@ def write_pngs(images: torch.Tensor, folder: Path) -> list[Path]:
         Image.fromarray(np.ascontiguousarray(pixels)).save(path)
         written.append(path)
     return written
+
+
+def write_walk(generator: torch.nn.Module, latent_dim: int, steps: int, seed: int, psi: float, out: Path) -> str:
+    """``sample --interpolate``: latent walks (pipeline.gan.views) as a .png grid (8 rows of ``steps``) or a looping
+    .gif (an 8x8 grid through 4 points and back, ``steps`` frames between each two); what was written, as a line."""
+    from pipeline.core.pictures import save_image_grid
+    from pipeline.gan.sampling import sample_images
+    from pipeline.gan.views import gif, walk
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        save_image_grid(sample_images(generator, walk(8, steps, latent_dim, seed, psi)), str(out), nrow=steps)
+        return f"wrote 8 latent walks of {steps} steps to {out}"
+    frames = walk(64, steps, latent_dim, seed, psi, loop=4)
+    gif([sample_images(generator, z) for z in frames], str(out), nrow=8)
+    return f"wrote a looping walk of {len(frames)} frames (8x8 samples through 4 points) to {out}"
