@@ -32,6 +32,8 @@ RECIPES = {
     "r1": ["optim.r1_gamma=1.0"],
     "flip": ["data.flip=true"],
     "diffaugment": ["train.diffaugment=color,translation,cutout"],
+    "ada": ["train.diffaugment=color,translation,cutout", "train.augment_p=0", "train.augment_target=0.6"],
+    "augmented": ["data.flip=true", "train.diffaugment=color,translation,cutout"],
     "combined": [
         "optim.r1_gamma=1.0",
         "data.flip=true",

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,3 +187,31 @@ def test_a_resume_on_images_that_changed_since_the_run_began_is_refused(prepared
     tags[DATA_TAG] = "0" * 64  # another preparation since
     with pytest.raises(ConfigError, match="began with"):
         folder.check_resume(tags, "r")
+
+
+def test_batches_with_labels_pair_each_image_with_its_own_class(prepared):
+    """Plan.labels (a conditional GAN's batches): streamed, from the start and resumed inside an epoch, and in
+    memory, every image comes with the label its shard row holds."""
+    from pipeline.data.batches import InMemory
+    from pipeline.data.shards import iter_shards
+
+    shards = list(iter_shards(prepared, "train"))
+    images_all = torch.from_numpy(np.concatenate([p for p, _ in shards]))
+    labels_all = torch.from_numpy(np.concatenate([lab for _, lab in shards]))
+    label_of = dict(zip(digests(images_all), labels_all.tolist(), strict=True))
+    assert len(set(label_of.values())) == 3  # the fixture's three shapes
+    stream = Streamed(prepared.location, prepared.manifest)
+    steps = len(stream) // 12
+    for rank, world, first in ((0, 1, 0), (1, 2, 0), (0, 2, 3)):
+        plan = Plan(0, rank, world, 12 // world, steps, torch.device("cpu"), labels=True)
+        pairs = list(stream.epoch(0, first, plan))
+        plain = epoch_of(stream, 0, rank, world, first)
+        assert len(pairs) == steps - first
+        for (pictures, labels), alone in zip(pairs, plain, strict=True):
+            assert torch.equal(pictures, alone)  # the same images as without labels
+            assert labels.tolist() == [label_of[d] for d in digests(pictures)]
+    memory = InMemory(images_all, torch.device("cpu"), labels_all)
+    for pictures, labels in memory.epoch(1, 0, Plan(0, 1, 2, 6, 10, torch.device("cpu"), labels=True)):
+        assert labels.tolist() == [label_of[d] for d in digests(pictures)]
+    with pytest.raises(ValueError, match="labels asked of images held without them"):
+        next(InMemory(images_all, torch.device("cpu")).epoch(0, 0, Plan(0, 0, 1, 6, 10, torch.device("cpu"), True)))

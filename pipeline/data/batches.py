@@ -1,9 +1,9 @@
 """Where a worker's training batches come from, epoch by epoch: the whole set in memory, or an image folder's
 shards streamed.
 
-Both give each worker ``num_steps`` batches of ``local_batch`` uint8 images per epoch, in an order that depends
-only on (seed, epoch, worker count, rank), so a run resumed inside an epoch continues with the batches it would
-have had (``first``: the epoch's first step to train).
+Both give each worker ``num_steps`` batches of ``local_batch`` uint8 images per epoch (with ``Plan.labels``, pairs of
+images and their int64 class labels), in an order that depends only on (seed, epoch, worker count, rank), so a run
+resumed inside an epoch continues with the batches it would have had (``first``: the epoch's first step to train).
 
 - :class:`InMemory`: the images on the device; one shuffled order of all of them per epoch, of which each worker
   takes its share (torch's ``DistributedSampler``): N workers' batches together are one process's batch.
@@ -39,12 +39,13 @@ class Batches(Protocol):
     @property
     def image_shape(self) -> tuple[int, int, int]: ...
 
-    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[torch.Tensor]: ...
+    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[Any]: ...
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What an epoch's batches depend on besides the epoch: the seed, the workers and the batch sizes."""
+    """What an epoch's batches depend on besides the epoch: the seed, the workers and the batch sizes, and whether
+    each batch comes with its class labels (a conditional GAN's)."""
 
     seed: int
     rank: int
@@ -52,13 +53,16 @@ class Plan:
     local_batch: int
     num_steps: int
     device: torch.device
+    labels: bool = False
 
 
 class InMemory:
-    """A :class:`~pipeline.data.split.Split`'s images on the device, taken in one shuffled order per epoch."""
+    """A :class:`~pipeline.data.split.Split`'s images (and labels, where given) on the device, taken in one shuffled
+    order per epoch."""
 
-    def __init__(self, images: torch.Tensor, device: torch.device):
+    def __init__(self, images: torch.Tensor, device: torch.device, labels: torch.Tensor | None = None):
         self.images = images.to(device)
+        self.labels = labels.to(device) if labels is not None else None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -69,8 +73,11 @@ class InMemory:
         shape = tuple(self.images.shape[1:])
         return (1, *shape) if len(shape) == 2 else shape
 
-    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[Any]:
         from torch.utils.data import DistributedSampler
+
+        if plan.labels and self.labels is None:
+            raise ValueError("batches with labels asked of images held without them")
 
         sampler = DistributedSampler(
             range(len(self.images)),
@@ -84,7 +91,8 @@ class InMemory:
         order = torch.tensor(list(sampler), device=plan.device)
         batch = plan.local_batch
         for i in range(first, plan.num_steps):
-            yield self.images[order[i * batch : (i + 1) * batch]]
+            rows = order[i * batch : (i + 1) * batch]
+            yield (self.images[rows], self.labels[rows]) if plan.labels else self.images[rows]
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,7 @@ class Streamed:
                 current, size = [], 0
         return [*out, current] if current else out
 
-    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[Any]:
         windows = self.windows(self.share(epoch, plan))
         skip = first * plan.local_batch  # rows already trained this epoch (a resume inside it)
         start = 0  # the first window with rows left to train
@@ -167,13 +175,17 @@ class Streamed:
         reader = WindowReader(self, todo, [plan.seed, epoch, plan.rank])
         try:
             carry = torch.zeros((0, *self.image_shape), dtype=torch.uint8)
-            for rows in reader:
+            carried = torch.zeros(0, dtype=torch.int64)  # their labels
+            for rows, labels in reader:
                 if skip:
-                    rows, skip = rows[skip:], 0
-                carry = torch.cat([carry, rows]) if len(carry) else rows
+                    rows, labels, skip = rows[skip:], labels[skip:], 0
+                carry, carried = (
+                    (torch.cat([carry, rows]), torch.cat([carried, labels])) if len(carry) else (rows, labels)
+                )
                 while len(carry) >= plan.local_batch:
-                    yield carry[: plan.local_batch].to(plan.device, non_blocking=True)
-                    carry = carry[plan.local_batch :]
+                    images = carry[: plan.local_batch].to(plan.device, non_blocking=True)
+                    yield (images, carried[: plan.local_batch].to(plan.device)) if plan.labels else images
+                    carry, carried = carry[plan.local_batch :], carried[plan.local_batch :]
         finally:
             reader.stop()
 
@@ -190,7 +202,7 @@ class WindowReader:
         self.thread = threading.Thread(target=self._run, name="shard-reader", daemon=True)
         self.thread.start()
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             item = self.queue.get()
             if item is None:
@@ -202,9 +214,11 @@ class WindowReader:
     def _run(self) -> None:
         try:
             for index, window in self.todo:
-                pixels = np.concatenate([self._read(piece) for piece in window])
+                pieces = [self._read(piece) for piece in window]
+                pixels = np.concatenate([p for p, _ in pieces])
+                labels = np.concatenate([lab for _, lab in pieces])
                 order = np.random.default_rng([*self.seed, index]).permutation(len(pixels))
-                if not self._put(torch.from_numpy(pixels[order])):
+                if not self._put((torch.from_numpy(pixels[order]), torch.from_numpy(labels[order]))):
                     return
             self._put(None)
         except BaseException as exc:  # handed to the loop's thread, which raises it
@@ -219,15 +233,17 @@ class WindowReader:
                 continue
         return False
 
-    def _read(self, piece: Slice) -> np.ndarray:
+    def _read(self, piece: Slice) -> tuple[np.ndarray, np.ndarray]:
+        """The slice's pixels (checked against the manifest's SHA-256 of its row group) and int64 labels."""
         import pyarrow as pa
 
         from pipeline.data.shards import ImageFolderError, pixels_of
 
         shard = self.stream.manifest["shards"]["train"][piece.shard]
         try:
-            column = self._open(piece.shard).read_row_group(piece.group, columns=["image"]).column("image")
-            pixels = pixels_of(column.combine_chunks(), self.stream.image_shape)
+            table = self._open(piece.shard).read_row_group(piece.group, columns=["image", "label"])
+            pixels = pixels_of(table.column("image").combine_chunks(), self.stream.image_shape)
+            labels = table.column("label").to_numpy().astype(np.int64)
         except (OSError, ValueError, pa.ArrowException) as exc:  # a shard removed, cut or changed since
             raise ImageFolderError(
                 f"{self.stream.location}/{shard['file']} row group {piece.group} cannot be read ({exc}); prepare "
@@ -238,7 +254,7 @@ class WindowReader:
                 f"{self.stream.location}/{shard['file']} row group {piece.group} fails its SHA-256 check (changed "
                 "or corrupted); prepare the folder again: python -m pipeline data prepare --dataset images ..."
             )
-        return pixels[piece.lo : piece.hi]
+        return pixels[piece.lo : piece.hi], labels[piece.lo : piece.hi]
 
     def _open(self, number: int) -> Any:
         """Shard ``number`` as a ParquetFile, opened once; the least recently opened closes past

@@ -152,7 +152,8 @@ class DataSource:
         split in memory, on ``device``."""
         from pipeline.data.batches import InMemory
 
-        return InMemory(self.load(True, progress).images, device)
+        split = self.load(True, progress)
+        return InMemory(split.images, device, split.labels)
 
     def labelled(self) -> bool:
         """Whether it has classes to train a classifier on, and held-out images of each to test it (after

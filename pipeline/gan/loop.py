@@ -155,7 +155,7 @@ class LoopRun:
         # A lazy R1 step differs from the others, and DiffAugment's draws are no graph input: neither is captured.
         graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt) and not (cfg.optim.r1_gamma or cfg.train.diffaugment_kinds)
         total_steps = num_steps * cfg.train.epochs
-        source = InMemory(data.images, rt.device) if isinstance(data, Split) else data
+        source = InMemory(data.images, rt.device, data.labels) if isinstance(data, Split) else data
         state = TrainState.initial(cfg, source.image_shape, rt.device)
         partial = None
         if resume is not None:
