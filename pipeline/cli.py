@@ -56,6 +56,45 @@ def _add_data_parser(sub: Any) -> None:
     prep.add_argument("--test-fraction", type=float, default=0.1, help="images: share held out (default 0.1)")
 
 
+def _add_sample_parser(sub: Any) -> None:
+    """``sample``: images from a run's or a registered generator, and ways of looking at it."""
+    sample = sub.add_parser("sample", help="generate images with a run's logged generator")
+    generator = sample.add_mutually_exclusive_group(required=True)
+    generator.add_argument("--run-id", help="MLflow run id (printed at the end of `train`)")
+    generator.add_argument("--model", help=MODEL_HELP)
+    sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    sample.add_argument(
+        "--out",
+        required=True,
+        help="an .npz (key `images`, uint8 (N, H, W) grey or (N, 3, H, W) RGB), or a new folder: one PNG per image",
+    )
+    sample.add_argument("--grid", help="also write a PNG grid of the samples")
+    sample.add_argument(
+        "--truncation",
+        type=float,
+        default=1.0,
+        metavar="PSI",
+        help="the truncation trick: the noise scaled by PSI towards its mean; < 1 trades variety for typical images "
+        "(default 1: none)",
+    )
+    sample.add_argument(
+        "--interpolate",
+        type=int,
+        metavar="STEPS",
+        help="walks through the latent space instead: --out a .png of 8 rows, each STEPS images between two random "
+        "points, or a .gif whose frames walk an 8x8 grid through 4 points and back, STEPS frames between each two",
+    )
+    sample.add_argument(
+        "--class",
+        dest="cls",
+        type=int,
+        metavar="K",
+        help="a conditional generator's class K for every sample (default: classes as frequent as in its training set)",
+    )
+    sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    sample.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
+
+
 def _add_evaluate_parser(sub: Any) -> None:
     """``evaluate``: scores of a run's generator, of sample files, or of the real data against itself."""
     evaluate = sub.add_parser("evaluate", help="FID, KID, precision/recall (and IS) by the data's evaluator")
@@ -108,35 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", help="sweep name (overrides tune.name)")
     tune.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (hidden by default)")
 
-    sample = sub.add_parser("sample", help="generate images with a run's logged generator")
-    generator = sample.add_mutually_exclusive_group(required=True)
-    generator.add_argument("--run-id", help="MLflow run id (printed at the end of `train`)")
-    generator.add_argument("--model", help=MODEL_HELP)
-    sample.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    sample.add_argument(
-        "--out",
-        required=True,
-        help="an .npz (key `images`, uint8 (N, H, W) grey or (N, 3, H, W) RGB), or a new folder: one PNG per image",
-    )
-    sample.add_argument("--grid", help="also write a PNG grid of the samples")
-    sample.add_argument(
-        "--truncation",
-        type=float,
-        default=1.0,
-        metavar="PSI",
-        help="the truncation trick: the noise scaled by PSI towards its mean; < 1 trades variety for typical images "
-        "(default 1: none)",
-    )
-    sample.add_argument(
-        "--interpolate",
-        type=int,
-        metavar="STEPS",
-        help="walks through the latent space instead: --out a .png of 8 rows, each STEPS images between two random "
-        "points, or a .gif whose frames walk an 8x8 grid through 4 points and back, STEPS frames between each two",
-    )
-    sample.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    sample.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or <project>/mlflow.db)")
-
+    _add_sample_parser(sub)
     _add_evaluate_parser(sub)
 
     bench = sub.add_parser("bench", help="throughput: plain loop, Ray Train 1 and N workers, vs the matmul peak")
@@ -314,11 +325,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             raise ConfigError("--interpolate STEPS: STEPS >= 2, with --out a .png (rows of walks) or a .gif (frames)")
     elif out.suffix and out.suffix != ".npz":
         raise ConfigError(f"--out: {args.out!r}; give an .npz file or a folder (no suffix) for PNG files")
-    import torch
-
-    from pipeline.core.pictures import save_image_grid
     from pipeline.core.uris import resolve_tracking_uri
-    from pipeline.gan.sampling import generate_images
     from pipeline.tracking.registry import generator_uri, load_generator
     from pipeline.tracking.store import check_tracking_uri
 
@@ -328,23 +335,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.interpolate is not None:
         from pipeline.tools.samples import write_walk
 
-        print(write_walk(generator, facts["latent_dim"], args.interpolate, args.seed, args.truncation, out))
+        print(write_walk(generator, facts, args.interpolate, args.seed, args.truncation, out))
         return 0
-    images = generate_images(generator, args.num, facts["latent_dim"], args.seed, torch.device("cpu"), args.truncation)
-    if out.suffix != ".npz":
-        from pipeline.tools.samples import write_pngs
+    from pipeline.tools.samples import write_samples
 
-        write_pngs(images, out)
-        print(f"wrote {args.num} samples as PNG files {out}/00000.png ... (each {tuple(images.shape[1:])} uint8)")
-    else:
-        import numpy as np
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out, images=images.numpy())
-        print(f"wrote {args.num} samples {tuple(images.shape)} uint8 to {out}")
-    if args.grid:
-        save_image_grid(images[:64], args.grid)
-        print(f"wrote grid of {min(args.num, 64)} to {args.grid}")
+    for line in write_samples(generator, facts, out, args.num, args.seed, args.truncation, args.cls, args.grid):
+        print(line)
     return 0
 
 
@@ -390,7 +386,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         evaluator = shared_evaluator(data_cfg, uri)
         # As many as a run scores by default (eval.num_samples null): the held-out reference's count.
         count = evaluator.sample_count(args.num)
-        images = generate_images(generator, count, facts["latent_dim"], 0, torch.device("cpu"))
+        images = generate_images(
+            generator, count, facts["latent_dim"], 0, torch.device("cpu"), 1.0, facts.get("class_weights")
+        )
         label = args.model or f"run {args.run_id}"
     shown = scores_line(evaluator.score(images), 3, spread=True)
     print(f"{label}: {len(images)} images  {shown}  ({evaluator.dataset}'s {evaluator.kind} evaluator)")

@@ -104,6 +104,24 @@ def table(rows: list[dict], evaluators: list[str]) -> str:
     return "\n".join(lines)
 
 
+def montage(out: Path, recipes: list[str], seed: int, path: str) -> None:
+    """Each recipe's grid of run ``seed`` side by side, its name above it, as one PNG."""
+    from PIL import Image, ImageDraw
+
+    grids = [
+        (r, Image.open(out / f"{r}-seed{seed}.png").convert("RGB"))
+        for r in recipes
+        if (out / f"{r}-seed{seed}.png").exists()
+    ]
+    width, height = grids[0][1].size
+    sheet = Image.new("RGB", (len(grids) * (width + 8), height + 18), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (recipe, grid) in enumerate(grids):
+        sheet.paste(grid, (i * (width + 8), 18))
+        draw.text((i * (width + 8) + 2, 3), recipe, fill="black")
+    sheet.save(path)
+
+
 def spread(values: list[float], digits: int) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
@@ -122,6 +140,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--out", required=True)
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--montage", help="also write the recipes' grids of seed 0 side by side to this PNG")
     args = parser.parse_args()
     data = [f"data.dataset={args.dataset}"]
     if args.path:
@@ -166,6 +185,8 @@ def main() -> None:
                 fids = " ".join(f"{k} FID {row[f'{k}_fid']:.3f}" for k in evaluators)
                 print(f"{row['recipe']} seed {row['seed']}: {row['train_s']:.0f}s, {fids}", flush=True)
     print(table([r for r in rows if r["recipe"] in recipes], evaluators))
+    if args.montage:
+        montage(out, recipes, 0, args.montage)
 
 
 if __name__ == "__main__":

@@ -232,3 +232,15 @@ def test_hinge_r1_flips_and_diffaugment_train_under_ddp_what_one_process_trains(
     for rank, got in enumerate(data_parallel(tmp_path, overrides, images)):
         assert got["step"] == 10
         assert disagreeing(got["tensors"], reference, f"rank {rank}, hinge + R1 + flips + DiffAugment") == []
+
+
+@pytest.mark.slow
+def test_a_conditional_gan_trains_under_ddp_what_one_process_trains(tmp_path, images):
+    """Each worker's real images with their own labels (rows rank::world of the global batch) and its generated
+    images' classes (its rows of the global draw, as its noise): two workers end where one process does."""
+    overrides = [*SETTINGS, "train.epochs=1", "model.sync_batchnorm=true", "model.conditional=true"]
+    reference = single_process(overrides, images, steps=10)
+    assert "G.embed.weight" in reference and "D.embed.weight" in reference
+    for rank, got in enumerate(data_parallel(tmp_path, overrides, images)):
+        assert got["step"] == 10
+        assert disagreeing(got["tensors"], reference, f"rank {rank}, conditional") == []

@@ -281,6 +281,11 @@ def _check_gpu_options(cfg: PipelineConfig) -> None:
         )
     _check_r1(cfg, most)
     _check_diffaugment(cfg)
+    if cfg.model.conditional and graphs == "true":
+        raise ConfigError(
+            "train.cuda_graphs: true with model.conditional; its class draws are no input of a captured graph: set "
+            "train.cuda_graphs to auto (off for a conditional GAN) or false"
+        )
     if graphs != "false" and cfg.train.compile:
         raise ConfigError(
             f"train.cuda_graphs={graphs} with train.compile=true; choose one (torch.compile's own CUDA "

@@ -75,6 +75,12 @@ class ModelConfig:
         "the GAN loss (pipeline/gan/losses.py): bce = the seed's binary cross-entropy, i.e. the non-saturating "
         "logistic loss (with optim.r1_gamma: StyleGAN2's); hinge = SAGAN/BigGAN's",
     )
+    conditional: bool = _f(
+        False,
+        "class-conditional GAN, for data with classes: G takes its class's embedding beside the noise, D projects "
+        "its features onto the class's embedding (Miyato & Koyama 2018); generated classes follow the training "
+        "set's class frequencies; sample --class K asks for one",
+    )
     sync_batchnorm: bool = _f(
         False,
         "with several workers, BatchNorm statistics over the global batch (SyncBatchNorm: one process's "

@@ -41,6 +41,8 @@ class Batches(Protocol):
 
     def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[Any]: ...
 
+    def class_counts(self) -> torch.Tensor: ...
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -72,6 +74,12 @@ class InMemory:
         """(channels, height, width): grey images kept as (N, H, W) have one channel."""
         shape = tuple(self.images.shape[1:])
         return (1, *shape) if len(shape) == 2 else shape
+
+    def class_counts(self) -> torch.Tensor:
+        """Images per class (int64 on the CPU; empty for images without labels or classes, labelled -1)."""
+        if self.labels is None or not len(self.labels) or int(self.labels.min()) < 0:
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.bincount(self.labels.cpu())
 
     def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[Any]:
         from torch.utils.data import DistributedSampler
@@ -134,6 +142,26 @@ class Streamed:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return self.manifest["channels"], self.manifest["image_size"], self.manifest["image_size"]
+
+    def class_counts(self) -> torch.Tensor:
+        """Images per class of the (limited) training split, from its label columns (int64 on the CPU; empty for a
+        folder without classes)."""
+        import pyarrow.parquet as pq
+
+        from pipeline.data.shards import filesystem
+
+        if not self.manifest.get("classes"):
+            return torch.zeros(0, dtype=torch.int64)
+        fs, base = filesystem(self.location)
+        counts = np.zeros(len(self.manifest["classes"]), dtype=np.int64)
+        for number in sorted({piece.shard for piece in self.slices}):
+            shard = self.manifest["shards"]["train"][number]
+            with fs.open_input_file(f"{base}/{shard['file']}") as handle:
+                parquet = pq.ParquetFile(handle)
+                for piece in (p for p in self.slices if p.shard == number):
+                    labels = parquet.read_row_group(piece.group, columns=["label"]).column("label").to_numpy()
+                    counts += np.bincount(labels[piece.lo : piece.hi], minlength=len(counts))
+        return torch.from_numpy(counts)
 
     def share(self, epoch: int, plan: Plan) -> list[Slice]:
         """This worker's rows of the epoch: the row groups in the epoch's seeded order, cut into ``world`` runs of

@@ -130,9 +130,13 @@ def finish_run(cfg: PipelineConfig, tracker: MLflowTracker, name: str, run_dir: 
         with result.checkpoint.as_directory() as local:
             state = checkpoint.load(Path(local) / checkpoint.FILENAME)
             tracker.log_artifact(str(Path(local) / checkpoint.FILENAME), "checkpoints")
-        generator = build_generator(cfg.model, source_of(cfg.data).image_shape)
-        generator.load_state_dict(TrainState.sampling_weights(state))
-        model_uri = tracker.log_generator(generator, generator_facts(cfg), scores=tuple(METRICS))
+        weights = TrainState.sampling_weights(state)
+        generator = build_generator(cfg.model, source_of(cfg.data).image_shape, weights.get("class_weights"))
+        generator.load_state_dict(weights)
+        facts = generator_facts(cfg)
+        if generator.classes:  # what a conditional sample draws its classes from
+            facts["class_weights"] = generator.class_weights.tolist()
+        model_uri = tracker.log_generator(generator, facts, scores=tuple(METRICS))
         tracker.set_tags({"generator_model": model_uri})
     champion = champion_metric(cfg)
     ranked = [value for _, value in tracker.metric_history(champion.name)]

@@ -58,6 +58,11 @@ def prepare_inputs(
     source = source_of(cfg.data)
     check_counts(cfg, source.prepare(progress))
     source.scored_by()  # a classifier asked of data without classes: refused here, scored or not, not after training
+    if cfg.model.conditional and source.spec().num_classes < 2:
+        raise ConfigError(
+            f"model.conditional: true, but {source.describe()} has no classes to condition on (a folder needs one "
+            "subfolder per class); set model.conditional=false"
+        )
     if not cfg.eval.every_epochs:
         return None
     unavailable = source.scores_unavailable()

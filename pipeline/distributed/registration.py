@@ -63,7 +63,10 @@ def rescorer(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> 
         evaluator = shared_evaluator(cfg.data, uri, progress)
         generator, facts = load_generator(uri, model_uri)
         count = evaluator.sample_count(cfg.eval.num_samples)
-        images = generate_images(generator, count, facts["latent_dim"], cfg.train.seed, torch.device("cpu"))
+        weights = facts.get("class_weights")
+        images = generate_images(
+            generator, count, facts["latent_dim"], cfg.train.seed, torch.device("cpu"), 1.0, weights
+        )
         scores = evaluator.score(images)
         return {
             **{key: repr(scores[key]) for key in METRICS if key in scores},  # what this evaluator computes

@@ -148,11 +148,13 @@ class Evaluator:
             shape[2],
         )
 
-    def score(self, images: torch.Tensor) -> dict[str, float]:
-        """Every metric it computes (pipeline.eval.metrics), of uint8 images."""
+    def score(self, images: torch.Tensor, asked: torch.Tensor | None = None) -> dict[str, float]:
+        """Every metric it computes (pipeline.eval.metrics), of uint8 images (generated as the classes ``asked``, by
+        a conditional generator)."""
         if len(images) < 4:
             raise EvaluatorError(f"need at least 4 images to score, got {len(images)}")
         features = self.features(images)
+        features.asked = asked.numpy() if asked is not None else None
         metrics = computed_by(classes=self.kind == CLASSIFIER)
         return {key: value for metric in metrics for key, value in metric.compute(features).items()}
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pipeline.config.schema import PipelineConfig
 
 PR_SAMPLES = 5000  # precision/recall compare at most this many generated and real images (their k-NN manifolds)
+PER_CLASS_MOST = 16  # classes whose class accuracy is recorded one by one
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Features:
     reference_mu: np.ndarray
     reference_sigma: np.ndarray
     radii: Callable[[int], np.ndarray] | None = None  # the first m reference features' k=3 radii (cached by m)
+    asked: np.ndarray | None = None  # (N,) the class each sample was generated as (a conditional generator's)
 
     def frechet(self) -> float:
         """The Fréchet distance of the features to the reference: from the sets themselves where either has fewer
@@ -104,6 +106,21 @@ def _inception_fid(features: Features) -> dict[str, float]:
 def _kid(features: Features) -> dict[str, float]:
     mean, spread = kernel_inception_distance(features.features, features.reference)
     return {KID.name: mean, f"{KID.name}_std": spread}
+
+
+def _class_accuracy(features: Features) -> dict[str, float]:
+    """The share of a conditional generator's samples the classifier puts in the class they were asked as, overall
+    and per class (``class_accuracy_K``, of the first :data:`PER_CLASS_MOST` classes); nothing for samples of an
+    unconditional one."""
+    if features.asked is None or features.probs is None:
+        return {}
+    hits = features.probs.argmax(axis=1) == features.asked
+    scores = {CLASS_ACCURACY.name: float(hits.mean())}
+    for k in range(min(features.probs.shape[1], PER_CLASS_MOST)):
+        mine = features.asked == k
+        if mine.any():
+            scores[f"{CLASS_ACCURACY.name}_{k}"] = float(hits[mine].mean())
+    return scores
 
 
 def _precision(features: Features) -> dict[str, float]:
@@ -172,6 +189,20 @@ INCEPTION_SCORE = Metric(
     doc="exp(E KL(p(y|x) || p(y))) of the classifier's class probabilities, over 10 splits (with its std)",
 )
 
+CLASS_ACCURACY = Metric(
+    "class_accuracy",
+    "class acc",
+    "max",
+    "classes",
+    _class_accuracy,
+    worst=0.0,
+    ranks=False,  # only a conditional generator has one
+    compares=False,
+    doc="a conditional generator's (model.conditional): the share of its samples the classifier puts in the class "
+    "each was generated as, overall and per class (class_accuracy_K); the real test split's is the classifier's "
+    "accuracy",
+)
+
 INCEPTION_FID = Metric(
     "fid_inception",
     "FID(Inception)",
@@ -186,7 +217,7 @@ INCEPTION_FID = Metric(
 )
 
 METRICS: dict[str, Metric] = {
-    entry.name: entry for entry in (FID, INCEPTION_SCORE, KID, PRECISION, RECALL, INCEPTION_FID)
+    entry.name: entry for entry in (FID, INCEPTION_SCORE, KID, PRECISION, RECALL, CLASS_ACCURACY, INCEPTION_FID)
 }
 DEFAULT_RANKING = FID  # what a sweep ranks by when tune.metric is null
 CHAMPION_METRIC = FID  # what picks the registry's champion and the checkpoints Ray Train keeps, by default

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.eval.evaluator import Evaluator
 from pipeline.eval.inception import Inception
 from pipeline.eval.metrics import scores_line
-from pipeline.gan.sampling import generate_images
+from pipeline.gan.sampling import generate_images, sample_classes
 
 if TYPE_CHECKING:
     from pipeline.config.schema import PipelineConfig
@@ -50,7 +50,10 @@ class Scorer:
     def __call__(self, generator: nn.Module, device: torch.device) -> dict[str, float]:
         count = max(self.num_samples, self.inception_samples if self.inception else 0)
         images = generate_images(generator, count, self.latent_dim, self.seed, device)
-        scores = self.evaluator.score(images[: self.num_samples])
+        asked = sample_classes(generator, count, self.seed, None, None)  # the classes they were drawn as
+        scores = self.evaluator.score(
+            images[: self.num_samples], asked[: self.num_samples] if asked is not None else None
+        )
         if self.inception is not None:
             scores |= self.inception.to(device).score(images[: self.inception_samples])
         return scores

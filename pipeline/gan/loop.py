@@ -25,6 +25,7 @@ from pipeline.data.batches import Batches, InMemory, Plan
 from pipeline.data.split import Split, to_model_range
 from pipeline.gan import augment, views
 from pipeline.gan.hooks import Hook, Hooks, Scorer, Step
+from pipeline.gan.models import with_classes
 from pipeline.gan.reports import (
     LOSS_KEYS,
     DivergedError,
@@ -36,7 +37,7 @@ from pipeline.gan.reports import (
     epoch_line,
     report_line,
 )
-from pipeline.gan.sampling import fixed_noise, sample_images
+from pipeline.gan.sampling import grid_noise, sample_images
 from pipeline.gan.state import TrainState
 from pipeline.gan.steps import GraphedStep, Nets, Runtime, TrainStep, uses_cuda_graphs
 
@@ -153,10 +154,13 @@ class LoopRun:
         if num_steps < 1:
             raise ValueError(f"batch size {cfg.train.batch_size} exceeds the {len(data)} training images")
         # A lazy R1 step differs from the others, and DiffAugment's draws are no graph input: neither is captured.
-        graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt) and not (cfg.optim.r1_gamma or cfg.train.diffaugment_kinds)
+        # So are a conditional GAN's class draws.
+        varied = cfg.optim.r1_gamma or cfg.train.diffaugment_kinds or cfg.model.conditional
+        graphs = uses_cuda_graphs(cfg.train.cuda_graphs, rt) and not varied
         total_steps = num_steps * cfg.train.epochs
         source = InMemory(data.images, rt.device, data.labels) if isinstance(data, Split) else data
-        state = TrainState.initial(cfg, source.image_shape, rt.device)
+        weights = class_weights(cfg, source)
+        state = TrainState.initial(cfg, source.image_shape, rt.device, weights)
         partial = None
         if resume is not None:
             partial = state.resume(resume, cfg, hooks.on_line if rt.is_main else None, total_steps)
@@ -166,7 +170,7 @@ class LoopRun:
         step: Callable[..., torch.Tensor] = TrainStep.of(nets, state, cfg, local_batch, rt.device)
         if graphs:
             step = GraphedStep(step, rt.device)
-        plan = Plan(cfg.train.seed, rt.rank, rt.world_size, local_batch, num_steps, rt.device)
+        plan = Plan(cfg.train.seed, rt.rank, rt.world_size, local_batch, num_steps, rt.device, cfg.model.conditional)
         return cls(cfg, rt, hooks, scorer, state, nets, step, source, plan, num_steps, total_steps, partial)
 
     @property
@@ -180,16 +184,21 @@ class LoopRun:
         (an elastic resize) ends it early, and is returned."""
         cfg, state, hooks = self.cfg, self.state, self.hooks
         for i in range(tally.first, self.num_steps):
-            real = to_model_range(next(batches)).contiguous(memory_format=self.nets.layout)
+            real, labels = next(batches) if self.plan.labels else (next(batches), None)
+            real = to_model_range(real).contiguous(memory_format=self.nets.layout)
             # Schedules follow the global step, not the epoch, so a resumed run follows them too.
             if cfg.optim.lr_final_scale < 1.0:
                 scale = linear_schedule(cfg.optim.lr_final_scale, state.step, self.total_steps)
                 state.set_learning_rates(cfg.optim.lr_g * scale, cfg.optim.lr_d * scale)
             share = linear_schedule(cfg.train.top_k_final, state.step, self.total_steps)
-            z, z_g, flips, augments = self.draws(noise)
+            z, z_g, flips, augments, classes = self.draws(noise)
             if flips is not None:
                 real = mirrored(real, flips, self.rt.rank, self.rt.world_size)
-            values = self.step(real, z, z_g, share, augments).double()
+            if classes is not None:  # a conditional GAN: the real images' classes, and the fakes' in their noise
+                z, z_g = with_classes(z, classes[0]), with_classes(z_g, classes[1]) if z_g is not None else None
+                values = self.step(real, z, z_g, share, augments, (labels, *classes)).double()
+            else:
+                values = self.step(real, z, z_g, share, augments).double()
             state.step += 1
             if state.ada is not None and state.step % augment.ADA_INTERVAL == 0:
                 state.ada.adjust(self.rt.mean_over_workers)
@@ -208,16 +217,21 @@ class LoopRun:
     def noise(self, generator: torch.Generator) -> torch.Tensor:
         """The next global batch of noise, of which this worker keeps its rank's rows: N workers together use
         the noise one process would, so a run's numbers do not depend on how many workers share it."""
-        rows = self.rt.rank * self.local_batch
         drawn = torch.randn(
             self.cfg.train.batch_size, self.cfg.model.latent_dim, device=self.rt.device, generator=generator
         )
-        return drawn[rows : rows + self.local_batch]
+        return self.rows(drawn)
+
+    def rows(self, drawn: torch.Tensor) -> torch.Tensor:
+        """This worker's rows of a global batch's draws for generated images (see :meth:`noise`)."""
+        first = self.rt.rank * self.local_batch
+        return drawn[first : first + self.local_batch]
 
     def draws(self, generator: torch.Generator) -> tuple[Any, ...]:
         """One step's random draws, in order (a run resumed inside an epoch makes them again up to its step): D's
-        noise, G's own (``train.g_fresh_noise``), the global batch's flip draws (``data.flip``) and DiffAugment's
-        for the real images, D's fakes and G's (``train.diffaugment``; this worker's rows of the global batch's)."""
+        noise, G's own (``train.g_fresh_noise``), the global batch's flip draws (``data.flip``), DiffAugment's
+        for the real images, D's fakes and G's (``train.diffaugment``; this worker's rows of the global batch's) and a
+        conditional GAN's classes of D's fakes and G's (from the training set's class frequencies)."""
         cfg, rt = self.cfg, self.rt
         z = self.noise(generator)
         z_g = self.noise(generator) if cfg.train.g_fresh_noise else None
@@ -230,7 +244,14 @@ class LoopRun:
             # Real rows as the sampler deals them to the workers, generated ones as the noise is cut (see noise).
             mine = slice(rows, rows + self.local_batch)
             augments = (real[rt.rank :: rt.world_size], fake[mine], own[mine])
-        return z, z_g, flips, augments
+        classes = None
+        if cfg.model.conditional:
+            weights = self.state.generator.class_weights
+            fake, own = (
+                self.rows(torch.multinomial(weights, cfg.train.batch_size, True, generator=generator)) for _ in range(2)
+            )
+            classes = (fake, own if cfg.train.g_fresh_noise else fake)
+        return z, z_g, flips, augments, classes
 
     def nearest_grid(self) -> torch.Tensor:
         """A few samples of the sampling generator, each beside its nearest training images (pipeline.gan.views):
@@ -326,7 +347,8 @@ class LoopRun:
         figures |= {f"epoch_{k}": metrics[k] for k in LOSS_KEYS}
         hooks.on_metrics(figures, step=state.step)
         if not inside:
-            grid = sample_images(state.sampler, fixed_noise(cfg.model.latent_dim, cfg.train.seed, self.rt.device))
+            noise = grid_noise(state.sampler, cfg.model.latent_dim, cfg.train.seed, self.rt.device)
+            grid = sample_images(state.sampler, noise)
             hooks.on_samples(grid, f"samples/epoch_{state.epoch:03d}.png")
 
     def emit(self, report: Report) -> Report:
@@ -349,6 +371,24 @@ def running_means(sums: torch.Tensor, steps: int, epoch: int, step: int, num_ste
     if not all(np.isfinite(metrics[k]) for k in ("loss_d", "loss_g")):
         raise DivergedError(epoch + 1, metrics["loss_d"], metrics["loss_g"])
     return {**metrics, "epoch": epoch, "step": step, "progress": round(step / num_steps, 6)}
+
+
+def class_weights(cfg: PipelineConfig, data: Batches) -> torch.Tensor | None:
+    """A conditional GAN's class frequencies of the training set (float64 on the CPU, one per class of the data's
+    spec); None for an unconditional one. A ConfigError for data without classes."""
+    if not cfg.model.conditional:
+        return None
+    from pipeline.core.errors import ConfigError
+    from pipeline.data.kinds import source_of
+
+    counts, classes = data.class_counts(), source_of(cfg.data).spec().num_classes
+    if classes < 2 or int(counts.sum()) == 0:
+        raise ConfigError(
+            f"model.conditional: true, but {cfg.data.dataset} {cfg.data.path or ''} has no classes to condition on "
+            "(a folder needs one subfolder per class); set model.conditional=false"
+        )
+    counts = torch.nn.functional.pad(counts, (0, max(0, classes - len(counts))))
+    return counts.double() / counts.sum()
 
 
 def epoch_noise_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:

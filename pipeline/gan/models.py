@@ -36,11 +36,27 @@ class Generator(nn.Module):
 
     ``extra_layers`` adds 3x3 convolutions (BatchNorm, ReLU) at S/2 before the last layer: a deeper G,
     each doubling its FLOPs at the default width.
+
+    Conditional (``class_weights``: the training set's class frequencies, one per class): its input carries each
+    image's class index as one last column, (B, latent_dim + 1) (:func:`with_classes`), and the class's learnt
+    embedding (latent_dim values) is concatenated to the noise. One tensor in: exported and sampled as any G is.
+    The frequencies are a buffer: what a conditional sample draws its classes from (pipeline.gan.sampling).
     """
 
-    def __init__(self, latent_dim: int, channels: int, extra_layers: int, image_shape: ImageShape):
+    def __init__(
+        self,
+        latent_dim: int,
+        channels: int,
+        extra_layers: int,
+        image_shape: ImageShape,
+        class_weights: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.latent_dim = latent_dim
+        self.classes = 0 if class_weights is None else len(class_weights)
+        if self.classes:
+            self.embed = nn.Embedding(self.classes, latent_dim)
+            self.register_buffer("class_weights", class_weights.double())
         side, layers = network_plan(image_shape)
         widths = [channels * 2 ** (layers - i) for i in range(layers)]
 
@@ -48,7 +64,7 @@ class Generator(nn.Module):
             return [conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU(True)]
 
         self.net = nn.Sequential(
-            *block(nn.ConvTranspose2d(latent_dim, widths[0], side, 1, 0, bias=False)),
+            *block(nn.ConvTranspose2d(latent_dim * (2 if self.classes else 1), widths[0], side, 1, 0, bias=False)),
             *[m for a, b in itertools.pairwise(widths) for m in block(nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False))],
             *[m for _ in range(extra_layers) for m in block(nn.Conv2d(widths[-1], widths[-1], 3, 1, 1, bias=False))],
             nn.ConvTranspose2d(widths[-1], image_shape[0], 4, 2, 1, bias=False),
@@ -56,7 +72,15 @@ class Generator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.view(z.shape[0], self.latent_dim, 1, 1))
+        if self.classes:  # the class index rides in the last column
+            z = torch.cat([z[:, : self.latent_dim], self.embed(z[:, self.latent_dim].long())], dim=1)
+        return self.net(z.reshape(z.shape[0], -1, 1, 1))
+
+
+def with_classes(z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """A conditional generator's input: the noise with each row's class index as one last column (``labels`` None:
+    the noise as it is, for an unconditional one)."""
+    return z if labels is None else torch.cat([z, labels.to(z.dtype)[:, None]], dim=1)
 
 
 class Discriminator(nn.Module):
@@ -67,9 +91,14 @@ class Discriminator(nn.Module):
     normalisation of every layer's weight, Miyato et al. 2018; no BatchNorm) or "none". ``dropout`` follows each
     hidden layer. ``extra_layers`` adds 3x3 convolutions at the smallest side before the last layer (a deeper D
     judges the image's global shape with more than one linear layer).
+
+    With ``classes``, a projection discriminator (Miyato & Koyama 2018): the logit gains the inner product of the
+    class's learnt embedding with the last hidden features summed over their positions; forward takes the labels.
     """
 
-    def __init__(self, channels: int, norm: str, dropout: float, extra_layers: int, image_shape: ImageShape):
+    def __init__(
+        self, channels: int, norm: str, dropout: float, extra_layers: int, image_shape: ImageShape, classes: int = 0
+    ):
         super().__init__()
         side, layers = network_plan(image_shape)
         widths = [channels * 2**i for i in range(layers)]
@@ -90,9 +119,14 @@ class Discriminator(nn.Module):
             *[m for _ in range(extra_layers) for m in block(nn.Conv2d(last, last, 3, 1, 1, bias=False), True)],
             wrap(nn.Conv2d(last, 1, side, 1, 0, bias=False)),
         )
+        self.embed = wrap(nn.Embedding(classes, last)) if classes else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is None:
+            return self.net(x).flatten()
+        features = self.net[:-1](x)
+        projection = (self.embed(labels) * features.sum(dim=(2, 3))).sum(dim=1)
+        return self.net[-1](features).flatten() + projection
 
 
 def identity(x: T) -> T:
@@ -100,16 +134,18 @@ def identity(x: T) -> T:
     return x
 
 
+def parametrized_weight(module: nn.Module) -> torch.Tensor:
+    """A layer's weight as stored: a spectrally normalised layer keeps its raw weight under parametrizations
+    (rescaled in forward)."""
+    if nn.utils.parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
 def init_weights(module: nn.Module) -> None:
     """DCGAN init (Radford et al.): conv weights ~ N(0, 0.02); BatchNorm scale ~ N(1, 0.02), shift 0."""
     if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
-        # A spectrally normalised layer keeps its raw weight under parametrizations (rescaled in forward).
-        weight = (
-            module.parametrizations.weight.original
-            if nn.utils.parametrize.is_parametrized(module, "weight")
-            else module.weight
-        )
-        nn.init.normal_(weight, 0.0, 0.02)
+        nn.init.normal_(parametrized_weight(module), 0.0, 0.02)
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
@@ -186,7 +222,7 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 # The model.* keys that decide the networks' parameters (model.d_dropout and model.sync_batchnorm do not).
-SHAPE_KEYS = ("latent_dim", "g_channels", "g_extra_layers", "d_channels", "d_norm", "d_extra_layers")
+SHAPE_KEYS = ("latent_dim", "g_channels", "g_extra_layers", "d_channels", "d_norm", "d_extra_layers", "conditional")
 
 
 def network_shape(cfg: ModelConfig) -> dict[str, int | str]:
@@ -194,15 +230,25 @@ def network_shape(cfg: ModelConfig) -> dict[str, int | str]:
     return {key: getattr(cfg, key) for key in SHAPE_KEYS}
 
 
-def build_generator(cfg: ModelConfig, image_shape: ImageShape) -> Generator:
-    """The generator ``cfg`` describes for images of ``image_shape``, uninitialised (to load a state dict into)."""
-    return Generator(cfg.latent_dim, cfg.g_channels, cfg.g_extra_layers, image_shape)
+def build_generator(cfg: ModelConfig, image_shape: ImageShape, class_weights: torch.Tensor | None = None) -> Generator:
+    """The generator ``cfg`` describes for images of ``image_shape``, uninitialised (to load a state dict into);
+    conditional on the classes of ``class_weights`` where ``cfg.conditional``."""
+    weights = class_weights if cfg.conditional else None
+    return Generator(cfg.latent_dim, cfg.g_channels, cfg.g_extra_layers, image_shape, weights)
 
 
-def build_models(cfg: ModelConfig, image_shape: ImageShape) -> tuple[Generator, Discriminator]:
-    """Fresh, initialised G and D for images of ``image_shape`` (seed the RNG first for reproducible weights)."""
-    generator = build_generator(cfg, image_shape)
-    discriminator = Discriminator(cfg.d_channels, cfg.d_norm, cfg.d_dropout, cfg.d_extra_layers, image_shape)
+def build_models(
+    cfg: ModelConfig, image_shape: ImageShape, class_weights: torch.Tensor | None = None
+) -> tuple[Generator, Discriminator]:
+    """Fresh, initialised G and D for images of ``image_shape`` (seed the RNG first for reproducible weights);
+    conditional ones (``cfg.conditional``) need the training set's ``class_weights``."""
+    if cfg.conditional and (class_weights is None or len(class_weights) < 2):
+        raise ValueError("model.conditional needs the training set's class frequencies, of two classes or more")
+    generator = build_generator(cfg, image_shape, class_weights)
+    classes = generator.classes
+    discriminator = Discriminator(cfg.d_channels, cfg.d_norm, cfg.d_dropout, cfg.d_extra_layers, image_shape, classes)
     generator.apply(init_weights)
     discriminator.apply(init_weights)
+    if discriminator.embed is not None:  # the projection starts as small as the convolutions' weights
+        nn.init.normal_(parametrized_weight(discriminator.embed), 0.0, 0.02)
     return generator, discriminator

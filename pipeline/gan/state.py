@@ -60,11 +60,17 @@ class TrainState:
     ada: AdaptiveP | None = None  # an adaptive augmentation probability (train.augment_target)
 
     @classmethod
-    def initial(cls, cfg: PipelineConfig, image_shape: tuple[int, int, int], device: torch.device) -> TrainState:
+    def initial(
+        cls,
+        cfg: PipelineConfig,
+        image_shape: tuple[int, int, int],
+        device: torch.device,
+        class_weights: torch.Tensor | None = None,
+    ) -> TrainState:
         """Fresh networks for images of ``image_shape`` from ``train.seed`` (the same weights on every worker), one
-        Adam each, the EMA copy."""
+        Adam each, the EMA copy; a conditional GAN's for classes of the training set's ``class_weights``."""
         torch.manual_seed(cfg.train.seed)
-        generator, discriminator = build_models(cfg.model, image_shape)
+        generator, discriminator = build_models(cfg.model, image_shape, class_weights)
         generator.to(device)
         discriminator.to(device)
         # The fused kernel: the same Adam in one pass over all parameters (PyTorch's CPU default loops over them).
@@ -126,7 +132,7 @@ class TrainState:
             "epoch": self.epoch,
             "step": self.step,
             "rng": {"torch": torch.get_rng_state()},
-            "ada": self.ada.to_dict() if self.ada is not None else None,
+            **({"ada": self.ada.to_dict()} if self.ada is not None else {}),  # the seed's checkpoint as it was
             "config": cfg.to_dict(),
         }
 

@@ -187,19 +187,27 @@ class TrainStep:
         z_g: torch.Tensor | None,
         share: float,
         draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """D learns real -> real, fake -> 0; then G learns from fresh fakes (from ``z_g``) or, when ``z_g`` is None,
         D's own, labelled real. ``draws``: DiffAugment's for the real images, D's fakes and G's (augmenting runs).
+        ``labels``: a conditional GAN's classes of the real images, D's fakes and G's (whose noise carries them too).
         Returns (loss_d, loss_g, D(x), D(G(z))), detached, as one tensor."""
         real_draws, fake_draws, g_draws = draws if draws is not None else (None, None, None)
+        real_labels, fake_labels, g_labels = labels if labels is not None else (None, None, None)
         fake, loss_d, d_real, d_fake = self.discriminator_step(
-            real, z, keep_fake_graph=z_g is None, draws=(real_draws, fake_draws)
+            real, z, keep_fake_graph=z_g is None, draws=(real_draws, fake_draws), labels=(real_labels, fake_labels)
         )
         if z_g is not None:
             with self.nets.autocast():
                 fake = self.nets.generator(z_g)
-        loss_g = self.generator_step(fake, share, g_draws)
+        loss_g = self.generator_step(fake, share, g_draws, g_labels)
         return torch.stack([loss_d, loss_g, d_real, d_fake])
+
+    def judge(self, images: torch.Tensor, draws: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
+        """D's logits for ``images`` as D is shown them (:meth:`seen`), of their classes where it is conditional."""
+        shown = self.seen(images, draws)
+        return self.nets.discriminator(shown) if labels is None else self.nets.discriminator(shown, labels)
 
     def discriminator_step(
         self,
@@ -207,6 +215,7 @@ class TrainStep:
         z: torch.Tensor,
         keep_fake_graph: bool,
         draws: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+        labels: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One D update: real images towards the real targets, G's fakes (detached) towards the fake ones.
 
@@ -225,27 +234,29 @@ class TrainStep:
                 real = real.detach().requires_grad_(True)
             with nets.autocast():
                 # With R1, its gradient is taken at the unaugmented real images, through the augmentation.
-                real_logits = nets.discriminator(self.seen(real, draws[0]))
+                real_logits = self.judge(real, draws[0], labels[0])
                 loss_real = d_real_loss(self.loss, real_logits, self.targets.real)
             if self.state.ada is not None:
                 self.state.ada.observe(real_logits)
             (loss_real + r1 * r1_penalty(real_logits, real) if r1 else loss_real).backward()
         with nets.autocast():
-            fake_logits = nets.discriminator(self.seen(fake.detach(), draws[1]))
+            fake_logits = self.judge(fake.detach(), draws[1], labels[1])
             loss_fake = d_fake_loss(self.loss, fake_logits, self.targets.fake)
         loss_fake.backward()
         opt_d.step()
         with torch.no_grad():
             return fake, loss_real + loss_fake, torch.sigmoid(real_logits).mean(), torch.sigmoid(fake_logits).mean()
 
-    def generator_step(self, fake: torch.Tensor, share: float, draws: torch.Tensor | None = None) -> torch.Tensor:
+    def generator_step(
+        self, fake: torch.Tensor, share: float, draws: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One G update: D's verdict on ``fake`` pushed towards "real"; with top-k training only the ``share`` of
         fakes D rates most real counts. Returns the loss, detached."""
         nets, opt_g = self.nets, self.state.opt_g
         opt_g.zero_grad(set_to_none=True)
         with nets.d_no_sync():
             with nets.autocast():
-                logits = most_real(nets.discriminator(self.seen(fake, draws)), share)
+                logits = most_real(self.judge(fake, draws, labels), share)
                 loss = g_loss(self.loss, logits, self.targets.generator[: len(logits)])
             loss.backward()
         opt_g.step()

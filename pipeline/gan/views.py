@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.gan.sampling import sample_images
+from pipeline.gan.sampling import generate_images
 
 NEAREST_SAMPLES = 16  # samples shown beside their nearest training images at a run's end
 NEAREST_NEIGHBOURS = 3  # training images beside each
@@ -78,5 +78,5 @@ def nearest_grid(
 ) -> torch.Tensor:
     """:data:`NEAREST_SAMPLES` samples of ``generator`` (on ``device``, from noise seeded by ``seed``), each beside
     its nearest ``training`` images (uint8, the first :data:`NEAREST_POOL`): a grid's images, eight to a row."""
-    samples = sample_images(generator, noise(NEAREST_SAMPLES, latent_dim, seed + 1).to(device))
+    samples = generate_images(generator, NEAREST_SAMPLES, latent_dim, seed + 1, device)
     return nearest_training(samples, training[:NEAREST_POOL].cpu())

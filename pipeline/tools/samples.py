@@ -81,17 +81,58 @@ def write_pngs(images: torch.Tensor, folder: Path) -> list[Path]:
     return written
 
 
-def write_walk(generator: torch.nn.Module, latent_dim: int, steps: int, seed: int, psi: float, out: Path) -> str:
+def write_walk(generator: torch.nn.Module, facts: dict, steps: int, seed: int, psi: float, out: Path) -> str:
     """``sample --interpolate``: latent walks (pipeline.gan.views) as a .png grid (8 rows of ``steps``) or a looping
-    .gif (an 8x8 grid through 4 points and back, ``steps`` frames between each two); what was written, as a line."""
+    .gif (an 8x8 grid through 4 points and back, ``steps`` frames between each two), a conditional generator's
+    each walk in one class; what was written, as a line."""
     from pipeline.core.pictures import save_image_grid
-    from pipeline.gan.sampling import sample_images
+    from pipeline.gan.models import with_classes
+    from pipeline.gan.sampling import sample_classes, sample_images
     from pipeline.gan.views import gif, walk
 
+    latent_dim, weights = facts["latent_dim"], facts.get("class_weights")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
-        save_image_grid(sample_images(generator, walk(8, steps, latent_dim, seed, psi)), str(out), nrow=steps)
+        classes = sample_classes(generator, 8, seed, weights, None)
+        z = with_classes(
+            walk(8, steps, latent_dim, seed, psi), classes.repeat_interleave(steps) if classes is not None else None
+        )
+        save_image_grid(sample_images(generator, z), str(out), nrow=steps)
         return f"wrote 8 latent walks of {steps} steps to {out}"
     frames = walk(64, steps, latent_dim, seed, psi, loop=4)
-    gif([sample_images(generator, z) for z in frames], str(out), nrow=8)
+    classes = sample_classes(generator, 64, seed, weights, None)
+    gif([sample_images(generator, with_classes(z, classes)) for z in frames], str(out), nrow=8)
     return f"wrote a looping walk of {len(frames)} frames (8x8 samples through 4 points) to {out}"
+
+
+def write_samples(  # noqa: PLR0913 - sample's options, once
+    generator: torch.nn.Module,
+    facts: dict,
+    out: Path,
+    num: int,
+    seed: int,
+    psi: float,
+    label: int | None,
+    grid: str | None,
+) -> list[str]:
+    """``sample``: ``num`` images (of class ``label`` where given) as an .npz or a folder of PNG files, and a grid of
+    the first 64 where asked; what was written, as lines."""
+    from pipeline.core.pictures import save_image_grid
+    from pipeline.gan.sampling import generate_images
+
+    weights = facts.get("class_weights")
+    try:
+        images = generate_images(generator, num, facts["latent_dim"], seed, torch.device("cpu"), psi, weights, label)
+    except ValueError as exc:  # a class the generator does not know
+        raise ConfigError(f"--class: {exc}") from None
+    if out.suffix != ".npz":
+        write_pngs(images, out)
+        lines = [f"wrote {num} samples as PNG files {out}/00000.png ... (each {tuple(images.shape[1:])} uint8)"]
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(out, images=images.numpy())
+        lines = [f"wrote {num} samples {tuple(images.shape)} uint8 to {out}"]
+    if grid:
+        save_image_grid(images[:64], grid)
+        lines.append(f"wrote grid of {min(num, 64)} to {grid}")
+    return lines

@@ -185,6 +185,9 @@ class MLflowTracker:
 
         generator = generator.cpu().eval()
         example = np.random.default_rng(0).standard_normal((4, facts["latent_dim"])).astype(np.float32)
+        if facts.get("class_weights"):  # a conditional G's input carries each row's class as one last column
+            classes = np.arange(4, dtype=np.float32)[:, None] % len(facts["class_weights"])
+            example = np.concatenate([example, classes], axis=1)
         with using_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id):
             # The requirements named, not inferred: MLflow would load the model in a new Python process to see
             # what it imports (seconds of each run's end) and find torch, which these pins say.
