@@ -323,6 +323,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.interpolate is not None:
         if args.interpolate < 2 or out.suffix not in (".png", ".gif"):
             raise ConfigError("--interpolate STEPS: STEPS >= 2, with --out a .png (rows of walks) or a .gif (frames)")
+        if args.truncation == 0 or args.grid:
+            raise ConfigError(
+                "--interpolate: a walk needs --truncation above 0 (at 0 every point is the mean) and makes its own "
+                "grid (no --grid)"
+            )
     elif out.suffix and out.suffix != ".npz":
         raise ConfigError(f"--out: {args.out!r}; give an .npz file or a folder (no suffix) for PNG files")
     from pipeline.core.uris import resolve_tracking_uri
@@ -335,7 +340,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.interpolate is not None:
         from pipeline.tools.samples import write_walk
 
-        print(write_walk(generator, facts, args.interpolate, args.seed, args.truncation, out))
+        print(write_walk(generator, facts, args.interpolate, args.seed, args.truncation, out, args.cls))
         return 0
     from pipeline.tools.samples import write_samples
 
@@ -370,14 +375,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         data_cfg = _evaluated_data(args, args.dataset)
         images = read_samples(args.samples, source_of(data_cfg).image_shape)
-        label = args.samples
+        label, asked = args.samples, None
         evaluator = shared_evaluator(data_cfg, uri)
     else:
         if args.num is not None and args.num < 4:
             raise ConfigError(f"--num: {args.num} must be >= 4 (precision and recall need a k=3 neighbourhood)")
         import torch
 
-        from pipeline.gan.sampling import generate_images
+        from pipeline.gan.sampling import generate_images, sample_classes
         from pipeline.tracking.registry import generator_uri, load_generator
 
         model_uri = generator_uri(args.run_id, args.model)
@@ -386,11 +391,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         evaluator = shared_evaluator(data_cfg, uri)
         # As many as a run scores by default (eval.num_samples null): the held-out reference's count.
         count = evaluator.sample_count(args.num)
-        images = generate_images(
-            generator, count, facts["latent_dim"], 0, torch.device("cpu"), 1.0, facts.get("class_weights")
-        )
+        weights = facts.get("class_weights")
+        images = generate_images(generator, count, facts["latent_dim"], 0, torch.device("cpu"), 1.0, weights)
+        asked = sample_classes(generator, count, 0, weights, None)  # a conditional one's: class_accuracy too
         label = args.model or f"run {args.run_id}"
-    shown = scores_line(evaluator.score(images), 3, spread=True)
+    shown = scores_line(evaluator.score(images, asked), 3, spread=True)
     print(f"{label}: {len(images)} images  {shown}  ({evaluator.dataset}'s {evaluator.kind} evaluator)")
     return 0
 

@@ -1,6 +1,7 @@
 """What does each training option cost per step? Times the plain loop's step with each option of the recipe
 (pipeline/gan: losses, R1, flips, DiffAugment, ADA, EMA, spectral norm) against the seed's step, in interleaved rounds
-(every option once per round, so a machine's drift touches all alike), and prints a Markdown table of the medians
+(every option once per round, so a machine's drift touches all alike), in CPU time on one thread (what a step costs
+however busy the machine is), and prints a Markdown table of the medians
 over rounds, their spread and the ratio to the seed's step.
 
     python scripts/option_cost.py                                   # 64x64 RGB, widths 32, batch 64, 1 thread
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -28,12 +30,20 @@ OPTIONS = {
 
 
 def seconds_per_step(settings: list[str], data, steps: int, warmup: int) -> float:
-    """The median seconds of ``steps`` timed steps after ``warmup`` untimed ones, of the loop with ``settings``."""
+    """The median CPU seconds of ``steps`` timed steps after ``warmup`` untimed ones, of the loop with ``settings``
+    (the process's CPU time, not the wall clock: on one thread, what the step costs however busy the machine is)."""
     from pipeline.config.load import load_config
+    from pipeline.gan.hooks import Hook
     from pipeline.gan.loop import train_gan
-    from pipeline.tools.bench import StepClock
 
-    clock = StepClock()
+    class CpuClock(Hook):
+        times: list[float] = []
+
+        def on_step(self, step) -> None:
+            self.times.append(time.process_time())
+
+    clock = CpuClock()
+    clock.times = []
     train_gan(load_config(None, [*settings, "eval.every_epochs=0", "train.epochs=1"]), data, hooks=[clock])
     times = clock.times[warmup : warmup + steps + 1]
     return statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
@@ -69,7 +79,7 @@ def main() -> None:
     seed = statistics.median(rounds["seed (BCE, BatchNorm D)"])
     shape = f"{args.side}x{args.side}x{args.channels}"
     print(f"\n{shape}, widths {args.width}, batch {args.batch}, {args.threads} thread(s)")
-    print("| option | ms per step (median) | spread over rounds | vs the seed's step |")
+    print("| option | CPU ms per step (median) | spread over rounds | vs the seed's step |")
     print("|---|---|---|---|")
     for name, times in rounds.items():
         mid = statistics.median(times)

@@ -34,6 +34,7 @@ RECIPES = {
     "diffaugment": ["train.diffaugment=color,translation,cutout"],
     "ada": ["train.diffaugment=color,translation,cutout", "train.augment_p=0", "train.augment_target=0.6"],
     "augmented": ["data.flip=true", "train.diffaugment=color,translation,cutout"],
+    "conditional": ["model.conditional=true"],  # data with classes only
     "combined": [
         "optim.r1_gamma=1.0",
         "data.flip=true",
@@ -52,7 +53,7 @@ def run_one(job: dict) -> dict:
     from pipeline.data.kinds import load
     from pipeline.eval.evaluator import get_evaluator
     from pipeline.gan.loop import steps_per_epoch, train_gan
-    from pipeline.gan.sampling import fixed_noise, generate_images, sample_images
+    from pipeline.gan.sampling import generate_images, grid_noise, sample_images
 
     base = load_config(None, [*job["set"], *RECIPES[job["recipe"]], f"train.seed={job['seed']}", "eval.every_epochs=0"])
     split = load(base.data, True, lambda _: None)
@@ -71,7 +72,7 @@ def run_one(job: dict) -> dict:
         evaluator = get_evaluator(dataclasses.replace(base.data, evaluator=kind), lambda _: None)
         scores = evaluator.referenced(reference).score(samples)
         row |= {f"{kind}_{key}": value for key, value in scores.items()}
-    grid = sample_images(result.generator, fixed_noise(cfg.model.latent_dim, 0, device))
+    grid = sample_images(result.generator, grid_noise(result.generator, cfg.model.latent_dim, 0, device))
     save_image_grid(grid, str(Path(job["out"]) / f"{job['recipe']}-seed{job['seed']}.png"))
     return row
 

@@ -215,3 +215,31 @@ def test_batches_with_labels_pair_each_image_with_its_own_class(prepared):
         assert labels.tolist() == [label_of[d] for d in digests(pictures)]
     with pytest.raises(ValueError, match="labels asked of images held without them"):
         next(InMemory(images_all, torch.device("cpu")).epoch(0, 0, Plan(0, 0, 1, 6, 10, torch.device("cpu"), True)))
+
+
+def test_a_conditional_gan_trains_on_a_streamed_folder_of_classes(prepared):
+    """The labels streamed with their images drive a conditional GAN: its class frequencies are the folder's, its
+    grid a row per class, and its end-of-run memorisation grid reads the stream's images alone."""
+    from pipeline.config.load import load_config
+    from pipeline.gan.hooks import Hook
+    from pipeline.gan.loop import train_gan
+    from pipeline.gan.views import NEAREST_NEIGHBOURS, NEAREST_SAMPLES
+    from tests.conftest import CONFIGS
+
+    grids: dict = {}
+
+    class Grids(Hook):
+        def on_samples(self, images, name):
+            grids[name] = images
+
+    cfg = load_config(
+        CONFIGS / "smoke.yaml",
+        [*folder_overrides(prepared), "model.conditional=true", "train.epochs=1", "train.batch_size=12"],
+    )
+    stream = Streamed(prepared.location, prepared.manifest)
+    result = train_gan(cfg, stream, hooks=[Grids()])
+    counts = stream.class_counts()
+    assert len(counts) == 3 and int(counts.sum()) == len(stream)
+    assert torch.equal(result.state.generator.class_weights, counts.double() / counts.sum())
+    assert grids["samples/epoch_001.png"].shape == (3 * 8, 3, 32, 32)
+    assert grids["samples/nearest_training.png"].shape == (NEAREST_SAMPLES * (NEAREST_NEIGHBOURS + 1), 3, 32, 32)

@@ -244,3 +244,59 @@ def test_a_conditional_gan_trains_under_ddp_what_one_process_trains(tmp_path, im
     for rank, got in enumerate(data_parallel(tmp_path, overrides, images)):
         assert got["step"] == 10
         assert disagreeing(got["tensors"], reference, f"rank {rank}, conditional") == []
+
+
+def _resumable_worker(rank: int, port: int, overrides: list[str], data: Split, out: str, resume: str | None) -> None:
+    """One DDP worker that saves rank 0's checkpoint of the first report inside the epoch and, with ``resume``,
+    continues from such a checkpoint; saves every tensor it ends with."""
+    import copy
+
+    import torch.distributed as dist
+
+    from pipeline.core import checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        cfg = load_config(CONFIGS / "smoke.yaml", overrides)
+        runtime = Runtime(rank, WORLD, torch.device("cpu"), _wrap(False), all_reduce_mean)
+        kept: list = []
+        hooks = [On(report=lambda r: kept.append(copy.deepcopy(r.checkpoint)) if r.checkpoint else None)]
+        result = train_gan(cfg, data, runtime, hooks, resume=checkpoint.load(resume) if resume else None)
+        if rank == 0 and not resume:
+            checkpoint.save(f"{out}/inside.pt", next(c for c in kept if c["epoch_partial"] is not None))
+        torch.save({"step": result.step, "tensors": everything(result)}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_an_adaptive_run_resumed_under_ddp_inside_an_adjustment_interval_goes_on_exactly(tmp_path, images):
+    """ADA's sums since its last adjustment (every 4 steps) are every worker's own until the adjustment reduces
+    them: at a report they are shared first, so rank 0's checkpoint holds what every worker goes on from. A
+    checkpoint at step 18 (2 steps into the last interval) resumed by two workers ends where the straight run does,
+    its last r_t (step 20's) included."""
+    overrides = [
+        *SETTINGS,
+        "train.epochs=2",
+        "tune.report_every_steps=18",
+        "optim.lr_d=1.0e-6",  # D stays unsure: its real verdicts' signs differ between the workers' images
+        "train.diffaugment=translation",
+        "train.augment_p=0.5",
+        "train.augment_target=0.6",
+        "train.augment_speed=1024",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    torch.multiprocessing.spawn(_resumable_worker, (_free_port(), overrides, images, str(straight), None), nprocs=WORLD)
+    torch.multiprocessing.spawn(
+        _resumable_worker, (_free_port(), overrides, images, str(resumed), str(straight / "inside.pt")), nprocs=WORLD
+    )
+    saved = torch.load(straight / "inside.pt", weights_only=True)
+    assert saved["step"] == 18 and saved["ada"]["sums"][1] == 2 * 64 / WORLD  # two steps, a worker's mean
+    for rank in range(WORLD):
+        want = torch.load(straight / f"rank{rank}.pt", weights_only=True)["tensors"]
+        got = torch.load(resumed / f"rank{rank}.pt", weights_only=True)["tensors"]
+        assert disagreeing(got, want, f"rank {rank}, ADA resumed at step 18") == []

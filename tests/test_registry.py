@@ -185,7 +185,7 @@ def test_registered_model_names_are_checked(smoke_cfg):
         with_overrides(smoke_cfg, {"tracking.registered_model": "a/b@c"})
 
 
-def test_sample_walks_the_latent_space_and_truncates_it(store, tmp_path):
+def test_sample_walks_the_latent_space_and_truncates_it(store, tmp_path, capsys):
     """``sample --interpolate``: a .png of 8 walks or a looping .gif; ``--truncation 0`` puts every sample at the
     noise's mean (one image, many times), ``1`` does not."""
     from PIL import Image
@@ -207,6 +207,11 @@ def test_sample_walks_the_latent_space_and_truncates_it(store, tmp_path):
             assert len(np.unique(archive["images"].reshape(8, -1), axis=0)) == distinct
     bad = main(["sample", "--model", model_uri, "--interpolate", "4", "--out", str(tmp_path / "w.npz")])
     assert bad == 2
+    flat = ["sample", "--model", model_uri, "--interpolate", "4", "--truncation", "0", "--out", str(tmp_path / "z.png")]
+    assert main([*flat, "--tracking-uri", uri]) == 2  # every point would be the mean
+    unconditional = ["sample", "--model", model_uri, "--class", "1", "--out", str(tmp_path / "c.npz")]
+    assert main([*unconditional, "--tracking-uri", uri]) == 2
+    assert "--class: a class was asked of a generator trained without classes" in capsys.readouterr().err
 
 
 def test_a_conditional_generator_is_logged_loaded_and_sampled_by_class(store, tmp_path):

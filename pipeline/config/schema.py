@@ -136,8 +136,8 @@ class TrainConfig:
     augment_target: float | None = _f(
         None,
         "with train.diffaugment: adapt the probability as ADA does (Karras et al. 2020): every 4 steps it rises "
-        "while the share of real images D rates real, E[sign D(x)], is above this and falls while below; logged as "
-        "augment_p; null = fixed train.augment_p; e.g. 0.6",
+        "while r_t = E[sign D(x)] over real images is above this and falls while below (0.6: D rates about 80% of "
+        "them real); logged as augment_p; null = fixed train.augment_p; e.g. 0.6 with train.augment_p=0",
         gt=0.0,
         lt=1.0,
     )

@@ -212,7 +212,8 @@ class Streamed:
                 )
                 while len(carry) >= plan.local_batch:
                     images = carry[: plan.local_batch].to(plan.device, non_blocking=True)
-                    yield (images, carried[: plan.local_batch].to(plan.device)) if plan.labels else images
+                    labels = carried[: plan.local_batch].to(plan.device, non_blocking=True)
+                    yield (images, labels) if plan.labels else images
                     carry, carried = carry[plan.local_batch :], carried[plan.local_batch :]
         finally:
             reader.stop()

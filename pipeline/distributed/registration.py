@@ -57,7 +57,7 @@ def rescorer(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> 
     ``cfg.train.seed``."""
 
     def rescore(model_uri: str) -> dict[str, str]:
-        from pipeline.gan.sampling import generate_images
+        from pipeline.gan.sampling import generate_images, sample_classes
         from pipeline.tracking.evaluators import shared_evaluator
 
         evaluator = shared_evaluator(cfg.data, uri, progress)
@@ -67,7 +67,7 @@ def rescorer(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> 
         images = generate_images(
             generator, count, facts["latent_dim"], cfg.train.seed, torch.device("cpu"), 1.0, weights
         )
-        scores = evaluator.score(images)
+        scores = evaluator.score(images, sample_classes(generator, count, cfg.train.seed, weights, None))
         return {
             **{key: repr(scores[key]) for key in METRICS if key in scores},  # what this evaluator computes
             "evaluator_sha256": evaluator.checksum,

@@ -102,8 +102,14 @@ class AdaptiveP:
         self.r_t = torch.full((), float("nan"), dtype=torch.float64, device=device)  # the last adjustment's
 
     def observe(self, real_logits: torch.Tensor) -> None:
-        logits = real_logits.detach().flatten()
-        self.sums += torch.stack([logits.sign().sum().double(), logits.new_tensor(len(logits), dtype=torch.float64)])
+        logits = real_logits.detach()
+        self.sums[0] += logits.sign().sum()
+        self.sums[1] += logits.numel()  # a number, not a tensor copied to the device
+
+    def share(self, mean_over_workers: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """The sums since the last adjustment averaged over the workers, on each (a checkpoint's moment: rank 0's
+        copy is then every worker's, and the next adjustment's mean is what it would have been)."""
+        self.sums = mean_over_workers(self.sums)
 
     def adjust(self, mean_over_workers: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """One adjustment from the sums since the last, over every worker (the same p on each); then the sums

@@ -255,11 +255,11 @@ class LoopRun:
 
     def nearest_grid(self) -> torch.Tensor:
         """A few samples of the sampling generator, each beside its nearest training images (pipeline.gan.views):
-        of the whole set in memory, or of this worker's first rows of a streamed epoch (up to views.NEAREST_POOL)."""
+        of the whole set in memory, or of this worker's first rows of a streamed epoch (views.NEAREST_POOL)."""
         if isinstance(self.data, InMemory):
             training = self.data.images
-        else:
-            with contextlib.closing(self.data.epoch(0, 0, self.plan)) as batches:
+        else:  # images alone, whatever the run's batches carry
+            with contextlib.closing(self.data.epoch(0, 0, dataclasses.replace(self.plan, labels=False))) as batches:
                 wanted = -(-views.NEAREST_POOL // self.local_batch)
                 training = torch.cat([batch.cpu() for batch, _ in zip(batches, range(wanted), strict=False)])
         cfg = self.cfg
@@ -297,6 +297,8 @@ class LoopRun:
         cfg, rt, state = self.cfg, self.rt, self.state
         inside = done < self.num_steps
         sums = rt.mean_over_workers(tally.sums)
+        if state.ada is not None:  # every worker goes on from the same sums, the ones the checkpoint keeps
+            state.ada.share(rt.mean_over_workers)
         if inside:
             tally.sums = sums
         metrics = running_means(sums, done, epoch, state.step, self.num_steps)

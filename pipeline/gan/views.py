@@ -16,7 +16,7 @@ from pipeline.gan.sampling import generate_images
 
 NEAREST_SAMPLES = 16  # samples shown beside their nearest training images at a run's end
 NEAREST_NEIGHBOURS = 3  # training images beside each
-NEAREST_POOL = 10_000  # training images searched, at most
+NEAREST_POOL = 10_000  # training images searched in a streamed set (one in memory is searched whole)
 
 
 def noise(num: int, latent_dim: int, seed: int, psi: float = 1.0) -> torch.Tensor:
@@ -65,11 +65,13 @@ def gif(frames: list[torch.Tensor], path: str, nrow: int, ms_per_frame: int = 80
 
 def nearest_training(samples: torch.Tensor, training: torch.Tensor, k: int = NEAREST_NEIGHBOURS) -> torch.Tensor:
     """Each uint8 sample followed by its ``k`` nearest uint8 training images in pixel space (Euclidean), all shaped
-    as the data is: ((k + 1) * N, ...), ready to lay out ``k + 1`` to a row (or twice that)."""
-    flat = samples.reshape(len(samples), -1).float()
-    pool = training.reshape(len(training), -1).float()
-    nearest = torch.cdist(flat, pool).topk(k, dim=1, largest=False).indices  # (N, k)
-    rows = [torch.cat([samples[i : i + 1], training[nearest[i]]]) for i in range(len(samples))]
+    as the data is: ((k + 1) * N, ...), ready to lay out ``k + 1`` to a row (or twice that). The training images are
+    compared a thousand at a time (memory: a thousand in float, whatever their number)."""
+    flat = samples.reshape(len(samples), -1).float().to(training.device)
+    pool = training.reshape(len(training), -1)
+    distances = torch.cat([torch.cdist(flat, chunk.float()) for chunk in pool.split(1000)], dim=1)
+    nearest = distances.topk(k, dim=1, largest=False).indices  # (N, k), on the training images' device
+    rows = [torch.cat([samples[i : i + 1], training[nearest[i]].cpu()]) for i in range(len(samples))]
     return torch.cat(rows)
 
 
@@ -77,6 +79,6 @@ def nearest_grid(
     generator: nn.Module, training: torch.Tensor, latent_dim: int, seed: int, device: torch.device
 ) -> torch.Tensor:
     """:data:`NEAREST_SAMPLES` samples of ``generator`` (on ``device``, from noise seeded by ``seed``), each beside
-    its nearest ``training`` images (uint8, the first :data:`NEAREST_POOL`): a grid's images, eight to a row."""
+    its nearest ``training`` images (uint8, wherever they are): a grid's images, eight to a row."""
     samples = generate_images(generator, NEAREST_SAMPLES, latent_dim, seed + 1, device)
-    return nearest_training(samples, training[:NEAREST_POOL].cpu())
+    return nearest_training(samples, training)

@@ -81,26 +81,28 @@ def write_pngs(images: torch.Tensor, folder: Path) -> list[Path]:
     return written
 
 
-def write_walk(generator: torch.nn.Module, facts: dict, steps: int, seed: int, psi: float, out: Path) -> str:
+def write_walk(  # noqa: PLR0913 - sample's options, once
+    generator: torch.nn.Module, facts: dict, steps: int, seed: int, psi: float, out: Path, label: int | None = None
+) -> str:
     """``sample --interpolate``: latent walks (pipeline.gan.views) as a .png grid (8 rows of ``steps``) or a looping
     .gif (an 8x8 grid through 4 points and back, ``steps`` frames between each two), a conditional generator's
-    each walk in one class; what was written, as a line."""
+    each walk in one class (``label``, or drawn as its training set's); what was written, as a line."""
     from pipeline.core.pictures import save_image_grid
     from pipeline.gan.models import with_classes
-    from pipeline.gan.sampling import sample_classes, sample_images
+    from pipeline.gan.sampling import sample_images
     from pipeline.gan.views import gif, walk
 
     latent_dim, weights = facts["latent_dim"], facts.get("class_weights")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
-        classes = sample_classes(generator, 8, seed, weights, None)
+        classes = checked_classes(generator, 8, seed, weights, label)
         z = with_classes(
             walk(8, steps, latent_dim, seed, psi), classes.repeat_interleave(steps) if classes is not None else None
         )
         save_image_grid(sample_images(generator, z), str(out), nrow=steps)
         return f"wrote 8 latent walks of {steps} steps to {out}"
     frames = walk(64, steps, latent_dim, seed, psi, loop=4)
-    classes = sample_classes(generator, 64, seed, weights, None)
+    classes = checked_classes(generator, 64, seed, weights, label)
     gif([sample_images(generator, with_classes(z, classes)) for z in frames], str(out), nrow=8)
     return f"wrote a looping walk of {len(frames)} frames (8x8 samples through 4 points) to {out}"
 
@@ -121,10 +123,8 @@ def write_samples(  # noqa: PLR0913 - sample's options, once
     from pipeline.gan.sampling import generate_images
 
     weights = facts.get("class_weights")
-    try:
-        images = generate_images(generator, num, facts["latent_dim"], seed, torch.device("cpu"), psi, weights, label)
-    except ValueError as exc:  # a class the generator does not know
-        raise ConfigError(f"--class: {exc}") from None
+    checked_classes(generator, 1, seed, weights, label)
+    images = generate_images(generator, num, facts["latent_dim"], seed, torch.device("cpu"), psi, weights, label)
     if out.suffix != ".npz":
         write_pngs(images, out)
         lines = [f"wrote {num} samples as PNG files {out}/00000.png ... (each {tuple(images.shape[1:])} uint8)"]
@@ -136,3 +136,15 @@ def write_samples(  # noqa: PLR0913 - sample's options, once
         save_image_grid(images[:64], grid)
         lines.append(f"wrote grid of {min(num, 64)} to {grid}")
     return lines
+
+
+def checked_classes(
+    generator: torch.nn.Module, num: int, seed: int, weights: list[float] | None, label: int | None
+) -> torch.Tensor | None:
+    """:func:`pipeline.gan.sampling.sample_classes`, a class the generator does not know a ConfigError for --class."""
+    from pipeline.gan.sampling import sample_classes
+
+    try:
+        return sample_classes(generator, num, seed, weights, label)
+    except ValueError as exc:
+        raise ConfigError(f"--class: {exc}") from None

@@ -63,9 +63,13 @@ class Measured:
 
 def gradient_bytes(cfg: PipelineConfig) -> int:
     """Bytes all-reduced per step: every parameter's fp32 gradient, of G and of D, once each."""
+    import torch
+
     from pipeline.gan.models import build_models
 
-    generator, discriminator = build_models(cfg.model, source_of(cfg.data).image_shape)
+    # A conditional GAN's embeddings, for the data's classes (their frequencies do not change the count).
+    classes = torch.ones(max(2, source_of(cfg.data).spec().num_classes)) if cfg.model.conditional else None
+    generator, discriminator = build_models(cfg.model, source_of(cfg.data).image_shape, classes)
     return 4 * sum(p.numel() for net in (generator, discriminator) for p in net.parameters() if p.requires_grad)
 
 
