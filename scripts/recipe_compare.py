@@ -120,7 +120,9 @@ def montage(out: Path, recipes: list[str], seed: int, path: str) -> None:
     for i, (recipe, grid) in enumerate(grids):
         sheet.paste(grid, (i * (width + 8), 18))
         draw.text((i * (width + 8) + 2, 3), recipe, fill="black")
-    sheet.save(path)
+    if sheet.width > 1600:  # a page's width, not the pixels of every grid
+        sheet = sheet.resize((1600, round(sheet.height * 1600 / sheet.width)), Image.LANCZOS)
+    sheet.save(path, **({"quality": 85} if path.endswith(".jpg") else {"optimize": True}))
 
 
 def spread(values: list[float], digits: int) -> str:
