@@ -42,6 +42,9 @@ def test_the_nearest_training_images_of_a_copied_sample_start_with_its_original(
     assert torch.equal(shown[4], samples[1]) and torch.equal(shown[5], training[31])
     far = [(shown[i].float() - samples[0].float()).norm() for i in (2, 3)]
     assert all(d > 0 for d in far) and far[0] <= far[1]
+    grey = training[:, :1]  # grey images held with their one channel; samples of them come without it
+    shown = views.nearest_training(grey[[7, 31], 0], grey, k=2)
+    assert shown.shape == (6, 8, 8) and torch.equal(shown[1], grey[7, 0])
 
 
 def test_a_finished_run_leaves_its_samples_beside_their_nearest_training_images(fake_split):

@@ -71,7 +71,11 @@ def nearest_training(samples: torch.Tensor, training: torch.Tensor, k: int = NEA
     pool = training.reshape(len(training), -1)
     distances = torch.cat([torch.cdist(flat, chunk.float()) for chunk in pool.split(1000)], dim=1)
     nearest = distances.topk(k, dim=1, largest=False).indices  # (N, k), on the training images' device
-    rows = [torch.cat([samples[i : i + 1], training[nearest[i]].cpu()]) for i in range(len(samples))]
+    # Shown as the samples are: grey training images may be held with their one channel, samples come without.
+    rows = [
+        torch.cat([samples[i : i + 1], training[nearest[i]].cpu().reshape(k, *samples.shape[1:])])
+        for i in range(len(samples))
+    ]
     return torch.cat(rows)
 
 
