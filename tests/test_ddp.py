@@ -11,8 +11,10 @@ gradients barely move the weights: the optimizer states, which double and quadru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -80,23 +82,29 @@ def _worker(
 ) -> None:
     """One DDP worker: trains, then saves every tensor and its own per-step losses. With ``run`` (an MLflow
     store and run id) rank 0 logs into that run, as a Ray Train worker's rank 0 does."""
-    import torch.distributed as dist
-
     from pipeline.tracking.tracker import MLflowTracker, NullTracker
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _process_group(rank, port, summed) as runtime:
         cfg = load_config(CONFIGS / "smoke.yaml", overrides)
-        runtime = Runtime(rank, WORLD, torch.device("cpu"), _wrap(summed), all_reduce_mean)
         tracker = MLflowTracker(*run) if run and rank == 0 else NullTracker()
         steps: dict[int, dict[str, float]] = {}
         hooks = [On(step=lambda st: steps.update({st.number: st.loss_values()})), Tracking(tracker)]
         result = train_gan(cfg, data, runtime, hooks)
         saved = {"step": result.step, "tensors": everything(result), "losses": steps}
         torch.save(saved, f"{out}/rank{rank}.pt")
+
+
+@contextlib.contextmanager
+def _process_group(rank: int, port: int, summed: bool = False) -> Iterator[Runtime]:
+    """A spawned worker's gloo process group (one thread, float64), its Runtime inside, destroyed at the end."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        yield Runtime(rank, WORLD, torch.device("cpu"), _wrap(summed), all_reduce_mean)
     finally:
         dist.destroy_process_group()
 
@@ -251,25 +259,16 @@ def _resumable_worker(rank: int, port: int, overrides: list[str], data: Split, o
     continues from such a checkpoint; saves every tensor it ends with."""
     import copy
 
-    import torch.distributed as dist
-
     from pipeline.core import checkpoint
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with _process_group(rank, port) as runtime:
         cfg = load_config(CONFIGS / "smoke.yaml", overrides)
-        runtime = Runtime(rank, WORLD, torch.device("cpu"), _wrap(False), all_reduce_mean)
         kept: list = []
         hooks = [On(report=lambda r: kept.append(copy.deepcopy(r.checkpoint)) if r.checkpoint else None)]
         result = train_gan(cfg, data, runtime, hooks, resume=checkpoint.load(resume) if resume else None)
         if rank == 0 and not resume:
             checkpoint.save(f"{out}/inside.pt", next(c for c in kept if c["epoch_partial"] is not None))
         torch.save({"step": result.step, "tensors": everything(result)}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
