@@ -35,6 +35,7 @@ RECIPES = {
     "ada": ["train.diffaugment=color,translation,cutout", "train.augment_p=0", "train.augment_target=0.6"],
     "augmented": ["data.flip=true", "train.diffaugment=color,translation,cutout"],
     "conditional": ["model.conditional=true"],  # data with classes only
+    "conditional_bn": ["model.conditional=true", "model.g_conditioning=batchnorm"],
     "combined": [
         "optim.r1_gamma=1.0",
         "data.flip=true",

@@ -12,13 +12,15 @@ from pipeline.core.errors import ConfigError
 from pipeline.data.split import Split
 from pipeline.gan.hooks import Hook, On
 from pipeline.gan.loop import train_gan
-from pipeline.gan.models import build_models, with_classes
+from pipeline.gan.models import ClassAffine, build_models, with_classes
 from pipeline.gan.sampling import generate_images, sample_classes
 from tests.conftest import CONFIGS
 
 
-def test_the_class_changes_what_g_makes_and_how_d_judges():
-    cfg = load_config(CONFIGS / "smoke.yaml", ["model.conditional=true", "model.d_norm=spectral"])
+@pytest.mark.parametrize("conditioning", ["embedding", "batchnorm"])
+def test_the_class_changes_what_g_makes_and_how_d_judges(conditioning):
+    settings = ["model.conditional=true", "model.d_norm=spectral", f"model.g_conditioning={conditioning}"]
+    cfg = load_config(CONFIGS / "smoke.yaml", settings)
     weights = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     torch.manual_seed(0)
     generator, discriminator = build_models(cfg.model, (1, 28, 28), weights)
@@ -27,6 +29,12 @@ def test_the_class_changes_what_g_makes_and_how_d_judges():
     same = with_classes(z, torch.zeros(4, dtype=torch.int64))
     other = with_classes(z, torch.ones(4, dtype=torch.int64))
     assert same.shape == (4, cfg.model.latent_dim + 1)
+    if conditioning == "batchnorm":  # each class's gain and shift start at 0: a fresh G is the unconditional one
+        affines = [m for m in generator.modules() if isinstance(m, ClassAffine)]
+        assert len(affines) == 2 and not hasattr(generator, "embed")
+        assert torch.equal(generator(same), generator(other))
+        for affine in affines:
+            torch.nn.init.normal_(affine.gain.weight, 0.0, 0.1), torch.nn.init.normal_(affine.shift.weight, 0.0, 0.1)
     assert generator(same).shape == (4, 1, 28, 28) and not torch.allclose(generator(same), generator(other))
     images = generator(same).detach()
     logits = discriminator(images, torch.zeros(4, dtype=torch.int64))
@@ -49,7 +57,8 @@ def test_sampled_classes_follow_the_frequencies_or_the_one_asked():
         sample_classes(torch.nn.Identity(), 5, 0, None, 1)
 
 
-def test_a_conditional_run_trains_resumes_exactly_and_draws_a_row_per_class(fake_split, tmp_path):
+@pytest.mark.parametrize("conditioning", ["embedding", "batchnorm"])
+def test_a_conditional_run_trains_resumes_exactly_and_draws_a_row_per_class(fake_split, tmp_path, conditioning):
     from pipeline.core import checkpoint
 
     grids: dict = {}
@@ -58,7 +67,12 @@ def test_a_conditional_run_trains_resumes_exactly_and_draws_a_row_per_class(fake
         def on_samples(self, images, name):
             grids[name] = images
 
-    settings = ["train.epochs=2", "model.conditional=true", "tune.report_every_steps=3"]
+    settings = [
+        "train.epochs=2",
+        "model.conditional=true",
+        f"model.g_conditioning={conditioning}",
+        "tune.report_every_steps=3",
+    ]
     cfg = load_config(CONFIGS / "smoke.yaml", settings)
     reports: list = []
     keep = On(report=lambda report: reports.append(copy.deepcopy(report.checkpoint)))  # its tensors train on

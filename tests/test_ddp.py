@@ -243,15 +243,24 @@ def test_hinge_r1_flips_and_diffaugment_train_under_ddp_what_one_process_trains(
 
 
 @pytest.mark.slow
-def test_a_conditional_gan_trains_under_ddp_what_one_process_trains(tmp_path, images):
+@pytest.mark.parametrize("conditioning", ["embedding", "batchnorm"])
+def test_a_conditional_gan_trains_under_ddp_what_one_process_trains(tmp_path, images, conditioning):
     """Each worker's real images with their own labels (rows rank::world of the global batch) and its generated
-    images' classes (its rows of the global draw, as its noise): two workers end where one process does."""
-    overrides = [*SETTINGS, "train.epochs=1", "model.sync_batchnorm=true", "model.conditional=true"]
+    images' classes (its rows of the global draw, as its noise): two workers end where one process does, with the
+    class embedded beside the noise or in G's BatchNorms."""
+    overrides = [
+        *SETTINGS,
+        "train.epochs=1",
+        "model.sync_batchnorm=true",
+        "model.conditional=true",
+        f"model.g_conditioning={conditioning}",
+    ]
     reference = single_process(overrides, images, steps=10)
-    assert "G.embed.weight" in reference and "D.embed.weight" in reference
+    g_class = "G.embed.weight" if conditioning == "embedding" else "G.net.2.gain.weight"
+    assert g_class in reference and "D.embed.weight" in reference
     for rank, got in enumerate(data_parallel(tmp_path, overrides, images)):
         assert got["step"] == 10
-        assert disagreeing(got["tensors"], reference, f"rank {rank}, conditional") == []
+        assert disagreeing(got["tensors"], reference, f"rank {rank}, conditional by {conditioning}") == []
 
 
 def _resumable_worker(rank: int, port: int, overrides: list[str], data: Split, out: str, resume: str | None) -> None:

@@ -77,9 +77,14 @@ class ModelConfig:
     )
     conditional: bool = _f(
         False,
-        "class-conditional GAN, for data with classes: G takes its class's embedding beside the noise, D projects "
+        "class-conditional GAN, for data with classes: G takes its class (model.g_conditioning), D projects "
         "its features onto the class's embedding (Miyato & Koyama 2018); generated classes follow the training "
         "set's class frequencies; sample --class K asks for one",
+    )
+    g_conditioning: Literal["embedding", "batchnorm"] = _f(
+        "embedding",
+        "how a conditional G takes its class: embedding = a learnt class vector concatenated to the noise; "
+        "batchnorm = conditional BatchNorm (each G BatchNorm gets the class's own gain and shift)",
     )
     sync_batchnorm: bool = _f(
         False,

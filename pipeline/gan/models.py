@@ -38,9 +38,11 @@ class Generator(nn.Module):
     each doubling its FLOPs at the default width.
 
     Conditional (``class_weights``: the training set's class frequencies, one per class): its input carries each
-    image's class index as one last column, (B, latent_dim + 1) (:func:`with_classes`), and the class's learnt
-    embedding (latent_dim values) is concatenated to the noise. One tensor in: exported and sampled as any G is.
-    The frequencies are a buffer: what a conditional sample draws its classes from (pipeline.gan.sampling).
+    image's class index as one last column, (B, latent_dim + 1) (:func:`with_classes`). ``conditioning``
+    "embedding": the class's learnt embedding (latent_dim values) is concatenated to the noise; "batchnorm":
+    conditional BatchNorm, each BatchNorm followed by the class's own gain and shift (:class:`ClassAffine`). One
+    tensor in: exported and sampled as any G is. The frequencies are a buffer: what a conditional sample draws its
+    classes from (pipeline.gan.sampling).
     """
 
     def __init__(
@@ -50,21 +52,25 @@ class Generator(nn.Module):
         extra_layers: int,
         image_shape: ImageShape,
         class_weights: torch.Tensor | None = None,
+        conditioning: str = "embedding",
     ):
         super().__init__()
         self.latent_dim = latent_dim
         self.classes = 0 if class_weights is None else len(class_weights)
+        embedded = self.classes > 0 and conditioning == "embedding"
         if self.classes:
-            self.embed = nn.Embedding(self.classes, latent_dim)
             self.register_buffer("class_weights", class_weights.double())
+        if embedded:
+            self.embed = nn.Embedding(self.classes, latent_dim)
         side, layers = network_plan(image_shape)
         widths = [channels * 2 ** (layers - i) for i in range(layers)]
 
         def block(conv: nn.Module) -> list[nn.Module]:
-            return [conv, nn.BatchNorm2d(conv.out_channels), nn.ReLU(True)]
+            affine = [ClassAffine(self.classes, conv.out_channels)] if self.classes and not embedded else []
+            return [conv, nn.BatchNorm2d(conv.out_channels), *affine, nn.ReLU(True)]
 
         self.net = nn.Sequential(
-            *block(nn.ConvTranspose2d(latent_dim * (2 if self.classes else 1), widths[0], side, 1, 0, bias=False)),
+            *block(nn.ConvTranspose2d(latent_dim * (2 if embedded else 1), widths[0], side, 1, 0, bias=False)),
             *[m for a, b in itertools.pairwise(widths) for m in block(nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False))],
             *[m for _ in range(extra_layers) for m in block(nn.Conv2d(widths[-1], widths[-1], 3, 1, 1, bias=False))],
             nn.ConvTranspose2d(widths[-1], image_shape[0], 4, 2, 1, bias=False),
@@ -72,9 +78,31 @@ class Generator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if self.classes:  # the class index rides in the last column
-            z = torch.cat([z[:, : self.latent_dim], self.embed(z[:, self.latent_dim].long())], dim=1)
-        return self.net(z.reshape(z.shape[0], -1, 1, 1))
+        if not self.classes:
+            return self.net(z.reshape(z.shape[0], -1, 1, 1))
+        labels, z = z[:, self.latent_dim].long(), z[:, : self.latent_dim]  # the class index rides in the last column
+        if hasattr(self, "embed"):
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        x = z.reshape(z.shape[0], -1, 1, 1)
+        for layer in self.net:
+            x = layer(x, labels) if isinstance(layer, ClassAffine) else layer(x)
+        return x
+
+
+class ClassAffine(nn.Module):
+    """Conditional BatchNorm's class part (de Vries et al. 2017; Miyato & Koyama 2018), after a plain BatchNorm:
+    each class's own gain and shift of the normalised features, x * (1 + gain[y]) + shift[y]. Both start at 0, so a
+    fresh G is the unconditional one and learns what each class changes."""
+
+    def __init__(self, classes: int, features: int):
+        super().__init__()
+        self.gain = nn.Embedding(classes, features)
+        self.shift = nn.Embedding(classes, features)
+        nn.init.zeros_(self.gain.weight)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return x * (1 + self.gain(labels))[:, :, None, None] + self.shift(labels)[:, :, None, None]
 
 
 def with_classes(z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -222,7 +250,16 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 # The model.* keys that decide the networks' parameters (model.d_dropout and model.sync_batchnorm do not).
-SHAPE_KEYS = ("latent_dim", "g_channels", "g_extra_layers", "d_channels", "d_norm", "d_extra_layers", "conditional")
+SHAPE_KEYS = (
+    "latent_dim",
+    "g_channels",
+    "g_extra_layers",
+    "d_channels",
+    "d_norm",
+    "d_extra_layers",
+    "conditional",
+    "g_conditioning",
+)
 
 
 def network_shape(cfg: ModelConfig) -> dict[str, int | str]:
@@ -234,7 +271,7 @@ def build_generator(cfg: ModelConfig, image_shape: ImageShape, class_weights: to
     """The generator ``cfg`` describes for images of ``image_shape``, uninitialised (to load a state dict into);
     conditional on the classes of ``class_weights`` where ``cfg.conditional``."""
     weights = class_weights if cfg.conditional else None
-    return Generator(cfg.latent_dim, cfg.g_channels, cfg.g_extra_layers, image_shape, weights)
+    return Generator(cfg.latent_dim, cfg.g_channels, cfg.g_extra_layers, image_shape, weights, cfg.g_conditioning)
 
 
 def build_models(
