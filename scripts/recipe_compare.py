@@ -66,6 +66,8 @@ def run_one(job: dict) -> dict:
     seconds = time.perf_counter() - started
     row = {"recipe": job["recipe"], "seed": job["seed"], "epochs": epochs, "trained": epochs * per_epoch}
     row["train_s"] = seconds
+    if result.state.ada is not None:  # where ADA left its probability, and D's last overfitting measure r_t
+        row |= {"augment_p": float(result.state.ada.p), "augment_r_t": float(result.state.ada.r_t)}
     reference = torch.cat([split.images, load(base.data, False, lambda _: None).images])
     device = torch.device("cpu")
     samples = generate_images(result.generator, len(reference), cfg.model.latent_dim, 0, device)
@@ -187,7 +189,8 @@ def main() -> None:
                 with record.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 fids = " ".join(f"{k} FID {row[f'{k}_fid']:.3f}" for k in evaluators)
-                print(f"{row['recipe']} seed {row['seed']}: {row['train_s']:.0f}s, {fids}", flush=True)
+                ada = f", augment_p {row['augment_p']:.3f} r_t {row['augment_r_t']:.3f}" if "augment_p" in row else ""
+                print(f"{row['recipe']} seed {row['seed']}: {row['train_s']:.0f}s, {fids}{ada}", flush=True)
     print(table([r for r in rows if r["recipe"] in recipes], evaluators))
     if args.montage:
         montage(out, recipes, 0, args.montage)
