@@ -54,6 +54,9 @@ def _add_data_parser(sub: Any) -> None:
     prep.add_argument("--channels", type=int, default=1, help="images: 1 (grey, the default) or 3 (RGB)")
     prep.add_argument("--out", help="images: where the shards go (default: <path>.prepared/<side>px-<c>ch)")
     prep.add_argument("--test-fraction", type=float, default=0.1, help="images: share held out (default 0.1)")
+    prep.add_argument(
+        "--background", default="white", help="images: the colour transparent areas are shown on (default white)"
+    )
 
 
 def _add_sample_parser(sub: Any) -> None:
@@ -211,6 +214,7 @@ PREPARE_FLAGS = {
     "channels": "--channels",
     "prepared": "--out",
     "test_fraction": "--test-fraction",
+    "background": "--background",
 }
 
 

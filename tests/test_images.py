@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.images import decode, list_folder, prepare_folder
+from pipeline.data.images import list_folder, prepare_folder
+from pipeline.data.pixels import decode
 from pipeline.data.shards import ImageFolderError, Preparation, iter_shards
 from tests.conftest import run_cli
 from tests.image_folders import SHAPES, draw, make_folder
@@ -78,13 +79,13 @@ def test_an_image_is_centre_cropped_and_resized_in_grey_or_colour():
     pixels[:, 30:90, 1] = 255
     pixels[:, 90:, 2] = 255
     blob = _png(Image.fromarray(pixels))
-    colour = decode(blob, 32, 3)
+    colour = decode(blob, "a.png", 32, 3)
     assert colour.shape == (3, 32, 32)
     assert (colour[1] == 255).all() and (colour[0] == 0).all() and (colour[2] == 0).all()  # only the square
-    grey = decode(blob, 32, 1)
+    grey = decode(blob, "a.png", 32, 1)
     assert grey.shape == (1, 32, 32) and (grey == round(0.587 * 255)).all()  # ITU-R 601-2 luma of green
     with pytest.raises(Exception):  # noqa: B017 - whatever Pillow raises: the preparer counts it as skipped
-        decode(blob[: len(blob) // 2], 32, 3)
+        decode(blob[: len(blob) // 2], "a.png", 32, 3)
 
 
 def _png(image) -> bytes:

@@ -40,6 +40,11 @@ class DataConfig:
     channels: int = _f(1, "images only: 1 (grey) or 3 (RGB)", ge=1, le=3)
     prepared: str | None = _f(None, "images only: where the prepared shards go; null = <path>.prepared/<side>px-<c>ch")
     test_fraction: float = _f(0.1, "images only: the share held out (by a hash of each path)", ge=0.0, lt=1.0)
+    background: str = _f(
+        "white",
+        "images only: the colour transparent areas are shown on when prepared (a name such as white, black, grey "
+        "or #rrggbb)",
+    )
     stream: bool | None = _f(
         None,
         "images only: each worker streams its part of the shards (a bounded buffer) instead of holding the whole "

@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.core.errors import ConfigError
 from pipeline.core.uris import storage_path_problem
+from pipeline.data.pixels import background_hex
 from pipeline.data.shards import ImageFolderError, Preparation, Prepared, iter_shards, read_manifest
 from pipeline.data.source import DATA_TAG, DataRecord, DataSource, Progress
 from pipeline.data.specs import DatasetSpec
@@ -45,7 +46,7 @@ def prepared_location(path: str, image_size: int, channels: int, chosen: str | N
 class FolderSource(DataSource):
     """A folder of images (a directory or ``s3://bucket/prefix``), one subfolder per class or none."""
 
-    reads = ("path", "image_size", "channels", "prepared", "test_fraction", "stream", "stream_above_mb")
+    reads = ("path", "image_size", "channels", "prepared", "test_fraction", "background", "stream", "stream_above_mb")
     fixed = ("image_size", "channels")
     hold_out_more = "raise data.test_fraction or add images"
 
@@ -63,7 +64,9 @@ class FolderSource(DataSource):
     def preparation(self) -> Preparation:
         data = self.data
         location = prepared_location(self.path, data.image_size, data.channels, data.prepared)
-        return Preparation(self.path, location, data.image_size, data.channels, data.test_fraction)
+        return Preparation(
+            self.path, location, data.image_size, data.channels, data.test_fraction, background_hex(data.background)
+        )
 
     def describe(self) -> str:
         return f"the image folder {self.data.path}"
@@ -79,7 +82,8 @@ class FolderSource(DataSource):
     def check_settings(self, keys: dict[str, str] | None = None) -> None:
         """The folder's settings (``keys``: the name each has where it was given, e.g. a command-line flag)."""
         data = self.data
-        key = {name: (keys or {}).get(name, f"data.{name}") for name in ("path", "image_size", "channels", "prepared")}
+        names = ("path", "image_size", "channels", "prepared", "background")
+        key = {name: (keys or {}).get(name, f"data.{name}") for name in names}
         if not data.path:
             raise ConfigError(f"{key['path']}: not set; images need the folder (a directory or s3://bucket/prefix)")
         if data.image_size not in IMAGE_SIZES:
@@ -89,6 +93,10 @@ class FolderSource(DataSource):
             )
         if data.channels not in (1, 3):
             raise ConfigError(f"{key['channels']}: {data.channels}; use 1 (grey) or 3 (RGB)")
+        try:
+            background_hex(data.background)
+        except ValueError as exc:
+            raise ConfigError(f"{key['background']}: {exc}") from None
         problem = storage_path_problem(data.path, key["path"]) or (
             data.prepared and storage_path_problem(data.prepared, key["prepared"])
         )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -27,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.retry import Unavailable, retried
+from pipeline.data.pixels import EXTENSIONS, background_hex, decode
 from pipeline.data.shards import (
     MANIFEST,
     ImageFolderError,
@@ -36,10 +37,9 @@ from pipeline.data.shards import (
     read_manifest,
 )
 
-FORMAT = 2  # the manifest's and shards' layout; a different one is prepared again
+FORMAT = 3  # the manifest's and shards' layout (3: images as a viewer shows them); another is prepared again
 SHARD_BYTES = 64 << 20  # pixels per shard before compression
 GROUP_BYTES = 4 << 20  # pixels per Parquet row group: what a streaming worker reads at once
-EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DECODE_CHUNK = 64  # images a decoding process takes at once
 SKIPPED_LISTED = 20  # skipped files named in the manifest
 SHARD_NAME = re.compile(r"(train|test)-[0-9a-f]{8}-[0-9]{5}\.parquet")  # what prepare_folder writes, all it deletes
@@ -118,42 +118,40 @@ def held_out(rel: str, fraction: float) -> bool:
     return int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) < fraction * 2**32
 
 
-def decode(blob: bytes, image_size: int, channels: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 (channels, image_size, image_size): centre-cropped to a square, then resized
-    (Pillow's antialiased bicubic). Raises whatever Pillow raises for a file that does not decode."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(blob)) as image:
-        # A JPEG decodes at 1/2-1/8 scale when even that leaves twice the side: several times faster on photos.
-        image.draft("RGB" if channels == 3 else "L", (2 * image_size, 2 * image_size))
-        image.load()  # a truncated file fails here, not half-read
-        picture = image.convert("RGB" if channels == 3 else "L")
-    width, height = picture.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    # Cropped first: resizing with a box would let the filter reach past the crop's edges.
-    picture = picture.crop((left, top, left + side, top + side))
-    picture = picture.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    pixels = np.asarray(picture, dtype=np.uint8)
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy()
-
-
-def _decode_chunk(root: str, rels: list[str], image_size: int, channels: int) -> tuple[list[int], bytes, list[str]]:
-    """One process's share: (the positions that decoded, their pixels concatenated, 'path: why' of the others)."""
+def _decode_chunk(root: str, rels: list[str], job: Preparation) -> tuple[list[int], bytes, list[str]]:
+    """One process's share: (the positions that decoded, their pixels concatenated, 'path: why' of the others).
+    A file that cannot be read (after retries) fails the preparation; only one read whole that does not decode
+    is skipped."""
     fs, base = filesystem(root)
     kept, pixels, skipped = [], [], []
     for i, rel in enumerate(rels):
+        blob = read_image_file(fs, base, rel, root)
         try:
-            with fs.open_input_stream(f"{base}/{rel}") as stream:
-                blob = stream.read()
-            pixels.append(decode(blob, image_size, channels))
+            pixels.append(decode(blob, rel, job.image_size, job.channels, job.background))
             kept.append(i)
         except Exception as exc:  # a file that does not decode (truncated, not an image, too large) is skipped
             skipped.append(f"{rel}: {type(exc).__name__}: {str(exc)[:120]}")
     return kept, b"".join(p.tobytes() for p in pixels), skipped
 
 
-def settings(listing: Listing, image_size: int, channels: int, test_fraction: float) -> dict[str, Any]:
+def read_image_file(fs: Any, base: str, rel: str, root: str) -> bytes:
+    """The bytes of the image ``rel`` under ``root``, retried through passing faults; an ImageFolderError naming
+    it when it stays unreadable (S3 throttling, a network reset or a permission is no broken image)."""
+
+    def read() -> bytes:
+        with fs.open_input_stream(f"{base}/{rel}") as stream:
+            return stream.read()
+
+    try:
+        return retried(read, f"{root.rstrip('/')}/{rel}")
+    except Unavailable as exc:
+        raise ImageFolderError(
+            f"data.path: {exc}. The preparation stopped before writing its manifest, so nothing is recorded as "
+            "skipped: fix access to the file (or remove it) and prepare again"
+        ) from None
+
+
+def settings(listing: Listing, image_size: int, channels: int, test_fraction: float, background: str) -> dict[str, Any]:
     """What a manifest must record for a preparation to be reused."""
     return {
         "format": FORMAT,
@@ -161,6 +159,7 @@ def settings(listing: Listing, image_size: int, channels: int, test_fraction: fl
         "image_size": image_size,
         "channels": channels,
         "test_fraction": test_fraction,
+        "background": background_hex(background),
     }
 
 
@@ -177,7 +176,7 @@ def prepare_folder(job: Preparation, progress: Progress = print, workers: int | 
     """Prepare ``job.path`` into shards and a manifest at ``job.location`` (a no-op when its manifest matches the
     folder and the settings); return it. ``workers`` decoding processes (default: one per CPU)."""
     listing = list_folder(job.path)
-    wanted = settings(listing, job.image_size, job.channels, job.test_fraction)
+    wanted = settings(listing, job.image_size, job.channels, job.test_fraction, job.background)
     old = read_manifest(job.location)
     if old and all(old.get(k) == v for k, v in wanted.items()) and _shards_present(job.location, old):
         progress(f"[data] {job.path}: prepared in {job.location} ({_counts_line(old)}); nothing to do")
@@ -234,7 +233,7 @@ def _write_shard(
     """Decode ``rels`` in the pool and write them as one Parquet shard: its manifest entry, and the files skipped."""
     chunks = [rels[i : i + DECODE_CHUNK] for i in range(0, len(rels), DECODE_CHUNK)]
     images, labels, skipped = [], [], []
-    futures = [pool.submit(_decode_chunk, listing.root, chunk, job.image_size, job.channels) for chunk in chunks]
+    futures = [pool.submit(_decode_chunk, listing.root, chunk, job) for chunk in chunks]
     one = job.channels * job.image_size**2
     for chunk, future in zip(chunks, futures, strict=True):
         kept, pixels, failed = future.result()

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import UserError
+from pipeline.core.retry import retried
 
 MANIFEST = "manifest.json"
 
@@ -40,6 +41,7 @@ class Preparation:
     image_size: int
     channels: int
     test_fraction: float
+    background: str = "white"  # what transparent areas are composited on (pipeline.data.pixels)
 
 
 @dataclass
@@ -59,12 +61,17 @@ class Prepared:
 
 def read_manifest(location: str) -> dict[str, Any] | None:
     """The manifest at ``location``, or None when there is none (not prepared, or not completely); an
-    ImageFolderError for a ``manifest.json`` that is not a prepared folder's (nothing there is touched)."""
+    ImageFolderError for a ``manifest.json`` that is not a prepared folder's (nothing there is touched), and
+    :class:`Unavailable` when it cannot be read through retries (a passing fault is no missing preparation)."""
     fs, base = filesystem(location)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(f"{base}/{MANIFEST}") as stream:
-            blob = stream.read()
-    except (OSError, FileNotFoundError):
+            return stream.read()
+
+    try:
+        blob = retried(read, f"the manifest {location.rstrip('/')}/{MANIFEST}", final=(FileNotFoundError,))
+    except FileNotFoundError:
         return None
     try:
         manifest = json.loads(blob)

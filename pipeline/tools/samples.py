@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.core.errors import ConfigError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from pipeline.data.pixels import EXTENSIONS, decode
 
 
 def read_samples(path: str, image_shape: tuple[int, int, int], flag: str = "--samples") -> torch.Tensor:
@@ -48,16 +47,14 @@ def _read_npz(path: Path, flag: str) -> np.ndarray:
 
 
 def _read_folder(folder: Path, image_shape: tuple[int, int, int], flag: str) -> np.ndarray:
-    from pipeline.data.images import decode
-
     channels, side, _ = image_shape
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in EXTENSIONS)
     if not files:
-        raise ConfigError(f"{flag}: {str(folder)!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise ConfigError(f"{flag}: {str(folder)!r} holds no image files ({', '.join(sorted(EXTENSIONS))})")
     decoded = []
     for file in files:
         try:
-            decoded.append(decode(file.read_bytes(), side, channels))
+            decoded.append(decode(file.read_bytes(), file.name, side, channels))
         except Exception as exc:  # noqa: BLE001 - whatever Pillow raises for a file that is no image
             raise ConfigError(f"{flag}: {file} does not decode as an image ({type(exc).__name__}: {exc})") from None
     images = np.stack(decoded)
