@@ -108,6 +108,36 @@ def test_a_changed_or_corrupted_checkpoint_on_resume_is_refused_before_ray(tmp_p
     assert target.stat().st_size == 1000  # left as it was, for the user to inspect
 
 
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_gives_way_to_the_one_kept_before_it(tmp_path):
+    """The newest checkpoint torn (a crash of the disk, not of the run): `--resume` says so and goes on from the one
+    Ray Train kept before it, leaving the torn one and Ray's former record where they were."""
+    import json
+
+    from pipeline.core import checkpoint
+    from pipeline.distributed.ray_runtime import TRAIN_RECORD, latest_recorded_result
+
+    uri, store = _store(tmp_path)
+    first = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", *store, "--name", "c")
+    assert first.returncode == 0, first.stderr[-2000:]
+    run = tmp_path / "runs" / "c"
+    earlier, latest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    per_epoch = latest_recorded_result((run / TRAIN_RECORD).read_bytes())["metrics"]["step"] // 2
+    before = checkpoint.load(earlier)
+    torn = latest / checkpoint.FILENAME
+    torn.write_bytes(torn.read_bytes()[:1000])
+    again = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=3", *store, "--resume", "c")
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = again.stdout + again.stderr
+    assert f"[train] checkpoint {str(torn)!r} is damaged: corrupted or truncated" in said, said[-3000:]
+    assert f"resuming from the checkpoint kept before it, {earlier.name}" in said
+    assert torn.stat().st_size == 1000 and (run / f"{TRAIN_RECORD}.before-fallback").exists()
+    resumed = checkpoint.load(run / json.loads((run / TRAIN_RECORD).read_text())["latest_checkpoint_result"]
+                              ["checkpoint_dir_name"])  # fmt: skip
+    assert resumed["epoch"] == 3 and resumed["step"] == 3 * per_epoch
+    assert f"resuming from epoch {before['epoch']} (step {before['step']})" in said  # not from the start
+
+
 # ---------------------------------------------------------------------------------------------- divergence
 
 

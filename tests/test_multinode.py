@@ -486,6 +486,6 @@ def test_a_damaged_checkpoint_on_s3_is_refused_before_ray(s3, tmp_path):
     env = {**os.environ, **s3.env, **NO_IMDS, "RAY_ADDRESS": ""}
     result = run_cli(*args, "--resume", "torn", env=env, timeout=300)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert f"'s3://{BUCKET}/{newer}' is corrupted or truncated" in result.stderr, result.stderr
+    assert f"'s3://{BUCKET}/{newer}' is damaged: corrupted or truncated" in result.stderr, result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert client.get_object(Bucket=BUCKET, Key=newer)["ContentLength"] == 1000

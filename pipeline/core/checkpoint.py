@@ -6,6 +6,7 @@ and read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.core.errors import UserError, first_line
+from pipeline.core.retry import retried
 
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -22,6 +24,14 @@ FORMAT_VERSION = 1
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, truncated, corrupted or from an incompatible version."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint read whole that does not load (truncated, corrupted): not a passing fault."""
+
+
+class MissingCheckpoint(CheckpointError):
+    """No checkpoint file where one was named (deleted, or never written whole)."""
 
 
 def save(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
@@ -44,14 +54,14 @@ def load(
         path = path / FILENAME
     shown = source or str(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {shown!r} not found")
+        raise MissingCheckpoint(f"checkpoint {shown!r} not found")
+    blob = retried(path.read_bytes, f"checkpoint {shown!r}")  # a read error is no damage: Unavailable, retry
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = first_line(exc)
-        raise CheckpointError(
-            f"checkpoint {shown!r} is corrupted or truncated ({first}); delete it to start fresh "
-            "or point to an intact one"
+        raise DamagedCheckpoint(
+            f"checkpoint {shown!r} is damaged: corrupted or truncated ({first_line(exc)}); it was left as it is: "
+            "resume from an earlier checkpoint, or start a new run (another --name)"
         ) from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {shown!r} is not a gan-pipeline v{FORMAT_VERSION} checkpoint")

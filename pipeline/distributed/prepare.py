@@ -14,7 +14,13 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.uris import resolve_tracking_uri
 from pipeline.data.kinds import source_of
 from pipeline.data.source import check_counts
-from pipeline.distributed.storage import check_storage, exists, resume_checkpoint_file, run_location
+from pipeline.distributed.storage import (
+    check_storage,
+    exists,
+    fall_back_to_previous_checkpoint,
+    resume_checkpoint_file,
+    run_location,
+)
 from pipeline.distributed.worker import TrialPart
 from pipeline.eval.metrics import METRICS, Metric, champion_metric, check_measured
 from pipeline.gan.models import SHAPE_KEYS
@@ -91,7 +97,7 @@ def existing_run(cfg: PipelineConfig, name: str) -> str | None:
 
 
 def prepare_run(
-    cfg: PipelineConfig, request: RunRequest, check_resume: Callable[[PipelineConfig, str], None]
+    cfg: PipelineConfig, request: RunRequest, check_resume: Callable[[PipelineConfig, str, Callable[[str], None]], None]
 ) -> tuple[str, str, dict[str, Any] | None]:
     """Check everything, prepare data and evaluator, then create the MLflow run (or find the one a resumed run
     had, or take ``request.mlflow_run_id``, tagged now with this run's name): (tracking URI, MLflow run id,
@@ -116,7 +122,7 @@ def prepare_run(
             f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
         )
     if request.resume:
-        check_resume(cfg, location)
+        check_resume(cfg, location, request.progress)
         # Before preparing the data again could replace what the run began with.
         source_of(cfg.data).check_resume(tracker_for(uri, previous).tags(), name)
     evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
@@ -157,10 +163,25 @@ def check_resume_config(cfg: PipelineConfig, saved: dict[str, Any], source: str)
             )
 
 
-def verify_latest_checkpoint(cfg: PipelineConfig, location: str) -> None:
-    """The checkpoint a resumed Train run starts from must load (on S3 too) and fit ``cfg``: refuse a damaged one,
-    or a config that changed its data or shapes, here, not in a retrying worker."""
-    with resume_checkpoint_file(location, checkpoint.FILENAME) as latest:
-        if latest is not None:
-            state = checkpoint.load(latest[0], source=latest[1])
-            check_resume_config(cfg, state.get("config", {}), latest[1])
+def verify_latest_checkpoint(cfg: PipelineConfig, location: str, progress: Callable[[str], None] = print) -> None:
+    """The checkpoint a resumed Train run starts from must load (on S3 too) and fit ``cfg``, checked here, not in
+    a retrying worker: a damaged or missing latest one gives way to the one Ray Train kept before it (said, and
+    nothing deleted); with none left, it is refused, as is a config that changed the data or the shapes."""
+    while True:
+        with resume_checkpoint_file(location, checkpoint.FILENAME) as latest:
+            if latest is None:
+                return
+            try:
+                state = checkpoint.load(latest[0], source=latest[1])
+            except (checkpoint.DamagedCheckpoint, checkpoint.MissingCheckpoint) as exc:
+                unusable = exc
+            else:
+                check_resume_config(cfg, state.get("config", {}), latest[1])
+                return
+        previous = fall_back_to_previous_checkpoint(location)
+        if previous is None:
+            raise unusable
+        progress(
+            f"[train] {str(unusable).split('; ')[0]}: resuming from the checkpoint kept before it, {previous} (the "
+            "unusable one, and Ray Train's record as it was, are left where they are)"
+        )

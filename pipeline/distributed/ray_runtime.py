@@ -174,6 +174,29 @@ def latest_recorded_result(record: bytes | str) -> dict[str, Any]:
     return latest if isinstance(latest, dict) else {}
 
 
+def record_without_latest(record: bytes) -> tuple[bytes, str] | None:
+    """Ray Train's record with its latest checkpoint dropped and the one it kept before made the latest (by their
+    report order): (the new record, that checkpoint's directory name); None when the record keeps no other. Every
+    other field is left as Ray wrote it (the dropped one's name leaves the validation lists too)."""
+    state = json.loads(record)
+    dropped = (state.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    results = zip(state.get("checkpoint_report_indices", []), state.get("checkpoint_results", []), strict=True)
+    kept = [(index, result) for index, result in results if result["checkpoint_dir_name"] != dropped]
+    if dropped is None or not kept:
+        return None
+    previous = max(kept, key=lambda pair: pair[0])[1]
+    state["checkpoint_report_indices"] = [index for index, _ in kept]
+    state["checkpoint_results"] = [result for _, result in kept]
+    state["latest_checkpoint_result"] = previous
+    pending = zip(state.get("pending_training_results", []), state.get("pending_validation_specs", []), strict=True)
+    pending = [(result, spec) for result, spec in pending if result["checkpoint_dir_name"] != dropped]
+    state["pending_training_results"] = [result for result, _ in pending]
+    state["pending_validation_specs"] = [spec for _, spec in pending]
+    for key in [k for k in state if k.endswith("_checkpoint_dir_names")]:
+        state[key] = [name for name in state[key] if name != dropped]
+    return json.dumps(state).encode(), previous["checkpoint_dir_name"]
+
+
 def latest_recorded_checkpoint(record: bytes | str) -> str | None:
     """The directory name of the checkpoint Ray Train's record names as latest; None when it names none."""
     return latest_recorded_result(record).get("checkpoint_dir_name") or None

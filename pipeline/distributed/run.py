@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline import STARTED_AT
@@ -41,7 +42,7 @@ class Executor(Protocol):
     trained_in: str  # the run's tag
 
     def location(self, cfg: PipelineConfig, name: str) -> str: ...
-    def check_resume(self, cfg: PipelineConfig, location: str) -> None: ...
+    def check_resume(self, cfg: PipelineConfig, location: str, progress: Callable[[str], None]) -> None: ...
     def describe(self, cfg: PipelineConfig, gpu: bool) -> str: ...
     def fit(self, job: WorkerJob, name: str, gpu: bool, verbose: bool, reports: Reports) -> Any: ...
 

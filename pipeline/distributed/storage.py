@@ -14,12 +14,19 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from pipeline import PROJECT_ROOT
 from pipeline.config.schema import PipelineConfig
 from pipeline.core.errors import UserError, make_writable_dir
-from pipeline.distributed.ray_runtime import TRAIN_RECORD, latest_recorded_checkpoint, latest_recorded_result
+from pipeline.core.retry import retried
+from pipeline.distributed.ray_runtime import (
+    TRAIN_RECORD,
+    latest_recorded_checkpoint,
+    latest_recorded_result,
+    record_without_latest,
+)
 
 
 class StorageError(UserError):
@@ -70,7 +77,6 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
     """``filename`` of the checkpoint that Ray Train resumes the run at ``location`` from: (a local file, where it
     is stored). A remote file is copied into a temporary directory, removed afterwards. None when Ray would
     start the run afresh (no recorded checkpoint)."""
-    import pyarrow.fs
 
     name = latest_recorded_checkpoint(_train_record(location))
     if not name:
@@ -81,29 +87,66 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
         yield directory / name / filename, str(directory / name / filename)
         return
     source = f"{location}/{name}/{filename}"
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
+    filesystem, root = _filesystem(location)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / filename
-        # A missing file is reported as such by whoever loads it (nothing copied, nothing there).
-        with (
-            contextlib.suppress(OSError),
-            filesystem.open_input_stream(f"{root}/{name}/{filename}") as remote,
-            open(local, "wb") as out,
-        ):
-            shutil.copyfileobj(remote, out)
+
+        def copy() -> None:
+            with filesystem.open_input_stream(f"{root}/{name}/{filename}") as remote, open(local, "wb") as out:
+                shutil.copyfileobj(remote, out)
+
+        # A missing file is reported as such by whoever loads it (nothing copied, nothing there); a passing fault
+        # is retried, and one that lasts is Unavailable, not "not found".
+        with contextlib.suppress(FileNotFoundError):
+            retried(copy, f"checkpoint {source!r}", final=(FileNotFoundError,))
         yield local, source
 
 
 def _train_record(location: str) -> bytes:
     """Ray Train's record of the run at ``location`` (empty when there is none yet)."""
-    import pyarrow.fs
+    filesystem, root = _filesystem(location)
 
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
-    try:
+    def read() -> bytes:
         with filesystem.open_input_stream(f"{root}/{TRAIN_RECORD}") as stream:
             return stream.read()
-    except OSError:  # no record yet
+
+    try:  # a passing fault must not read as "no record": the run would start over
+        return retried(read, f"Ray Train's record {location}/{TRAIN_RECORD}", final=(FileNotFoundError,))
+    except FileNotFoundError:  # no record yet
         return b""
+
+
+def fall_back_to_previous_checkpoint(location: str) -> str | None:
+    """Make the checkpoint Ray Train kept before its latest the one the run at ``location`` resumes from (the
+    latest is damaged or gone): Ray's record is rewritten, its former self kept beside it as
+    ``<record>.before-fallback`` and the checkpoints left where they are. The checkpoint's directory name; None when
+    the record keeps no other."""
+    record = _train_record(location)
+    change = record_without_latest(record)
+    if change is None:
+        return None
+    _write_whole(location, f"{TRAIN_RECORD}.before-fallback", record)
+    _write_whole(location, TRAIN_RECORD, change[0])
+    return change[1]
+
+
+def _write_whole(location: str, name: str, blob: bytes) -> None:
+    """A file under ``location`` written whole: a local one through a temporary name, an object in one put."""
+    directory = local_dir(location)
+    if directory is not None:
+        tmp = directory / f".{name}.part"
+        tmp.write_bytes(blob)
+        os.replace(tmp, directory / name)
+        return
+    filesystem, root = _filesystem(location)
+    with filesystem.open_output_stream(f"{root}/{name}") as out:
+        out.write(blob)
+
+
+def _filesystem(location: str) -> tuple[Any, str]:
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(location)
 
 
 def recorded_progress(location: str) -> tuple[int, int] | None:

@@ -187,8 +187,8 @@ class RayTrainRun:
     def location(self, cfg: PipelineConfig, name: str) -> str:
         return run_location(cfg, name)
 
-    def check_resume(self, cfg: PipelineConfig, location: str) -> None:
-        verify_latest_checkpoint(cfg, location)
+    def check_resume(self, cfg: PipelineConfig, location: str, progress: Callable[[str], None]) -> None:
+        verify_latest_checkpoint(cfg, location, progress)
 
     def describe(self, cfg: PipelineConfig, gpu: bool) -> str:
         elastic = ", elastic (Ray Train sizes the group)" if cfg.scaling.max_workers else ""

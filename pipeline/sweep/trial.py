@@ -174,7 +174,7 @@ class InTrial:
     def location(self, cfg: PipelineConfig, name: str) -> str:
         return self.where
 
-    def check_resume(self, cfg: PipelineConfig, location: str) -> None:
+    def check_resume(self, cfg: PipelineConfig, location: str, progress: Callable[[str], None]) -> None:
         """Nothing: the worker loads Tune's checkpoint itself (a damaged one fails the trial, which Tune retries)."""
 
     def describe(self, cfg: PipelineConfig, gpu: bool) -> str:

@@ -1,0 +1,125 @@
+"""A passing fault is not damage (pipeline.core.retry): reads of a manifest, a checkpoint and Ray Train's record
+are retried, and a fault that lasts says "unavailable, retry", never "not prepared", "start over" or "delete it".
+The faults come from a filesystem that fails on purpose."""
+
+import io
+import json
+import time
+
+import pytest
+import torch
+
+from pipeline.core import checkpoint
+from pipeline.core.retry import Unavailable, retried
+from pipeline.data import shards
+from pipeline.distributed import storage
+
+
+def test_retried_waits_doubling_then_says_unavailable():
+    calls, started = [], time.perf_counter()
+
+    def flaky():
+        calls.append(time.perf_counter())
+        if len(calls) < 3:
+            raise ConnectionResetError("reset by peer")
+        return "read"
+
+    assert retried(flaky, "x", first_wait_s=0.05) == "read" and len(calls) == 3
+    assert calls[1] - calls[0] >= 0.05 and calls[2] - calls[1] >= 0.1  # 0.05, then 0.1
+    with pytest.raises(Unavailable, match=r"^thing is unavailable: 4 reads failed \(TimeoutError: slow\); nothing"):
+        retried(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "thing", first_wait_s=0.001)
+    with pytest.raises(FileNotFoundError):  # an answer, not a fault: not retried
+        retried(lambda: (_ for _ in ()).throw(FileNotFoundError("gone")), "x", final=(FileNotFoundError,))
+    assert time.perf_counter() - started < 5
+
+
+class Failing:
+    """A pyarrow-like filesystem holding ``files``; each read of a path in ``faults`` fails while its count lasts."""
+
+    def __init__(self, files: dict[str, bytes], faults: dict[str, int]):
+        self.files, self.faults = files, dict(faults)
+
+    def open_input_stream(self, path: str):
+        if self.faults.get(path, 0) > 0:
+            self.faults[path] -= 1
+            raise OSError("When reading information for key: AWS Error SLOW_DOWN")
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        return io.BytesIO(self.files[path])
+
+
+MANIFEST = json.dumps({"format": 3, "shards": {}, "image_size": 32, "channels": 3}).encode()
+
+
+def test_a_manifest_read_through_a_passing_fault_or_said_unavailable(monkeypatch):
+    fs = Failing({"/p/manifest.json": MANIFEST}, {"/p/manifest.json": 2})
+    monkeypatch.setattr(shards, "filesystem", lambda location: (fs, "/p"))
+    assert shards.read_manifest("s3://b/p")["image_size"] == 32  # the third read: not "not prepared"
+    fs.faults["/p/manifest.json"] = 99
+    with pytest.raises(Unavailable, match=r"the manifest s3://b/p/manifest.json is unavailable: 4 reads failed"):
+        shards.read_manifest("s3://b/p")
+    fs.files.clear(), fs.faults.clear()
+    assert shards.read_manifest("s3://b/p") is None  # truly absent: not prepared
+
+
+def test_ray_trains_record_read_through_a_fault_or_said_unavailable(monkeypatch):
+    record = json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1"}}).encode()
+    fs = Failing({"/runs/a/checkpoint_manager_snapshot.json": record}, {"/runs/a/checkpoint_manager_snapshot.json": 1})
+    monkeypatch.setattr(storage, "_filesystem", lambda location: (fs, "/runs/a"))
+    assert storage._train_record("s3://b/runs/a") == record
+    fs.faults["/runs/a/checkpoint_manager_snapshot.json"] = 99
+    with pytest.raises(Unavailable, match="Ray Train's record s3://b/runs/a/checkpoint_manager_snapshot.json is un"):
+        storage._train_record("s3://b/runs/a")  # not b"": the run would start over
+    fs.files.clear(), fs.faults.clear()
+    assert storage._train_record("s3://b/runs/a") == b""
+
+
+def test_a_checkpoint_that_cannot_be_read_is_unavailable_and_a_torn_one_damaged(tmp_path, monkeypatch):
+    path = checkpoint.save(tmp_path / "checkpoint.pt", {"step": 3, "w": torch.ones(2)})
+    reads = {"left": 2}
+    real = type(path).read_bytes
+
+    def read_bytes(self):
+        if reads["left"] > 0:
+            reads["left"] -= 1
+            raise OSError(116, "Stale file handle")
+        return real(self)
+
+    monkeypatch.setattr(type(path), "read_bytes", read_bytes)
+    assert checkpoint.load(path)["step"] == 3
+    reads["left"] = 99
+    with pytest.raises(Unavailable, match=r"checkpoint '.*checkpoint.pt' is unavailable: .*retry when it is reach"):
+        checkpoint.load(path)
+    reads["left"] = 0
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="is damaged: corrupted or truncated") as caught:
+        checkpoint.load(path)
+    assert "delete" not in str(caught.value) and path.stat().st_size == 100  # left as it was
+
+
+def test_ray_trains_record_falls_back_to_the_checkpoint_kept_before_its_latest():
+    """The record rewritten is one Ray's own model reads, naming the earlier checkpoint as the latest."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    from pipeline.distributed.ray_runtime import latest_recorded_checkpoint, record_without_latest
+
+    def result(name: str, step: int) -> dict:
+        return {"checkpoint_dir_name": name, "metrics": {"step": step}}
+
+    state = _CheckpointManagerState(
+        checkpoint_results=[result("checkpoint_b", 20), result("checkpoint_a", 10)],  # kept by score, not by time
+        checkpoint_report_indices=[3, 1],
+        latest_checkpoint_result=result("checkpoint_b", 20),
+        pending_training_results=[],
+        pending_validation_specs=[],
+        current_report_index=4,
+        validated_checkpoint_dir_names=["checkpoint_b"],
+        timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[],
+    )
+    new, previous = record_without_latest(state.json().encode())
+    assert previous == "checkpoint_a" == latest_recorded_checkpoint(new)
+    read = _CheckpointManagerState.parse_raw(new)
+    assert [r.checkpoint_dir_name for r in read.checkpoint_results] == ["checkpoint_a"]
+    assert read.checkpoint_report_indices == [1] and read.validated_checkpoint_dir_names == []
+    assert record_without_latest(new) is None  # nothing kept before it
