@@ -48,6 +48,8 @@ def _store(tmp_path):
         ),
         (["--set", "tracking.uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 is unreachable"),
         (["--resume", "never-was"], "nothing to resume"),
+        (["--name", "team/run-1"], "--name: 'team/run-1' cannot name a run: use up to 128 letters, digits"),
+        (["--resume", "it's"], '--resume: "it\'s" cannot name a run'),
         (
             ["--set", "tracking.uri=127.0.0.1:5000"],
             "tracking.uri: '127.0.0.1:5000' has no scheme, so MLflow would make a local folder of that name; "
@@ -126,6 +128,13 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_one_kept_before_it(tmp_pat
     before = checkpoint.load(earlier)
     torn = latest / checkpoint.FILENAME
     torn.write_bytes(torn.read_bytes()[:1000])
+    elsewhere = ["--set", f"train.storage_path={tmp_path / 'other'}"]
+    moved = run_cli("train", "-c", "configs/smoke.yaml", *store, *elsewhere, "--resume", "c")
+    assert moved.returncode == 2 and len(moved.stderr.strip().splitlines()) == 1, moved.stderr[-2000:]
+    assert f"--resume c: the run keeps its checkpoints in {run} (its MLflow tag checkpoint_location), not in " in (
+        moved.stderr
+    )
+    assert f"set train.storage_path={tmp_path / 'runs'} to continue it" in moved.stderr
     again = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=3", *store, "--resume", "c")
     assert again.returncode == 0, again.stderr[-3000:]
     said = again.stdout + again.stderr

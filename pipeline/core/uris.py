@@ -94,3 +94,17 @@ def local_store_dir(uri: str) -> Path | None:
     if uri.startswith("file://"):
         return Path(uri[len("file://") :])
     return None
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def run_name_problem(name: str, flag: str) -> str | None:
+    """Why ``name`` (given as ``flag``) cannot name a run or a sweep (a directory under ``train.storage_path``, an
+    S3 prefix and an MLflow run name), in one line with the fix; None when it can."""
+    if RUN_NAME.fullmatch(name) and ".." not in name:
+        return None
+    return (
+        f"{flag}: {name!r} cannot name a run: use up to 128 letters, digits, '.', '_' and '-', starting with a "
+        "letter or digit (it becomes a directory under train.storage_path and an MLflow run name)"
+    )

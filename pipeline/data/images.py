@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.claims import claimed
 from pipeline.core.retry import Unavailable, retried
 from pipeline.data.pixels import EXTENSIONS, background_hex, decode
 from pipeline.data.shards import (
@@ -42,6 +43,7 @@ SHARD_BYTES = 64 << 20  # pixels per shard before compression
 GROUP_BYTES = 4 << 20  # pixels per Parquet row group: what a streaming worker reads at once
 DECODE_CHUNK = 64  # images a decoding process takes at once
 SKIPPED_LISTED = 20  # skipped files named in the manifest
+PREPARING = ".preparing"  # the claim a preparation holds on its place (pipeline.core.claims)
 SHARD_NAME = re.compile(r"(train|test)-[0-9a-f]{8}-[0-9]{5}\.parquet")  # what prepare_folder writes, all it deletes
 
 Progress = Callable[[str], None]
@@ -177,11 +179,36 @@ def prepare_folder(job: Preparation, progress: Progress = print, workers: int | 
     folder and the settings); return it. ``workers`` decoding processes (default: one per CPU)."""
     listing = list_folder(job.path)
     wanted = settings(listing, job.image_size, job.channels, job.test_fraction, job.background)
+    done = _prepared_already(job, wanted, progress)
+    if done is not None:
+        return done
+    _check_writable(job.location)
+    refused = (
+        f"data.prepared: {job.location!r} is being prepared by another command ({{holder}}); wait for it to "
+        "finish and run again (if none is running, it stopped without cleaning up: delete {path})"
+    )
+    try:
+        with claimed(job.location, PREPARING, refused):  # one preparation of a place at a time
+            # Another preparation may have finished while this one listed the folder.
+            return _prepared_already(job, wanted, progress) or _prepare(job, listing, wanted, progress, workers)
+    finally:
+        _remove_if_empty(job.location)
+
+
+def _prepared_already(job: Preparation, wanted: dict[str, Any], progress: Progress) -> Prepared | None:
+    """The preparation at ``job.location`` when it matches ``wanted`` and its shards are there (said), else None."""
     old = read_manifest(job.location)
     if old and all(old.get(k) == v for k, v in wanted.items()) and _shards_present(job.location, old):
         progress(f"[data] {job.path}: prepared in {job.location} ({_counts_line(old)}); nothing to do")
         return Prepared(job.location, old)
-    _check_writable(job.location)
+    return None
+
+
+def _prepare(
+    job: Preparation, listing: Listing, wanted: dict[str, Any], progress: Progress, workers: int | None
+) -> Prepared:
+    """Decode every image of ``listing`` into shards and write the manifest last (see prepare_folder)."""
+    old = read_manifest(job.location)
     started = time.perf_counter()
     key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]
     split_of = {rel: "test" if held_out(rel, job.test_fraction) else "train" for rel, _ in listing.files}
@@ -211,7 +238,6 @@ def prepare_folder(job: Preparation, progress: Progress = print, workers: int | 
                     manifest["shards"][split].append(entry)
                 progress(f"[data] {split} shard {number + 1}: {entry['rows']} images ({_rate(manifest, started)})")
     if not manifest["shards"]["train"]:
-        _remove_if_empty(job.location)
         raise ImageFolderError(
             f"data.path: {job.path!r}: none of its {len(listing.files)} images decoded (e.g. "
             f"{'; '.join(manifest['skipped_files'][:2])}); check the files"

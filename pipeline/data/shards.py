@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import UserError
+from pipeline.core.files import filesystem
 from pipeline.core.retry import retried
 
 MANIFEST = "manifest.json"
@@ -21,15 +21,6 @@ MANIFEST = "manifest.json"
 
 class ImageFolderError(UserError):
     """An image folder that cannot be prepared or read: the message names it and the fix."""
-
-
-def filesystem(location: str) -> tuple[Any, str]:
-    """pyarrow's filesystem for a directory or URI, and the path on it."""
-    import pyarrow.fs
-
-    if "://" not in location:
-        return pyarrow.fs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
-    return pyarrow.fs.FileSystem.from_uri(location)
 
 
 @dataclass(frozen=True)

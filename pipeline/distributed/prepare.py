@@ -4,20 +4,24 @@ and the evaluator shared, then the MLflow run created or found again."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline import PROJECT_ROOT
 from pipeline.core import checkpoint
+from pipeline.core.claims import create_exclusive, holder, read_claim, release
 from pipeline.core.errors import ConfigError
-from pipeline.core.uris import resolve_tracking_uri
+from pipeline.core.uris import resolve_tracking_uri, run_name_problem
 from pipeline.data.kinds import source_of
 from pipeline.data.source import check_counts
 from pipeline.distributed.storage import (
     check_storage,
     exists,
     fall_back_to_previous_checkpoint,
+    local_dir,
     resume_checkpoint_file,
     run_location,
 )
@@ -29,6 +33,10 @@ from pipeline.tracking.tracker import tracker_for
 
 if TYPE_CHECKING:
     from pipeline.config.schema import PipelineConfig
+
+
+CHECKPOINT_LOCATION = "checkpoint_location"  # the MLflow tag: where the run's Ray Train checkpoints are
+RUN_CLAIM = ".gan-pipeline-run"  # a new run's claim on its name, in its directory (pipeline.core.claims)
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,9 @@ def prepare_run(
     evaluator payload). ``check_resume`` refuses a damaged checkpoint of a resumed run (given the run's Ray Train
     location) before anything starts."""
     name = request.name
+    problem = run_name_problem(name, "--resume" if request.resume else "--name")
+    if problem:
+        raise ConfigError(problem)
     location = run_location(cfg, name)
     champion_metric(cfg)  # a name that is no metric: refused before any work
     source_of(cfg.data).check_early()
@@ -122,19 +133,59 @@ def prepare_run(
             f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
         )
     if request.resume:
+        tags = tracker_for(uri, previous).tags()
+        check_recorded_location(tags, location, name)
         check_resume(cfg, location, request.progress)
         # Before preparing the data again could replace what the run began with.
-        source_of(cfg.data).check_resume(tracker_for(uri, previous).tags(), name)
+        source_of(cfg.data).check_resume(tags, name)
+    if previous is None and request.mlflow_run_id is None and not request.parent_run_id:  # a new `train` run
+        return uri, *_start_claimed(cfg, request, location, uri)
     evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
     if previous is not None:
         return uri, previous, evaluator
     if request.mlflow_run_id is not None:
-        tracker_for(uri, request.mlflow_run_id).set_tags({"ray_train_run": name})
+        tracker_for(uri, request.mlflow_run_id).set_tags({"ray_train_run": name, CHECKPOINT_LOCATION: location})
         return uri, request.mlflow_run_id, evaluator
-    tags = {"ray_train_run": name, **request.extra_tags}
-    if request.parent_run_id:
-        tags["mlflow.parentRunId"] = request.parent_run_id
-    return uri, start_run(uri, cfg.tracking.experiment, name, tags), evaluator
+    tags = {"ray_train_run": name, CHECKPOINT_LOCATION: location, "mlflow.parentRunId": request.parent_run_id}
+    return uri, start_run(uri, cfg.tracking.experiment, name, {**tags, **request.extra_tags}), evaluator
+
+
+def _start_claimed(
+    cfg: PipelineConfig, request: RunRequest, location: str, uri: str
+) -> tuple[str, dict[str, Any] | None]:
+    """A new `train` run's MLflow run (id, evaluator payload), made once its name is claimed: the claim, a file in
+    its directory created atomically, stays for the run's life, so two commands given one name at once cannot both
+    start it. A start that fails before its MLflow run exists gives the name back."""
+    name = request.name
+    if not create_exclusive(location, RUN_CLAIM, json.dumps(holder()).encode()):
+        found = read_claim(location, RUN_CLAIM)
+        raise ConfigError(
+            f"run {name!r} was just started by another command ({found.get('host', '?')}, process "
+            f"{found.get('pid', '?')}, at {found.get('since', '?')}); choose another --name"
+        )
+    try:
+        evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
+        tags = {"ray_train_run": name, CHECKPOINT_LOCATION: location, **request.extra_tags}
+        return start_run(uri, cfg.tracking.experiment, name, tags), evaluator
+    except BaseException:
+        release(location, RUN_CLAIM)
+        directory = local_dir(location)
+        if directory is not None:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # made by the claim, empty again
+        raise
+
+
+def check_recorded_location(tags: dict[str, str], location: str, name: str) -> None:
+    """A resumed run's checkpoints are where it recorded them (its MLflow tag, from runs that record it): another
+    ``train.storage_path`` would start it over elsewhere, so it is refused, naming the one to set."""
+    recorded = tags.get(CHECKPOINT_LOCATION)
+    if recorded and recorded.rstrip("/") != location.rstrip("/"):
+        root = recorded.rstrip("/").rsplit("/", 1)[0]
+        raise ConfigError(
+            f"--resume {name}: the run keeps its checkpoints in {recorded} (its MLflow tag {CHECKPOINT_LOCATION}), "
+            f"not in {location}; set train.storage_path={root} to continue it"
+        )
 
 
 # What a run cannot change when it resumes: the data's order and size and the networks' shapes, which its
