@@ -17,6 +17,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.config.load import describe_fields, load_config
 from pipeline.config.schema import DataConfig
 from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.uris import run_name_problem
 from pipeline.data.folder import IMAGE_SIZES
 from pipeline.data.kinds import DEFAULT_DATASET, source_names
 
@@ -298,6 +299,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.resume and not name:
         raise ConfigError("--resume: which sweep? pass --name NAME (or set tune.name) of the sweep to finish")
     name = name or default_sweep_name(cfg)
+    problem = run_name_problem(name, "--name" if args.name else "tune.name")
+    if problem:
+        raise ConfigError(problem.replace("cannot name a run", "cannot name a sweep"))
     started = time.perf_counter()
     try:
         outcome = run_sweep(cfg, name, resume=args.resume, verbose=args.verbose)

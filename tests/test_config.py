@@ -169,6 +169,12 @@ def test_cli_tune_with_malformed_space_exits_2():
     assert result.returncode == 2 and "must be below high" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_cli_tune_with_a_name_that_cannot_name_a_sweep_exits_2():
+    result = run_cli("tune", "-c", "configs/smoke.yaml", "--name", "team/sweep")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: --name: 'team/sweep' cannot name a sweep" in result.stderr
+
+
 def test_docs_config_md_is_what_the_code_generates():
     """docs/config.md is generated from the code (every key's default and doc, the metrics, the schedulers): written
     by `python -m pipeline config --markdown`, and stale as soon as a key, a doc, a metric or a scheduler changes."""
