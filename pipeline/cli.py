@@ -17,6 +17,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.config.load import describe_fields, load_config
 from pipeline.config.schema import DataConfig
 from pipeline.core.errors import ConfigError, UserError
+from pipeline.core.secrets import redact_console
 from pipeline.core.uris import run_name_problem
 from pipeline.data.folder import IMAGE_SIZES
 from pipeline.data.kinds import DEFAULT_DATASET, source_names
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    redact_console()  # no credential in any line printed from here on
     args = build_parser().parse_args(argv)
     # MLflow announces every table it creates and every run it ends: noise next to our progress lines.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -261,7 +263,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         from pipeline.sweep.checks import check_sweep
 
         check_sweep(cfg)
-    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    print(yaml.safe_dump(cfg.to_record(), sort_keys=False), end="")
     return 0
 
 

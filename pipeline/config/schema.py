@@ -346,6 +346,17 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def without_secrets(self) -> PipelineConfig:
+        """This config with the tracking URI's password masked: what may be kept where it could be read (a
+        checkpoint, a results file, a callback Ray Tune pickles into its records)."""
+        from pipeline.core.secrets import masked_uri
+
+        return dataclasses.replace(self, tracking=dataclasses.replace(self.tracking, uri=masked_uri(self.tracking.uri)))
+
+    def to_record(self) -> dict[str, Any]:
+        """:meth:`to_dict` as a record keeps it: :meth:`without_secrets`."""
+        return self.without_secrets().to_dict()
+
     def flat(self) -> dict[str, Any]:
         """``{"data.dataset": "mnist", ...}``: every leaf under its dotted key."""
         return {

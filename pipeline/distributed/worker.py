@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.core import checkpoint
+from pipeline.core.secrets import redact_console
 from pipeline.distributed.hooks import (
     Console,
     EpochProgress,
@@ -118,6 +119,7 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
     from pipeline.eval.scoring import Scorer
     from pipeline.gan.loop import train_gan
 
+    redact_console()  # what this worker prints (Ray keeps it in its logs too) shows no credential
     cfg, rt = job.config, place.runtime
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     data = job.source.batches(rt.device, print if place.local_rank == 0 else (lambda _: None))

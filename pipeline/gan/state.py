@@ -133,7 +133,7 @@ class TrainState:
             "step": self.step,
             "rng": {"torch": torch.get_rng_state()},
             **({"ada": self.ada.to_dict()} if self.ada is not None else {}),  # the seed's checkpoint as it was
-            "config": cfg.to_dict(),
+            "config": cfg.to_record(),  # no credential in a checkpoint
         }
 
     def load_checkpoint(self, state: dict[str, Any]) -> None:

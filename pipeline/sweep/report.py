@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.config.schema import PipelineConfig
 from pipeline.core.errors import first_line
+from pipeline.core.secrets import masked_uri
 from pipeline.distributed.lifecycle import RunFailed, finish_from_storage
 from pipeline.distributed.registration import register_best
 from pipeline.distributed.results import report_kind
@@ -50,6 +51,15 @@ class SweepStoreFailed(RunFailed):
     """The MLflow store failed in the sweep's own bookkeeping (a Tune callback): the sweep stops, resumable."""
 
 
+_TRACKING_URIS: dict[str, str] = {}  # sweep name -> its tracking URI (a password in it stays out of Tune's files)
+
+
+def sweep_tracking_uri(sweep: str) -> str:
+    """The tracking URI of ``sweep``, as the driver holds it. A module function: a callback Tune pickles (by value,
+    as it is made in a function) refers to it by name and holds no URI."""
+    return _TRACKING_URIS[sweep]
+
+
 def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) -> Any:
     """A Tune callback that ends each trial's MLflow child run when the trial ends, so its duration is the
     trial's: an early-stopped trial's run ends KILLED (tag ``status=early_stopped``), an errored one FAILED, a
@@ -58,8 +68,12 @@ def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) ->
     ``trial_end_ms``, which the summary at the end of the sweep reuses whenever it ends a run again."""
     from ray.tune import Callback
 
+    _TRACKING_URIS[sweep] = uri  # the driver's memory, not the callback: Tune pickles callbacks into tuner.pkl
+    shown = masked_uri(uri)
+
     class CloseChildRuns(Callback):
         def _close(self, trial: Any, status: str | None, tags: dict[str, str]) -> None:
+            uri = sweep_tracking_uri(sweep)
             try:
                 run_id = find_run(uri, experiment, {"sweep": sweep, "trial_id": trial.trial_id})
                 if run_id is None:
@@ -72,7 +86,7 @@ def close_child_runs(uri: str, experiment: str, sweep: str, final_epoch: int) ->
             except Exception as exc:  # noqa: BLE001 - whatever MLflow or its transport raised: one line
                 reason = first_line(exc)
                 raise SweepStoreFailed(
-                    f"the MLflow store {uri} failed while sweep {sweep!r} closed trial {trial.trial_id}'s run "
+                    f"the MLflow store {shown} failed while sweep {sweep!r} closed trial {trial.trial_id}'s run "
                     f"({type(exc).__name__}: {reason[:200]})"
                 ) from exc
 
@@ -99,6 +113,7 @@ def sweep_status(cfg: PipelineConfig, progress: Callable[[str], None]) -> Any:
     from ray.tune import Callback
 
     searched, metric = list(cfg.tune.search_space), ranking(cfg)[0].name
+    cfg = cfg.without_secrets()  # the callback holds it, and Tune pickles callbacks into its records
 
     class SweepStatus(Callback):
         def __init__(self) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pipeline import PROJECT_ROOT
 from pipeline.config.load import with_overrides
 from pipeline.core.checkpoint import FILENAME as CHECKPOINT_FILE
+from pipeline.core.secrets import redact_console
 from pipeline.core.uris import resolve_tracking_uri
 from pipeline.distributed.elastic import ask_allotment
 from pipeline.distributed.lifecycle import RunDiverged
@@ -70,6 +71,7 @@ def trains_in_trial(cfg: PipelineConfig) -> bool:
 def _trial_driver(point: dict[str, Any], *, setup: TrialSetup) -> None:
     """One trial (the trainable's name is what Tune checks when a sweep resumes: it stays ``_trial_driver``).
     Every trial is scored by the sweep's evaluator of its dataset."""
+    redact_console()  # what the trial's process prints shows no credential
     import ray.tune
 
     cfg = trial_config(setup.base, flat_point(point))

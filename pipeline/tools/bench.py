@@ -182,7 +182,12 @@ def bench(options: BenchOptions, progress: Callable[[str], None] = print) -> dic
     """
     run = plan(options)
     cpus = os.cpu_count() or 1
-    results: dict[str, Any] = {"config": run.cfg.to_dict(), "cpus": cpus, "quick": options.quick, "rounds": run.rounds}
+    results: dict[str, Any] = {
+        "config": run.cfg.to_record(),
+        "cpus": cpus,
+        "quick": options.quick,
+        "rounds": run.rounds,
+    }
     # From the command's start to Ray 1's first step (round 1) is what a user of `pipeline train` waits
     # (imports, checks, evaluator, Ray, worker group, data). Each worker times its own steps.
     evaluator = prepare_inputs(run.cfg, progress)

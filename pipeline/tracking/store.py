@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import PrivateApiChanged, UserError, make_writable_dir
+from pipeline.core.secrets import masked_uri
 from pipeline.core.uris import local_store_dir
 
 # --------------------------------------------------------------------------------------------------
@@ -33,14 +34,18 @@ def check_tracking_uri(uri: str, experiment: str | None = None, timeout_s: float
         existing = Path(uri[len("sqlite:///") :]).is_file() if uri.startswith("sqlite:///") else True
     elif uri.startswith(("http://", "https://")):
         import urllib.error
+        import urllib.parse
         import urllib.request
 
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).read()
+        parts = urllib.parse.urlsplit(uri)
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc
+        health = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + "/health", "", ""))
+        try:  # /health answers without credentials; urllib would take a URI's user info for its host
+            urllib.request.urlopen(health, timeout=timeout_s).read()
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server --host "
+                f"MLflow tracking server {masked_uri(uri)} is unreachable ({reason}); start it (mlflow server --host "
                 "127.0.0.1 --port 5000 ...) or fix tracking.uri / MLFLOW_TRACKING_URI"
             ) from None
         existing = True

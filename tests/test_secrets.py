@@ -1,0 +1,86 @@
+"""No secrets in records or on the console (pipeline.core.secrets): a sweep whose tracking URI carries a password,
+with AWS keys and MLflow credentials in its environment, leaves none of them in any file it writes (checkpoints,
+Ray's and Tune's records, the MLflow server's store and artifacts) or any line it prints."""
+
+import io
+from pathlib import Path
+
+import pytest
+
+from pipeline.core.secrets import Redacting, environment_secrets, masked_uri, redact
+from tests.conftest import run_cli
+from tests.servers import MLflowServer
+
+
+def test_a_uri_shows_its_password_masked():
+    assert masked_uri("postgresql://mlflow:s3cr3t-pw@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
+    assert masked_uri("http://u:p%40ss@h:5000") == "http://u:***@h:5000"
+    assert masked_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"  # a port is no password
+    assert masked_uri("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db" and masked_uri(None) is None
+
+
+def test_the_console_masks_uri_passwords_and_the_environments_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # too short to mask safely: left
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://gan:p%40ssword99@127.0.0.1:5000")
+    secrets = environment_secrets()
+    assert "wJalrXUtnFEMI/K7MDENG" in secrets and "p@ssword99" in secrets and "testing" not in secrets
+    out = io.StringIO()
+    stream = Redacting(out, secrets)
+    stream.write("key wJalrXUtn")  # a secret split over two writes of one line
+    stream.write("FEMI/K7MDENG and postgresql://u:hunter2@db/x, testing\nthe password p@ssword99 alone\n")
+    assert out.getvalue() == "key *** and postgresql://u:***@db/x, testing\nthe password *** alone\n"
+    stream.write("no newline yet")
+    stream.flush()
+    assert out.getvalue().endswith("no newline yet")
+    assert redact("http://a:b@c", []) == "http://a:***@c"
+
+
+CANARIES = {
+    "uri": "CanaryUriPassword7391",
+    "aws": "CanaryAwsSecretKey4826",
+    "mlflow": "CanaryMlflowPassword5173",
+}
+
+
+@pytest.mark.slow
+def test_a_sweeps_records_and_console_hold_no_credential(tmp_path):
+    server = MLflowServer(tmp_path, str(tmp_path / "artifacts"))  # no auth: it ignores the credentials sent
+    try:
+        uri = server.uri.replace("http://", f"http://gan:{CANARIES['uri']}@")
+        env = {
+            "AWS_SECRET_ACCESS_KEY": CANARIES["aws"],
+            "MLFLOW_TRACKING_USERNAME": "gan",
+            "MLFLOW_TRACKING_PASSWORD": CANARIES["mlflow"],
+            "RAY_ADDRESS": "",
+        }
+        args = [
+            "tune", "-c", "configs/smoke.yaml", "--name", "canary",
+            "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", f"tracking.uri={uri}",
+            "--set", "train.epochs=1", "--set", "tune.search_space={optim.lr_g: {grid: [2.0e-4, 1.0e-3]}}",
+        ]  # fmt: skip
+        done = run_cli(*args, env=env, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "gan:***@127.0.0.1" in done.stdout  # the URI is shown, masked
+    finally:
+        server.stop()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "checkpoint.pt" for p in written) and any(p.name == "server.db" for p in written)
+    leaks = [
+        f"{name} in {where}"
+        for name, canary in CANARIES.items()
+        for where, blob in [("stdout", done.stdout.encode()), ("stderr", done.stderr.encode())]
+        + [(str(p.relative_to(tmp_path)), p.read_bytes()) for p in written]
+        if canary.encode() in blob
+    ]
+    assert leaks == []
+
+
+def test_the_canary_search_finds_a_planted_one(tmp_path):
+    """The search above would see a leak: a checkpoint holding the raw URI is found."""
+    from pipeline.core import checkpoint
+
+    path = checkpoint.save(
+        tmp_path / "checkpoint.pt", {"config": {"tracking": {"uri": f"http://a:{CANARIES['uri']}@h"}}}
+    )
+    assert CANARIES["uri"].encode() in Path(path).read_bytes()
