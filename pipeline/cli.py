@@ -18,7 +18,6 @@ from pipeline.config.load import describe_fields, load_config
 from pipeline.config.schema import DataConfig
 from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.secrets import redact_console
-from pipeline.core.uris import run_name_problem
 from pipeline.data.folder import IMAGE_SIZES
 from pipeline.data.kinds import DEFAULT_DATASET, source_names
 
@@ -186,25 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # MLflow announces every table it creates and every run it ends: noise next to our progress lines.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    commands = {"data": _cmd_data_prepare, "config": _cmd_config, "train": _cmd_train, "tune": _cmd_tune}
+    commands |= {"sample": _cmd_sample, "evaluate": _cmd_evaluate, "bench": _cmd_bench}
     try:
-        if args.command == "data":
-            return _cmd_data_prepare(args)
-        if args.command == "config":
-            return _cmd_config(args)
-        if args.command == "train":
-            return _cmd_train(args)
-        if args.command == "tune":
-            return _cmd_tune(args)
-        if args.command == "sample":
-            return _cmd_sample(args)
-        if args.command == "evaluate":
-            return _cmd_evaluate(args)
-        if args.command == "bench":
-            return _cmd_bench(args)
+        return commands[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    raise AssertionError(args.command)
 
 
 # The data.* keys `evaluate` takes for a folder of images.
@@ -301,9 +288,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     if args.resume and not name:
         raise ConfigError("--resume: which sweep? pass --name NAME (or set tune.name) of the sweep to finish")
     name = name or default_sweep_name(cfg)
-    problem = run_name_problem(name, "--name" if args.name else "tune.name")
-    if problem:
-        raise ConfigError(problem.replace("cannot name a run", "cannot name a sweep"))
     started = time.perf_counter()
     try:
         outcome = run_sweep(cfg, name, resume=args.resume, verbose=args.verbose)

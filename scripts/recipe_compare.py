@@ -191,7 +191,9 @@ def main() -> None:
                 fids = " ".join(f"{k} FID {row[f'{k}_fid']:.3f}" for k in evaluators)
                 ada = f", augment_p {row['augment_p']:.3f} r_t {row['augment_r_t']:.3f}" if "augment_p" in row else ""
                 print(f"{row['recipe']} seed {row['seed']}: {row['train_s']:.0f}s, {fids}{ada}", flush=True)
-    print(table([r for r in rows if r["recipe"] in recipes], evaluators))
+    shown = [r for r in rows if r["recipe"] in recipes]
+    evaluators = [k for k in evaluators if all(f"{k}_fid" in r for r in shown)]  # one that could not score: none
+    print(table(shown, evaluators))
     if args.montage:
         montage(out, recipes, 0, args.montage)
 

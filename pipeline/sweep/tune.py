@@ -22,7 +22,7 @@ from pipeline import PROJECT_ROOT
 from pipeline.config.load import with_overrides
 from pipeline.config.schema import PipelineConfig
 from pipeline.core.errors import ConfigError
-from pipeline.core.uris import resolve_tracking_uri
+from pipeline.core.uris import resolve_tracking_uri, run_name_problem
 from pipeline.data.kinds import source_of
 from pipeline.distributed.elastic import Allotment
 from pipeline.distributed.prepare import prepare_inputs
@@ -53,6 +53,9 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run (or, with ``resume``, finish) the sweep ``name``; return its trials table. ``progress`` gets each line
     for the console (default: stdout)."""
+    problem = run_name_problem(name, "--name")
+    if problem:
+        raise ConfigError(problem.replace("cannot name a run", "cannot name a sweep"))
     import ray
     import ray.tune
 
