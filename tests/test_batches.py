@@ -5,6 +5,7 @@ a run trained on the stream resumes inside an epoch exactly."""
 import copy
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,45 @@ def test_workers_stream_disjoint_parts_reshuffled_each_epoch_and_the_same_for_th
     assert len(Streamed(prepared.location, prepared.manifest, limit=30)) == 30
 
 
+def rows_trained(data, epoch: int, segments: list[tuple[int, int]], steps: int, batch: int = 12) -> Counter:
+    """Digests of every row the workers train in ``epoch`` when its worker counts are ``segments`` ((count, first
+    step) each, as the loop records them) and each count trains until the next one begins (the last to the end)."""
+    trained: Counter = Counter()
+    for k, (world, first) in enumerate(segments):
+        last = segments[k + 1][1] if k + 1 < len(segments) else steps
+        for rank in range(world):
+            plan = Plan(0, rank, world, batch // world, steps, torch.device("cpu"))
+            for i, b in enumerate(data.epoch(epoch, first, plan, segments[:k] or [(world, 0)])):
+                if first + i >= last:
+                    break
+                trained.update(digests(b[0] if isinstance(b, tuple) else b))
+    return trained
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        [(4, 0), (2, 5)],  # 4 -> 2 workers at step 5
+        [(2, 0), (4, 3)],
+        [(1, 0), (3, 2)],  # 3 divides the batch of 12, not the lanes' rows
+        [(3, 0), (2, 1), (4, 6)],  # two resizes in one epoch
+        [(2, 0), (6, 7)],
+    ],
+)
+def test_after_a_resize_inside_an_epoch_every_row_is_trained_once(prepared, segments):
+    """The rows of the first f steps at N workers and those after the resume at M form one permutation of the
+    epoch's rows: none twice, none left out (streamed, and in memory)."""
+    stream = Streamed(prepared.location, prepared.manifest)
+    steps = len(stream) // 12
+    whole = rows_trained(stream, 2, [(1, 0)], steps)
+    assert sum(whole.values()) == steps * 12
+    assert rows_trained(stream, 2, segments, steps) == whole
+    memory = batches.InMemory(torch.from_numpy(np.stack([np.full((3, 4, 4), i % 251) for i in range(150)])), "cpu")
+    memory.images[:, 0, 0, 0] = torch.arange(150) // 251  # every image its own
+    memory.images[:, 1, 0, 0] = torch.arange(150) % 251
+    assert rows_trained(memory, 2, segments, 12) == rows_trained(memory, 2, [(1, 0)], 12)
+
+
 def test_a_changed_row_group_is_refused(prepared, tmp_path):
     manifest = json.loads(json.dumps(prepared.manifest))
     manifest["shards"]["train"][0]["group_sha256"][1] = "0" * 64  # as if the pixels changed
@@ -120,6 +160,22 @@ def test_a_streamed_run_resumed_inside_an_epoch_ends_where_the_straight_one_does
     runs = (straight, resumed)
     digest = [weights_digest(r.state.generator.state_dict(), r.state.discriminator.state_dict()) for r in runs]
     assert digest[0] == digest[1]
+    # The checkpoint keeps the epoch's worker counts; resumed by another count, the loop hands them on, its own added.
+    assert inside["epoch_partial"]["worlds"] == [(1, 0)]
+    asked = []
+    real_epoch = Streamed.epoch
+
+    def spy(self, epoch, first, plan, worlds=()):
+        asked.append((epoch, first, list(worlds)))
+        return real_epoch(self, epoch, first, plan, worlds)
+
+    as_if_two = copy.deepcopy(inside)
+    as_if_two["epoch_partial"]["worlds"] = [(2, 0)]  # as if two workers had trained its first steps
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Streamed, "epoch", spy)
+        train_gan(cfg, data, resume=as_if_two)
+    first = inside["step"] % (len(data) // 12)
+    assert asked[0] == (inside["epoch"], first, [(2, 0), (1, first)])
 
 
 def test_the_reader_thread_stops_when_the_epoch_is_closed_early(prepared):

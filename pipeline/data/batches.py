@@ -17,10 +17,12 @@ resumed inside an epoch continues with the batches it would have had (``first``:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,7 +41,7 @@ class Batches(Protocol):
     @property
     def image_shape(self) -> tuple[int, int, int]: ...
 
-    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[Any]: ...
+    def epoch(self, epoch: int, first: int, plan: Plan, worlds: Worlds = ()) -> Iterator[Any]: ...
 
     def class_counts(self) -> torch.Tensor: ...
 
@@ -81,7 +83,10 @@ class InMemory:
             return torch.zeros(0, dtype=torch.int64)
         return torch.bincount(self.labels.cpu())
 
-    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[Any]:
+    def epoch(self, epoch: int, first: int, plan: Plan, worlds: Worlds = ()) -> Iterator[Any]:
+        """This worker's batches of ``epoch`` from step ``first`` on. Step i's global batch is rows i*B:(i+1)*B of
+        the epoch's one order whatever the worker count (``DistributedSampler`` deals them out by rank), so a resume
+        or a resize inside the epoch (``worlds``) trains exactly the rows it has left."""
         from torch.utils.data import DistributedSampler
 
         if plan.labels and self.labels is None:
@@ -192,21 +197,26 @@ class Streamed:
                 current, size = [], 0
         return [*out, current] if current else out
 
-    def epoch(self, epoch: int, first: int, plan: Plan) -> Iterator[Any]:
-        windows = self.windows(self.share(epoch, plan))
-        skip = first * plan.local_batch  # rows already trained this epoch (a resume inside it)
-        start = 0  # the first window with rows left to train
-        while start < len(windows) and skip >= (rows := sum(len(piece) for piece in windows[start])):
-            skip -= rows
-            start += 1
-        todo = list(enumerate(windows))[start:]
-        reader = WindowReader(self, todo, [plan.seed, epoch, plan.rank])
+    def epoch(self, epoch: int, first: int, plan: Plan, worlds: Worlds = ()) -> Iterator[Any]:
+        """This worker's batches of ``epoch`` from step ``first`` on. ``worlds``: the epoch's worker counts so far,
+        (count, first step) each (none: ``plan.world`` from its start), so that after a resume or a resize inside
+        the epoch the workers train exactly the rows it has left (:func:`remaining_runs`)."""
+        history = list(worlds) or [(plan.world, 0)]
+        origin = history[0][0]
+        lane_plan = dataclasses.replace(plan, world=origin, local_batch=plan.local_batch * plan.world // origin)
+        todo = []  # (window's index in its lane, its row groups, the lane's shuffle seed, rows lo:hi of it)
+        for lane, lo, hi in remaining_runs(history, first, plan)[plan.rank]:
+            at = 0
+            for index, window in enumerate(self.windows(self.share(epoch, dataclasses.replace(lane_plan, rank=lane)))):
+                rows = sum(len(piece) for piece in window)
+                if max(lo, at) < min(hi, at + rows):
+                    todo.append((index, window, [plan.seed, epoch, lane], max(lo, at) - at, min(hi, at + rows) - at))
+                at += rows
+        reader = WindowReader(self, todo)
         try:
             carry = torch.zeros((0, *self.image_shape), dtype=torch.uint8)
             carried = torch.zeros(0, dtype=torch.int64)  # their labels
             for rows, labels in reader:
-                if skip:
-                    rows, labels, skip = rows[skip:], labels[skip:], 0
                 carry, carried = (
                     (torch.cat([carry, rows]), torch.cat([carried, labels])) if len(carry) else (rows, labels)
                 )
@@ -219,12 +229,61 @@ class Streamed:
             reader.stop()
 
 
+Worlds = Sequence[tuple[int, int]]  # an epoch's worker counts so far: (count, the step it began at), the first at 0
+Run = tuple[int, int, int]  # rows lo:hi of lane k: the k-th worker's share of the epoch as its first world cut it
+
+
+def remaining_runs(worlds: Worlds, first: int, plan: Plan) -> list[list[Run]]:
+    """What each of ``plan.world`` workers trains of an epoch from step ``first`` on, when the epoch began with
+    ``worlds[0][0]`` workers and changed its count at each later entry of ``worlds``: lists of :data:`Run`.
+
+    The epoch's rows are the first world's lanes (its workers' shares, each in its windows' shuffled order). At
+    each change, what every worker had left (its runs, less the rows it trained since) is laid end to end, worker
+    by worker, and cut into as many equal runs as there are workers now. So every row of the epoch is trained
+    exactly once whatever the counts and wherever they change (at a global batch that stays the same), and each
+    worker still reads a few consecutive windows of row groups, not all of them."""
+    history = [*worlds, (plan.world, first)]
+    batch = plan.local_batch * plan.world  # the global batch: the same at every count
+    origin = history[0][0]
+    runs = [[(lane, 0, plan.num_steps * batch // origin)] for lane in range(origin)]
+    for (world, start), (new_world, new_start) in itertools.pairwise(history):
+        trained = (new_start - start) * batch // world
+        left = [piece for worker in runs for piece in _after(worker, trained)]
+        runs = _cut(left, new_world, (plan.num_steps - new_start) * batch // new_world)
+    return runs
+
+
+def _after(runs: list[Run], rows: int) -> list[Run]:
+    """``runs`` without their first ``rows`` rows."""
+    kept = []
+    for lane, lo, hi in runs:
+        drop = min(rows, hi - lo)
+        rows -= drop
+        if lo + drop < hi:
+            kept.append((lane, lo + drop, hi))
+    return kept
+
+
+def _cut(runs: list[Run], parts: int, each: int) -> list[list[Run]]:
+    """``runs`` laid end to end, cut into ``parts`` consecutive parts of ``each`` rows."""
+    out: list[list[Run]] = [[] for _ in range(parts)]
+    part, room = 0, each
+    for lane, lo, hi in runs:
+        while lo < hi and part < parts:
+            take = min(room, hi - lo)
+            out[part].append((lane, lo, lo + take))
+            lo, room = lo + take, room - take
+            if room == 0:
+                part, room = part + 1, each
+    return out
+
+
 class WindowReader:
     """Reads windows of row groups on a background thread, one ahead (a bounded queue), each shuffled by a
     generator seeded with (``seed``..., its index): what the loop iterates."""
 
-    def __init__(self, stream: Streamed, todo: list[tuple[int, list[Slice]]], seed: list[int]):
-        self.stream, self.todo, self.seed = stream, todo, seed
+    def __init__(self, stream: Streamed, todo: list[tuple[int, list[Slice], list[int], int, int]]):
+        self.stream, self.todo = stream, todo
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.stopping = threading.Event()
         self.files: dict[int, tuple[Any, Any]] = {}  # shard -> (its ParquetFile, its open file), oldest first
@@ -242,11 +301,11 @@ class WindowReader:
 
     def _run(self) -> None:
         try:
-            for index, window in self.todo:
+            for index, window, seed, lo, hi in self.todo:
                 pieces = [self._read(piece) for piece in window]
                 pixels = np.concatenate([p for p, _ in pieces])
                 labels = np.concatenate([lab for _, lab in pieces])
-                order = np.random.default_rng([*self.seed, index]).permutation(len(pixels))
+                order = np.random.default_rng([*seed, index]).permutation(len(pixels))[lo:hi]
                 if not self._put((torch.from_numpy(pixels[order]), torch.from_numpy(labels[order]))):
                     return
             self._put(None)

@@ -83,7 +83,7 @@ def train_gan(
         noise = epoch_noise_generator(cfg.train.seed, epoch, device)
         tally = Tally.start(run, epoch, noise)
         # closing: a streamed epoch's reader stops however the loop ends (a pause, an error)
-        with contextlib.closing(run.data.epoch(epoch, tally.first, run.plan)) as batches:
+        with contextlib.closing(run.data.epoch(epoch, tally.first, run.plan, tally.worlds)) as batches:
             pause = run.train_epoch(batches, epoch, tally, noise)
         if pause is not None:
             return TrainResult(state.sampler, pause.metrics, state.epoch, state.step, state, pause.resize_to)
@@ -99,6 +99,7 @@ class Tally:
 
     sums: torch.Tensor
     first: int  # the epoch's first step to train (0, or where a checkpoint inside it left off)
+    worlds: list[tuple[int, int]]  # the epoch's worker counts, each from its first step (pipeline.data.batches)
     earlier_s: float  # this epoch's training seconds before the current interval
     started: float  # when the current interval's steps began (perf_counter): reports and scoring are not steps
 
@@ -106,12 +107,17 @@ class Tally:
     def start(cls, run: LoopRun, epoch: int, noise: torch.Generator) -> Tally:
         sums = torch.zeros(len(LOSS_KEYS), device=run.rt.device, dtype=torch.float64)
         first, earlier_s = run.state.step - epoch * run.num_steps, 0.0
+        worlds = [(run.rt.world_size, 0)]
         if first:  # a checkpoint from inside this epoch: the steps' draws made again up to it, its sums back
             for _ in range(first):
                 run.draws(noise)
             sums += torch.tensor(run.partial["sums"], device=run.rt.device, dtype=torch.float64)
             earlier_s = run.partial["elapsed_s"]
-        return cls(sums, first, earlier_s, time.perf_counter())
+            # The worker counts it ran with (a checkpoint from before they were kept: this one's count throughout)
+            worlds = [(int(n), int(at)) for n, at in run.partial.get("worlds", worlds)]
+            if worlds[-1][0] != run.rt.world_size:  # resumed or resized with another count: from here on
+                worlds.append((run.rt.world_size, first))
+        return cls(sums, first, worlds, earlier_s, time.perf_counter())
 
 
 @dataclass
@@ -304,7 +310,7 @@ class LoopRun:
         metrics = running_means(sums, done, epoch, state.step, self.num_steps)
         metrics["train_s"] = time.perf_counter() - tally.started
         elapsed = tally.earlier_s + metrics["train_s"]
-        where = {"sums": sums.tolist(), "elapsed_s": elapsed} if inside else None
+        where = {"sums": sums.tolist(), "elapsed_s": elapsed, "worlds": tally.worlds} if inside else None
         if resize_to is not None:
             if rt.is_main:
                 self.hooks.on_line(
