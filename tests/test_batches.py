@@ -245,6 +245,29 @@ def test_a_resume_on_images_that_changed_since_the_run_began_is_refused(prepared
         folder.check_resume(tags, "r")
 
 
+def test_a_worker_refuses_a_preparation_other_than_the_one_its_run_began_with(prepared, tmp_path):
+    """The driver pins the source to the manifest's digest; a worker that starts (or restarts) after the folder was
+    prepared again stops, saying so, instead of training on other images."""
+    import pickle
+    import shutil
+
+    from pipeline.config.load import load_config
+    from pipeline.data.kinds import source_of
+    from tests.conftest import CONFIGS
+
+    copy_of = tmp_path / "prepared"
+    shutil.copytree(prepared.location, copy_of)
+    overrides = [*folder_overrides(prepared), f"data.prepared={copy_of}"]
+    pinned = source_of(load_config(CONFIGS / "smoke.yaml", overrides).data).pinned()
+    worker = pickle.loads(pickle.dumps(pinned))  # as Ray hands the job to a worker
+    assert len(worker.batches(torch.device("cpu"), lambda _: None)) == prepared.count("train")
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    manifest["digest"] = "f" * 64  # prepared again, other images
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ImageFolderError, match="was prepared again since the run began .*start a new run"):
+        worker.batches(torch.device("cpu"), lambda _: None)
+
+
 def test_batches_with_labels_pair_each_image_with_its_own_class(prepared):
     """Plan.labels (a conditional GAN's batches): streamed, from the start and resumed inside an epoch, and in
     memory, every image comes with the label its shard row holds."""

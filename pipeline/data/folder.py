@@ -49,6 +49,7 @@ class FolderSource(DataSource):
     reads = ("path", "image_size", "channels", "prepared", "test_fraction", "background", "stream", "stream_above_mb")
     fixed = ("image_size", "channels")
     hold_out_more = "raise data.test_fraction or add images"
+    began_with: str | None = None  # the manifest's digest a run began with (:meth:`pinned`)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -118,7 +119,19 @@ class FolderSource(DataSource):
                 f"{job.location}; run: python -m pipeline data prepare --dataset images --path {job.path} "
                 f"--image-size {job.image_size} --channels {job.channels}"
             )
+        if self.began_with is not None and manifest.get("digest") != self.began_with:
+            raise ImageFolderError(
+                f"data.prepared: {job.location!r} was prepared again since the run began (its images' digest is now "
+                f"{str(manifest.get('digest'))[:12]}, the run's {self.began_with[:12]}): a worker would train on other "
+                "images; put the preparation back as it was, or start a new run (another --name)"
+            )
         return Prepared(job.location, manifest)
+
+    def pinned(self) -> FolderSource:
+        """This source, bound to the preparation as it is now: every later read (each worker's start, a restart
+        too) checks the manifest is still the one the run began with."""
+        self.began_with = self.prepared().manifest["digest"]
+        return self
 
     def read(self, train: bool, progress: Progress, most: int | None) -> Split:
         """The prepared split: uint8 images (N, C, H, W) and int64 labels (-1: unlabelled); with ``most``, only the

@@ -147,6 +147,10 @@ class DataSource:
         keep = len(split) if wanted is None else wanted
         return Split(split.images[:keep].contiguous(), split.labels[:keep].contiguous())
 
+    def pinned(self) -> DataSource:
+        """This source, bound to its data as prepared now (a folder's preparation: pipeline.data.folder)."""
+        return self
+
     def batches(self, device: torch.device, progress: Progress = print) -> Batches:
         """A worker's training set, epoch by epoch (pipeline.data.batches): by default the whole (limited) training
         split in memory, on ``device``."""

@@ -80,7 +80,7 @@ def run_training(
     )
     job = WorkerJob(
         cfg,
-        source_of(cfg.data),
+        source_of(cfg.data).pinned(),  # each worker checks it reads the preparation the run began with
         run_id,
         uri,
         evaluator,
