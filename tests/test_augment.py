@@ -135,3 +135,5 @@ def test_an_adaptive_run_logs_its_probability_and_needs_diffaugment(fake_split):
     assert fixed.state.ada is None
     with pytest.raises(ConfigError, match="train.augment_target: 0.6 without train.diffaugment"):
         load_config(CONFIGS / "smoke.yaml", ["train.augment_target=0.6"])
+    with pytest.raises(ConfigError, match="train.augment_p at 1 .*set train.augment_p=0, where ADA starts"):
+        load_config(CONFIGS / "smoke.yaml", ["train.augment_target=0.6", "train.diffaugment=color"])

@@ -235,6 +235,12 @@ def _check_diffaugment(cfg: PipelineConfig) -> None:
             f"train.augment_target: {cfg.train.augment_target:g} without train.diffaugment; it adapts the probability "
             "of DiffAugment's kinds: name them (e.g. train.diffaugment=color,translation,cutout) or unset it"
         )
+    if cfg.train.augment_target is not None and cfg.train.augment_p == 1.0:
+        raise ConfigError(
+            f"train.augment_target: {cfg.train.augment_target:g} with train.augment_p at 1 (its default, every image "
+            "augmented): ADA would start where it ends for a set D has memorised; set train.augment_p=0, where ADA "
+            "starts (or the start you want, below 1)"
+        )
     if given and cfg.train.cuda_graphs == "true":
         raise ConfigError(
             "train.cuda_graphs: true with train.diffaugment; its draws are no input of a captured graph: set "
