@@ -4,7 +4,7 @@ probability is 0, and gradients pass through to the images; the adaptive probabi
 import pytest
 import torch
 
-from pipeline.gan.augment import DRAWS, augment, draw
+from pipeline.gan.augment import DRAWS, AdaptiveP, augment, draw
 
 
 def _draws(n, **columns):
@@ -137,3 +137,11 @@ def test_an_adaptive_run_logs_its_probability_and_needs_diffaugment(fake_split):
         load_config(CONFIGS / "smoke.yaml", ["train.augment_target=0.6"])
     with pytest.raises(ConfigError, match="train.augment_p at 1 .*set train.augment_p=0, where ADA starts"):
         load_config(CONFIGS / "smoke.yaml", ["train.augment_target=0.6", "train.diffaugment=color"])
+
+
+def test_ada_counts_bf16_verdicts_exactly():
+    """Under autocast D's logits are bf16, which counts whole numbers exactly only to 256: the signs are summed in
+    float64."""
+    ada = AdaptiveP(0.0, 0.6, batch=10, speed=100, device=torch.device("cpu"))
+    ada.observe(torch.ones(1001, dtype=torch.bfloat16))
+    assert ada.sums.tolist() == [1001.0, 1001.0]

@@ -103,7 +103,7 @@ class AdaptiveP:
 
     def observe(self, real_logits: torch.Tensor) -> None:
         logits = real_logits.detach()
-        self.sums[0] += logits.sign().sum()
+        self.sums[0] += logits.sign().sum(dtype=torch.float64)  # exact: bf16 counts only to 256
         self.sums[1] += logits.numel()  # a number, not a tensor copied to the device
 
     def share(self, mean_over_workers: Callable[[torch.Tensor], torch.Tensor]) -> None:
