@@ -130,3 +130,32 @@ def test_class_accuracy_is_the_share_of_samples_classified_as_asked_and_the_scor
     Scorer(evaluator, 50, cfg.model.latent_dim, 7)(generator, torch.device("cpu"))
     assert torch.equal(evaluator.asked, sample_classes(generator, 50, 7, None, None))
     assert 0 < int(evaluator.asked.sum()) < 50  # both classes
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_d_judges_each_fake_by_the_class_its_noise_carries(fake_split, monkeypatch, fresh):
+    """In D's step and in G's, the labels D is given with generated images are the classes in the noise G made
+    them from (a swap of D's fakes' and G's classes would train each against the wrong class)."""
+    from pipeline.gan import models
+
+    made: list = []  # (G's output, the classes in its input)
+    checked = {"fakes": 0}
+    real_g, real_d = models.Generator.forward, models.Discriminator.forward
+
+    def g_forward(self, z):
+        out = real_g(self, z)
+        made.append((out.detach(), z[:, self.latent_dim].long()))
+        return out
+
+    def d_forward(self, x, labels=None):
+        for images, classes in made[-2:]:
+            if x.shape == images.shape and torch.equal(x.detach(), images):
+                assert torch.equal(labels, classes), "D was given other classes than the fakes' noise carries"
+                checked["fakes"] += 1
+        return real_d(self, x, labels)
+
+    monkeypatch.setattr(models.Generator, "forward", g_forward)
+    monkeypatch.setattr(models.Discriminator, "forward", d_forward)
+    settings = ["train.epochs=1", "model.conditional=true", f"train.g_fresh_noise={str(fresh).lower()}"]
+    result = train_gan(load_config(CONFIGS / "smoke.yaml", settings), fake_split)
+    assert checked["fakes"] >= 2 * result.step  # D's fakes and G's, every step

@@ -56,8 +56,9 @@ def load(
     if not path.is_file():
         raise MissingCheckpoint(f"checkpoint {shown!r} not found")
     blob = retried(path.read_bytes, f"checkpoint {shown!r}")  # a read error is no damage: Unavailable, retry
+    stream = io.BytesIO(blob)
     try:
-        state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
+        state = torch.load(stream, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise DamagedCheckpoint(
             f"checkpoint {shown!r} is damaged: corrupted or truncated ({first_line(exc)}); it was left as it is: "
