@@ -34,6 +34,12 @@ RECIPES = {
     "diffaugment": ["train.diffaugment=color,translation,cutout"],
     "ada": ["train.diffaugment=color,translation,cutout", "train.augment_p=0", "train.augment_target=0.6"],
     "augmented": ["data.flip=true", "train.diffaugment=color,translation,cutout"],
+    "ada_flip": [  # the best two at 32k images: ADA and flips
+        "train.diffaugment=color,translation,cutout",
+        "train.augment_p=0",
+        "train.augment_target=0.6",
+        "data.flip=true",
+    ],
     "conditional": ["model.conditional=true"],  # data with classes only
     "conditional_bn": ["model.conditional=true", "model.g_conditioning=batchnorm"],
     "combined": [
