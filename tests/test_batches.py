@@ -240,6 +240,9 @@ def test_a_resume_on_images_that_changed_since_the_run_began_is_refused(prepared
             folder.check_resume(tags, "r")
     finally:
         extra.unlink()
+    black = source_of(load_config(CONFIGS / "smoke.yaml", [*folder_overrides(prepared), "data.background=black"]).data)
+    with pytest.raises(ConfigError, match=r"other settings \(background: '#ffffff' then, '#000000' now\)"):
+        black.check_resume(tags, "r")  # before preparing again would replace the run's images
     tags[DATA_TAG] = "0" * 64  # another preparation since
     with pytest.raises(ConfigError, match="began with"):
         folder.check_resume(tags, "r")

@@ -3,6 +3,7 @@ created atomically, on local disk and on S3 (moto's server answers a conditional
 before anything is written."""
 
 import json
+import os
 import threading
 
 import pytest
@@ -108,3 +109,21 @@ def test_a_run_claimed_by_another_command_is_refused_and_a_failed_start_gives_it
     with pytest.raises(ConfigError, match="could not be prepared"):
         prepare._start_claimed(cfg, request, location, "sqlite://")
     assert not (tmp_path / "runs" / "c").exists()  # the name is free again, no "already exists"
+
+
+def test_a_claim_left_by_a_process_of_this_host_that_ended_is_taken_over(tmp_path):
+    """A command killed before it released its claim (SIGKILL, a lost terminal) does not block the name or the
+    folder for good: its claim is stale once its process has ended; another host's is not judged."""
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.core.claims import claim, is_stale
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = {"host": socket.gethostname(), "pid": int(ended.stdout), "since": "then"}
+    assert is_stale(dead) and not is_stale({**dead, "pid": os.getpid()}) and not is_stale({**dead, "host": "x"})
+    assert create_exclusive(str(tmp_path / "a"), "claim", json.dumps(dead).encode())
+    assert claim(str(tmp_path / "a"), "claim")  # taken over
+    assert read_claim(str(tmp_path / "a"), "claim")["pid"] == os.getpid()
+    assert not claim(str(tmp_path / "a"), "claim")  # held, by a process that runs

@@ -36,6 +36,32 @@ def test_the_console_masks_uri_passwords_and_the_environments_credentials(monkey
     assert redact("http://a:b@c", []) == "http://a:***@c"
 
 
+def test_the_console_keeps_every_line_whole_when_threads_print_at_once():
+    import sys
+    import threading
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often: an unguarded buffer loses and garbles lines
+
+    out = io.StringIO()
+    stream = Redacting(out, ["wJalrXUtnFEMI/K7MDENG"])
+    assert stream.writable()
+
+    def lines(n: int) -> None:
+        for i in range(5000):
+            stream.write(f"thread {n} line {i} wJalrXUtnFEMI/K7MDENG\n")
+
+    threads = [threading.Thread(target=lines, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sys.setswitchinterval(interval)
+    written = out.getvalue().splitlines()
+    assert len(written) == 20000 and all(line.endswith(" line " + line.split(" line ")[1]) for line in written)
+    assert all(line.split(" line ")[1].split(" ")[1] == "***" for line in written)
+
+
 CANARIES = {
     "uri": "CanaryUriPassword7391",
     "aws": "CanaryAwsSecretKey4826",

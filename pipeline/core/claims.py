@@ -1,7 +1,8 @@
 """Claims: a file created only where none exists, atomically, on local disk (``O_CREAT | O_EXCL``) and on S3 (a
 conditional put, ``If-None-Match: *``, which S3 and S3-compatible servers answer with 412 when the key exists).
 Two commands that want the same thing at once (a run's name, a folder's preparation) cannot both get it: the
-second is told who holds it. A claim records its holder (host, process, time) so a stale one can be recognised.
+second is told who holds it. A claim records its holder (host, process, time): one left by a process of this host
+that has ended is stale, and taken over.
 """
 
 from __future__ import annotations
@@ -69,6 +70,31 @@ def _s3_put_if_absent(location: str, name: str, blob: bytes) -> bool:
     return True
 
 
+def claim(location: str, name: str) -> bool:
+    """Claim ``location/name`` for this process (:func:`create_exclusive` with :func:`holder`), taking over a stale
+    claim: one this host's process left behind and that no longer runs (killed before it could release it)."""
+    blob = json.dumps(holder()).encode()
+    if create_exclusive(location, name, blob):
+        return True
+    if not is_stale(read_claim(location, name)):
+        return False
+    release(location, name)
+    return create_exclusive(location, name, blob)
+
+
+def is_stale(found: dict[str, object]) -> bool:
+    """Whether a claim's holder is a process of this host that has ended."""
+    if found.get("host") != socket.gethostname() or not isinstance(found.get("pid"), int):
+        return False
+    try:
+        os.kill(int(found["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it runs, as another user
+        return False
+    return False
+
+
 def read_claim(location: str, name: str) -> dict[str, object]:
     """The holder a claim records (empty when it cannot be read)."""
     fs, base = filesystem(location)
@@ -91,7 +117,7 @@ def release(location: str, name: str) -> None:
 def claimed(location: str, name: str, refused: str) -> Iterator[None]:
     """Hold the claim ``location/name`` while the block runs, then release it; :class:`Claimed` when another holds
     it, its message ``refused`` (formatted with ``holder``: who holds it, and ``path``: the claim's file)."""
-    if not create_exclusive(location, name, json.dumps(holder()).encode()):
+    if not claim(location, name):
         found = read_claim(location, name)
         who = f"{found.get('host', '?')}, process {found.get('pid', '?')}, since {found.get('since', '?')}"
         raise Claimed(refused.format(holder=who, path=f"{location.rstrip('/')}/{name}"))

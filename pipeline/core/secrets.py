@@ -13,6 +13,7 @@ import io
 import os
 import re
 import sys
+import threading
 from typing import Any, TextIO
 from urllib.parse import unquote
 
@@ -57,19 +58,25 @@ class Redacting(io.TextIOBase):
 
     def __init__(self, stream: TextIO, secrets: list[str]):
         self.stream, self.secrets, self.pending = stream, secrets, ""
+        self.lock = threading.Lock()  # Ray's log thread prints beside the main thread
 
     def write(self, text: str) -> int:
-        self.pending += text
-        if "\n" in self.pending:
-            done, self.pending = self.pending.rsplit("\n", 1)
-            self.stream.write(redact(done + "\n", self.secrets))
+        with self.lock:
+            self.pending += text
+            if "\n" in self.pending:
+                done, self.pending = self.pending.rsplit("\n", 1)
+                self.stream.write(redact(done + "\n", self.secrets))
         return len(text)
 
     def flush(self) -> None:
-        if self.pending:
-            self.stream.write(redact(self.pending, self.secrets))
-            self.pending = ""
-        self.stream.flush()
+        with self.lock:
+            if self.pending:
+                self.stream.write(redact(self.pending, self.secrets))
+                self.pending = ""
+            self.stream.flush()
+
+    def writable(self) -> bool:
+        return True
 
     def isatty(self) -> bool:
         return self.stream.isatty()

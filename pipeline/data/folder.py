@@ -202,14 +202,24 @@ class FolderSource(DataSource):
     def check_resume(self, tags: dict[str, str], run: str) -> None:
         """Checked before preparing again could replace its shards: the folder's files and its preparation are the
         ones the run began with."""
-        from pipeline.data.images import list_folder
+        from pipeline.data.images import list_folder, settings
 
         began = tags.get(DATA_TAG)
         if began is None:  # a run from before the tag
             return
         job = self.preparation
         manifest = read_manifest(job.location) or {}
-        if manifest.get("digest") == began and manifest.get("source_digest") == list_folder(job.path).digest:
+        listing = list_folder(job.path)
+        wanted = settings(listing, job.image_size, job.channels, job.test_fraction, job.background)
+        changed = [key for key, value in wanted.items() if key != "source_digest" and manifest.get(key) != value]
+        if manifest.get("digest") == began and changed:  # preparing would replace what the run trains on
+            raise ConfigError(
+                f"data.path: run {run!r} trains on {job.path!r} as prepared with other settings ({', '.join(changed)}: "
+                f"{', '.join(f'{manifest.get(k)!r} then, {wanted[k]!r} now' for k in changed)}); preparing it again "
+                "would replace its images: set them as they were (format: prepared by an older version), or start a "
+                "new run (another --name)"
+            )
+        if manifest.get("digest") == began and manifest.get("source_digest") == listing.digest:
             return
         raise ConfigError(
             f"data.path: {job.path!r} no longer holds the images run {run!r} began with (prepared content "

@@ -5,14 +5,13 @@ and the evaluator shared, then the MLflow run created or found again."""
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline import PROJECT_ROOT
 from pipeline.core import checkpoint
-from pipeline.core.claims import create_exclusive, holder, read_claim, release
+from pipeline.core.claims import claim, is_stale, read_claim, release
 from pipeline.core.errors import ConfigError
 from pipeline.core.uris import resolve_tracking_uri, run_name_problem
 from pipeline.data.kinds import source_of
@@ -128,7 +127,8 @@ def prepare_run(
             "(the MLflow run name) and tracking.uri, or drop --resume to start a new run"
         )
     # Ray Train silently restores a run whose directory exists: a *new* run must not find one.
-    if not request.resume and (previous is not None or exists(location)):
+    left = previous is None and is_stale(read_claim(location, RUN_CLAIM))  # a start killed before its MLflow run
+    if not request.resume and (previous is not None or (exists(location) and not left)):
         raise ConfigError(
             f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
         )
@@ -157,11 +157,12 @@ def _start_claimed(
     its directory created atomically, stays for the run's life, so two commands given one name at once cannot both
     start it. A start that fails before its MLflow run exists gives the name back."""
     name = request.name
-    if not create_exclusive(location, RUN_CLAIM, json.dumps(holder()).encode()):
+    if not claim(location, RUN_CLAIM):
         found = read_claim(location, RUN_CLAIM)
         raise ConfigError(
             f"run {name!r} was just started by another command ({found.get('host', '?')}, process "
-            f"{found.get('pid', '?')}, at {found.get('since', '?')}); choose another --name"
+            f"{found.get('pid', '?')}, at {found.get('since', '?')}); choose another --name (if that command is "
+            f"gone, delete {location.rstrip('/')}/{RUN_CLAIM})"
         )
     try:
         evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
