@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pipeline.core.retry import Unavailable
 from pipeline.distributed.prepare import verify_latest_checkpoint
 from pipeline.distributed.ray_runtime import lost_ranks, set_worker_group_start_timeout, train_worker_env
 from pipeline.distributed.resources import resolve_scaling, worker_resources, world_size
@@ -163,9 +164,14 @@ def lost_workers(location: str, max_failures: int) -> Any:
                 return
             self.said.add(tuple(lost))
             ranks = ", ".join(f"rank {rank} ({cause})" for rank, cause in lost.items())
-            progress = recorded_progress(location)
+            try:
+                progress = recorded_progress(location)
+            except Unavailable:  # a line to the user is no reason to fail the run Train is about to restart
+                progress = "unknown"
             where = (
-                f"training resumes from epoch {progress[0]} (step {progress[1]}) of the recorded checkpoint"
+                "Train restarts it from its recorded checkpoint (the record cannot be read now)"
+                if progress == "unknown"
+                else f"training resumes from epoch {progress[0]} (step {progress[1]}) of the recorded checkpoint"
                 if progress
                 else "training starts over: no checkpoint was recorded yet"
             )
