@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from pipeline.core.claims import Claimed, create_exclusive, read_claim
+from pipeline.core.claims import Claimed, create_exclusive, read_claim, release
 from pipeline.core.errors import ConfigError
 from pipeline.core.uris import run_name_problem
 from pipeline.data.images import PREPARING, prepare_folder
@@ -58,6 +58,8 @@ def monkeypatch_module():
 def test_of_many_at_once_one_claim_is_made_on_s3(s3):
     assert sorted(racing("s3://claims/runs/a")) == [False] * 7 + [True]
     assert s3.keys("claims") == ["runs/a/claim"]
+    release("s3://claims/runs/a", "claim")
+    assert s3.keys("claims") == []  # no folder marker left in its place
 
 
 def test_a_place_being_prepared_is_not_prepared_again_at_once(tmp_path):

@@ -107,7 +107,16 @@ def read_claim(location: str, name: str) -> dict[str, object]:
 
 
 def release(location: str, name: str) -> None:
-    """Remove a claim this process made (nothing when it is gone already)."""
+    """Remove a claim this process made (nothing when it is gone already). On S3 by the SDK: pyarrow's delete would
+    leave a folder marker behind in the claim's place."""
+    if location.startswith("s3://"):
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        parsed = urlparse(location)
+        with contextlib.suppress(BotoCoreError, ClientError):
+            boto3.client("s3").delete_object(Bucket=parsed.netloc, Key=f"{parsed.path.strip('/')}/{name}".lstrip("/"))
+        return
     fs, base = filesystem(location)
     with contextlib.suppress(FileNotFoundError, OSError):
         fs.delete_file(f"{base}/{name}")
