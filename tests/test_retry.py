@@ -65,7 +65,7 @@ def test_a_manifest_read_through_a_passing_fault_or_said_unavailable(monkeypatch
 def test_ray_trains_record_read_through_a_fault_or_said_unavailable(monkeypatch):
     record = json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1"}}).encode()
     fs = Failing({"/runs/a/checkpoint_manager_snapshot.json": record}, {"/runs/a/checkpoint_manager_snapshot.json": 1})
-    monkeypatch.setattr(storage, "_filesystem", lambda location: (fs, "/runs/a"))
+    monkeypatch.setattr(storage, "filesystem", lambda location: (fs, "/runs/a"))
     assert storage._train_record("s3://b/runs/a") == record
     fs.faults["/runs/a/checkpoint_manager_snapshot.json"] = 99
     with pytest.raises(Unavailable, match="Ray Train's record s3://b/runs/a/checkpoint_manager_snapshot.json is un"):

@@ -47,10 +47,10 @@ def create_exclusive(location: str, name: str, blob: bytes) -> bool:
         return _s3_put_if_absent(location, name, blob)
     import pyarrow.fs
 
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(location)
-    if filesystem.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound:
+    fs, root = filesystem(location)
+    if fs.get_file_info(f"{root}/{name}").type != pyarrow.fs.FileType.NotFound:
         return False
-    with filesystem.open_output_stream(f"{root}/{name}") as out:
+    with fs.open_output_stream(f"{root}/{name}") as out:
         out.write(blob)
     return True
 
@@ -59,15 +59,20 @@ def _s3_put_if_absent(location: str, name: str, blob: bytes) -> bool:
     import boto3
     from botocore.exceptions import ClientError
 
-    parsed = urlparse(location)
-    key = f"{parsed.path.strip('/')}/{name}".lstrip("/")
+    bucket, key = _s3_object(location, name)
     try:
-        boto3.client("s3").put_object(Bucket=parsed.netloc, Key=key, Body=blob, IfNoneMatch="*")
+        boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=blob, IfNoneMatch="*")
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
             return False
         raise
     return True
+
+
+def _s3_object(location: str, name: str) -> tuple[str, str]:
+    """(bucket, key) of ``name`` under the ``s3://`` URI ``location``."""
+    parsed = urlparse(location)
+    return parsed.netloc, f"{parsed.path.strip('/')}/{name}".lstrip("/")
 
 
 def claim(location: str, name: str) -> bool:
@@ -113,9 +118,9 @@ def release(location: str, name: str) -> None:
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
 
-        parsed = urlparse(location)
+        bucket, key = _s3_object(location, name)
         with contextlib.suppress(BotoCoreError, ClientError):
-            boto3.client("s3").delete_object(Bucket=parsed.netloc, Key=f"{parsed.path.strip('/')}/{name}".lstrip("/"))
+            boto3.client("s3").delete_object(Bucket=bucket, Key=key)
         return
     fs, base = filesystem(location)
     with contextlib.suppress(FileNotFoundError, OSError):

@@ -46,7 +46,7 @@ def environment_secrets() -> list[str]:
 
 def redact(text: str, secrets: list[str]) -> str:
     """``text`` with every URI password and every one of ``secrets`` replaced by ``***``."""
-    text = _USERINFO.sub(lambda m: f"{m['head']}{MASK}@", text)
+    text = masked_uri(text)
     for secret in secrets:
         text = text.replace(secret, MASK)
     return text

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.claims import claimed
-from pipeline.core.retry import Unavailable, retried
+from pipeline.core.files import read_retried, write_whole
+from pipeline.core.retry import Unavailable
 from pipeline.data.pixels import EXTENSIONS, background_hex, decode
 from pipeline.data.shards import (
     MANIFEST,
@@ -139,13 +140,8 @@ def _decode_chunk(root: str, rels: list[str], job: Preparation) -> tuple[list[in
 def read_image_file(fs: Any, base: str, rel: str, root: str) -> bytes:
     """The bytes of the image ``rel`` under ``root``, retried through passing faults; an ImageFolderError naming
     it when it stays unreadable (S3 throttling, a network reset or a permission is no broken image)."""
-
-    def read() -> bytes:
-        with fs.open_input_stream(f"{base}/{rel}") as stream:
-            return stream.read()
-
     try:
-        return retried(read, f"{root.rstrip('/')}/{rel}")
+        return read_retried(fs, f"{base}/{rel}", f"{root.rstrip('/')}/{rel}")
     except Unavailable as exc:
         raise ImageFolderError(
             f"data.path: {exc}. The preparation stopped before writing its manifest, so nothing is recorded as "
@@ -296,17 +292,8 @@ def write_shard(location: str, file: str, images: list[bytes], labels: list[int]
 
 def _write(location: str, name: str, blob: bytes) -> None:
     """Write a file under ``location`` whole: a local one through a temporary name, an object in one put."""
-    fs, base = filesystem(location)
     try:
-        if "://" not in location:
-            os.makedirs(base, exist_ok=True)
-            tmp = f"{base}/.{name}.part"
-            with open(tmp, "wb") as out:
-                out.write(blob)
-            os.replace(tmp, f"{base}/{name}")
-            return
-        with fs.open_output_stream(f"{base}/{name}") as out:
-            out.write(blob)
+        write_whole(location, name, blob)
     except (OSError, ValueError) as exc:
         raise _unwritable(location, exc) from None
 

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import UserError
-from pipeline.core.files import filesystem
-from pipeline.core.retry import retried
+from pipeline.core.files import filesystem, read_retried
 
 MANIFEST = "manifest.json"
 
@@ -55,13 +54,9 @@ def read_manifest(location: str) -> dict[str, Any] | None:
     ImageFolderError for a ``manifest.json`` that is not a prepared folder's (nothing there is touched), and
     :class:`Unavailable` when it cannot be read through retries (a passing fault is no missing preparation)."""
     fs, base = filesystem(location)
-
-    def read() -> bytes:
-        with fs.open_input_stream(f"{base}/{MANIFEST}") as stream:
-            return stream.read()
-
     try:
-        blob = retried(read, f"the manifest {location.rstrip('/')}/{MANIFEST}", final=(FileNotFoundError,))
+        what = f"the manifest {location.rstrip('/')}/{MANIFEST}"
+        blob = read_retried(fs, f"{base}/{MANIFEST}", what, final=(FileNotFoundError,))
     except FileNotFoundError:
         return None
     try:

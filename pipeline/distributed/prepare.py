@@ -127,8 +127,7 @@ def prepare_run(
             "(the MLflow run name) and tracking.uri, or drop --resume to start a new run"
         )
     # Ray Train silently restores a run whose directory exists: a *new* run must not find one.
-    left = previous is None and is_stale(read_claim(location, RUN_CLAIM))  # a start killed before its MLflow run
-    if not request.resume and (previous is not None or (exists(location) and not left)):
+    if not request.resume and (previous is not None or (exists(location) and not _abandoned(location))):
         raise ConfigError(
             f"run {name!r} already exists ({location}); pass --resume {name} to continue it, or choose another --name"
         )
@@ -148,6 +147,11 @@ def prepare_run(
         return uri, request.mlflow_run_id, evaluator
     tags = {"ray_train_run": name, CHECKPOINT_LOCATION: location, "mlflow.parentRunId": request.parent_run_id}
     return uri, start_run(uri, cfg.tracking.experiment, name, {**tags, **request.extra_tags}), evaluator
+
+
+def _abandoned(location: str) -> bool:
+    """Whether the run directory ``location`` holds the claim of a start killed before its MLflow run existed."""
+    return is_stale(read_claim(location, RUN_CLAIM))
 
 
 def _start_claimed(

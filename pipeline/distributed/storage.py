@@ -14,12 +14,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from pipeline import PROJECT_ROOT
 from pipeline.config.schema import PipelineConfig
 from pipeline.core.errors import UserError, make_writable_dir
+from pipeline.core.files import filesystem, read_retried, write_whole
 from pipeline.core.retry import retried
 from pipeline.distributed.ray_runtime import (
     TRAIN_RECORD,
@@ -87,12 +87,12 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
         yield directory / name / filename, str(directory / name / filename)
         return
     source = f"{location}/{name}/{filename}"
-    filesystem, root = _filesystem(location)
+    fs, root = filesystem(location)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / filename
 
         def copy() -> None:
-            with filesystem.open_input_stream(f"{root}/{name}/{filename}") as remote, open(local, "wb") as out:
+            with fs.open_input_stream(f"{root}/{name}/{filename}") as remote, open(local, "wb") as out:
                 shutil.copyfileobj(remote, out)
 
         # A missing file is reported as such by whoever loads it (nothing copied, nothing there); a passing fault
@@ -104,14 +104,10 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
 
 def _train_record(location: str) -> bytes:
     """Ray Train's record of the run at ``location`` (empty when there is none yet)."""
-    filesystem, root = _filesystem(location)
-
-    def read() -> bytes:
-        with filesystem.open_input_stream(f"{root}/{TRAIN_RECORD}") as stream:
-            return stream.read()
-
+    fs, root = filesystem(location)
     try:  # a passing fault must not read as "no record": the run would start over
-        return retried(read, f"Ray Train's record {location}/{TRAIN_RECORD}", final=(FileNotFoundError,))
+        what = f"Ray Train's record {location}/{TRAIN_RECORD}"
+        return read_retried(fs, f"{root}/{TRAIN_RECORD}", what, final=(FileNotFoundError,))
     except FileNotFoundError:  # no record yet
         return b""
 
@@ -125,28 +121,9 @@ def fall_back_to_previous_checkpoint(location: str) -> str | None:
     change = record_without_latest(record)
     if change is None:
         return None
-    _write_whole(location, f"{TRAIN_RECORD}.before-fallback", record)
-    _write_whole(location, TRAIN_RECORD, change[0])
+    write_whole(location, f"{TRAIN_RECORD}.before-fallback", record)
+    write_whole(location, TRAIN_RECORD, change[0])
     return change[1]
-
-
-def _write_whole(location: str, name: str, blob: bytes) -> None:
-    """A file under ``location`` written whole: a local one through a temporary name, an object in one put."""
-    directory = local_dir(location)
-    if directory is not None:
-        tmp = directory / f".{name}.part"
-        tmp.write_bytes(blob)
-        os.replace(tmp, directory / name)
-        return
-    filesystem, root = _filesystem(location)
-    with filesystem.open_output_stream(f"{root}/{name}") as out:
-        out.write(blob)
-
-
-def _filesystem(location: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(location)
 
 
 def recorded_progress(location: str) -> tuple[int, int] | None:

@@ -167,14 +167,13 @@ def lost_workers(location: str, max_failures: int) -> Any:
             try:
                 progress = recorded_progress(location)
             except Unavailable:  # a line to the user is no reason to fail the run Train is about to restart
-                progress = "unknown"
-            where = (
-                "Train restarts it from its recorded checkpoint (the record cannot be read now)"
-                if progress == "unknown"
-                else f"training resumes from epoch {progress[0]} (step {progress[1]}) of the recorded checkpoint"
-                if progress
-                else "training starts over: no checkpoint was recorded yet"
-            )
+                where = "Train restarts it from its recorded checkpoint (the record cannot be read now)"
+            else:
+                where = (
+                    f"training resumes from epoch {progress[0]} (step {progress[1]}) of the recorded checkpoint"
+                    if progress
+                    else "training starts over: no checkpoint was recorded yet"
+                )
             print(f"[train] lost worker(s) {ranks}; {where} (up to train.max_failures={max_failures} times)")
 
     return LostWorkers()
