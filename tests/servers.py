@@ -116,9 +116,15 @@ class MLflowServer:
     def __init__(self, directory: Path, artifacts: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
-        server_env = {**os.environ, **(env or {})}
+        self.directory, self.artifacts = directory, artifacts
+        self.env = {**os.environ, **(env or {})}
         if env and "AWS_ENDPOINT_URL" in env:
-            server_env["MLFLOW_S3_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]
+            self.env["MLFLOW_S3_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]
+        self.start()
+
+    def start(self) -> None:
+        """(Again) on the same port, store and artifacts."""
+        directory, artifacts = self.directory, self.artifacts
         self.proc = start(
             [
                 f"{BIN}/mlflow",
@@ -132,7 +138,7 @@ class MLflowServer:
                 "--artifacts-destination",
                 artifacts,
             ],
-            env=server_env,
+            env=self.env,
             log=directory / "mlflow-server.log",
         )
         wait_http(f"{self.uri}/health", 120)

@@ -147,6 +147,37 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_one_kept_before_it(tmp_pat
     assert f"resuming from epoch {before['epoch']} (step {before['step']})" in said  # not from the start
 
 
+# ---------------------------------------------------------------------------------------------- preemption
+
+
+def test_a_preemption_notice_checkpoints_once_at_the_next_check_and_training_goes_on(fake_split):
+    """Ray's notice (a node drained for preemption, as ray.train.get_preemption_info gives it) from step 5 on: the
+    check at step 6 (every 2 steps) says it once and the loop reports a checkpoint there, inside the epoch, then
+    trains on to the end (Ray restarts the run at the drain's deadline); a SIGTERM'd worker's report ends it."""
+    from types import SimpleNamespace
+
+    from pipeline.distributed.preemption import PreemptionWatch
+    from pipeline.gan.hooks import On
+    from pipeline.gan.reports import Interval
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.epochs=1", "train.batch_size=32"])  # 8 steps
+    lines, reports, exits, steps = [], [], [], []
+    info = SimpleNamespace(deadline_ms=None, preempted_node_ids=["0123456789abcdef"])
+    watch = PreemptionWatch(
+        2, lambda: info if steps and steps[-1] >= 5 else None, lambda flag: flag, True, lines.append, exit=exits.append
+    )
+    train_gan(cfg, fake_split, hooks=[On(report=reports.append, step=lambda s: steps.append(s.number)), watch])
+    assert lines == ["[preempt] Ray drains node(s) 01234567 for preemption: checkpoint at step 6"]
+    assert [(r.kind, r.metrics["step"]) for r in reports] == [("interval", 6), ("epoch", 8)]
+    assert isinstance(reports[0], Interval) and reports[0].checkpoint["step"] == 6 and exits == []
+    signalled = PreemptionWatch(2, None, lambda flag: flag, True, lines.append, received=lambda: True, take_s=0)
+    signalled.exit = exits.append
+    reports.clear()
+    train_gan(cfg, fake_split, hooks=[On(report=reports.append), signalled])
+    assert lines[-1] == "[preempt] a worker got SIGTERM: checkpoint at step 2" and exits == [1, 1]
+    assert reports[0].metrics["step"] == 2  # then every report exits (here: returns, so the loop went on)
+
+
 # ---------------------------------------------------------------------------------------------- divergence
 
 
@@ -239,6 +270,48 @@ def test_a_worker_killed_mid_epoch_restarts_from_the_checkpoint(tmp_path):
     assert run.info.status == "FINISHED"
     logged = [*run.data.params.values(), *run.data.tags.values()]
     assert not any(secret in value for value in logged)  # no environment variable reaches MLflow
+
+
+def test_a_sigterm_to_a_worker_checkpoints_at_that_step_and_the_run_resumes_there(tmp_path):
+    """A spot notice as a SIGTERM to rank 1 at step 44 (inside epoch 2 of 2, 32 steps each): at the next check (every
+    tracking.log_every=4 steps) the run checkpoints, the signalled worker exits, and Ray Train restarts the group from
+    that step, not from epoch 1's checkpoint (step 32); every step is logged once."""
+    uri, store = _store(tmp_path)
+    env = {
+        "PIPELINE_FAULT_AT_STEP": "44",
+        "PIPELINE_FAULT_RANK": "1",
+        "PIPELINE_FAULT": "sigterm",
+        "PIPELINE_FAULT_ONCE": str(tmp_path / "fault"),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    }
+    result = run_cli(
+        "train",
+        "-c",
+        "configs/smoke.yaml",
+        "--set",
+        "scaling.num_workers=2",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "data.limit=2048",
+        "--set",
+        "tracking.log_every=4",
+        *store,
+        "--name",
+        "preempted",
+        env=env,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    (noticed,) = re.findall(r"\[preempt\] a worker got SIGTERM: checkpoint at step (\d+)", output)
+    assert 44 <= int(noticed) <= 52, noticed  # the first checks after the signal (its handler runs within a poll)
+    assert "[preempt] checkpoint reported; this worker exits (SIGTERM)" in output
+    assert re.search(rf"resuming from epoch 1 \(step {noticed}\)", output), output[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("gan-pipeline").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")] == list(range(4, 65, 4))
+    assert "replayed_steps" not in run.data.tags  # nothing trained twice: the restart began at the checkpoint
 
 
 def test_every_torch_load_is_weights_only():

@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -109,3 +110,50 @@ def test_two_runs_logging_the_same_new_dataset_at_once_both_get_it(tmp_path):
     for run in runs:
         inputs = run.client.get_run(run.run_id).inputs.dataset_inputs
         assert sorted(i.dataset.digest for i in inputs) == [f"{r:036d}" for r in range(3)]
+
+
+def test_a_store_that_goes_away_costs_a_training_run_no_record(tmp_path, monkeypatch, capsys):
+    """Rank 0's tracker (keep_while_away) against a real MLflow server that is stopped and started again: while it
+    is away, metrics, a grid and a tag are kept with one line; once it is back, the next flush sends them, each step
+    once, with one line. Any other tracker raises at once; a run's end past its patience fails naming what is lost."""
+    from pipeline.tracking.outage import HTTP_LIMITS, StoreUnreachable
+    from tests.servers import MLflowServer
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this test's speed: the limits are checked below
+    for key in HTTP_LIMITS:
+        if key != "MLFLOW_HTTP_REQUEST_MAX_RETRIES":
+            monkeypatch.delenv(key, raising=False)
+    server = MLflowServer(tmp_path, str(tmp_path / "artifacts"))
+    try:
+        run_id = start_run(server.uri, "gan-pipeline", "outage")
+        tracker = MLflowTracker(server.uri, run_id, keep_while_away=True)
+        # MLflow's HTTP client is bounded where the environment does not say otherwise
+        assert all(os.environ[key] == HTTP_LIMITS[key] for key in HTTP_LIMITS if "RETRIES" not in key)
+        tracker.log_metrics({"loss_d": 1.0}, step=1)
+        tracker.flush()
+        server.stop()
+        tracker.log_metrics({"loss_d": 2.0}, step=2)
+        tracker.log_metrics({"loss_d": 3.0, "loss_g": 0.5}, step=3)
+        tracker.flush()  # the store is away: nothing raised
+        tracker.log_image_grid(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), "samples/epoch_002.png")
+        tracker.set_tags({"after": "outage"})
+        tracker.flush()
+        said = capsys.readouterr().out
+        assert said.count("does not answer") == 1 and "records are kept" in said
+        with pytest.raises(Exception, match="API request to"):  # a tracker that keeps nothing raises
+            MLflowTracker(server.uri, run_id).set_tags({"x": "y"})
+        with pytest.raises(StoreUnreachable, match=r"3 metric point\(s\) and 2 other record"):
+            tracker.finish(patience_s=0)
+        server.start()
+        tracker.log_metrics({"loss_d": 4.0}, step=4)
+        tracker.finish(patience_s=60, every_s=1)
+        assert "answers again" in capsys.readouterr().out
+        client = mlflow_client(server.uri)
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss_d"))
+        assert history == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+        assert [m.step for m in client.get_metric_history(run_id, "loss_g")] == [3]
+        assert client.get_run(run_id).data.tags["after"] == "outage"
+        assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/epoch_002.png"]
+        assert tracker.kept.folder is None  # the kept copies are gone once sent
+    finally:
+        server.stop()

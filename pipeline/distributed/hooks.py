@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ class Console(Hook):
 
 class Tracking(Hook):
     """The loop's figures and sample grids into the run's tracker (rank 0's MLflow run; a NullTracker elsewhere),
-    its buffered steps written once each report is out (it follows the :class:`Reporter`)."""
+    its buffered steps written once each report and its checkpoint are out (it follows the :class:`Reporter`)."""
 
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
@@ -78,7 +79,11 @@ class Reporter(Hook):
         result = to_result(report)
         if place.is_main:
             result.update(checkpoint_s=self.checkpoint_s, worker_s=report.metrics.get("train_s", 0.0) * self.world)
-            self.tracker.flush()  # the steps up to this report belong to the run whatever a sweep decides there
+            if self.job.verdicts is not None or place.report_waits:
+                # A sweep's trial: Tune may end it at this report, and the steps up to it belong to the run whatever
+                # Tune decides. Elsewhere the checkpoint goes first (Tracking flushes after it). A store that does not
+                # answer costs neither: the tracker keeps the steps (pipeline.tracking.outage).
+                self.tracker.flush()
         saving = time.perf_counter()
         saved = self.hand_on(result, report.checkpoint)
         # Saved and persisted, told in the next report; where the report also waits for the sweep's verdict,
@@ -245,23 +250,31 @@ def resize_poll(job: WorkerJob, place: WorkerPlace, console: Hook) -> list[Hook]
 @dataclass(frozen=True)
 class FaultDrill(Hook):
     """A hook for drills and fault-tolerance tests: rank ``rank`` exits at step ``step``, once (the file ``once``
-    marks that it happened), as a crashed process would."""
+    marks that it happened), as a crashed process would; or, with ``sigterm``, is sent SIGTERM there, as a node
+    being shut down would be (pipeline.distributed.preemption)."""
 
     step: int
     rank: int
     once: str
+    sigterm: bool = False
 
     @classmethod
     def from_env(cls) -> FaultDrill | None:
-        """PIPELINE_FAULT_AT_STEP=N [PIPELINE_FAULT_RANK=R] [PIPELINE_FAULT_ONCE=FILE]; None when not set."""
+        """PIPELINE_FAULT_AT_STEP=N [PIPELINE_FAULT_RANK=R] [PIPELINE_FAULT_ONCE=FILE] [PIPELINE_FAULT=sigterm];
+        None when not set."""
         step = os.environ.get("PIPELINE_FAULT_AT_STEP")
         if not step:
             return None
         once = os.environ.get("PIPELINE_FAULT_ONCE") or os.path.join(tempfile.gettempdir(), f"pipeline-fault-{step}")
-        return cls(int(step), int(os.environ.get("PIPELINE_FAULT_RANK", "0")), once)
+        sigterm = os.environ.get("PIPELINE_FAULT", "exit") == "sigterm"
+        return cls(int(step), int(os.environ.get("PIPELINE_FAULT_RANK", "0")), once, sigterm)
 
     def on_step(self, step: Step) -> None:
         if step.rank == self.rank and step.number == self.step and not os.path.exists(self.once):
             Path(self.once).touch()
+            if self.sigterm:
+                print(f"[fault] rank {step.rank} is sent SIGTERM at step {step.number}", flush=True)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             print(f"[fault] rank {step.rank} exits at step {step.number} (PIPELINE_FAULT_AT_STEP)", flush=True)
             os._exit(1)  # no cleanup, no exception for anyone to catch

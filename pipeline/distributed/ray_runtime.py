@@ -305,6 +305,13 @@ def _probe_train_constants() -> None:
         f"{WORKER_GROUP_START_TIMEOUT_ENV} is no longer read and propagated",
     )
     _expect(constants.ENABLE_PRINT_PATCH_ENV_VAR == PRINT_PATCH_ENV, api, f"{PRINT_PATCH_ENV} is no longer read")
+    # pipeline.distributed.preemption waits two of its polls for a signalled worker's last report to be taken
+    _expect(
+        constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+        and constants.DEFAULT_HEALTH_CHECK_INTERVAL_S <= 2.0,
+        api,
+        "the workers' poll interval is no longer RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, at most 2 s by default",
+    )
 
 
 def _probe_train_record() -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.core.retry import Unavailable
+from pipeline.distributed.preemption import PreemptionWatch, any_worker, install_sigterm_notice, training
 from pipeline.distributed.prepare import verify_latest_checkpoint
 from pipeline.distributed.ray_runtime import lost_ranks, set_worker_group_start_timeout, train_worker_env
 from pipeline.distributed.resources import resolve_scaling, worker_resources, world_size
@@ -53,14 +54,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=device),
         mean_over_workers=all_reduce_mean,  # Ray Train sets up a process group even for one worker
     )
+    install_sigterm_notice()
+    watch = PreemptionWatch(
+        job.config.tracking.log_every, ray.train.get_preemption_info, any_worker(device), runtime.is_main, print
+    )
     place = WorkerPlace(
         runtime,
         local_rank=context.get_local_rank(),
         restored=ray.train.get_checkpoint(),
         report=report,
         node_ids=lambda: _node_ids_of_all_workers(world),
+        preemption=watch,
     )
-    run_worker(job, place, entered)
+    training(True)
+    try:
+        run_worker(job, place, entered)
+    finally:
+        training(False)
 
 
 def _node_ids_of_all_workers(world: int) -> list[str]:

@@ -107,6 +107,7 @@ class WorkerPlace:
     report: Callable[[dict[str, Any], str | None], None]
     node_ids: Callable[[], list[str]]  # every rank's Ray node id (a collective)
     report_waits: bool = False  # report returns only once a sweep lets the run go on (a trial's own process)
+    preemption: Hook | None = None  # hears a preemption notice (pipeline.distributed.preemption); a Train worker's
 
     @property
     def is_main(self) -> bool:
@@ -125,7 +126,8 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
     data = job.source.batches(rt.device, print if place.local_rank == 0 else (lambda _: None))
     timing = StartTiming.of(job, entered)
     resume, exploit = restored_state(job, place)
-    tracker = tracker_for(job.tracking_uri, job.mlflow_run_id if place.is_main else None)
+    # Rank 0's writes wait out a tracking store that does not answer (kept, sent when it is back).
+    tracker = tracker_for(job.tracking_uri, job.mlflow_run_id if place.is_main else None, keep_while_away=True)
     # The run's worker count from its first step on: an elastic run's curve of sizes in MLflow.
     tracker.log_metrics({"world_size": rt.world_size}, step=int(resume["step"]) if resume else 0)
     scorer = Scorer.of(job.evaluator, cfg) if place.is_main and cfg.eval.every_epochs and job.evaluator else None
@@ -141,6 +143,7 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
         hooks.append(ExploitRecord({**exploit, "network": network_shape(cfg.model)}, tracker, console))
     # The report out first, then the tracker's steps written: a restart resumes after them, never before.
     hooks += [*resize_poll(job, place, console), reporter, Tracking(tracker)]
+    hooks += [place.preemption] if place.preemption is not None else []  # last: a signalled worker exits there
     runtime = rt if job.sync_gradients else dataclasses.replace(rt, wrap_model=identity)
     monitor = (
         system_metrics(job.tracking_uri, job.mlflow_run_id, cfg.tracking.system_metrics_s)
@@ -156,6 +159,7 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
             if place.is_main:
                 console.on_line(f"[train] {exc}")
             reporter.on_report(Diverged.at(exc.epoch))
+        tracker.finish()  # what a store away kept is sent before the run is called done (or the run fails, naming it)
 
 
 def restored_state(job: WorkerJob, place: WorkerPlace) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

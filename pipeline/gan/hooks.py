@@ -71,6 +71,11 @@ class Hook:
         """Asked inside epochs: a new worker count to pause for, or None to go on."""
         return None
 
+    def preempted(self, step: int) -> str | None:
+        """Asked after every step on every worker, in step: a preemption notice (the run checkpoints at once), or
+        None to go on."""
+        return None
+
 
 @dataclass
 class On(Hook):
@@ -103,7 +108,8 @@ class On(Hook):
 
 
 class Hooks(Hook):
-    """Several hooks as one: each event goes to every hook in order; the first that asks for a resize decides."""
+    """Several hooks as one: each event goes to every hook in order; the first that asks for a resize decides, and any
+    notice of preemption."""
 
     def __init__(self, hooks: Sequence[Hook]):
         self.hooks = list(hooks)
@@ -137,6 +143,10 @@ class Hooks(Hook):
 
     def resize(self, step: int, steps_left: int) -> int | None:
         return next((n for hook in self.hooks if (n := hook.resize(step, steps_left)) is not None), None)
+
+    def preempted(self, step: int) -> str | None:
+        notices = [hook.preempted(step) for hook in self.hooks]  # every hook asked: each may be a collective
+        return next((notice for notice in notices if notice), None)
 
 
 class Scorer(Protocol):

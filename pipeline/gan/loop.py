@@ -214,8 +214,9 @@ class LoopRun:
             # Every step counts towards the epoch means and the next logged mean (every tracking.log_every).
             tally.sums += values
             self.log_step(values)
+            notice = hooks.preempted(state.step)  # at an epoch's end its own report checkpoints
             if i + 1 < self.num_steps:
-                report = self.stop_inside_epoch(tally, epoch, i + 1)
+                report = self.stop_inside_epoch(tally, epoch, i + 1, notice)
                 if isinstance(report, Pause):
                     return report
         return None
@@ -285,14 +286,14 @@ class LoopRun:
         if self.rt.is_main:
             self.hooks.on_metrics(dict(zip(LOSS_KEYS, means.tolist(), strict=True)), step=step)
 
-    def stop_inside_epoch(self, tally: Tally, epoch: int, done: int) -> Report | None:
+    def stop_inside_epoch(self, tally: Tally, epoch: int, done: int, notice: str | None = None) -> Report | None:
         """After step ``done`` of an epoch (not its last): a pause if ``hooks.resize`` names a new worker count,
-        a report if ``tune.report_every_steps`` says one is due, else None."""
+        a report if ``tune.report_every_steps`` says one is due or a preemption ``notice`` came, else None."""
         step, every = self.state.step, self.cfg.tune.report_every_steps
         target = self.hooks.resize(step, self.total_steps - step)
         if target is not None:
             return self.close(tally, epoch, done, resize_to=target)
-        if every and step % every == 0:
+        if notice or (every and step % every == 0):
             return self.close(tally, epoch, done)
         return None
 

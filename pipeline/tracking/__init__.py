@@ -1,6 +1,6 @@
 """Owns everything MLflow: the store (client, experiments, runs, system metrics, its private APIs), a run's
-tracker and its no-op twin (the one factory, tracker_for), the Model Registry and its champion, and the evaluators
-a store shares. The only package that imports mlflow.
+tracker and its no-op twin (the one factory, tracker_for), what a training run keeps while its store does not answer
+(outage), the Model Registry and its champion, and the evaluators a store shares. The only package that imports mlflow.
 
 Imports: core, data, config, gan, eval
 """

@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.core.errors import PrivateApiChanged, UserError, make_writable_dir
 from pipeline.core.secrets import masked_uri
 from pipeline.core.uris import local_store_dir
+from pipeline.tracking.outage import HTTP_LIMITS
 
 # --------------------------------------------------------------------------------------------------
 # MLflow
@@ -119,6 +120,8 @@ def mlflow_client(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow prints "View run ... at: URL" whenever a run on a server ends; the commands print their own link.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for key, value in HTTP_LIMITS.items():  # bounded on purpose (pipeline.tracking.outage)
+        os.environ.setdefault(key, value)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from pipeline.core.pictures import figure, save_image_grid
+from pipeline.core.secrets import masked_uri
+from pipeline.tracking.outage import END_PATIENCE_S, PATIENCE_EVERY_S, KeptWrites, StoreUnreachable
 from pipeline.tracking.store import GENERATOR_FACTS, mlflow_client, using_tracking_uri
 
 
@@ -28,6 +30,7 @@ class Tracker(Protocol):
     def log_artifact(self, local_path: str, artifact_dir: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def flush(self) -> None: ...
+    def finish(self) -> None: ...
     def metric_history(self, key: str) -> list[tuple[int, float]]: ...
     def tags(self) -> dict[str, str]: ...
 
@@ -53,6 +56,9 @@ class NullTracker:
     def flush(self) -> None:
         pass
 
+    def finish(self) -> None:
+        pass
+
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return []
 
@@ -76,17 +82,21 @@ REPLAYED_TAG = "replayed_steps"
 class MLflowTracker:
     """Logs into one existing MLflow run (by id).
 
-    Step metrics are buffered and written by :meth:`flush`, which the trainer calls after each epoch's
-    checkpoint is saved. A run restarted from an earlier checkpoint than the one its metrics reached
-    (the driver killed between the two) recomputes steps that are already logged; resuming is exact, so
+    Step metrics are buffered and written by :meth:`flush`, which the trainer calls after each report's
+    checkpoint is saved (before it in a sweep's trial, where Tune may end the trial at the report). Rank 0 of a
+    training run (``keep_while_away``) keeps metrics, grids and tags while the store does not answer and sends them,
+    in order, at the first flush it answers again (pipeline.tracking.outage); :meth:`finish` waits for that at the
+    run's end. A run restarted from an earlier checkpoint than the one its metrics reached (the driver killed
+    between the two) recomputes steps that are already logged; resuming is exact, so
     their values are the same, and a step already in a metric's history is not written again (metric
     histories never hold a step twice), only counted in the tag ``replayed_steps``.
     """
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, keep_while_away: bool = False):
         self.uri = uri
         self.run_id = run_id
         self.client = mlflow_client(uri)
+        self.kept = KeptWrites(uri, keep_while_away)
         self._pending: list[Any] = []
         self._logged_through: dict[str, int] = {}  # metric key -> last step already in the run
 
@@ -113,38 +123,81 @@ class MLflowTracker:
         self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
     def flush(self) -> None:
-        """Write the buffered metrics, each step once. Points at a step the run already holds (a restart from an
-        earlier checkpoint than its metrics reached) are not written again; their count is added to the run's
-        tag ``replayed_steps``, so a run (and a test) can see that it happened."""
-        fresh, replayed = [], 0
+        """Write what is kept and the buffered metrics, each step once; at rank 0 of a training run, while the store
+        does not answer, keep them (one line when it goes away, one when it is back). Points at a step the run already
+        holds (a restart from an earlier checkpoint than its metrics reached) are not written again; their count is
+        added to the run's tag ``replayed_steps``, so a run (and a test) can see that it happened."""
+        kept = self.kept
+        if kept.down and not kept.replay():
+            return
+        was_down, points = kept.down, len(self._pending)
+        try:
+            self._send_pending()
+        except Exception as exc:
+            if not kept.absorbs(exc):
+                raise
+            kept.went_away(exc)
+            return
+        if was_down:
+            kept.came_back(points)
+
+    def _send_pending(self) -> None:
+        fresh, replayed, through = [], 0, dict(self._logged_through)
         for metric in self._pending:
-            if metric.key not in self._logged_through:
+            if metric.key not in through:
                 history = self.client.get_metric_history(self.run_id, metric.key)
-                self._logged_through[metric.key] = max((m.step for m in history), default=-1)
-            if metric.step > self._logged_through[metric.key]:
+                through[metric.key] = self._logged_through[metric.key] = max((m.step for m in history), default=-1)
+            if metric.step > through[metric.key]:
                 fresh.append(metric)
-                self._logged_through[metric.key] = metric.step
+                through[metric.key] = metric.step
             else:
                 replayed += 1
-        self._pending = []
-        for i in range(0, len(fresh), 1000):
-            self.client.log_batch(self.run_id, metrics=fresh[i : i + 1000])
+        self._pending = fresh
         if replayed:
-            before = int(self.client.get_run(self.run_id).data.tags.get(REPLAYED_TAG, "0"))
-            self.set_tags({REPLAYED_TAG: str(before + replayed)})
+            self.kept.send(lambda: self._add_replayed(replayed))
+        while self._pending:  # a batch at a time, each forgotten once the store has it
+            batch = self._pending[:1000]
+            self.client.log_batch(self.run_id, metrics=batch)
+            for metric in batch:
+                self._logged_through[metric.key] = max(self._logged_through.get(metric.key, -1), metric.step)
+            self._pending = self._pending[len(batch) :]
+
+    def _add_replayed(self, count: int) -> None:
+        before = int(self.client.get_run(self.run_id).data.tags.get(REPLAYED_TAG, "0"))
+        self.client.set_tag(self.run_id, REPLAYED_TAG, str(before + count))
+
+    def finish(self, patience_s: float = END_PATIENCE_S, every_s: float = PATIENCE_EVERY_S) -> None:
+        """The run's end on its rank 0: everything written, waiting up to ``patience_s`` for a store that is away
+        (asking every ``every_s``); :class:`StoreUnreachable`, saying what was not recorded, past that."""
+        deadline = time.monotonic() + patience_s
+        self.flush()
+        while self.kept.down:
+            if time.monotonic() >= deadline:
+                raise StoreUnreachable(
+                    f"the tracking store {masked_uri(self.uri)} did not answer for {patience_s:.0f} s at the run's "
+                    f"end: {len(self._pending)} metric point(s) and {len(self.kept.writes)} other record(s) of run "
+                    f"{self.run_id} were not recorded (its checkpoints are saved)"
+                )
+            time.sleep(every_s)
+            self.flush()
 
     def log_image_grid(self, images: torch.Tensor, artifact_path: str) -> None:
         directory, _, name = artifact_path.rpartition("/")
         with tempfile.TemporaryDirectory() as tmp:
             save_image_grid(images, os.path.join(tmp, name))
-            self.client.log_artifact(self.run_id, os.path.join(tmp, name), directory or None)
+            self.log_artifact(os.path.join(tmp, name), directory or None)
 
     def log_artifact(self, local_path: str, artifact_dir: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, local_path, artifact_dir)
+        """Log the file ``local_path`` (kept, a copy of it, while the store is away)."""
+
+        def write(path: str) -> Any:
+            return lambda: self.client.log_artifact(self.run_id, path, artifact_dir)
+
+        self.kept.send(write(local_path), (local_path,), lambda copies: write(copies[0]))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self.kept.send(lambda key=key, value=value: self.client.set_tag(self.run_id, key, str(value)))
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
@@ -257,8 +310,9 @@ class MLflowTracker:
         self.client.set_terminated(self.run_id, status=status, end_time=end_time_ms)
 
 
-def tracker_for(uri: str | None, run_id: str | None) -> MLflowTracker | NullTracker:
-    """The tracker of the MLflow run ``run_id`` in the store ``uri``; a NullTracker without one."""
+def tracker_for(uri: str | None, run_id: str | None, keep_while_away: bool = False) -> MLflowTracker | NullTracker:
+    """The tracker of the MLflow run ``run_id`` in the store ``uri``; a NullTracker without one. ``keep_while_away``:
+    a training run's rank 0, whose writes wait for a store that does not answer (pipeline.tracking.outage)."""
     if uri is None or run_id is None:
         return NullTracker()
-    return MLflowTracker(uri, run_id)
+    return MLflowTracker(uri, run_id, keep_while_away)
