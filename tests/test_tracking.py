@@ -116,19 +116,24 @@ def test_a_store_that_goes_away_costs_a_training_run_no_record(tmp_path, monkeyp
     """Rank 0's tracker (keep_while_away) against a real MLflow server that is stopped and started again: while it
     is away, metrics, a grid and a tag are kept with one line; once it is back, the next flush sends them, each step
     once, with one line. Any other tracker raises at once; a run's end past its patience fails naming what is lost."""
-    from pipeline.tracking.outage import HTTP_LIMITS, StoreUnreachable
+    from pipeline.tracking import store
+    from pipeline.tracking.outage import HTTP_LIMITS, KEEPING_LIMITS, StoreUnreachable
     from tests.servers import MLflowServer
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this test's speed: the limits are checked below
+    monkeypatch.setattr(store, "_DEFAULTED", {})
     for key in HTTP_LIMITS:
         if key != "MLFLOW_HTTP_REQUEST_MAX_RETRIES":
             monkeypatch.delenv(key, raising=False)
     server = MLflowServer(tmp_path, str(tmp_path / "artifacts"))
     try:
         run_id = start_run(server.uri, "gan-pipeline", "outage")
+        # MLflow's HTTP client is bounded where the environment does not say otherwise, patient in a driver...
+        assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == HTTP_LIMITS["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]
         tracker = MLflowTracker(server.uri, run_id, keep_while_away=True)
-        # MLflow's HTTP client is bounded where the environment does not say otherwise
-        assert all(os.environ[key] == HTTP_LIMITS[key] for key in HTTP_LIMITS if "RETRIES" not in key)
+        # ... and sooner done at a training run's rank 0, which keeps what the store does not take
+        assert all(os.environ[key] == KEEPING_LIMITS[key] for key in KEEPING_LIMITS if "RETRIES" not in key)
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"  # what the environment says stays
         tracker.log_metrics({"loss_d": 1.0}, step=1)
         tracker.flush()
         server.stop()

@@ -3,8 +3,8 @@ costs the run nothing: what the run writes is kept (:class:`KeptWrites`) and sen
 again; one line says when it went away and one when it came back. A write that fails for another reason (a bad
 value, a permission) is raised as before.
 
-MLflow's HTTP client is bounded on purpose (:data:`HTTP_LIMITS`): its defaults (120 s per request, 7 retries with
-backoff 2) hold a training step for over ten minutes before anyone hears of a fault.
+MLflow's HTTP client is bounded on purpose (:data:`HTTP_LIMITS`, :data:`KEEPING_LIMITS`): its defaults (120 s per
+request, 7 retries with backoff 2) hold a training step for over ten minutes before anyone hears of a fault.
 """
 
 from __future__ import annotations
@@ -18,14 +18,17 @@ from typing import Any
 
 from pipeline.core.secrets import masked_uri
 
-# Set where a run makes its MLflow client unless the environment says otherwise (pipeline.tracking.store): a request
-# given up after 20 s without an answer, tried 4 times in all about 0, 2 and 4 s apart. A refused store fails a write
-# in about 7 s, a hung one in about 90 s; after that the run only tries again at its next report.
+# Set where a process makes its MLflow client unless the environment says otherwise (pipeline.tracking.store): a
+# request given up after 20 s without an answer, tried 6 times about 0, 4, 8, 16 and 32 s apart, so that a driver's
+# write outlives a server's restart (about a minute).
 HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
 }
+# A training run's rank 0 keeps what the store does not take (KeptWrites), so it gives up sooner and trains on: tried
+# 3 times about 0 and 2 s apart (a refused store in about 3 s, a hung one in about 60 s, once per report).
+KEEPING_LIMITS = {**HTTP_LIMITS, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 # How long a run's end waits for a store that is away to take the writes it kept, asking every PATIENCE_EVERY_S.
 END_PATIENCE_S = 600.0
 PATIENCE_EVERY_S = 15.0

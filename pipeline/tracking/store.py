@@ -120,11 +120,21 @@ def mlflow_client(uri: str) -> Any:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow prints "View run ... at: URL" whenever a run on a server ends; the commands print their own link.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    for key, value in HTTP_LIMITS.items():  # bounded on purpose (pipeline.tracking.outage)
-        os.environ.setdefault(key, value)
+    bound_http_client(HTTP_LIMITS)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+_DEFAULTED: dict[str, str] = {}  # the MLflow variables this process set itself, and to what
+
+
+def bound_http_client(limits: dict[str, str]) -> None:
+    """MLflow's HTTP timeouts and retries for this process (pipeline.tracking.outage), where the environment does not
+    set them (a value this process did not set itself stays)."""
+    for key, value in limits.items():
+        if os.environ.get(key, _DEFAULTED.get(key)) == _DEFAULTED.get(key):
+            os.environ[key] = _DEFAULTED[key] = value
 
 
 @contextlib.contextmanager

@@ -19,8 +19,8 @@ import torch
 
 from pipeline.core.pictures import figure, save_image_grid
 from pipeline.core.secrets import masked_uri
-from pipeline.tracking.outage import END_PATIENCE_S, PATIENCE_EVERY_S, KeptWrites, StoreUnreachable
-from pipeline.tracking.store import GENERATOR_FACTS, mlflow_client, using_tracking_uri
+from pipeline.tracking.outage import END_PATIENCE_S, KEEPING_LIMITS, PATIENCE_EVERY_S, KeptWrites, StoreUnreachable
+from pipeline.tracking.store import GENERATOR_FACTS, bound_http_client, mlflow_client, using_tracking_uri
 
 
 class Tracker(Protocol):
@@ -96,6 +96,8 @@ class MLflowTracker:
         self.uri = uri
         self.run_id = run_id
         self.client = mlflow_client(uri)
+        if keep_while_away:  # this process is a training run's rank 0: its writes give up sooner (they are kept)
+            bound_http_client(KEEPING_LIMITS)
         self.kept = KeptWrites(uri, keep_while_away)
         self._pending: list[Any] = []
         self._logged_through: dict[str, int] = {}  # metric key -> last step already in the run
