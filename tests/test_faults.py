@@ -84,36 +84,13 @@ def test_a_bad_tracking_uri_in_the_environment_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_changed_or_corrupted_checkpoint_on_resume_is_refused_before_ray(tmp_path):
-    from pipeline.core import checkpoint
-
-    uri, store = _store(tmp_path)
-    first = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=1", *store, "--name", "c")
-    assert first.returncode == 0, first.stderr[-2000:]
-    (latest,) = sorted(p for p in (tmp_path / "runs" / "c").glob("checkpoint_*") if p.is_dir())[-1:]
-    target = latest / checkpoint.FILENAME
-    written = sorted(p.name for p in (tmp_path / "runs" / "c").iterdir())
-    for key, value in (("train.batch_size", "32"), ("data.limit", "1024"), ("model.latent_dim", "32")):
-        smoke = load_config(CONFIGS / "smoke.yaml")
-        was = smoke.to_dict()[key.split(".")[0]][key.split(".")[1]]
-        changed = run_cli("train", "-c", "configs/smoke.yaml", "--set", f"{key}={value}", *store, "--resume", "c")
-        assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-2000:]
-        assert changed.stderr.startswith(f"error: {key}: {value} differs from the checkpoint's {was} ("), changed.stderr
-        assert f"set {key}={was}, or start a new run" in changed.stderr
-        assert len(changed.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in (tmp_path / "runs" / "c").iterdir()) == written  # nothing written
-    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("gan-pipeline").experiment_id])
-    assert run.info.status == "FINISHED"
-    target.write_bytes(target.read_bytes()[:1000])
-    again = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", *store, "--resume", "c")
-    assert again.returncode == 2 and "corrupted or truncated" in again.stderr and "Traceback" not in again.stderr
-    assert target.stat().st_size == 1000  # left as it was, for the user to inspect
-
-
-@pytest.mark.slow
-def test_a_damaged_latest_checkpoint_gives_way_to_the_one_kept_before_it(tmp_path):
-    """The newest checkpoint torn (a crash of the disk, not of the run): `--resume` says so and goes on from the one
-    Ray Train kept before it, leaving the torn one and Ray's former record where they were."""
+def test_a_changed_or_moved_resume_is_refused_before_ray_and_a_damaged_checkpoint_gives_way_to_the_one_before(
+    tmp_path,
+):
+    """`--resume` with settings the checkpoint was not trained with, or another train.storage_path, stops before Ray
+    with one line and writes nothing. The newest checkpoint torn (a crash of the disk, not of the run): `--resume`
+    says so and goes on from the one Ray Train kept before it, leaving the torn one and Ray's former record where they
+    were. (With no checkpoint before it, the resume is refused: tests/test_multinode.py, on S3.)"""
     import json
 
     from pipeline.core import checkpoint
@@ -123,6 +100,20 @@ def test_a_damaged_latest_checkpoint_gives_way_to_the_one_kept_before_it(tmp_pat
     first = run_cli("train", "-c", "configs/smoke.yaml", "--set", "train.epochs=2", *store, "--name", "c")
     assert first.returncode == 0, first.stderr[-2000:]
     run = tmp_path / "runs" / "c"
+    written = sorted(p.name for p in run.iterdir())
+    for key, value in (("train.batch_size", "32"), ("data.limit", "1024"), ("model.latent_dim", "32")):
+        smoke = load_config(CONFIGS / "smoke.yaml")
+        was = smoke.to_dict()[key.split(".")[0]][key.split(".")[1]]
+        changed = run_cli("train", "-c", "configs/smoke.yaml", "--set", f"{key}={value}", *store, "--resume", "c")
+        assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-2000:]
+        assert changed.stderr.startswith(f"error: {key}: {value} differs from the checkpoint's {was} ("), changed.stderr
+        assert f"set {key}={was}, or start a new run" in changed.stderr
+        assert len(changed.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in run.iterdir()) == written  # nothing written
+    (finished,) = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("gan-pipeline").experiment_id]
+    )
+    assert finished.info.status == "FINISHED"
     earlier, latest = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
     per_epoch = latest_recorded_result((run / TRAIN_RECORD).read_bytes())["metrics"]["step"] // 2
     before = checkpoint.load(earlier)
@@ -176,6 +167,46 @@ def test_a_preemption_notice_checkpoints_once_at_the_next_check_and_training_goe
     train_gan(cfg, fake_split, hooks=[On(report=reports.append), signalled])
     assert lines[-1] == "[preempt] a worker got SIGTERM: checkpoint at step 2" and exits == [1, 1]
     assert reports[0].metrics["step"] == 2  # then every report exits (here: returns, so the loop went on)
+
+
+def test_a_worker_dying_while_the_group_starts_is_fitted_again_up_to_max_failures():
+    """Ray Train ends a run whose worker died during the group's start (a controller error it is told not to retry,
+    so that a start that times out ends the run): the driver fits the run again, which resumes from its recorded
+    checkpoint, up to train.max_failures times; a start that timed out is not retried."""
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    from pipeline.distributed.run import fit_again_after_failed_starts
+
+    cfg = load_config(CONFIGS / "smoke.yaml", ["train.max_failures=2"])
+    lines = []
+    request = SimpleNamespace(name="r", verbose=False, progress=lines.append)
+
+    def executor(*failures):
+        left = list(failures)
+
+        def fit(*_):
+            if left:
+                raise left.pop(0)
+            return "trained"
+
+        return SimpleNamespace(fit=fit, left=left)
+
+    died = ControllerError(WorkerGroupStartupFailedError("At least one of the worker actors failed to initialize."))
+    assert fit_again_after_failed_starts(cfg, request, executor(died, died), None, False, None) == "trained"
+    assert lines == [
+        f"[train] a worker died while the worker group started; starting it again from the recorded checkpoint "
+        f"({n} of train.max_failures=2)"
+        for n in (1, 2)
+    ]
+    with pytest.raises(ControllerError):
+        fit_again_after_failed_starts(cfg, request, executor(died, died, died), None, False, None)
+    timed_out = executor(ControllerError(WorkerGroupStartupTimeoutError(1)))
+    with pytest.raises(ControllerError):
+        fit_again_after_failed_starts(cfg, request, timed_out, None, False, None)
+    assert timed_out.left == []  # raised at the first try
 
 
 # ---------------------------------------------------------------------------------------------- divergence

@@ -134,6 +134,14 @@ def startup_timed_out(exc: BaseException) -> bool:
     return isinstance(getattr(exc, "controller_failure", None), WorkerGroupStartupTimeoutError)
 
 
+def startup_failed(exc: BaseException) -> bool:
+    """Whether a Train run failed because a worker died while its group started (killed, its node lost): Ray Train
+    counts that against its controller's failures, which a run allows none of (a startup that times out must end it)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError
+
+    return isinstance(getattr(exc, "controller_failure", None), WorkerGroupStartupFailedError)
+
+
 def lost_ranks(worker_exceptions: dict[int, Exception]) -> dict[int, str]:
     """The ranks of a Train worker group whose worker is gone (its process or node died, or it stopped
     answering), each with the cause in a few words; not the ranks that raised an error of their own, nor a health
@@ -274,6 +282,14 @@ def _probe_startup_timeout() -> None:
     except (ImportError, TypeError) as exc:
         raise PrivateApiChanged(f"{api}: {exc}; update startup_timed_out") from None
     _expect(startup_timed_out(ControllerError(failure)), api, "ControllerError.controller_failure no longer holds it")
+    api = "ray.train.v2._internal.exceptions.WorkerGroupStartupFailedError"
+    try:
+        from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError
+
+        failed = WorkerGroupStartupFailedError("At least one of the worker actors failed to initialize.")
+    except (ImportError, TypeError) as exc:
+        raise PrivateApiChanged(f"{api}: {exc}; update startup_failed") from None
+    _expect(startup_failed(ControllerError(failed)), api, "ControllerError.controller_failure no longer holds it")
 
 
 def _probe_lost_ranks() -> None:

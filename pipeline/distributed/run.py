@@ -20,7 +20,7 @@ from pipeline.data.kinds import source_of
 from pipeline.distributed.hooks import FaultDrill
 from pipeline.distributed.lifecycle import RunDiverged, TrainOutcome, WorkersUnavailable, fail_run, finish_run, open_run
 from pipeline.distributed.prepare import RunRequest, prepare_run
-from pipeline.distributed.ray_runtime import init_ray, startup_timed_out
+from pipeline.distributed.ray_runtime import init_ray, startup_failed, startup_timed_out
 from pipeline.distributed.registration import register_best
 from pipeline.distributed.resources import check_resources, resolve_scaling, use_gpu, world_size
 from pipeline.distributed.results import Reports, result_resize_to
@@ -92,7 +92,7 @@ def run_training(
         fit_at=time.time(),
     )
     try:
-        result = executor.fit(job, request.name, gpu, request.verbose, reports)
+        result = fit_again_after_failed_starts(cfg, request, executor, job, gpu, reports)
     except Exception as exc:
         fail_run(tracker)
         if startup_timed_out(exc):
@@ -104,6 +104,24 @@ def run_training(
             ) from None
         raise
     return conclude(cfg, request, tracker, location, result, reports)
+
+
+def fit_again_after_failed_starts(  # noqa: PLR0913 - the run's pieces, once
+    cfg: PipelineConfig, request: RunRequest, executor: Executor, job: WorkerJob, gpu: bool, reports: Reports
+) -> Any:
+    """The executor's fit; fitted again (the Train run of the same name resumes from its recorded checkpoint) when a
+    worker died while the group started, up to ``train.max_failures`` times in all."""
+    for attempt in range(cfg.train.max_failures + 1):
+        try:
+            return executor.fit(job, request.name, gpu, request.verbose, reports)
+        except Exception as exc:
+            if not startup_failed(exc) or attempt == cfg.train.max_failures:
+                raise
+            request.progress(
+                f"[train] a worker died while the worker group started; starting it again from the recorded "
+                f"checkpoint ({attempt + 1} of train.max_failures={cfg.train.max_failures})"
+            )
+    raise AssertionError("unreachable")
 
 
 def conclude(  # noqa: PLR0913 - a run's end, once

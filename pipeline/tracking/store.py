@@ -121,6 +121,8 @@ def mlflow_client(uri: str) -> Any:
     # MLflow prints "View run ... at: URL" whenever a run on a server ends; the commands print their own link.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     bound_http_client(HTTP_LIMITS)
+    # urllib3 says each of MLflow's retries ("Retrying (Retry(total=...")): a store away is said once, by the run.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -145,8 +147,9 @@ def system_metrics(uri: str, run_id: str, interval_s: float = 10.0) -> Iterator[
     # the monitor itself logs into any run by id.
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    # Its INFO lines (started, stopping, no GPU to log) say nothing a user acts on; warnings still show.
-    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    # Its INFO lines (started, stopping, no GPU to log) say nothing a user acts on, nor its warning at each sample
+    # while the store is away (the run says that once); errors still show.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=uri)
     monitor.start()
     try:
