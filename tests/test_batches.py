@@ -325,3 +325,37 @@ def test_a_conditional_gan_trains_on_a_streamed_folder_of_classes(prepared):
     assert torch.equal(result.state.generator.class_weights, counts.double() / counts.sum())
     assert grids["samples/epoch_001.png"].shape == (3 * 8, 3, 32, 32)
     assert grids["samples/nearest_training.png"].shape == (NEAREST_SAMPLES * (NEAREST_NEIGHBOURS + 1), 3, 32, 32)
+
+
+def test_a_passing_read_fault_mid_epoch_is_retried_and_a_lasting_one_is_unavailable(prepared, monkeypatch):
+    """Row-group reads that fail (S3 throttling, a reset) are retried with the shard opened again: the epoch is the
+    same as a clean one. A fault that lasts says "unavailable, retry", never "prepare the folder again"."""
+    from pipeline.core import retry
+    from pipeline.core.retry import Unavailable
+
+    monkeypatch.setattr(retry, "FIRST_WAIT_S", 0.001)
+    stream = Streamed(prepared.location, prepared.manifest)
+    clean = epoch_of(stream, 0, 0, 1)
+    faults, opened = {"left": 3}, []
+    real_open = batches.WindowReader._open
+
+    def flaky_open(self, number):
+        parquet = real_open(self, number)
+        opened.append(number)
+
+        class Flaky:
+            def read_row_group(self, *args, **kwargs):
+                if faults["left"] > 0:
+                    faults["left"] -= 1
+                    raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation: connection reset")
+                return parquet.read_row_group(*args, **kwargs)
+
+        return Flaky()
+
+    monkeypatch.setattr(batches.WindowReader, "_open", flaky_open)
+    again = epoch_of(stream, 0, 0, 1)
+    assert faults["left"] == 0 and len(opened) >= 3  # every fault was hit, the shard opened again after each
+    assert all(torch.equal(a, b) for a, b in zip(clean, again, strict=True))
+    faults["left"] = 10**6
+    with pytest.raises(Unavailable, match=r"row group \d+ is unavailable: 4 reads failed .* retry when it is reach"):
+        epoch_of(stream, 0, 0, 1)

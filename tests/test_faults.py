@@ -131,7 +131,8 @@ def test_a_changed_or_moved_resume_is_refused_before_ray_and_a_damaged_checkpoin
     said = again.stdout + again.stderr
     assert f"[train] checkpoint {str(torn)!r} is damaged: corrupted or truncated" in said, said[-3000:]
     assert f"resuming from the checkpoint kept before it, {earlier.name}" in said
-    assert torn.stat().st_size == 1000 and (run / f"{TRAIN_RECORD}.before-fallback").exists()
+    (kept,) = run.glob(f"{TRAIN_RECORD}.before-fallback-*")  # Ray's former record, beside the new one
+    assert torn.stat().st_size == 1000 and b'"checkpoint_dir_name"' in kept.read_bytes()
     resumed = checkpoint.load(run / json.loads((run / TRAIN_RECORD).read_text())["latest_checkpoint_result"]
                               ["checkpoint_dir_name"])  # fmt: skip
     assert resumed["epoch"] == 3 and resumed["step"] == 3 * per_epoch

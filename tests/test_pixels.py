@@ -50,6 +50,44 @@ def test_16_bit_and_float_images_are_scaled_not_clipped():
     assert abs(decode(encoded(floats, "TIFF"), "deep.tif", 32, 1)[0].mean() - 127.5) < 3
 
 
+def test_32_bit_values_are_scaled_from_their_range_and_a_16_bit_grey_keeps_its_transparent_value():
+    from PIL import Image
+
+    deep = np.linspace(0, 2**31 - 1, 32 * 32).reshape(32, 32).astype(np.int32)
+    got = decode(encoded(Image.fromarray(deep, "I"), "TIFF"), "deep.tif", 32, 1)[0].astype(int)
+    assert abs(got.mean() - 127.5) < 3 and got.max() >= 253 and got.min() <= 2  # not clipped at 65535
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    ramp[:, :8] = 1000  # the left half: the transparent value, and near it (1001: scales to the same 8 bits)
+    ramp[0, 0] = 1001
+    keyed = Image.fromarray(ramp)
+    shown = decode(encoded(keyed, transparency=1000), "key.png", 16, 3, background="#ff0000")
+    assert (shown[:, 1:, :8] == np.array([255, 0, 0])[:, None, None]).all()  # the red background shows through
+    assert shown[0, 0, 0] == shown[1, 0, 0] == shown[2, 0, 0]  # 1001 is not the transparent value: grey, opaque
+    assert (shown[1:, :, 8:] > 0).any() and (shown[0, :, 8:] == shown[1, :, 8:]).all()  # the right half: grey
+
+
+def test_a_folder_says_which_files_it_leaves_out_for_their_format(tmp_path):
+    from PIL import Image
+
+    from pipeline.data.images import list_folder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.jpg")
+    for name in ("b.heic", "c.HEIC", "d.avif", "notes.txt"):
+        (folder / name).write_bytes(b"not decoded here")
+    assert list_folder(str(folder)).left_out == {".heic": 2, ".avif": 1}  # the text file is no image at all
+    said = []
+    prepare_folder(Preparation(str(folder), str(tmp_path / "out"), 8, 3, 0.0), said.append, workers=1)
+    assert (
+        "photos: 1 images, but 1 .avif, 2 .heic file(s) in formats not decoded here; convert them to JPEG" in (said[0])
+    )
+    for name in ("a.jpg",):
+        (folder / name).unlink()
+    with pytest.raises(ImageFolderError, match=r"holds no images .*, but 1 \.avif, 2 \.heic file\(s\) in formats"):
+        list_folder(str(folder))
+
+
 def test_transparency_is_composited_on_the_background_chosen():
     from PIL import Image
 

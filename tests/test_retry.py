@@ -123,3 +123,34 @@ def test_ray_trains_record_falls_back_to_the_checkpoint_kept_before_its_latest()
     assert [r.checkpoint_dir_name for r in read.checkpoint_results] == ["checkpoint_a"]
     assert read.checkpoint_report_indices == [1] and read.validated_checkpoint_dir_names == []
     assert record_without_latest(new) is None  # nothing kept before it
+
+
+def test_each_fallback_keeps_the_record_it_replaced(tmp_path):
+    """Two fallbacks in a row (two damaged checkpoints): each former record is kept beside the new one, none
+    overwritten."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    from pipeline.distributed.ray_runtime import TRAIN_RECORD, latest_recorded_checkpoint
+    from pipeline.distributed.storage import fall_back_to_previous_checkpoint
+
+    def result(name: str, step: int) -> dict:
+        return {"checkpoint_dir_name": name, "metrics": {"step": step}}
+
+    names = ["checkpoint_c", "checkpoint_b", "checkpoint_a"]
+    state = _CheckpointManagerState(
+        checkpoint_results=[result(name, 30 - 10 * i) for i, name in enumerate(names)],
+        checkpoint_report_indices=[5, 3, 1],
+        latest_checkpoint_result=result("checkpoint_c", 30),
+        pending_training_results=[],
+        pending_validation_specs=[],
+        current_report_index=6,
+        validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[],
+    )
+    (tmp_path / TRAIN_RECORD).write_text(state.json())
+    assert fall_back_to_previous_checkpoint(str(tmp_path)) == "checkpoint_b"
+    assert fall_back_to_previous_checkpoint(str(tmp_path)) == "checkpoint_a"
+    assert fall_back_to_previous_checkpoint(str(tmp_path)) is None  # nothing before it: the caller refuses
+    kept = sorted(tmp_path.glob(f"{TRAIN_RECORD}.before-fallback-*"))
+    assert [latest_recorded_checkpoint(p.read_bytes()) for p in kept] == ["checkpoint_c", "checkpoint_b"]

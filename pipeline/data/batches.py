@@ -325,13 +325,27 @@ class WindowReader:
         """The slice's pixels (checked against the manifest's SHA-256 of its row group) and int64 labels."""
         import pyarrow as pa
 
+        from pipeline.core.retry import Unavailable, retried
         from pipeline.data.shards import ImageFolderError, pixels_of
 
         shard = self.stream.manifest["shards"]["train"][piece.shard]
+
+        def read() -> Any:
+            try:
+                return self._open(piece.shard).read_row_group(piece.group, columns=["image", "label"])
+            except OSError:
+                self._close(piece.shard)  # a connection broken mid-read: the next try opens the file again
+                raise
+
+        where = f"{self.stream.location}/{shard['file']} row group {piece.group}"
         try:
-            table = self._open(piece.shard).read_row_group(piece.group, columns=["image", "label"])
+            # A passing fault (S3 throttling, a reset) is retried, and one that lasts is Unavailable: neither is a
+            # reason to prepare the folder again.
+            table = retried(read, where, final=(FileNotFoundError,))
             pixels = pixels_of(table.column("image").combine_chunks(), self.stream.image_shape)
             labels = table.column("label").to_numpy().astype(np.int64)
+        except Unavailable:
+            raise
         except (OSError, ValueError, pa.ArrowException) as exc:  # a shard removed, cut or changed since
             raise ImageFolderError(
                 f"{self.stream.location}/{shard['file']} row group {piece.group} cannot be read ({exc}); prepare "
@@ -362,6 +376,11 @@ class WindowReader:
             if len(self.files) > OPEN_SHARDS:
                 self.files.pop(next(iter(self.files)))[1].close()
         return self.files[number][0]
+
+    def _close(self, number: int) -> None:
+        opened = self.files.pop(number, None)
+        if opened is not None:
+            opened[1].close()
 
     def stop(self) -> None:
         self.stopping.set()

@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.core.claims import claimed
 from pipeline.core.files import read_retried, write_whole
 from pipeline.core.retry import Unavailable
-from pipeline.data.pixels import EXTENSIONS, background_hex, decode
+from pipeline.data.pixels import EXTENSIONS, UNDECODED, background_hex, decode
 from pipeline.data.shards import (
     MANIFEST,
     ImageFolderError,
@@ -58,6 +58,7 @@ class Listing:
     files: list[tuple[str, int]]
     classes: list[str]  # empty: unlabelled
     mtimes: list[int] = field(default_factory=list)  # of ``files``, in ns: an image rewritten at the same size
+    left_out: dict[str, int] = field(default_factory=dict)  # files of image formats not decoded here, by extension
 
     def label(self, rel: str) -> int:
         return self.classes.index(rel.split("/", 1)[0]) if self.classes else -1
@@ -93,17 +94,22 @@ def list_folder(path: str) -> Listing:
             f"data.path: {path!r} cannot be read ({str(exc).splitlines()[0]}); check the path and, for s3://, "
             "AWS_ENDPOINT_URL and the AWS_* credentials"
         ) from None
-    files = []
+    files, left_out = [], {}
     for info in infos:
         rel = PurePosixPath(info.path).relative_to(PurePosixPath(root)).as_posix()
         hidden = any(part.startswith(".") for part in rel.split("/"))
-        if info.type == pyarrow.fs.FileType.File and not hidden and PurePosixPath(rel).suffix.lower() in EXTENSIONS:
+        suffix = PurePosixPath(rel).suffix.lower()
+        if info.type != pyarrow.fs.FileType.File or hidden:
+            continue
+        if suffix in EXTENSIONS:
             files.append((rel, int(info.size), int(info.mtime_ns or 0)))
+        elif suffix in UNDECODED:
+            left_out[suffix] = left_out.get(suffix, 0) + 1
     files.sort()
     if not files:
         raise ImageFolderError(
-            f"data.path: {path!r} holds no images ({', '.join(sorted(EXTENSIONS))}); put them there, one "
-            "subfolder per class or all at the top"
+            f"data.path: {path!r} holds no images ({', '.join(sorted(EXTENSIONS))}){left_out_note(left_out)}; put "
+            "them there, one subfolder per class or all at the top"
         )
     nested = sorted({rel.split("/", 1)[0] for rel, *_ in files if "/" in rel})
     top = [rel for rel, *_ in files if "/" not in rel]
@@ -113,7 +119,15 @@ def list_folder(path: str) -> Listing:
             "put every image in a class subfolder, or all at the top for an unlabelled folder"
         )
     sizes, mtimes = [(rel, size) for rel, size, _ in files], [t for *_, t in files]
-    return Listing(root=path, files=sizes, classes=nested, mtimes=mtimes)
+    return Listing(root=path, files=sizes, classes=nested, mtimes=mtimes, left_out=left_out)
+
+
+def left_out_note(left_out: dict[str, int]) -> str:
+    """What a listing left out for its format (``, but 12 .heic file(s) ...``); empty when nothing was."""
+    if not left_out:
+        return ""
+    counts = ", ".join(f"{n} {suffix}" for suffix, n in sorted(left_out.items()))
+    return f", but {counts} file(s) in formats not decoded here; convert them to JPEG or PNG"
 
 
 def held_out(rel: str, fraction: float) -> bool:
@@ -174,6 +188,8 @@ def prepare_folder(job: Preparation, progress: Progress = print, workers: int | 
     """Prepare ``job.path`` into shards and a manifest at ``job.location`` (a no-op when its manifest matches the
     folder and the settings); return it. ``workers`` decoding processes (default: one per CPU)."""
     listing = list_folder(job.path)
+    if listing.left_out:
+        progress(f"[data] {job.path}: {len(listing.files)} images{left_out_note(listing.left_out)} to train on them")
     wanted = settings(listing, job.image_size, job.channels, job.test_fraction, job.background)
     done = _prepared_already(job, wanted, progress)
     if done is not None:

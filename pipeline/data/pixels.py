@@ -27,6 +27,9 @@ FORMATS = {
     ".tiff": ("TIFF",),
 }
 EXTENSIONS = frozenset(FORMATS)
+# Image formats a folder may hold that are not decoded here (Pillow has no decoder for them without plug-ins): a
+# listing counts them and the preparation says so, rather than leaving them out unsaid.
+UNDECODED = frozenset({".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".dng", ".cr2", ".cr3", ".nef", ".arw"})
 MAX_PIXELS = 2**27  # 134,217,728 pixels: a 108 MP phone photo passes; above, a file is skipped as too large
 WHITE = "#ffffff"
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -92,17 +95,27 @@ def as_viewed(image: Any, channels: int, background: str) -> Any:
 
 
 def _to_8_bits(picture: Any) -> Any:
-    """16-bit and 32-bit integer images scaled from 0-65535 to 0-255, float ones from 0-1 (both clipped to that
-    range): Pillow's own conversion clips every value above 255, so a 16-bit PNG comes out almost white."""
+    """16-bit integer images scaled from 0-65535 to 0-255, 32-bit ones from 0-2^31-1 when a value passes 65535 (else
+    they hold 16-bit values, as Pillow reads 16-bit PNGs), float ones from 0-1, each clipped to its range: Pillow's
+    own conversion clips every value above 255, so a 16-bit PNG comes out almost white. A grey image's transparent
+    value (a PNG's tRNS) becomes an alpha channel, matched on the full values before they are scaled."""
     from PIL import Image
 
-    if picture.mode.startswith("I;16") or picture.mode == "I":
-        values = np.asarray(picture).astype(np.float64) / 257.0
+    raw = np.asarray(picture)
+    if picture.mode.startswith("I;16"):
+        values = raw.astype(np.float64) / 257.0
+    elif picture.mode == "I":
+        values = raw.astype(np.float64) / (257.0 if raw.size == 0 or raw.max() <= 65535 else (2**31 - 1) / 255.0)
     elif picture.mode == "F":
-        values = np.asarray(picture).astype(np.float64) * 255.0
+        values = raw.astype(np.float64) * 255.0
     else:
         return picture
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    transparent = picture.info.get("transparency")
+    if isinstance(transparent, int):
+        alpha = np.where(raw == transparent, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
+    return Image.fromarray(grey, "L")
 
 
 def _composited(picture: Any, background: str) -> Any:

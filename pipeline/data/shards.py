@@ -79,8 +79,7 @@ def read_shard(
     import pyarrow.parquet as pq
 
     fs, base = filesystem(location)
-    with fs.open_input_stream(f"{base}/{shard['file']}") as stream:
-        blob = stream.read()
+    blob = read_retried(fs, f"{base}/{shard['file']}", f"{location}/{shard['file']}", final=(FileNotFoundError,))
     if hashlib.sha256(blob).hexdigest() != shard["sha256"]:
         raise ImageFolderError(
             f"{location}/{shard['file']} fails its SHA-256 check (changed or corrupted); prepare again: "

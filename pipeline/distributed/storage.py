@@ -9,6 +9,7 @@ pyarrow's filesystems, on every node. For ``s3://`` the AWS SDK's standard varia
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import tempfile
@@ -115,13 +116,14 @@ def _train_record(location: str) -> bytes:
 def fall_back_to_previous_checkpoint(location: str) -> str | None:
     """Make the checkpoint Ray Train kept before its latest the one the run at ``location`` resumes from (the
     latest is damaged or gone): Ray's record is rewritten, its former self kept beside it as
-    ``<record>.before-fallback`` and the checkpoints left where they are. The checkpoint's directory name; None when
-    the record keeps no other."""
+    ``<record>.before-fallback-<UTC time>`` (a second fallback keeps its own) and the checkpoints left where they are.
+    The checkpoint's directory name; None when the record keeps no other."""
     record = _train_record(location)
     change = record_without_latest(record)
     if change is None:
         return None
-    write_whole(location, f"{TRAIN_RECORD}.before-fallback", record)
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    write_whole(location, f"{TRAIN_RECORD}.before-fallback-{when}", record)
     write_whole(location, TRAIN_RECORD, change[0])
     return change[1]
 
