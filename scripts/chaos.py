@@ -52,16 +52,23 @@ class Chaos:
         self.injected.append((time.monotonic() - self.started, kind, what))
         print(f"[chaos] {time.monotonic() - self.started:6.0f} s  {kind}: {what}", flush=True)
 
-    def kill_worker(self) -> bool:
-        """SIGKILL one of the cluster's Ray Train workers (any rank), as an OOM kill would."""
+    def kill_worker(self, wait_s: float = 60) -> bool:
+        """SIGKILL one of the cluster's Ray Train workers (any rank), as an OOM kill would; waits up to ``wait_s`` for
+        one to be running (a trial starting)."""
         import psutil
 
-        workers = [
-            proc
-            for node in self.cluster.nodes
-            for proc in psutil.Process(node.pid).children(recursive=True)
-            if "RayTrainWorker" in " ".join(_title(proc))
-        ]
+        deadline = time.monotonic() + wait_s
+        while True:
+            workers = [
+                proc
+                for node in self.cluster.nodes
+                if psutil.pid_exists(node.pid)
+                for proc in psutil.Process(node.pid).children(recursive=True)
+                if "RayTrainWorker" in " ".join(_title(proc))
+            ]
+            if workers or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         if not workers:
             return False
         victim = self.rng.choice(workers)

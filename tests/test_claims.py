@@ -129,3 +129,32 @@ def test_a_claim_left_by_a_process_of_this_host_that_ended_is_taken_over(tmp_pat
     assert claim(str(tmp_path / "a"), "claim")  # taken over
     assert read_claim(str(tmp_path / "a"), "claim")["pid"] == os.getpid()
     assert not claim(str(tmp_path / "a"), "claim")  # held, by a process that runs
+
+
+def test_a_run_being_trained_is_not_trained_by_a_second_command_at_once(tmp_path):
+    """`train --resume c` while another command trains c (or resumes it) is refused before Ray, naming the holder;
+    a command gives back only its own claim."""
+    from pipeline.distributed import prepare
+    from pipeline.distributed.prepare import CHECKPOINT_LOCATION, TRAINING_CLAIM, hold, let_go
+    from pipeline.tracking.store import start_run
+    from tests.conftest import run_cli
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    location = tmp_path / "runs" / "c"
+    start_run(uri, "gan-pipeline", "c", {"ray_train_run": "c", CHECKPOINT_LOCATION: str(location)})
+    other = {"host": "gpu-box-2", "pid": 4242, "since": "2026-12-07 10:00:00"}
+    assert create_exclusive(str(location), TRAINING_CLAIM, json.dumps(other).encode())
+    store = ["--set", f"train.storage_path={tmp_path / 'runs'}", "--set", f"tracking.uri={uri}"]
+    second = run_cli("train", "-c", "configs/smoke.yaml", *store, "--resume", "c")
+    assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1, second.stderr[-2000:]
+    assert "run 'c' is being trained by another command (gpu-box-2, process 4242, since 2026-12-07 10:00:00)" in (
+        second.stderr
+    )
+    let_go(str(location))  # not this process's: left alone
+    assert read_claim(str(location), TRAINING_CLAIM) == other
+    (location / TRAINING_CLAIM).unlink()
+    hold(str(location), "c")
+    with pytest.raises(ConfigError, match="is being trained by another command"):  # one hold per run, even here
+        prepare.hold(str(location), "c")
+    let_go(str(location))
+    assert not (location / TRAINING_CLAIM).exists()

@@ -5,6 +5,8 @@ and the evaluator shared, then the MLflow run created or found again."""
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 CHECKPOINT_LOCATION = "checkpoint_location"  # the MLflow tag: where the run's Ray Train checkpoints are
 RUN_CLAIM = ".gan-pipeline-run"  # a new run's claim on its name, in its directory (pipeline.core.claims)
+TRAINING_CLAIM = ".gan-pipeline-training"  # held while a `train` command trains the run (new or resumed)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,8 @@ def prepare_run(
     if request.resume:
         tags = tracker_for(uri, previous).tags()
         check_recorded_location(tags, location, name)
+        if _trains_alone(request):
+            hold(location, name)  # before its checkpoint is checked (and perhaps fallen back from)
         check_resume(cfg, location, request.progress)
         # Before preparing the data again could replace what the run began with.
         source_of(cfg.data).check_resume(tags, name)
@@ -168,17 +173,43 @@ def _start_claimed(
             f"{found.get('pid', '?')}, at {found.get('since', '?')}); choose another --name (if that command is "
             f"gone, delete {location.rstrip('/')}/{RUN_CLAIM})"
         )
+    hold(location, name)
     try:
         evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
         tags = {"ray_train_run": name, CHECKPOINT_LOCATION: location, **request.extra_tags}
         return start_run(uri, cfg.tracking.experiment, name, tags), evaluator
     except BaseException:
+        let_go(location)
         release(location, RUN_CLAIM)
         directory = local_dir(location)
         if directory is not None:
             with contextlib.suppress(OSError):
                 directory.rmdir()  # made by the claim, empty again
         raise
+
+
+def _trains_alone(request: RunRequest) -> bool:
+    """A `train` command's run (not a sweep trial's, which its sweep alone runs)."""
+    return request.mlflow_run_id is None and not request.parent_run_id
+
+
+def hold(location: str, name: str) -> None:
+    """Claim the run at ``location`` for this command while it trains: a second `train` of it at once (a resume
+    while it runs, two resumes) is refused, naming the holder."""
+    if not claim(location, TRAINING_CLAIM):
+        found = read_claim(location, TRAINING_CLAIM)
+        raise ConfigError(
+            f"run {name!r} is being trained by another command ({found.get('host', '?')}, process "
+            f"{found.get('pid', '?')}, since {found.get('since', '?')}); wait for it to end (if it is gone, delete "
+            f"{location.rstrip('/')}/{TRAINING_CLAIM})"
+        )
+
+
+def let_go(location: str) -> None:
+    """Give back this process's claim on training the run at ``location`` (nothing when another holds it)."""
+    found = read_claim(location, TRAINING_CLAIM) if exists(location) else {}
+    if found and found.get("pid") == os.getpid() and found.get("host") == socket.gethostname():
+        release(location, TRAINING_CLAIM)
 
 
 def check_recorded_location(tags: dict[str, str], location: str, name: str) -> None:

@@ -19,7 +19,7 @@ from pipeline import STARTED_AT
 from pipeline.data.kinds import source_of
 from pipeline.distributed.hooks import FaultDrill
 from pipeline.distributed.lifecycle import RunDiverged, TrainOutcome, WorkersUnavailable, fail_run, finish_run, open_run
-from pipeline.distributed.prepare import RunRequest, prepare_run
+from pipeline.distributed.prepare import RunRequest, let_go, prepare_run
 from pipeline.distributed.ray_runtime import init_ray, startup_failed, startup_timed_out
 from pipeline.distributed.registration import register_best
 from pipeline.distributed.resources import check_resources, resolve_scaling, use_gpu, world_size
@@ -59,6 +59,13 @@ def run_training(
     cfg = resolve_scaling(cfg)
     check_resources(cfg)
     location = executor.location(cfg, request.name)
+    try:
+        return _run(cfg, request, executor, reports, location)
+    finally:
+        let_go(location)  # the run's claim on its directory, where this process holds it (a `train` run's)
+
+
+def _run(cfg: PipelineConfig, request: RunRequest, executor: Executor, reports: Reports, location: str) -> TrainOutcome:
     uri, run_id, evaluator = prepare_run(cfg, request, executor.check_resume)
     init_ray(request.verbose)
     gpu = use_gpu(cfg)
