@@ -166,38 +166,35 @@ def sweep_args(trials: int, epochs: int, limit: int) -> list[str]:
 
 def tally(uri: str, epochs: int, log_every: int, steps_per_epoch: int) -> dict[str, object]:
     """What the sweep left in MLflow: its trials' runs, their steps, the champion."""
-    from mlflow.tracking import MlflowClient
+    from pipeline.eval.metrics import FID
+    from pipeline.tracking.registry import load_generator
+    from pipeline.tracking.store import find_run
+    from pipeline.tracking.tracker import tracker_for
 
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("gan-pipeline")
-    (parent,) = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.sweep = 'chaos' and tags.kind = 'sweep'"
-    )
-    children = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-    )
+    parent = tracker_for(uri, find_run(uri, "gan-pipeline", {"sweep": "chaos", "kind": "sweep"}))
+    children = parent.children()
     expected = set(range(log_every, epochs * steps_per_epoch + 1, log_every))
     finished = complete = missing = duplicated = 0
     for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss_d")]
+        run = tracker_for(uri, child.run_id)
+        steps = [step for step, _ in run.metric_history("loss_d")]
         missing += len(expected - set(steps))
         duplicated += len(steps) - len(set(steps))
-        finished += child.info.status == "FINISHED"
-        scored = [m.step for m in client.get_metric_history(child.info.run_id, "fid")]
-        complete += child.info.status == "FINISHED" and len(scored) == epochs and "generator_model" in child.data.tags
+        finished += child.status == "FINISHED"
+        scored = run.metric_history(FID.name)
+        complete += child.status == "FINISHED" and len(scored) == epochs and "generator_model" in child.tags
     try:
-        champion = client.get_model_version_by_alias("gan-mnist", "champion")
-        champion_run = champion.run_id
+        load_generator(uri, "models:/gan-mnist@champion")
+        champion = True
     except Exception:  # noqa: BLE001 - no model or no alias: no champion
-        champion_run = None
+        champion = False
     return {
         "trials": len(children),
         "finished": finished,
         "complete": complete,
         "missing": missing,
         "duplicated": duplicated,
-        "champion": champion_run,
-        "parent": parent.info.status,
+        "champion": champion or None,
     }
 
 
@@ -247,15 +244,15 @@ def main() -> int:
 
     s3 = S3Server(out)
     s3.make_bucket(BUCKET)
-    mlflow = cluster = None
+    tracking = cluster = None
     try:
-        mlflow = MLflowServer(out, f"s3://{BUCKET}/mlflow", env={**s3.env, **NO_IMDS})
+        tracking = MLflowServer(out, f"s3://{BUCKET}/mlflow", env={**s3.env, **NO_IMDS})
         cluster = RayCluster(head_cpus=1, env={**s3.env, **NO_IMDS})
         node_env = {"PIPELINE_DATA_ROOT": str(node_data_root(out / "node-data"))}
         cluster.add_node(num_cpus=1, env=node_env)
         cluster.wait_for_nodes(2, 120)
-        chaos = Chaos(cluster, mlflow, s3, node_env, random.Random(args.seed))
-        env = {**cluster.env, "RAY_ADDRESS": cluster.address, "MLFLOW_TRACKING_URI": mlflow.uri}
+        chaos = Chaos(cluster, tracking, s3, node_env, random.Random(args.seed))
+        env = {**cluster.env, "RAY_ADDRESS": cluster.address, "MLFLOW_TRACKING_URI": tracking.uri}
         started = time.monotonic()
         driver = Driver(sweep_args(trials, epochs, limit), env)
         done = threading.Event()
@@ -269,10 +266,10 @@ def main() -> int:
         took = time.monotonic() - started
         (out / "sweep.log").write_text(output)
         print(f"[chaos] sweep ended with exit code {code}; its output: {out / 'sweep.log'}")
-        figures = tally(mlflow.uri, epochs, log_every, limit // batch)
+        figures = tally(tracking.uri, epochs, log_every, limit // batch)
         return 0 if report(chaos, figures, trials, code, took) else 1
     finally:
-        for server in (cluster, mlflow, s3):
+        for server in (cluster, tracking, s3):
             if server is not None:
                 with contextlib.suppress(Exception):
                     server.stop()

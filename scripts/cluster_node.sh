@@ -8,8 +8,9 @@
 #                            `ray down` deletes no run), on the head's private address and on 127.0.0.1 (the SSH
 #                            tunnel of `ray attach cluster.yaml -p 5000` reaches that one)
 #
-# Settings come from the file $GAN_ENV_FILE (default ~/gan-pipeline.env; cluster.yaml copies ./cluster.env there, made
-# from cluster.env.example). Worker nodes read only the tracking credentials from it.
+# Settings come from the file $GAN_ENV_FILE (default ~/gan-pipeline.env; cluster.yaml copies cluster/cluster.env
+# there, made from cluster/env.example): NAME=value lines, read literally (nothing in a value is run or expanded).
+# Worker nodes keep only the tracking credentials of it.
 # For tests and other hosts: GAN_MLFLOW_HOST (the private address; default: the first of `hostname -I`),
 # GAN_MLFLOW_PORT (5000), GAN_MLFLOW_HOME (~/mlflow: its log, pid and auth config).
 set -euo pipefail
@@ -20,17 +21,46 @@ HOME_DIR="${GAN_MLFLOW_HOME:-$HOME/mlflow}"
 
 fail() { echo "error: $*" >&2; exit 2; }
 
-[ -f "$ENV_FILE" ] || fail "$ENV_FILE is missing; make cluster.env from cluster.env.example (docs/clusters.md), then ray up again"
+[ -f "$ENV_FILE" ] || fail "$ENV_FILE is missing; make cluster/cluster.env from cluster/env.example (docs/clusters.md), then ray up again"
 chmod 600 "$ENV_FILE"
-# shellcheck disable=SC1090
-set -a; . "$ENV_FILE"; set +a
+
+load_settings() {  # each NAME=value line exported as it is written (one pair of surrounding quotes dropped)
+    local line key value
+    while IFS= read -r line || [ -n "$line" ]; do
+        case "$line" in '' | '#'*) continue ;; esac
+        key="${line%%=*}"
+        value="${line#*=}"
+        [[ "$line" == *=* && "$key" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] \
+            || fail "$ENV_FILE: '${line:0:40}' is no NAME=value line"
+        if [[ "$value" =~ ^\"(.*)\"$ || "$value" =~ ^\'(.*)\'$ ]]; then
+            value="${BASH_REMATCH[1]}"
+        fi
+        export "$key=$value"
+    done < "$ENV_FILE"
+}
+load_settings
 
 need() {  # each named variable set, and not left as the example's placeholder
     for name in "$@"; do
         value="${!name:-}"
-        [ -n "$value" ] || fail "$name is not set in $ENV_FILE (cluster.env.example says what it holds)"
+        [ -n "$value" ] || fail "$name is not set in $ENV_FILE (cluster/env.example says what it holds)"
         case "$value" in *CHANGE-ME*|*YOUR-*) fail "$name in $ENV_FILE still holds the example's placeholder" ;; esac
     done
+}
+
+stop_earlier_server() {  # a `ray up` run again: the server this script started before (its process group), then
+    # nothing else may hold the port
+    local pid
+    pid="$(cat "$HOME_DIR/mlflow-server.pid" 2> /dev/null || true)"
+    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2> /dev/null; then
+        kill -TERM -- "-$pid" 2> /dev/null || true
+        for _ in $(seq 1 20); do kill -0 "$pid" 2> /dev/null || break; sleep 0.5; done
+        kill -KILL -- "-$pid" 2> /dev/null || true
+        echo "stopped the MLflow server this script started before (process group $pid)"
+    fi
+    if curl -s -o /dev/null "http://127.0.0.1:$PORT/health"; then
+        fail "port $PORT answers already (a server this script did not start); stop it, or set GAN_MLFLOW_PORT"
+    fi
 }
 
 private_address() { echo "${GAN_MLFLOW_HOST:-$(hostname -I | awk '{print $1}')}"; }
@@ -42,10 +72,11 @@ start_mlflow() {
     chmod 700 "$HOME_DIR"
     # MLflow's basic-auth app: users and permissions in their own database; the first start makes the admin user
     # from MLFLOW_AUTH_ADMIN_USERNAME/_PASSWORD (the same credentials the nodes send). No anonymous access.
+    # (configparser reads the file: a % of a percent-encoded password is written %%)
     cat > "$HOME_DIR/basic_auth.ini" <<EOF
 [mlflow]
 default_permission = NO_PERMISSIONS
-database_uri = $GAN_MLFLOW_AUTH_DATABASE_URI
+database_uri = ${GAN_MLFLOW_AUTH_DATABASE_URI//%/%%}
 admin_username = $MLFLOW_TRACKING_USERNAME
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 EOF
@@ -53,6 +84,7 @@ EOF
     # The auth app's CSRF key: made once on this head (a new one only ends open UI sessions).
     [ -s "$HOME_DIR/flask_secret" ] || (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' \
         > "$HOME_DIR/flask_secret")
+    stop_earlier_server
     local host
     host="$(private_address)"
     # gunicorn listens on both addresses (uvicorn, MLflow's default, takes one); a process group of its own, whose
@@ -61,8 +93,8 @@ EOF
     MLFLOW_SERVER_ALLOWED_HOSTS="$host:$PORT,127.0.0.1:$PORT,localhost:$PORT" \
         MLFLOW_AUTH_CONFIG_PATH="$HOME_DIR/basic_auth.ini" MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$HOME_DIR/flask_secret")" \
         MLFLOW_AUTH_ADMIN_USERNAME="$MLFLOW_TRACKING_USERNAME" MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD" \
+        MLFLOW_BACKEND_STORE_URI="$GAN_MLFLOW_BACKEND_STORE_URI" \
         setsid nohup mlflow server --app-name basic-auth \
-        --backend-store-uri "$GAN_MLFLOW_BACKEND_STORE_URI" \
         --artifacts-destination "$GAN_MLFLOW_ARTIFACTS" \
         --host "$host" --port "$PORT" --gunicorn-opts "--bind 127.0.0.1:$PORT" \
         > "$HOME_DIR/mlflow-server.log" 2>&1 < /dev/null &

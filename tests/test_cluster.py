@@ -78,8 +78,11 @@ def test_each_node_gets_an_instance_profile_that_reaches_only_the_bucket():
     head = json.loads((REPO / "cluster" / "iam-head-policy.json").read_text())["Statement"]
     s3 = [st for st in head if any(a.startswith("s3:") for a in st["Action"])]
     assert {st["Resource"] for st in s3} == bucket and all(a.startswith("s3:") for st in s3 for a in st["Action"])
-    (ending,) = [st for st in head if "ec2:TerminateInstances" in st["Action"]]
+    (ending,) = [st for st in head if "ec2:TerminateInstances" in np.atleast_1d(st["Action"])]
     assert ending["Condition"]["StringEquals"]["ec2:ResourceTag/ray-cluster-name"] == cluster["cluster_name"]
+    # tagging only at launch: a head that could tag any instance as this cluster's could then end it
+    (tagging,) = [st for st in head if "ec2:CreateTags" in np.atleast_1d(st["Action"])]
+    assert tagging["Condition"]["StringEquals"]["ec2:CreateAction"] == "RunInstances"
     (passing,) = [st for st in head if st["Action"] == "iam:PassRole"]
     assert passing["Resource"].endswith(":role/gan-pipeline-worker")
     assert all(a.split(":")[0] in ("s3", "ec2", "iam") for st in head for a in np.atleast_1d(st["Action"]))
@@ -115,7 +118,7 @@ def test_the_heads_mlflow_server_asks_a_login_and_answers_on_the_private_address
 
     port = free_port()
     missing = _node_script(tmp_path, tmp_path / "absent.env", port)
-    assert missing.returncode == 2 and "absent.env is missing; make cluster.env from cluster.env.example" in (
+    assert missing.returncode == 2 and "absent.env is missing; make cluster/cluster.env from cluster/env.example" in (
         missing.stderr
     )
     placeholder = tmp_path / "placeholder.env"
@@ -123,16 +126,30 @@ def test_the_heads_mlflow_server_asks_a_login_and_answers_on_the_private_address
     unfilled = _node_script(tmp_path, placeholder, port)
     assert unfilled.returncode == 2 and "still holds the example's placeholder" in unfilled.stderr
     settings = tmp_path / "cluster.env"
+    # Values as a person writes them: a password with shell characters (read literally, never run), a quoted value,
+    # a % in a database URI (the auth app's config file is read by configparser)
+    password = "s3cret&$HOME`id`%40"
     settings.write_text(
-        "MLFLOW_TRACKING_USERNAME=gan-admin\nMLFLOW_TRACKING_PASSWORD=s3cret-login\n"
+        f"# the cluster's settings\nMLFLOW_TRACKING_USERNAME='gan-admin'\nMLFLOW_TRACKING_PASSWORD={password}\n"
         f"GAN_MLFLOW_BACKEND_STORE_URI=sqlite:///{tmp_path / 'runs.db'}\n"
-        f"GAN_MLFLOW_AUTH_DATABASE_URI=sqlite:///{tmp_path / 'users.db'}\n"
+        f"GAN_MLFLOW_AUTH_DATABASE_URI=sqlite:///{tmp_path / 'users%25.db'}\n"
         f"GAN_MLFLOW_ARTIFACTS={tmp_path / 'artifacts'}\n"
     )
-    started = _node_script(tmp_path, settings, port)
+    first = _node_script(tmp_path, settings, port)
+    assert first.returncode == 0, first.stderr[-2000:]
+    earlier = int((tmp_path / "mlflow" / "mlflow-server.pid").read_text())
+    started = _node_script(tmp_path, settings, port)  # `ray up` again: the earlier server is stopped first
     pid = int((tmp_path / "mlflow" / "mlflow-server.pid").read_text())
     try:
         assert started.returncode == 0, started.stderr[-2000:]
+        assert "stopped the MLflow server this script started before" in started.stdout and pid != earlier
+        with pytest.raises(ProcessLookupError):
+            os.kill(earlier, 0)
+        import psutil
+
+        server = psutil.Process(pid)
+        lines = [" ".join(p.cmdline()) for p in [server, *server.children(recursive=True)]]
+        assert not any("runs.db" in line for line in lines), lines  # the database's URI is in no command line
         assert oct(settings.stat().st_mode & 0o777) == "0o600"
         for host in ("127.0.0.1", "127.0.0.2"):
             urllib.request.urlopen(f"http://{host}:{port}/health", timeout=5).read()
@@ -141,7 +158,7 @@ def test_the_heads_mlflow_server_asks_a_login_and_answers_on_the_private_address
         api = f"http://127.0.0.2:{port}/api/2.0/mlflow/experiments/search?max_results=1"
         with pytest.raises(urllib.error.HTTPError, match="401"):  # no login, no runs
             urllib.request.urlopen(api, timeout=5)
-        os.environ.update(MLFLOW_TRACKING_USERNAME="gan-admin", MLFLOW_TRACKING_PASSWORD="s3cret-login")
+        os.environ.update(MLFLOW_TRACKING_USERNAME="gan-admin", MLFLOW_TRACKING_PASSWORD=password)
         try:
             client = MlflowClient(f"http://127.0.0.2:{port}")
             client.create_experiment("through-the-login")

@@ -121,7 +121,7 @@ def test_a_store_that_goes_away_costs_a_training_run_no_record(tmp_path, monkeyp
     from tests.servers import MLflowServer
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # this test's speed: the limits are checked below
-    monkeypatch.setattr(store, "_DEFAULTED", {})
+    monkeypatch.delenv(store.DEFAULTED_ENV, raising=False)
     for key in HTTP_LIMITS:
         if key != "MLFLOW_HTTP_REQUEST_MAX_RETRIES":
             monkeypatch.delenv(key, raising=False)
@@ -162,3 +162,85 @@ def test_a_store_that_goes_away_costs_a_training_run_no_record(tmp_path, monkeyp
         assert tracker.kept.folder is None  # the kept copies are gone once sent
     finally:
         server.stop()
+
+
+def test_a_worker_that_inherits_the_drivers_http_defaults_may_still_shorten_them(monkeypatch):
+    """A local Ray's workers inherit the driver's environment, the pipeline's defaults included: rank 0 still makes
+    them its own (shorter), while a value the user set stays."""
+    import subprocess
+    import sys
+
+    from pipeline.tracking import store
+    from pipeline.tracking.outage import HTTP_LIMITS, KEEPING_LIMITS
+
+    for key in HTTP_LIMITS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv(store.DEFAULTED_ENV, raising=False)
+    store.bound_http_client(HTTP_LIMITS)  # the driver
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")  # the user's own
+    worker = subprocess.run(
+        [sys.executable, "-c", "import os; from pipeline.tracking import store, outage; "
+         "store.bound_http_client(outage.KEEPING_LIMITS); "
+         "print(os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'], os.environ['MLFLOW_HTTP_REQUEST_TIMEOUT'])"],
+        capture_output=True, text=True, env=dict(os.environ),
+    )  # fmt: skip
+    assert worker.stdout.split() == [KEEPING_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"], "7"], worker.stderr
+
+
+def test_a_store_away_is_told_from_a_store_that_says_no():
+    """Kept and sent later: no answer, a timeout, retries used up, a "not now" status. Raised at once: a login
+    refused, a permission, a bad value, a server error (waiting would not change them)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    from pipeline.tracking.outage import unreachable
+
+    def api(tail: str) -> MlflowException:
+        return MlflowException(f"API request to endpoint /api/2.0/mlflow/runs/log-batch failed with {tail}")
+
+    away = [
+        requests.exceptions.ConnectionError("refused"),
+        api("exception HTTPConnectionPool(host='h', port=5000): Max retries exceeded"),
+        api("timeout exception Read timed out."),
+        api("error code 503 != 200. Response body: 'Service Unavailable'"),
+        api("error code 429 != 200. Response body: ''"),
+        MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE),
+    ]
+    no = [
+        api("error code 401 != 200. Response body: 'You are not authenticated.'"),
+        api("error code 403 != 200. Response body: 'Permission denied'"),
+        MlflowException("bad metric", error_code=INVALID_PARAMETER_VALUE),
+        MlflowException("constraint failed", error_code=INTERNAL_ERROR),
+        ValueError("not MLflow's"),
+    ]
+    assert [unreachable(exc) for exc in away] == [True] * len(away)
+    assert [unreachable(exc) for exc in no] == [False] * len(no)
+    looped = RuntimeError("a cycle")
+    looped.__context__ = RuntimeError("back")
+    looped.__context__.__context__ = looped
+    assert unreachable(looped) is False  # a cycle of causes ends
+
+
+def test_the_points_a_checkpoint_carries_are_sent_once_after_a_restart(tmp_path):
+    """Rank 0 saves a checkpoint, then would send its steps, but dies in between (or the store is away): the
+    checkpoint carries the points (unsent), and the restarted run sends each one the store does not hold, once,
+    none counted as replayed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = start_run(uri, "gan-pipeline", "carried")
+    before = MLflowTracker(uri, run_id, keep_while_away=True)
+    before.log_metrics({"loss_d": 1.0}, step=2)
+    before.flush()
+    before.log_metrics({"loss_d": 2.0, "loss_g": 0.5}, step=4)
+    carried = before.unsent()  # what the checkpoint at step 4 holds; then the process dies before its flush
+    assert sorted((k, s) for k, _, _, s in carried) == [("loss_d", 4), ("loss_g", 4)]
+    for _ in range(2):  # restarted twice from that checkpoint: the second finds the points there already
+        after = MLflowTracker(uri, run_id, keep_while_away=True)
+        after.carry(carried)
+        after.log_metrics({"loss_d": 3.0}, step=6)
+        after.flush()
+    client = mlflow_client(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss_d")] == [(2, 1.0), (4, 2.0), (6, 3.0)]
+    assert [m.step for m in client.get_metric_history(run_id, "loss_g")] == [4]
+    assert "replayed_steps" in client.get_run(run_id).data.tags  # step 6 computed twice: that one is counted
+    assert client.get_run(run_id).data.tags["replayed_steps"] == "1"

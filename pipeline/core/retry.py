@@ -26,11 +26,12 @@ def retried(
     transient: tuple[type[BaseException], ...] = (OSError,),
     final: tuple[type[BaseException], ...] = (),
     tries: int = TRIES,
-    first_wait_s: float = FIRST_WAIT_S,
+    first_wait_s: float | None = None,
 ) -> T:
     """``read()``, tried up to ``tries`` times while it raises one of ``transient`` (but not ``final``: a missing
     file is an answer, not a fault), waiting ``first_wait_s`` and doubling between tries; :class:`Unavailable`
-    naming ``what`` when every try failed."""
+    naming ``what`` when every try failed. ``first_wait_s``: :data:`FIRST_WAIT_S` unless given."""
+    first_wait_s = FIRST_WAIT_S if first_wait_s is None else first_wait_s
     for attempt in range(tries):
         try:
             return read()

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pipeline.distributed.worker import WorkerJob, WorkerPlace
     from pipeline.gan.state import TrainState
 
+UNSENT_METRICS = "unsent_metrics"  # a checkpoint's metric points the store did not hold yet (MLflowTracker.unsent)
 EXPLOIT_TAG = "pbt.exploit.step_"  # + the step: a trial's run records each copy into it (pipeline.sweep reads it)
 SAME_EXPLOIT = ("donor_trial", "donor_epoch", "weights_sha256", "lr_g", "lr_d")  # a replayed copy has these
 
@@ -85,7 +86,11 @@ class Reporter(Hook):
                 # answer costs neither: the tracker keeps the steps (pipeline.tracking.outage).
                 self.tracker.flush()
         saving = time.perf_counter()
-        saved = self.hand_on(result, report.checkpoint)
+        state = report.checkpoint
+        if state is not None and (unsent := self.tracker.unsent()):
+            # The steps the store does not hold yet travel with the checkpoint: a restart from it sends them.
+            state = {**state, UNSENT_METRICS: unsent}
+        saved = self.hand_on(result, state)
         # Saved and persisted, told in the next report; where the report also waits for the sweep's verdict,
         # saved (the copy into storage is not told apart from that wait).
         self.checkpoint_s = (

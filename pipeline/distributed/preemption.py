@@ -38,6 +38,7 @@ TAKE_S = 2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 1
 STALL_S = 10.0
 
 _received = threading.Event()  # this process got SIGTERM while a run listened
+_checkpointing = threading.Event()  # its run heard the notice: scoring and saving are no stall, only the grace counts
 _training = threading.Event()  # a run trains in this process: SIGTERM is a notice, not an order to exit
 _last_step = [0.0]  # when this process last finished a step (monotonic)
 
@@ -69,8 +70,9 @@ def _install(_actor: Any, grace_s: float) -> None:
 
 
 def _exit_when_due(deadline: float) -> None:
-    """The process's end after a SIGTERM: at ``deadline``, or once it has not stepped for :data:`STALL_S`."""
-    while time.monotonic() < deadline and time.monotonic() - _last_step[0] < STALL_S:
+    """The process's end after a SIGTERM: at ``deadline``, or once it has not stepped for :data:`STALL_S` before its
+    run heard the notice (a group that no longer steps has nothing to checkpoint)."""
+    while time.monotonic() < deadline and (_checkpointing.is_set() or time.monotonic() - _last_step[0] < STALL_S):
         time.sleep(0.5)
     print("[preempt] exits: SIGTERM's grace is over or training stopped stepping", flush=True)
     os._exit(1)
@@ -119,6 +121,8 @@ class PreemptionWatch(Hook):
         if self.any_worker(signalled) and "sigterm" not in self.heard:
             self.heard.add("sigterm")
             self.leaving = signalled
+            if signalled:
+                _checkpointing.set()
             notice = "a worker got SIGTERM"
         if notice and self.is_main:
             self.say(f"[preempt] {notice}: checkpoint at step {step}")

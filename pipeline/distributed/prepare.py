@@ -173,8 +173,8 @@ def _start_claimed(
             f"{found.get('pid', '?')}, at {found.get('since', '?')}); choose another --name (if that command is "
             f"gone, delete {location.rstrip('/')}/{RUN_CLAIM})"
         )
-    hold(location, name)
     try:
+        hold(location, name)
         evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
         tags = {"ray_train_run": name, CHECKPOINT_LOCATION: location, **request.extra_tags}
         return start_run(uri, cfg.tracking.experiment, name, tags), evaluator

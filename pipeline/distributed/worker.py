@@ -22,6 +22,7 @@ import torch
 from pipeline.core import checkpoint
 from pipeline.core.secrets import redact_console
 from pipeline.distributed.hooks import (
+    UNSENT_METRICS,
     Console,
     EpochProgress,
     ExploitRecord,
@@ -128,6 +129,9 @@ def run_worker(job: WorkerJob, place: WorkerPlace, entered: float) -> None:
     resume, exploit = restored_state(job, place)
     # Rank 0's writes wait out a tracking store that does not answer (kept, sent when it is back).
     tracker = tracker_for(job.tracking_uri, job.mlflow_run_id if place.is_main else None, keep_while_away=True)
+    carried = resume.pop(UNSENT_METRICS, None) if resume else None
+    if carried and exploit is None:  # the run's own checkpoint: its points are this run's (a PBT donor's are not)
+        tracker.carry(carried)
     # The run's worker count from its first step on: an elastic run's curve of sizes in MLflow.
     tracker.log_metrics({"world_size": rt.world_size}, step=int(resume["step"]) if resume else 0)
     scorer = Scorer.of(job.evaluator, cfg) if place.is_main and cfg.eval.every_epochs and job.evaluator else None

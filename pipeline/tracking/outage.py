@@ -10,6 +10,7 @@ request, 7 retries with backoff 2) hold a training step for over ten minutes bef
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -34,22 +35,34 @@ END_PATIENCE_S = 600.0
 PATIENCE_EVERY_S = 15.0
 
 
+# Answers that mean "not now" rather than "no": a request timed out, too many requests, a proxy with no server behind
+# it, a server unavailable or timing out upstream.
+PASSING_STATUSES = frozenset({408, 429, 502, 503, 504})
+PASSING_CODES = frozenset({"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "RESOURCE_EXHAUSTED"})
+
+
 def unreachable(exc: BaseException) -> bool:
-    """Whether ``exc`` says the store did not answer (refused, timed out, reset, a 5xx after MLflow's retries), as
-    opposed to answering no."""
+    """Whether ``exc`` says the store did not answer (refused, reset, timed out, retries used up) or answered "not
+    now" (:data:`PASSING_STATUSES`), as opposed to answering no (a login refused, a bad value, a server error)."""
     import requests
     from mlflow.exceptions import MlflowException
 
     seen: BaseException | None = exc
-    while seen is not None:
+    for _ in range(16):  # an exception's chain of causes, not followed round a cycle
+        if seen is None:
+            return False
         if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
             return True
         if isinstance(seen, MlflowException):
-            # MLflow's REST client wraps connection faults and exhausted retries in this one message
-            if str(seen.message).startswith("API request to ") and " failed with " in str(seen.message):
+            # MLflow's REST client wraps connection faults, timeouts and used-up retries in these messages
+            message = str(seen.message)
+            if message.startswith("API request to ") and (
+                " failed with exception " in message or " failed with timeout exception " in message
+            ):
                 return True
-            status = seen.get_http_status_code()
-            if isinstance(status, int) and status >= 500 and seen.error_code != "INVALID_PARAMETER_VALUE":
+            code = re.search(r" failed with error code (\d+) ", message)
+            status = int(code.group(1)) if code else seen.get_http_status_code()
+            if status in PASSING_STATUSES or seen.error_code in PASSING_CODES:
                 return True
         seen = seen.__cause__ or seen.__context__
     return False

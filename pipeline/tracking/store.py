@@ -128,15 +128,19 @@ def mlflow_client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-_DEFAULTED: dict[str, str] = {}  # the MLflow variables this process set itself, and to what
+# The MLflow variables this process (or the one that started it: Ray's workers inherit the driver's environment) set
+# itself, as KEY=VALUE,...: a value found there is the pipeline's default, not the user's, and may be changed.
+DEFAULTED_ENV = "GAN_PIPELINE_HTTP_DEFAULTS"
 
 
 def bound_http_client(limits: dict[str, str]) -> None:
     """MLflow's HTTP timeouts and retries for this process (pipeline.tracking.outage), where the environment does not
-    set them (a value this process did not set itself stays)."""
+    set them (a value the pipeline did not set itself stays)."""
+    ours = dict(item.split("=", 1) for item in os.environ.get(DEFAULTED_ENV, "").split(",") if "=" in item)
     for key, value in limits.items():
-        if os.environ.get(key, _DEFAULTED.get(key)) == _DEFAULTED.get(key):
-            os.environ[key] = _DEFAULTED[key] = value
+        if key not in os.environ or os.environ[key] == ours.get(key):
+            os.environ[key] = ours[key] = value
+    os.environ[DEFAULTED_ENV] = ",".join(f"{k}={v}" for k, v in sorted(ours.items()))
 
 
 @contextlib.contextmanager

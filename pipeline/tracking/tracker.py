@@ -31,6 +31,8 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def flush(self) -> None: ...
     def finish(self) -> None: ...
+    def unsent(self) -> list[list[Any]]: ...
+    def carry(self, points: list[list[Any]]) -> None: ...
     def metric_history(self, key: str) -> list[tuple[int, float]]: ...
     def tags(self) -> dict[str, str]: ...
 
@@ -57,6 +59,12 @@ class NullTracker:
         pass
 
     def finish(self) -> None:
+        pass
+
+    def unsent(self) -> list[list[Any]]:
+        return []
+
+    def carry(self, points: list[list[Any]]) -> None:
         pass
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
@@ -100,6 +108,7 @@ class MLflowTracker:
             bound_http_client(KEEPING_LIMITS)
         self.kept = KeptWrites(uri, keep_while_away)
         self._pending: list[Any] = []
+        self._carried: list[Any] = []  # points a checkpoint carried over a restart: sent unless the run has them
         self._logged_through: dict[str, int] = {}  # metric key -> last step already in the run
 
     def log_params(self, params: dict[str, Any], untagged: Collection[str] = ()) -> None:
@@ -143,7 +152,29 @@ class MLflowTracker:
         if was_down:
             kept.came_back(points)
 
+    def unsent(self) -> list[list[Any]]:
+        """The metric points not yet in the store, as [key, value, timestamp, step]: a checkpoint carries them, so
+        that a restart from it (a crash after the checkpoint, before the flush; one during an outage) loses none."""
+        return [[m.key, m.value, m.timestamp, m.step] for m in self._carried + self._pending]
+
+    def carry(self, points: list[list[Any]]) -> None:
+        """Points a resumed run's checkpoint carried (:meth:`unsent`): sent with the next flush, each one the run does
+        not already hold (not counted as replayed: the run computes them no more)."""
+        from mlflow.entities import Metric
+
+        self._carried.extend(Metric(str(k), float(v), int(t), int(step)) for k, v, t, step in points)
+
+    def _send_carried(self) -> None:
+        for key in {m.key for m in self._carried}:  # (a store away raises here: the points stay carried)
+            if key not in self._logged_through:
+                history = self.client.get_metric_history(self.run_id, key)
+                self._logged_through[key] = max((m.step for m in history), default=-1)
+        carried, self._carried = self._carried, []
+        self._pending[:0] = [m for m in carried if m.step > self._logged_through[m.key]]
+
     def _send_pending(self) -> None:
+        if self._carried:
+            self._send_carried()
         fresh, replayed, through = [], 0, dict(self._logged_through)
         for metric in self._pending:
             if metric.key not in through:
