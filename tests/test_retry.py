@@ -5,6 +5,7 @@ The faults come from a filesystem that fails on purpose."""
 import io
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +155,52 @@ def test_each_fallback_keeps_the_record_it_replaced(tmp_path):
     assert fall_back_to_previous_checkpoint(str(tmp_path)) is None  # nothing before it: the caller refuses
     kept = sorted(tmp_path.glob(f"{TRAIN_RECORD}.before-fallback-*"))
     assert [latest_recorded_checkpoint(p.read_bytes()) for p in kept] == ["checkpoint_c", "checkpoint_b"]
+
+
+def test_a_restart_inside_ray_train_from_a_damaged_checkpoint_resumes_from_the_one_kept_before(tmp_path, capsys):
+    """Ray Train restores a restarted group from its latest checkpoint, whatever state it is in: a damaged one gives
+    way to the one its record kept before (said by rank 0); with none before it, or for a PBT copy, the damage is
+    raised as before."""
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    from pipeline.distributed.ray_runtime import TRAIN_RECORD
+    from pipeline.distributed.storage import kept_before
+    from pipeline.distributed.worker import restored_state
+
+    run = tmp_path / "run"
+    for name, step in (("checkpoint_a", 10), ("checkpoint_b", 20)):
+        checkpoint.save(run / name / checkpoint.FILENAME, {"step": step})
+    torn = run / "checkpoint_b" / checkpoint.FILENAME
+    torn.write_bytes(torn.read_bytes()[:100])
+    results = [
+        {"checkpoint_dir_name": n, "metrics": {"step": s}} for n, s in (("checkpoint_b", 20), ("checkpoint_a", 10))
+    ]
+    state = _CheckpointManagerState(
+        checkpoint_results=results,
+        checkpoint_report_indices=[2, 1],
+        latest_checkpoint_result=results[0],
+        pending_training_results=[],
+        pending_validation_specs=[],
+        current_report_index=3,
+        validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[],
+    )
+    (run / TRAIN_RECORD).write_text(state.json())
+    assert kept_before(str(run), "checkpoint_b") == "checkpoint_a" and kept_before(str(run), "checkpoint_a") is None
+
+    def earlier(damaged):
+        previous = kept_before(str(run), Path(damaged.path).name)
+        return None if previous is None else Checkpoint(str(run / previous))
+
+    job = SimpleNamespace(trial=SimpleNamespace(start_from=None))
+    place = SimpleNamespace(restored=Checkpoint(str(run / "checkpoint_b")), earlier=earlier, is_main=True)
+    resumed, exploit = restored_state(job, place)
+    assert resumed["step"] == 10 and exploit is None
+    assert "is damaged: corrupted or truncated" in capsys.readouterr().out
+    place.earlier = None  # no fallback offered (a trial in its own process): the damage is raised
+    with pytest.raises(checkpoint.DamagedCheckpoint):
+        restored_state(job, place)

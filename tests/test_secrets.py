@@ -71,35 +71,60 @@ CANARIES = {
 
 @pytest.mark.slow
 def test_a_sweeps_records_and_console_hold_no_credential(tmp_path):
+    """A sweep's trial of 2 Ray Train workers, checkpoints on S3 (moto, which takes the canary AWS key), MLflow over
+    HTTP with a password in its URI and MLflow credentials in the environment: no canary in what it prints, in any
+    file under its directories, in Ray's session logs, or in any object in the bucket."""
+    import shutil
+    import tempfile
+
+    from tests.servers import S3Server
+
+    s3 = S3Server(tmp_path)
+    s3.make_bucket("canary")
     server = MLflowServer(tmp_path, str(tmp_path / "artifacts"))  # no auth: it ignores the credentials sent
+    ray_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # Ray's session and its logs (a short path: its sockets)
     try:
         uri = server.uri.replace("http://", f"http://gan:{CANARIES['uri']}@")
         env = {
+            **s3.env,
             "AWS_SECRET_ACCESS_KEY": CANARIES["aws"],
+            "AWS_EC2_METADATA_DISABLED": "true",
             "MLFLOW_TRACKING_USERNAME": "gan",
             "MLFLOW_TRACKING_PASSWORD": CANARIES["mlflow"],
             "RAY_ADDRESS": "",
+            "RAY_TMPDIR": ray_dir,
         }
         args = [
             "tune", "-c", "configs/smoke.yaml", "--name", "canary",
-            "--set", f"train.storage_path={tmp_path / 'runs'}", "--set", f"tracking.uri={uri}",
+            "--set", "train.storage_path=s3://canary/runs", "--set", f"tracking.uri={uri}",
             "--set", "train.epochs=1", "--set", "tune.search_space={optim.lr_g: {grid: [2.0e-4]}}",
+            "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=1",
         ]  # fmt: skip
         done = run_cli(*args, env=env, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "gan:***@127.0.0.1" in done.stdout  # the URI is shown, masked
+        client = s3.client()
+        stored = [
+            (f"s3://canary/{key}", client.get_object(Bucket="canary", Key=key)["Body"].read())
+            for key in s3.keys("canary")
+        ]
     finally:
         server.stop()
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.name == "checkpoint.pt" for p in written) and any(p.name == "server.db" for p in written)
-    leaks = [
-        f"{name} in {where}"
-        for name, canary in CANARIES.items()
-        for where, blob in [("stdout", done.stdout.encode()), ("stderr", done.stderr.encode())]
-        + [(str(p.relative_to(tmp_path)), p.read_bytes()) for p in written]
-        if canary.encode() in blob
-    ]
-    assert leaks == []
+        s3.stop()
+    written = [p for root in (tmp_path, Path(ray_dir)) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    try:
+        assert any(key.endswith("checkpoint.pt") for key, _ in stored) and any(p.name == "server.db" for p in written)
+        assert any(p.suffix in (".out", ".err", ".log") and "worker" in p.name for p in written)  # Ray's logs read
+        leaks = [
+            f"{name} in {where}"
+            for name, canary in CANARIES.items()
+            for where, blob in [("stdout", done.stdout.encode()), ("stderr", done.stderr.encode()), *stored]
+            + [(str(p), p.read_bytes()) for p in written]
+            if canary.encode() in blob
+        ]
+        assert leaks == []
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def test_the_canary_search_finds_a_planted_one(tmp_path):

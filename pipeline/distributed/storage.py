@@ -128,6 +128,17 @@ def fall_back_to_previous_checkpoint(location: str) -> str | None:
     return change[1]
 
 
+def kept_before(location: str, damaged: str) -> str | None:
+    """The checkpoint Ray Train's record kept before ``damaged`` (a directory name under ``location``), where the
+    record names ``damaged`` as its latest; None otherwise. Nothing is rewritten (a run restarting inside Ray Train
+    reads its checkpoints from Ray, not from the record)."""
+    record = _train_record(location)
+    if not record or latest_recorded_checkpoint(record) != damaged:
+        return None
+    change = record_without_latest(record)
+    return change[1] if change else None
+
+
 def recorded_progress(location: str) -> tuple[int, int] | None:
     """(epochs completed, step) of the checkpoint a restart of the run at ``location`` begins from: the latest that
     Ray Train's record names; None when it names none (the run starts over)."""

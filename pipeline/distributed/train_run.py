@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.core.retry import Unavailable
@@ -24,7 +25,7 @@ from pipeline.distributed.prepare import verify_latest_checkpoint
 from pipeline.distributed.ray_runtime import lost_ranks, set_worker_group_start_timeout, train_worker_env
 from pipeline.distributed.resources import resolve_scaling, worker_resources, world_size
 from pipeline.distributed.results import Reports
-from pipeline.distributed.storage import recorded_progress, run_location, storage_root
+from pipeline.distributed.storage import kept_before, recorded_progress, run_location, storage_root
 from pipeline.distributed.worker import WorkerJob, WorkerPlace, run_worker
 from pipeline.eval.metrics import champion_metric
 from pipeline.gan.steps import Runtime, all_reduce_mean
@@ -65,12 +66,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report=report,
         node_ids=lambda: _node_ids_of_all_workers(world),
         preemption=watch,
+        earlier=lambda damaged: _kept_before(job, damaged),
     )
     training(True)
     try:
         run_worker(job, place, entered)
     finally:
         training(False)
+
+
+def _kept_before(job: WorkerJob, damaged: Any) -> Any:
+    """The checkpoint Ray Train kept before ``damaged`` (the one it restored a restarted group from, which does not
+    load), as a Ray Checkpoint in the run's storage; None when it kept none."""
+    import ray.train
+
+    location = run_location(job.config, ray.train.get_context().get_experiment_name())
+    previous = kept_before(location, Path(damaged.path).name)
+    return None if previous is None else ray.train.Checkpoint(f"{location.rstrip('/')}/{previous}")
 
 
 def _node_ids_of_all_workers(world: int) -> list[str]:

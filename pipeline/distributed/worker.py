@@ -109,6 +109,8 @@ class WorkerPlace:
     node_ids: Callable[[], list[str]]  # every rank's Ray node id (a collective)
     report_waits: bool = False  # report returns only once a sweep lets the run go on (a trial's own process)
     preemption: Hook | None = None  # hears a preemption notice (pipeline.distributed.preemption); a Train worker's
+    # The checkpoint kept before a damaged one Ray restored (a Train worker's; None: no such fallback)
+    earlier: Callable[[Any], Any] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -175,7 +177,19 @@ def restored_state(job: WorkerJob, place: WorkerPlace) -> tuple[dict[str, Any] |
     if restored is None:
         return None, None
     with restored.as_directory() as directory:
-        return checkpoint.load(Path(directory) / checkpoint.FILENAME), exploit
+        try:
+            return checkpoint.load(Path(directory) / checkpoint.FILENAME), exploit
+        except (checkpoint.DamagedCheckpoint, checkpoint.MissingCheckpoint) as exc:
+            earlier = place.earlier(restored) if exploit is None and place.earlier is not None else None
+            if earlier is None:
+                raise
+            damage = exc
+    if place.is_main:
+        print(
+            f"[train] {str(damage).split('; ')[0]}: the restart resumes from the checkpoint kept before it", flush=True
+        )
+    with earlier.as_directory() as directory:
+        return checkpoint.load(Path(directory) / checkpoint.FILENAME), None
 
 
 def announce(cfg: PipelineConfig, rt: Runtime, tracker: Tracker, nodes: list[str], console: Console) -> None:
