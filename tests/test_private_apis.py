@@ -94,6 +94,15 @@ def _break_tune_controller(monkeypatch):
     monkeypatch.setattr(TuneController, "checkpoint", lambda self, force=False: None)
 
 
+def _break_propagated_env(monkeypatch):
+    from ray.tune.execution import class_cache
+
+    def get(self, trainable_cls):  # a Ray that takes the variables to copy from elsewhere
+        return trainable_cls
+
+    monkeypatch.setattr(class_cache._ActorClassCache, "get", get)
+
+
 def _break_tracking_uri(monkeypatch):
     from mlflow.tracking._tracking_service import utils
 
@@ -121,6 +130,7 @@ BREAKS = {
     "Train checkpoint record": (_break_train_record, "latest_checkpoint_result.checkpoint_dir_name"),
     "PBT exploit counter": (_break_pbt_counter, "PopulationBasedTraining._num_perturbations"),
     "Tune controller": (_break_tune_controller, "TuneController"),
+    "Tune's environment copied to trials": (_break_propagated_env, "class_cache.ENV_VARS_TO_PROPAGATE"),
     "MLflow's global tracking URI": (_break_tracking_uri, "_tracking_service.utils._tracking_uri"),
     "MLflow's system-metrics monitor": (_break_system_metrics, "SystemMetricsMonitor"),
 }

@@ -98,7 +98,7 @@ def test_a_sweeps_records_and_console_hold_no_credential(tmp_path):
             "tune", "-c", "configs/smoke.yaml", "--name", "canary",
             "--set", "train.storage_path=s3://canary/runs", "--set", f"tracking.uri={uri}",
             "--set", "train.epochs=1", "--set", "tune.search_space={optim.lr_g: {grid: [2.0e-4]}}",
-            "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=1",
+            "--set", "tune.num_samples=1", "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=1",
         ]  # fmt: skip
         done = run_cli(*args, env=env, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

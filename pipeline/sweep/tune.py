@@ -42,6 +42,7 @@ from pipeline.sweep.report import (
 from pipeline.sweep.schedulers import ranking, scheduler_of
 from pipeline.sweep.search_space import spec_kind, trial_count, tune_space
 from pipeline.sweep.trial import TrialSetup, _trial_driver, trains_in_trial
+from pipeline.sweep.tune_internals import credentials_out_of_runtime_env
 from pipeline.tracking.store import check_tracking_uri, find_run, start_run
 from pipeline.tracking.tracker import MLflowTracker, tracker_for
 
@@ -71,6 +72,7 @@ def run_sweep(
     parent = _parent_run(cfg, name, uri, parent_run_id, resume)
 
     init_ray(verbose)
+    credentials_out_of_runtime_env()
     gpu = use_gpu(cfg)
     concurrency = cfg.tune.max_concurrent_trials or _default_concurrency(cfg, gpu)
     sweep_dir = run_location(cfg, name)

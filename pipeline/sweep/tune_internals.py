@@ -38,6 +38,20 @@ class WithoutFailedTrials:
         return getattr(self._controller, name)
 
 
+# Ray Tune copies these from the driver's environment into each trial actor's runtime environment, and Ray's
+# runtime_env_agent.log on every node writes a runtime environment out in full at INFO level.
+CREDENTIAL_ENV = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"})
+
+
+def credentials_out_of_runtime_env() -> None:
+    """Stop Ray Tune from copying the driver's AWS credentials into trial actors' runtime environments (so into
+    Ray's logs). A local Ray's trials inherit them from the driver anyway; a cluster's nodes hold their own (the
+    same AWS_* exported on each node, or an instance profile), as docs/clusters.md says."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_ENV
+
+
 # --------------------------------------------------------------------------------------------------
 # Probes: each private API above, checked against the installed Ray
 
@@ -66,7 +80,16 @@ def _probe_tune_controller() -> None:
     _expect(all(hasattr(TuneController, n) for n in ("get_live_trials", "get_trials")), api, "get_(live_)trials()")
 
 
+def _probe_propagated_env() -> None:
+    from ray.tune.execution import class_cache
+
+    api = "ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE"
+    _expect(isinstance(getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None), set | frozenset), api, "not a set")
+    _expect("ENV_VARS_TO_PROPAGATE" in inspect.getsource(class_cache._ActorClassCache.get), api, "no longer read")
+
+
 PRIVATE_APIS: dict[str, Callable[[], None]] = {
+    "Tune's environment copied to trials": _probe_propagated_env,
     "PBT exploit counter": _probe_pbt_perturbations,
     "Tune controller": _probe_tune_controller,
 }
