@@ -20,6 +20,7 @@ from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.secrets import redact_console
 from pipeline.data.folder import IMAGE_SIZES
 from pipeline.data.kinds import DEFAULT_DATASET, source_names
+from pipeline.distributed.ray_runtime import check_ray_address
 
 EXIT_USAGE = 2
 MODEL_HELP = (
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"data": _cmd_data_prepare, "config": _cmd_config, "train": _cmd_train, "tune": _cmd_tune}
     commands |= {"sample": _cmd_sample, "evaluate": _cmd_evaluate, "bench": _cmd_bench}
     try:
+        check_ray_address()
         return commands[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

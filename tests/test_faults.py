@@ -61,17 +61,31 @@ def _store(tmp_path):
             "train.storage_path: 's3:/bucket/runs' looks like a s3: URI without '//' and would be a local "
             "directory; use s3://bucket/runs",
         ),
+        (
+            ["--set", "train.storage_path=s3://AKIAKEY:CanarySecret@bucket/runs"],
+            "train.storage_path: 's3://***@bucket/runs' holds credentials before '@', which would be kept in the "
+            "run's params, tags and logs; give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and use "
+            "s3://bucket/runs",
+        ),
     ],
 )
 def test_bad_input_stops_before_ray_with_exit_2(tmp_path, args, words):
     _, store = _store(tmp_path)
     result = run_cli("train", "-c", "configs/smoke.yaml", *store, *args, env={"RAY_ADDRESS": ""})
     assert result.returncode == 2, result.stderr[-2000:]
-    assert words in result.stderr
+    assert words in result.stderr and "CanarySecret" not in result.stderr + result.stdout
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
     assert "Started a local Ray instance" not in result.stdout + result.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing written
+
+
+def test_a_ray_client_address_is_refused_before_any_work(tmp_path):
+    _, store = _store(tmp_path)
+    result = run_cli("train", "-c", "configs/smoke.yaml", *store, env={"RAY_ADDRESS": "ray://10.0.0.1:10001"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "RAY_ADDRESS='ray://10.0.0.1:10001' is a Ray Client address" in result.stderr
+    assert "ray job" in result.stderr and not (tmp_path / "runs").exists()
 
 
 def test_a_bad_tracking_uri_in_the_environment_is_named(tmp_path):

@@ -157,50 +157,81 @@ def test_each_fallback_keeps_the_record_it_replaced(tmp_path):
     assert [latest_recorded_checkpoint(p.read_bytes()) for p in kept] == ["checkpoint_c", "checkpoint_b"]
 
 
-def test_a_restart_inside_ray_train_from_a_damaged_checkpoint_resumes_from_the_one_kept_before(tmp_path, capsys):
+@pytest.fixture(params=["disk", "s3"])
+def run_place(request, tmp_path, monkeypatch):
+    """A run's directory as a Ray Checkpoint sees it: (pyarrow filesystem, path on it), on disk or on S3."""
+    from pipeline.core.files import filesystem
+
+    if request.param == "disk":
+        (tmp_path / "run").mkdir()
+        yield filesystem(str(tmp_path / "run"))
+        return
+    from tests.servers import S3Server
+
+    server = S3Server(tmp_path)
+    try:
+        server.make_bucket("runs")
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        yield filesystem("s3://runs/sweep/run")
+    finally:
+        server.stop()
+
+
+def test_a_restart_inside_ray_train_walks_back_past_damaged_checkpoints_to_one_that_loads(run_place, tmp_path, capsys):
     """Ray Train restores a restarted group from its latest checkpoint, whatever state it is in: a damaged one gives
-    way to the one its record kept before (said by rank 0); with none before it, or for a PBT copy, the damage is
-    raised as before."""
+    way to the one its record kept before, as often as it takes (said by rank 0, naming each); with none left that
+    loads, or for a PBT copy, the damage is raised as before. Through the worker's own lookup, beside the
+    checkpoint on its filesystem (disk and S3)."""
     from types import SimpleNamespace
 
     from ray.train import Checkpoint
     from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
 
     from pipeline.distributed.ray_runtime import TRAIN_RECORD
-    from pipeline.distributed.storage import kept_before
+    from pipeline.distributed.train_run import _kept_before
     from pipeline.distributed.worker import restored_state
 
-    run = tmp_path / "run"
-    for name, step in (("checkpoint_a", 10), ("checkpoint_b", 20)):
-        checkpoint.save(run / name / checkpoint.FILENAME, {"step": step})
-    torn = run / "checkpoint_b" / checkpoint.FILENAME
-    torn.write_bytes(torn.read_bytes()[:100])
-    results = [
-        {"checkpoint_dir_name": n, "metrics": {"step": s}} for n, s in (("checkpoint_b", 20), ("checkpoint_a", 10))
-    ]
+    fs, run = run_place
+    steps = {"checkpoint_a": 10, "checkpoint_b": 20, "checkpoint_c": 30}
+    for name, step in steps.items():
+        blob = Path(checkpoint.save(tmp_path / name / checkpoint.FILENAME, {"step": step})).read_bytes()
+        fs.create_dir(f"{run}/{name}")
+        with fs.open_output_stream(f"{run}/{name}/{checkpoint.FILENAME}") as out:
+            out.write(blob if name == "checkpoint_a" else blob[:100])  # b and c torn
+    results = [{"checkpoint_dir_name": n, "metrics": {"step": s}} for n, s in steps.items()]
     state = _CheckpointManagerState(
-        checkpoint_results=results,
-        checkpoint_report_indices=[2, 1],
-        latest_checkpoint_result=results[0],
+        checkpoint_results=results[::-1],
+        checkpoint_report_indices=[3, 2, 1],
+        latest_checkpoint_result=results[-1],
         pending_training_results=[],
         pending_validation_specs=[],
-        current_report_index=3,
+        current_report_index=4,
         validated_checkpoint_dir_names=[],
         timed_out_validation_checkpoint_dir_names=[],
         failed_validation_checkpoint_dir_names=[],
     )
-    (run / TRAIN_RECORD).write_text(state.json())
-    assert kept_before(str(run), "checkpoint_b") == "checkpoint_a" and kept_before(str(run), "checkpoint_a") is None
-
-    def earlier(damaged):
-        previous = kept_before(str(run), Path(damaged.path).name)
-        return None if previous is None else Checkpoint(str(run / previous))
+    with fs.open_output_stream(f"{run}/{TRAIN_RECORD}") as out:
+        out.write(state.model_dump_json().encode())
 
     job = SimpleNamespace(trial=SimpleNamespace(start_from=None))
-    place = SimpleNamespace(restored=Checkpoint(str(run / "checkpoint_b")), earlier=earlier, is_main=True)
+    latest = Checkpoint(f"{run}/checkpoint_c", filesystem=fs)
+    place = SimpleNamespace(restored=latest, earlier=_kept_before, is_main=True)
     resumed, exploit = restored_state(job, place)
     assert resumed["step"] == 10 and exploit is None
-    assert "is damaged: corrupted or truncated" in capsys.readouterr().out
-    place.earlier = None  # no fallback offered (a trial in its own process): the damage is raised
-    with pytest.raises(checkpoint.DamagedCheckpoint):
+    said = [line for line in capsys.readouterr().out.splitlines() if "is damaged" in line]
+    assert len(said) == 2, said
+    assert f"{run}/checkpoint_c' is damaged" in said[0] and "resumes from checkpoint_b," in said[0], said
+    assert f"{run}/checkpoint_b' is damaged" in said[1] and "resumes from checkpoint_a," in said[1], said
+    assert _kept_before(Checkpoint(f"{run}/checkpoint_a", filesystem=fs)) is None  # nothing before the first
+    with fs.open_output_stream(f"{run}/checkpoint_a/{checkpoint.FILENAME}") as out:
+        out.write(b"torn")
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="checkpoint_a"):  # none left that loads
         restored_state(job, place)
+    place.earlier = None  # no fallback offered (a trial in its own process): the damage is raised
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="checkpoint_c"):
+        restored_state(job, place)
+    start_from = SimpleNamespace(checkpoint=latest, record={"from": "another trial"})  # a PBT copy: no fallback
+    place = SimpleNamespace(restored=None, earlier=_kept_before, is_main=True)
+    with pytest.raises(checkpoint.DamagedCheckpoint, match="checkpoint_c"):
+        restored_state(SimpleNamespace(trial=SimpleNamespace(start_from=start_from)), place)

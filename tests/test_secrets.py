@@ -62,6 +62,33 @@ def test_the_console_keeps_every_line_whole_when_threads_print_at_once():
     assert all(line.split(" line ")[1].split(" ")[1] == "***" for line in written)
 
 
+def test_a_sweep_keeps_the_drivers_aws_keys_out_of_its_trials_runtime_environment(monkeypatch):
+    """Ray Tune would copy them into each trial actor's runtime environment, which Ray's runtime_env_agent.log
+    writes out in full (found by the canary sweep below); other variables it copies still go."""
+    from ray.tune.execution import class_cache
+
+    from pipeline.sweep.tune_internals import credentials_out_of_runtime_env
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)  # restored after
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARIES["aws"])
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "a-session-token")
+    monkeypatch.setenv("TUNE_DISABLE_AUTO_INIT", "1")
+
+    def trial_env(trainable: type) -> dict:
+        return class_cache._ActorClassCache().get(trainable)._default_options["runtime_env"]["env_vars"]
+
+    class Before:
+        pass
+
+    class After:
+        pass
+
+    assert trial_env(Before)["AWS_SECRET_ACCESS_KEY"] == CANARIES["aws"]  # what Ray does on its own
+    credentials_out_of_runtime_env()
+    env = trial_env(After)
+    assert not any(name.startswith("AWS_") for name in env) and env["PL_DISABLE_FORK"] == "1", env
+
+
 CANARIES = {
     "uri": "CanaryUriPassword7391",
     "aws": "CanaryAwsSecretKey4826",

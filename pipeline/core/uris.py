@@ -65,6 +65,13 @@ def storage_path_problem(path: str, key: str = "train.storage_path") -> str | No
     if scheme not in STORAGE_SCHEMES:
         known = ", ".join(STORAGE_SCHEMES)
         return f"{key}: {path!r} has the unknown scheme {scheme!r}; use a local path or one of {known}"
+    place = path.split("://", 1)[1]
+    if "@" in place.split("/", 1)[0]:  # s3://KEY:SECRET@bucket/...: pyarrow takes it, and it would be recorded
+        bare = f"{scheme}://{place.split('@', 1)[1]}"
+        return (
+            f"{key}: {bare.replace('://', '://***@')!r} holds credentials before '@', which would be kept in the "
+            f"run's params, tags and logs; give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY and use {bare}"
+        )
     return None
 
 

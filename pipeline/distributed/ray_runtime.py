@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from pipeline.core.errors import PrivateApiChanged
+from pipeline.core.errors import ConfigError, PrivateApiChanged
 from pipeline.distributed.console import RAY_LOST_PEER, RAY_NOISE, RAY_NOISY_ACTORS, NoiseFilter
 
 # A local Ray says that it turned token authentication on (as it should): hidden unless --verbose. Its
@@ -57,6 +57,18 @@ def init_ray(verbose: bool = False) -> None:
         ray.init(address=address, log_to_driver=True, logging_level=level)
     if not verbose:
         hide_worker_lines(RAY_NOISE, RAY_NOISY_ACTORS, RAY_LOST_PEER)
+
+
+def check_ray_address() -> None:
+    """Refuse Ray Client (``RAY_ADDRESS=ray://...``) before any work: its driver runs Tune in an actor on the
+    cluster, where this process's care (the AWS keys kept out of trials' runtime environments, the console's
+    masking) does not reach, and reads local paths the cluster does not have."""
+    if os.environ.get("RAY_ADDRESS", "").startswith("ray://"):
+        raise ConfigError(
+            f"RAY_ADDRESS={os.environ['RAY_ADDRESS']!r} is a Ray Client address, which this pipeline does not use: "
+            "run the command on a node of the cluster (RAY_ADDRESS=HEAD_IP:6379) or submit it with `ray job "
+            "submit` (docs/clusters.md)"
+        )
 
 
 def _log_dedup_as_set() -> None:
@@ -203,6 +215,19 @@ def record_without_latest(record: bytes) -> tuple[bytes, str] | None:
     for key in [k for k in state if k.endswith("_checkpoint_dir_names")]:
         state[key] = [name for name in state[key] if name != dropped]
     return json.dumps(state).encode(), previous["checkpoint_dir_name"]
+
+
+def recorded_before(record: bytes | str, name: str) -> str | None:
+    """The directory name of the checkpoint Ray Train's record kept reported last before ``name`` (by report
+    order); None when the record does not keep ``name`` or keeps none before it (or cannot be read)."""
+    try:
+        state = json.loads(record)
+        order = dict(zip(state.get("checkpoint_report_indices", []), state.get("checkpoint_results", []), strict=True))
+    except (ValueError, AttributeError, TypeError):
+        return None
+    index = next((i for i, result in order.items() if result.get("checkpoint_dir_name") == name), None)
+    before = [i for i in order if index is not None and i < index]
+    return order[max(before)]["checkpoint_dir_name"] if before else None
 
 
 def latest_recorded_checkpoint(record: bytes | str) -> str | None:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from pipeline import PROJECT_ROOT
@@ -27,6 +28,7 @@ from pipeline.distributed.ray_runtime import (
     latest_recorded_checkpoint,
     latest_recorded_result,
     record_without_latest,
+    recorded_before,
 )
 
 
@@ -106,8 +108,12 @@ def resume_checkpoint_file(location: str, filename: str) -> Iterator[tuple[Path,
 def _train_record(location: str) -> bytes:
     """Ray Train's record of the run at ``location`` (empty when there is none yet)."""
     fs, root = filesystem(location)
+    return _train_record_in(fs, root, location)
+
+
+def _train_record_in(fs: Any, root: str, shown: str) -> bytes:
     try:  # a passing fault must not read as "no record": the run would start over
-        what = f"Ray Train's record {location}/{TRAIN_RECORD}"
+        what = f"Ray Train's record {shown}/{TRAIN_RECORD}"
         return read_retried(fs, f"{root}/{TRAIN_RECORD}", what, final=(FileNotFoundError,))
     except FileNotFoundError:  # no record yet
         return b""
@@ -128,15 +134,12 @@ def fall_back_to_previous_checkpoint(location: str) -> str | None:
     return change[1]
 
 
-def kept_before(location: str, damaged: str) -> str | None:
-    """The checkpoint Ray Train's record kept before ``damaged`` (a directory name under ``location``), where the
-    record names ``damaged`` as its latest; None otherwise. Nothing is rewritten (a run restarting inside Ray Train
-    reads its checkpoints from Ray, not from the record)."""
-    record = _train_record(location)
-    if not record or latest_recorded_checkpoint(record) != damaged:
-        return None
-    change = record_without_latest(record)
-    return change[1] if change else None
+def kept_before(fs: Any, run_dir: str, damaged: str) -> str | None:
+    """The checkpoint Ray Train's record in ``run_dir`` (a path on the pyarrow filesystem ``fs``, as a Ray
+    Checkpoint names its parent) kept before ``damaged``, a directory name there; None when it keeps none before
+    it or does not keep ``damaged``. Nothing is rewritten (a run restarting inside Ray Train reads its checkpoints
+    from Ray, not from the record)."""
+    return recorded_before(_train_record_in(fs, run_dir, run_dir), damaged)
 
 
 def recorded_progress(location: str) -> tuple[int, int] | None:

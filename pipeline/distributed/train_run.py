@@ -12,11 +12,11 @@ checkpoint and logging continues in the same MLflow run.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.core.retry import Unavailable
@@ -66,7 +66,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report=report,
         node_ids=lambda: _node_ids_of_all_workers(world),
         preemption=watch,
-        earlier=lambda damaged: _kept_before(job, damaged),
+        earlier=_kept_before,
     )
     training(True)
     try:
@@ -75,14 +75,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         training(False)
 
 
-def _kept_before(job: WorkerJob, damaged: Any) -> Any:
-    """The checkpoint Ray Train kept before ``damaged`` (the one it restored a restarted group from, which does not
-    load), as a Ray Checkpoint in the run's storage; None when it kept none."""
+def _kept_before(damaged: Any) -> Any:
+    """The checkpoint Ray Train kept before ``damaged`` (a Ray Checkpoint that does not load: the one it restored a
+    restarted group from, or one tried after it), beside it on its filesystem; None when the record keeps none."""
     import ray.train
 
-    location = run_location(job.config, ray.train.get_context().get_experiment_name())
-    previous = kept_before(location, Path(damaged.path).name)
-    return None if previous is None else ray.train.Checkpoint(f"{location.rstrip('/')}/{previous}")
+    run_dir, name = posixpath.split(damaged.path.rstrip("/"))
+    previous = kept_before(damaged.filesystem, run_dir, name)
+    return None if previous is None else ray.train.Checkpoint(f"{run_dir}/{previous}", filesystem=damaged.filesystem)
 
 
 def _node_ids_of_all_workers(world: int) -> list[str]:

@@ -176,20 +176,23 @@ def restored_state(job: WorkerJob, place: WorkerPlace) -> tuple[dict[str, Any] |
         restored, exploit = job.trial.start_from.checkpoint, job.trial.start_from.record
     if restored is None:
         return None, None
-    with restored.as_directory() as directory:
-        try:
-            return checkpoint.load(Path(directory) / checkpoint.FILENAME), exploit
-        except (checkpoint.DamagedCheckpoint, checkpoint.MissingCheckpoint) as exc:
-            earlier = place.earlier(restored) if exploit is None and place.earlier is not None else None
-            if earlier is None:
-                raise
-            damage = exc
-    if place.is_main:
-        print(
-            f"[train] {str(damage).split('; ')[0]}: the restart resumes from the checkpoint kept before it", flush=True
-        )
-    with earlier.as_directory() as directory:
-        return checkpoint.load(Path(directory) / checkpoint.FILENAME), None
+    tried = restored
+    while True:  # a damaged checkpoint gives way to the one kept before it, as often as it takes
+        with tried.as_directory() as directory:
+            try:
+                return checkpoint.load(Path(directory) / checkpoint.FILENAME, source=tried.path), exploit
+            except (checkpoint.DamagedCheckpoint, checkpoint.MissingCheckpoint) as exc:
+                earlier = place.earlier(tried) if exploit is None and place.earlier is not None else None
+                if earlier is None:
+                    raise
+                damage = exc
+        if place.is_main:
+            print(
+                f"[train] {str(damage).split('; ')[0]}: the restart resumes from "
+                f"{Path(earlier.path).name}, the checkpoint kept before it",
+                flush=True,
+            )
+        tried = earlier
 
 
 def announce(cfg: PipelineConfig, rt: Runtime, tracker: Tracker, nodes: list[str], console: Console) -> None:
