@@ -20,6 +20,7 @@ from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.secrets import redact_console
 from pipeline.data.folder import IMAGE_SIZES
 from pipeline.data.kinds import DEFAULT_DATASET, source_names
+from pipeline.distributed.prepare_tasks import PREPARE_ON, RayShardMaker, on_ray
 from pipeline.distributed.ray_runtime import check_ray_address
 
 EXIT_USAGE = 2
@@ -59,6 +60,8 @@ def _add_data_parser(sub: Any) -> None:
     prep.add_argument(
         "--background", default="white", help="images: the colour transparent areas are shown on (default white)"
     )
+    on = "images: decode in local processes or as Ray tasks on the cluster (auto: Ray when RAY_ADDRESS is set)"
+    prep.add_argument("--on", choices=PREPARE_ON, default="auto", help=on)
 
 
 def _add_sample_parser(sub: Any) -> None:
@@ -228,7 +231,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     if not 0.0 <= args.test_fraction < 1.0:
         raise ConfigError(f"--test-fraction: {args.test_fraction}; hold out a fraction in [0, 1), e.g. 0.1")
     source.check_settings(PREPARE_FLAGS)
-    source.prepare()
+    if args.on != "auto" and "path" not in source.reads:
+        raise ConfigError(f"--on: not for --dataset {args.dataset}, which is prepared as it is; drop it")
+    source.prepare(maker=RayShardMaker() if on_ray(args.on) else None)
     settings = " ".join(f"--set data.{key}={getattr(data, key)}" for key in given)
     train_with = f"; train with --set data.dataset={args.dataset} {settings}" if given else ""
     print(f"{args.dataset}: ready in {source.location}{train_with}")

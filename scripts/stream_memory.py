@@ -33,7 +33,8 @@ def fabricate(location: Path, megabytes: int) -> int:
     """A prepared folder of ``megabytes`` MB of random 64x64 RGB pixels at ``location``; its image count."""
     import numpy as np
 
-    from pipeline.data.images import FORMAT, SHARD_BYTES, write_shard
+    from pipeline.data.images import FORMAT
+    from pipeline.data.shard_making import SHARD_BYTES, write_shard
 
     one = CHANNELS * SIDE * SIDE
     count, per_shard = (megabytes << 20) // one, SHARD_BYTES // one

@@ -415,6 +415,24 @@ def test_strict_spread_needs_as_many_nodes_as_workers(team):
     assert "STRICT_SPREAD" in result.stderr and "start more nodes" in result.stderr
 
 
+def test_a_folder_is_prepared_as_ray_tasks_on_both_nodes_into_the_bucket(team, s3, tmp_path):
+    """`data prepare` with RAY_ADDRESS set: the images are decoded and the shards written by tasks on both nodes,
+    straight into the bucket, the manifest last; the prepared folder then reads back whole."""
+    from tests.image_folders import make_folder
+
+    folder = make_folder(tmp_path / "shapes", 60, broken=False)  # 180 images: 3 decoding tasks a shard
+    out = f"s3://{BUCKET}/prepared/shapes"
+    args = ["data", "prepare", "--dataset", "images", "--path", str(folder), "--image-size", "32", "--out", out]
+    result = run_cli(*args, env=driver_env(team), timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Ray tasks on 2 node(s)" in result.stdout, result.stdout[-2000:]
+    keys = s3.keys(BUCKET)
+    manifest = json.loads(s3.client().get_object(Bucket=BUCKET, Key="prepared/shapes/manifest.json")["Body"].read())
+    shards = [s["file"] for split in manifest["shards"].values() for s in split]
+    assert sum(s["rows"] for split in manifest["shards"].values() for s in split) == 180
+    assert all(f"prepared/shapes/{name}" in keys for name in shards)
+
+
 # ---------------------------------------------------------------------------------------------- bad S3 input
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from pipeline.data import pixels
-from pipeline.data.images import prepare_folder, read_image_file
+from pipeline.data.images import prepare_folder
 from pipeline.data.pixels import MAX_PIXELS, decode
+from pipeline.data.shard_making import read_image_file
 from pipeline.data.shards import MANIFEST, ImageFolderError, Preparation, iter_shards
 from tests.conftest import run_cli
 

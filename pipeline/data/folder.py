@@ -6,7 +6,7 @@ and, once prepared, its manifest (classes, counts, content digest)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -104,10 +104,10 @@ class FolderSource(DataSource):
         if problem:
             raise ConfigError(problem)
 
-    def prepare(self, progress: Progress = print) -> int:
+    def prepare(self, progress: Progress = print, maker: Any = None) -> int:
         from pipeline.data.images import prepare_folder
 
-        return prepare_folder(self.preparation, progress).count("train")
+        return prepare_folder(self.preparation, progress, maker=maker).count("train")
 
     def prepared(self) -> Prepared:
         """The prepared folder (its manifest read); an ImageFolderError when it is not prepared for these settings."""

@@ -23,7 +23,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from filelock import FileLock
@@ -293,7 +293,7 @@ class IdxSource(DataSource):
         if not raw_dir.is_dir() or any(not (raw_dir / n).is_file() for n in self.entry.files):
             _check_writable(data_root(self.data))
 
-    def prepare(self, progress: Progress = print) -> int:
+    def prepare(self, progress: Progress = print, maker: Any = None) -> int:
         prepare(self.entry.name, data_root(self.data), progress)
         return self.entry.train_images
 

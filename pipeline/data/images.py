@@ -18,18 +18,23 @@ import os
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from pipeline.core.claims import claimed
-from pipeline.core.files import read_retried, write_whole
-from pipeline.core.retry import Unavailable
-from pipeline.data.pixels import EXTENSIONS, UNDECODED, background_hex, decode
+from pipeline.data.pixels import EXTENSIONS, UNDECODED, background_hex
+from pipeline.data.shard_making import (
+    DECODE_CHUNK,
+    SHARD_BYTES,
+    ShardMaker,
+    ShardPlan,
+    label_of,
+    unwritable,
+    write_file,
+)
 from pipeline.data.shards import (
     MANIFEST,
     ImageFolderError,
@@ -40,9 +45,6 @@ from pipeline.data.shards import (
 )
 
 FORMAT = 3  # the manifest's and shards' layout (3: images as a viewer shows them); another is prepared again
-SHARD_BYTES = 64 << 20  # pixels per shard before compression
-GROUP_BYTES = 4 << 20  # pixels per Parquet row group: what a streaming worker reads at once
-DECODE_CHUNK = 64  # images a decoding process takes at once
 SKIPPED_LISTED = 20  # skipped files named in the manifest
 PREPARING = ".preparing"  # the claim a preparation holds on its place (pipeline.core.claims)
 SHARD_NAME = re.compile(r"(train|test)-[0-9a-f]{8}-[0-9]{5}\.parquet")  # what prepare_folder writes, all it deletes
@@ -61,7 +63,7 @@ class Listing:
     left_out: dict[str, int] = field(default_factory=dict)  # files of image formats not decoded here, by extension
 
     def label(self, rel: str) -> int:
-        return self.classes.index(rel.split("/", 1)[0]) if self.classes else -1
+        return label_of(self.classes, rel)
 
     @property
     def digest(self) -> str:
@@ -135,34 +137,6 @@ def held_out(rel: str, fraction: float) -> bool:
     return int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) < fraction * 2**32
 
 
-def _decode_chunk(root: str, rels: list[str], job: Preparation) -> tuple[list[int], bytes, list[str]]:
-    """One process's share: (the positions that decoded, their pixels concatenated, 'path: why' of the others).
-    A file that cannot be read (after retries) fails the preparation; only one read whole that does not decode
-    is skipped."""
-    fs, base = filesystem(root)
-    kept, pixels, skipped = [], [], []
-    for i, rel in enumerate(rels):
-        blob = read_image_file(fs, base, rel, root)
-        try:
-            pixels.append(decode(blob, rel, job.image_size, job.channels, job.background))
-            kept.append(i)
-        except Exception as exc:  # a file that does not decode (truncated, not an image, too large) is skipped
-            skipped.append(f"{rel}: {type(exc).__name__}: {str(exc)[:120]}")
-    return kept, b"".join(p.tobytes() for p in pixels), skipped
-
-
-def read_image_file(fs: Any, base: str, rel: str, root: str) -> bytes:
-    """The bytes of the image ``rel`` under ``root``, retried through passing faults; an ImageFolderError naming
-    it when it stays unreadable (S3 throttling, a network reset or a permission is no broken image)."""
-    try:
-        return read_retried(fs, f"{base}/{rel}", f"{root.rstrip('/')}/{rel}")
-    except Unavailable as exc:
-        raise ImageFolderError(
-            f"data.path: {exc}. The preparation stopped before writing its manifest, so nothing is recorded as "
-            "skipped: fix access to the file (or remove it) and prepare again"
-        ) from None
-
-
 def settings(listing: Listing, image_size: int, channels: int, test_fraction: float, background: str) -> dict[str, Any]:
     """What a manifest must record for a preparation to be reused."""
     return {
@@ -184,9 +158,12 @@ def _shards_present(location: str, manifest: dict[str, Any]) -> bool:
     return all(i.type == pyarrow.fs.FileType.File and i.size == s["bytes"] for i, s in zip(infos, shards, strict=True))
 
 
-def prepare_folder(job: Preparation, progress: Progress = print, workers: int | None = None) -> Prepared:
+def prepare_folder(
+    job: Preparation, progress: Progress = print, workers: int | None = None, maker: ShardMaker | None = None
+) -> Prepared:
     """Prepare ``job.path`` into shards and a manifest at ``job.location`` (a no-op when its manifest matches the
-    folder and the settings); return it. ``workers`` decoding processes (default: one per CPU)."""
+    folder and the settings); return it. The shards are made by ``maker`` (default: ``workers`` local decoding
+    processes, one per CPU by default)."""
     listing = list_folder(job.path)
     if listing.left_out:
         progress(f"[data] {job.path}: {len(listing.files)} images{left_out_note(listing.left_out)} to train on them")
@@ -202,7 +179,8 @@ def prepare_folder(job: Preparation, progress: Progress = print, workers: int | 
     try:
         with claimed(job.location, PREPARING, refused):  # one preparation of a place at a time
             # Another preparation may have finished while this one listed the folder.
-            return _prepared_already(job, wanted, progress) or _prepare(job, listing, wanted, progress, workers)
+            maker = maker or ShardMaker(workers)
+            return _prepared_already(job, wanted, progress) or _prepare(job, listing, wanted, progress, maker)
     finally:
         _remove_if_empty(job.location)
 
@@ -217,15 +195,11 @@ def _prepared_already(job: Preparation, wanted: dict[str, Any], progress: Progre
 
 
 def _prepare(
-    job: Preparation, listing: Listing, wanted: dict[str, Any], progress: Progress, workers: int | None
+    job: Preparation, listing: Listing, wanted: dict[str, Any], progress: Progress, maker: ShardMaker
 ) -> Prepared:
     """Decode every image of ``listing`` into shards and write the manifest last (see prepare_folder)."""
     old = read_manifest(job.location)
     started = time.perf_counter()
-    key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]
-    split_of = {rel: "test" if held_out(rel, job.test_fraction) else "train" for rel, _ in listing.files}
-    order = np.random.default_rng(0).permutation(len(listing.files))  # classes mixed within every shard
-    per_shard = max(1, SHARD_BYTES // (job.channels * job.image_size**2))
     manifest: dict[str, Any] = {
         **wanted,
         "source": job.path,
@@ -238,17 +212,13 @@ def _prepare(
         f"[data] preparing {len(listing.files)} images from {job.path} at {job.image_size}x{job.image_size}, "
         f"{job.channels} channel(s), {len(listing.classes) or 'no'} classes, into {job.location}"
     )
-    with ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=get_context("spawn")) as pool:
-        for split in ("train", "test"):
-            rels = [listing.files[i][0] for i in order if split_of[listing.files[i][0]] == split]
-            for number, start in enumerate(range(0, len(rels), per_shard)):
-                name = f"{split}-{key}-{number:05d}"
-                entry, skipped = _write_shard(pool, listing, job, rels[start : start + per_shard], name)
-                manifest["skipped"] += len(skipped)
-                manifest["skipped_files"] = (manifest["skipped_files"] + skipped)[:SKIPPED_LISTED]
-                if entry["rows"]:
-                    manifest["shards"][split].append(entry)
-                progress(f"[data] {split} shard {number + 1}: {entry['rows']} images ({_rate(manifest, started)})")
+    plans = shard_plans(listing, job, wanted)
+    for plan, (entry, skipped) in zip(plans, maker.make(listing, job, plans), strict=True):
+        manifest["skipped"] += len(skipped)
+        manifest["skipped_files"] = (manifest["skipped_files"] + skipped)[:SKIPPED_LISTED]
+        if entry["rows"]:
+            manifest["shards"][plan.split].append(entry)
+        progress(f"[data] {plan.split} shard {plan.number + 1}: {entry['rows']} images ({_rate(manifest, started)})")
     if not manifest["shards"]["train"]:
         raise ImageFolderError(
             f"data.path: {job.path!r}: none of its {len(listing.files)} images decoded (e.g. "
@@ -258,67 +228,30 @@ def _prepare(
         "".join(s["sha256"] for split in ("train", "test") for s in manifest["shards"][split]).encode()
     ).hexdigest()
     manifest["prepare_s"] = round(time.perf_counter() - started, 2)
-    _write(job.location, MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the preparation is complete
+    write_file(job.location, MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the preparation is complete
     if old:
         _remove_unlisted(job.location, old, manifest)
-    progress(f"[data] {job.path}: ready in {job.location} ({_counts_line(manifest)}, {_rate(manifest, started)})")
+    progress(
+        f"[data] {job.path}: ready in {job.location} ({_counts_line(manifest)}, {_rate(manifest, started)} on "
+        f"{maker.finished()})"
+    )
     return Prepared(job.location, manifest)
 
 
-def _write_shard(
-    pool: ProcessPoolExecutor, listing: Listing, job: Preparation, rels: list[str], name: str
-) -> tuple[dict[str, Any], list[str]]:
-    """Decode ``rels`` in the pool and write them as one Parquet shard: its manifest entry, and the files skipped."""
-    chunks = [rels[i : i + DECODE_CHUNK] for i in range(0, len(rels), DECODE_CHUNK)]
-    images, labels, skipped = [], [], []
-    futures = [pool.submit(_decode_chunk, listing.root, chunk, job) for chunk in chunks]
-    one = job.channels * job.image_size**2
-    for chunk, future in zip(chunks, futures, strict=True):
-        kept, pixels, failed = future.result()
-        images += [pixels[j * one : (j + 1) * one] for j in range(len(kept))]
-        labels += [listing.label(chunk[i]) for i in kept]
-        skipped += failed
-    return write_shard(job.location, f"{name}.parquet", images, labels), skipped
-
-
-def write_shard(location: str, file: str, images: list[bytes], labels: list[int]) -> dict[str, Any]:
-    """Images (each its uint8 pixels, channels first) and labels as one zstd Parquet shard under ``location``, in
-    row groups of about :data:`GROUP_BYTES`; its manifest entry (rows, bytes, SHA-256, each group's rows and the
-    SHA-256 of its pixels). Nothing is written for no images."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"image": pa.array(images, pa.binary()), "label": pa.array(labels, pa.int32())})
-    sink = pa.BufferOutputStream()
-    group = max(1, GROUP_BYTES // max(len(images[0]) if images else 1, 1))  # what a streaming worker reads
-    pq.write_table(table, sink, compression="zstd", row_group_size=group)
-    blob = sink.getvalue().to_pybytes()
-    if images:
-        _write(location, file, blob)
-    starts = range(0, len(images), group)
-    return {
-        "file": file,
-        "rows": len(images),
-        "bytes": len(blob),
-        "sha256": hashlib.sha256(blob).hexdigest(),
-        "groups": [len(images[i : i + group]) for i in starts],
-        "group_sha256": [hashlib.sha256(b"".join(images[i : i + group])).hexdigest() for i in starts],
-    }
-
-
-def _write(location: str, name: str, blob: bytes) -> None:
-    """Write a file under ``location`` whole: a local one through a temporary name, an object in one put."""
-    try:
-        write_whole(location, name, blob)
-    except (OSError, ValueError) as exc:
-        raise _unwritable(location, exc) from None
-
-
-def _unwritable(location: str, exc: BaseException) -> ImageFolderError:
-    return ImageFolderError(
-        f"data.prepared: {location!r} cannot be written ({str(exc).splitlines()[0]}); choose a writable place with "
-        "--out (data.prepared)"
-    )
+def shard_plans(listing: Listing, job: Preparation, wanted: dict[str, Any]) -> list[ShardPlan]:
+    """The shards of a preparation: each split's images in one shuffled order (classes mixed within every shard),
+    cut into shards of about :data:`SHARD_BYTES` of pixels, named by the settings' digest and their number."""
+    key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:8]
+    split_of = {rel: "test" if held_out(rel, job.test_fraction) else "train" for rel, _ in listing.files}
+    order = np.random.default_rng(0).permutation(len(listing.files))
+    per_shard = max(1, SHARD_BYTES // (job.channels * job.image_size**2))
+    plans = []
+    for split in ("train", "test"):
+        rels = [listing.files[i][0] for i in order if split_of[listing.files[i][0]] == split]
+        for number, start in enumerate(range(0, len(rels), per_shard)):
+            rows = rels[start : start + per_shard]
+            plans.append(ShardPlan(split, number, f"{split}-{key}-{number:05d}", rows, DECODE_CHUNK))
+    return plans
 
 
 def _remove_if_empty(location: str) -> None:
@@ -341,7 +274,7 @@ def _check_writable(location: str) -> None:
             out.write(b"")
         fs.delete_file(f"{base}/.write-probe")
     except (OSError, ValueError) as exc:
-        raise _unwritable(location, exc) from None
+        raise unwritable(location, exc) from None
 
 
 def _remove_unlisted(location: str, old: dict[str, Any], new: dict[str, Any]) -> None:

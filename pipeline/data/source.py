@@ -133,8 +133,9 @@ class DataSource:
     def check_early(self) -> None:
         """Before any work, whatever would make preparing fail (a place that cannot be written)."""
 
-    def prepare(self, progress: Progress = print) -> int:
-        """Make the data ready for workers on this node; return the number of training images."""
+    def prepare(self, progress: Progress = print, maker: Any = None) -> int:
+        """Make the data ready for workers on this node; return the number of training images. ``maker`` makes an
+        image folder's shards (pipeline.data.shard_making.ShardMaker; default: local processes)."""
         return len(self.read(True, progress, None))
 
     def load(self, train: bool = True, progress: Progress = print, most: int | None = None) -> Split:

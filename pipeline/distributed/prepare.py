@@ -18,6 +18,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.uris import resolve_tracking_uri, run_name_problem
 from pipeline.data.kinds import source_of
 from pipeline.data.source import check_counts
+from pipeline.distributed.prepare_tasks import RayShardMaker, on_ray
 from pipeline.distributed.storage import (
     check_storage,
     exists,
@@ -72,7 +73,7 @@ def prepare_inputs(
     ``ranked`` metric, and the champion's, must be ones the data's evaluator computes (refused before it is
     trained)."""
     source = source_of(cfg.data)
-    check_counts(cfg, source.prepare(progress))
+    check_counts(cfg, source.prepare(progress, RayShardMaker() if on_ray() else None))
     source.scored_by()  # a classifier asked of data without classes: refused here, scored or not, not after training
     if cfg.model.conditional and source.spec().num_classes < 2:
         raise ConfigError(
