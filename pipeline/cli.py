@@ -20,7 +20,7 @@ from pipeline.core.errors import ConfigError, UserError
 from pipeline.core.secrets import redact_console
 from pipeline.data.folder import IMAGE_SIZES
 from pipeline.data.kinds import DEFAULT_DATASET, source_names
-from pipeline.distributed.prepare_tasks import PREPARE_ON, RayShardMaker, on_ray
+from pipeline.distributed.prepare_tasks import PREPARE_ON, shard_maker
 from pipeline.distributed.ray_runtime import check_ray_address
 
 EXIT_USAGE = 2
@@ -231,9 +231,9 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     if not 0.0 <= args.test_fraction < 1.0:
         raise ConfigError(f"--test-fraction: {args.test_fraction}; hold out a fraction in [0, 1), e.g. 0.1")
     source.check_settings(PREPARE_FLAGS)
-    if args.on != "auto" and "path" not in source.reads:
-        raise ConfigError(f"--on: not for --dataset {args.dataset}, which is prepared as it is; drop it")
-    source.prepare(maker=RayShardMaker() if on_ray(args.on) else None)
+    if args.on == "ray" and "path" not in source.reads:
+        raise ConfigError(f"--on ray: not for --dataset {args.dataset}, which is prepared as it is; drop it")
+    source.prepare(maker=shard_maker(source, args.on))
     settings = " ".join(f"--set data.{key}={getattr(data, key)}" for key in given)
     train_with = f"; train with --set data.dataset={args.dataset} {settings}" if given else ""
     print(f"{args.dataset}: ready in {source.location}{train_with}")

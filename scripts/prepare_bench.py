@@ -93,7 +93,9 @@ def decode_only(folder: Path) -> list[dict]:
     job = Preparation(str(folder), "", 64, 3, 0.1)
     task = ray.remote(num_cpus=1)(decode_chunk)
     started = time.perf_counter()
-    answers = ray.get([task.remote(str(folder), rels[i : i + DECODE_CHUNK], job) for i in range(0, len(rels), 64)])
+    answers = ray.get(
+        [task.remote(str(folder), rels[i : i + DECODE_CHUNK], job) for i in range(0, len(rels), DECODE_CHUNK)]
+    )
     tasks_s = time.perf_counter() - started
     decoded = sum(len(kept) for kept, _, _ in answers)
 

@@ -416,21 +416,28 @@ def test_strict_spread_needs_as_many_nodes_as_workers(team):
 
 
 def test_a_folder_is_prepared_as_ray_tasks_on_both_nodes_into_the_bucket(team, s3, tmp_path):
-    """`data prepare` with RAY_ADDRESS set: the images are decoded and the shards written by tasks on both nodes,
-    straight into the bucket, the manifest last; the prepared folder then reads back whole."""
+    """`data prepare` of a folder in the bucket with RAY_ADDRESS set: the images are decoded and the shards written
+    by tasks on both nodes, straight into the bucket, the manifest last; the same shards, byte for byte, as the
+    folder prepared in local processes."""
     from tests.image_folders import make_folder
 
     folder = make_folder(tmp_path / "shapes", 60, broken=False)  # 180 images: 3 decoding tasks a shard
-    out = f"s3://{BUCKET}/prepared/shapes"
-    args = ["data", "prepare", "--dataset", "images", "--path", str(folder), "--image-size", "32", "--out", out]
-    result = run_cli(*args, env=driver_env(team), timeout=300)
+    client = s3.client()
+    for path in folder.rglob("*.*"):
+        client.put_object(Bucket=BUCKET, Key=f"photos/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+    source, out = f"s3://{BUCKET}/photos", f"s3://{BUCKET}/prepared/shapes"
+    args = ["data", "prepare", "--dataset", "images", "--path", source, "--image-size", "32"]
+    result = run_cli(*args, "--out", out, env=driver_env(team), timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Ray tasks on 2 node(s)" in result.stdout, result.stdout[-2000:]
-    keys = s3.keys(BUCKET)
-    manifest = json.loads(s3.client().get_object(Bucket=BUCKET, Key="prepared/shapes/manifest.json")["Body"].read())
-    shards = [s["file"] for split in manifest["shards"].values() for s in split]
+    local = run_cli(*args, "--out", str(tmp_path / "local"), "--on", "local", env=driver_env(team), timeout=300)
+    assert local.returncode == 0 and "local process(es)" in local.stdout, local.stdout[-2000:] + local.stderr[-2000:]
+    manifest = json.loads(client.get_object(Bucket=BUCKET, Key="prepared/shapes/manifest.json")["Body"].read())
+    expected = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    assert manifest["digest"] == expected["digest"] and manifest["shards"] == expected["shards"]
     assert sum(s["rows"] for split in manifest["shards"].values() for s in split) == 180
-    assert all(f"prepared/shapes/{name}" in keys for name in shards)
+    keys = s3.keys(BUCKET, "prepared/shapes/")
+    assert all(f"prepared/shapes/{s['file']}" in keys for split in manifest["shards"].values() for s in split)
 
 
 # ---------------------------------------------------------------------------------------------- bad S3 input

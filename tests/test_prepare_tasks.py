@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from pipeline.data import images
-from pipeline.data.images import list_folder, prepare_folder, settings, shard_plans
+from pipeline.data.images import list_folder, prepare_folder
+from pipeline.data.shard_making import ShardMaker, decode_chunk, shard_from_chunks
 from pipeline.data.shards import ImageFolderError, Preparation
-from pipeline.distributed.prepare_tasks import RayShardMaker, _answer, on_ray
+from pipeline.distributed.prepare_tasks import RayShardMaker, _answer, shard_maker
 from tests.image_folders import make_folder
 
 
@@ -49,16 +50,32 @@ def test_shards_made_as_ray_tasks_are_the_local_ones_byte_for_byte(local_ray, sh
     assert "Ray tasks on 1 node(s)" in said[-1] and 0 < maker.peak_rss < 4 << 30
 
 
-def test_a_file_that_stays_unreadable_fails_the_tasks_naming_it(local_ray, tmp_path):
+def test_a_file_that_stays_unreadable_fails_the_tasks_naming_it(local_ray, tmp_path, monkeypatch):
     folder = make_folder(tmp_path / "few", 4, broken=False)
-    listing = list_folder(str(folder))
     job = Preparation(str(folder), str(tmp_path / "out"), 32, 3, 0.1)
+    listing = list_folder(str(folder))
     gone = listing.files[3][0]
-    (folder / gone).unlink()  # listed, then gone: no broken image, a read that fails
-    plans = shard_plans(listing, job, settings(listing, 32, 3, 0.1, "white"))
+    monkeypatch.setattr(images, "list_folder", lambda path: listing)  # listed, then gone: a read that fails
+    (folder / gone).unlink()
     with pytest.raises(ImageFolderError, match=f"{gone}.*nothing is recorded as skipped") as caught:
-        list(RayShardMaker().make(listing, job, plans))
+        prepare_folder(job, lambda _: None, maker=RayShardMaker())
     assert type(caught.value) is ImageFolderError  # as itself, not Ray's wrapper with a remote traceback
+    assert not (tmp_path / "out" / "manifest.json").exists() and not (tmp_path / "out" / images.PREPARING).exists()
+
+
+def test_shards_the_driver_does_not_see_stop_the_preparation_before_its_manifest(shapes, tmp_path):
+    """Tasks on another node writing to a local path write another node's folder: no manifest says done."""
+
+    class Elsewhere(ShardMaker):  # writes each shard where this process does not look
+        def make(self, listing, job, plans):
+            other = Preparation(job.path, str(tmp_path / "other-node"), job.image_size, job.channels, 0.1)
+            for plan in plans:
+                yield shard_from_chunks(
+                    other, listing.classes, plan, [decode_chunk(listing.root, c, job) for c in plan.chunks]
+                )
+
+    with pytest.raises(ImageFolderError, match="not one shared folder; prepare into s3://"):
+        prepare_folder(Preparation(str(shapes), str(tmp_path / "out"), 32, 3, 0.1), lambda _: None, maker=Elsewhere())
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -73,19 +90,24 @@ def test_a_task_error_other_than_the_users_keeps_rays_report(local_ray):
         _answer(broken.remote())
 
 
-def test_auto_prepares_on_ray_inside_ray_or_with_a_cluster_named(monkeypatch):
-    import ray
+def test_auto_prepares_on_ray_only_with_a_cluster_and_both_paths_in_an_object_store(monkeypatch, tmp_path):
+    from pipeline.config.schema import DataConfig
+    from pipeline.data.kinds import source_of
 
+    def folder(path: str, prepared: str | None = None):
+        return source_of(DataConfig(dataset="images", path=path, prepared=prepared))
+
+    on_s3, on_disk = folder("s3://b/faces"), folder(str(tmp_path / "faces"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # a command on one machine, before Ray starts
-    assert on_ray("ray") and not on_ray("local") and not on_ray("auto")
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # inside a trial, or a driver that started Ray
-    assert on_ray("auto")
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert shard_maker(on_s3) is None and isinstance(shard_maker(on_disk, "ray"), RayShardMaker)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert on_ray("auto") and not on_ray("local")
+    assert isinstance(shard_maker(on_s3), RayShardMaker) and shard_maker(on_s3).shared
+    assert shard_maker(on_disk) is None  # a local path is another folder on each node
+    assert shard_maker(folder("s3://b/faces", str(tmp_path / "out"))) is None
+    assert not shard_maker(on_disk, "ray").shared  # asked for: said to need one shared folder
+    assert shard_maker(on_s3, "local") is None and shard_maker(source_of(DataConfig(dataset="mnist")), "ray") is None
     with pytest.raises(ValueError, match="use one of auto, local, ray"):
-        on_ray("cluster")
+        shard_maker(on_s3, "cluster")
 
 
 def test_a_bucket_is_listed_past_its_1000_key_pages(tmp_path):

@@ -31,7 +31,6 @@ from pipeline.data.shard_making import (
     SHARD_BYTES,
     ShardMaker,
     ShardPlan,
-    label_of,
     unwritable,
     write_file,
 )
@@ -61,9 +60,6 @@ class Listing:
     classes: list[str]  # empty: unlabelled
     mtimes: list[int] = field(default_factory=list)  # of ``files``, in ns: an image rewritten at the same size
     left_out: dict[str, int] = field(default_factory=dict)  # files of image formats not decoded here, by extension
-
-    def label(self, rel: str) -> int:
-        return label_of(self.classes, rel)
 
     @property
     def digest(self) -> str:
@@ -228,6 +224,11 @@ def _prepare(
         "".join(s["sha256"] for split in ("train", "test") for s in manifest["shards"][split]).encode()
     ).hexdigest()
     manifest["prepare_s"] = round(time.perf_counter() - started, 2)
+    if not _shards_present(job.location, manifest):  # written by tasks on nodes whose disk this one does not see
+        raise ImageFolderError(
+            f"data.prepared: {job.location!r}: shards written by tasks on other nodes are not there as seen from this "
+            "one: it is not one shared folder; prepare into s3://... (--out), or on this machine (--on local)"
+        )
     write_file(job.location, MANIFEST, json.dumps(manifest, indent=1).encode())  # last: the preparation is complete
     if old:
         _remove_unlisted(job.location, old, manifest)

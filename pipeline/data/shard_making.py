@@ -17,7 +17,7 @@ from multiprocessing import get_context
 from typing import Any, Protocol
 
 from pipeline.core.files import read_retried, write_whole
-from pipeline.core.retry import Unavailable
+from pipeline.core.retry import Unavailable, retried
 from pipeline.data.pixels import decode
 from pipeline.data.shards import ImageFolderError, Preparation, filesystem
 
@@ -144,10 +144,14 @@ def write_shard(location: str, file: str, images: list[bytes], labels: list[int]
 
 
 def write_file(location: str, name: str, blob: bytes) -> None:
-    """Write a file under ``location`` whole: a local one through a temporary name, an object in one put."""
+    """Write a file under ``location`` whole: a local one through a temporary name, an object in one put, tried
+    again through passing faults (a 503, a reset: the same bytes, so a second put is harmless)."""
     try:
-        write_whole(location, name, blob)
-    except (OSError, ValueError) as exc:
+        if "://" in location:
+            retried(lambda: write_whole(location, name, blob), f"{location.rstrip('/')}/{name}", final=(ValueError,))
+        else:
+            write_whole(location, name, blob)
+    except (OSError, ValueError) as exc:  # Unavailable is an OSError
         raise unwritable(location, exc) from None
 
 

@@ -18,7 +18,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.uris import resolve_tracking_uri, run_name_problem
 from pipeline.data.kinds import source_of
 from pipeline.data.source import check_counts
-from pipeline.distributed.prepare_tasks import RayShardMaker, on_ray
+from pipeline.distributed.prepare_tasks import shard_maker
 from pipeline.distributed.storage import (
     check_storage,
     exists,
@@ -65,6 +65,7 @@ def prepare_inputs(
     evaluator: dict[str, Any] | None = None,
     uri: str | None = None,
     ranked: Metric | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any] | None:
     """Data and (if evaluating) the evaluator, made ready on this node before any worker starts; returns the
     evaluator's payload for the workers: the one every run on the tracking store ``uri`` shares (None: this
@@ -73,7 +74,7 @@ def prepare_inputs(
     ``ranked`` metric, and the champion's, must be ones the data's evaluator computes (refused before it is
     trained)."""
     source = source_of(cfg.data)
-    check_counts(cfg, source.prepare(progress, RayShardMaker() if on_ray() else None))
+    check_counts(cfg, source.prepare(progress, shard_maker(source, verbose=verbose)))
     source.scored_by()  # a classifier asked of data without classes: refused here, scored or not, not after training
     if cfg.model.conditional and source.spec().num_classes < 2:
         raise ConfigError(
@@ -145,7 +146,7 @@ def prepare_run(
         source_of(cfg.data).check_resume(tags, name)
     if previous is None and request.mlflow_run_id is None and not request.parent_run_id:  # a new `train` run
         return uri, *_start_claimed(cfg, request, location, uri)
-    evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
+    evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri, verbose=request.verbose)
     if previous is not None:
         return uri, previous, evaluator
     if request.mlflow_run_id is not None:
@@ -176,7 +177,7 @@ def _start_claimed(
         )
     try:
         hold(location, name)
-        evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri)
+        evaluator = prepare_inputs(cfg, request.progress, request.evaluator, uri, verbose=request.verbose)
         tags = {"ray_train_run": name, CHECKPOINT_LOCATION: location, **request.extra_tags}
         return start_run(uri, cfg.tracking.experiment, name, tags), evaluator
     except BaseException:

@@ -4,12 +4,15 @@ Each shard's images are decoded in chunks by tasks on any node (their pixels go 
 task per shard writes it straight to its destination (a shared disk or S3) and answers with its manifest entry;
 the driver writes the manifest last, as a local preparation does (pipeline.data.images). A few shards are in
 flight at once, enough to keep every CPU of the cluster busy, so the object store holds a few shards' pixels, never
-the folder's. A task lost with its node is run again by Ray (``max_retries``); a write that fails on a passing
-fault is tried again; a file that stays unreadable fails the preparation naming it.
+the folder's (:data:`MAX_IN_FLIGHT` at most). A task lost with its node is run again by Ray (``max_retries``); a
+write that fails on a passing fault is tried again; a file that stays unreadable fails the preparation naming it.
+A local path is another folder on each node: ``auto`` takes tasks only where both paths are in an object store, and
+a preparation whose shards the driver does not see stops before its manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -21,19 +24,23 @@ from pipeline.data.shards import Preparation
 
 PREPARE_ON = ("auto", "local", "ray")
 TASK_RETRIES = 3  # a task lost with its worker or node runs again up to this often
+MAX_IN_FLIGHT = 8  # shards decoded at once, at most: what the object store holds is a few shards' pixels
 
 
-def on_ray(choice: str = "auto") -> bool:
-    """Whether a preparation runs as Ray tasks: ``ray`` always, ``local`` never, ``auto`` when this process is
-    inside Ray or RAY_ADDRESS names a cluster (a local run keeps its process pool: starting Ray costs more than it
-    gains on one machine)."""
+def shard_maker(source: Any, choice: str = "auto", verbose: bool = False) -> RayShardMaker | None:
+    """How ``source`` (a DataSource) makes a folder's shards: as Ray tasks (a :class:`RayShardMaker`) or, None, in
+    local processes. ``ray`` asks for tasks, ``local`` for processes; ``auto`` takes tasks when RAY_ADDRESS names a
+    cluster and both the folder and the destination are in an object store (every node reads and writes them
+    there; a local path is another folder on each node). Data that is not a folder is prepared as it is: None."""
     if choice not in PREPARE_ON:
         raise ValueError(f"prepare on {choice!r}: use one of {', '.join(PREPARE_ON)}")
-    if choice != "auto":
-        return choice == "ray"
-    import ray
-
-    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
+    job = getattr(source, "preparation", None)
+    if job is None or choice == "local":
+        return None
+    remote = "://" in job.path and "://" in job.location
+    if choice == "auto" and not (os.environ.get("RAY_ADDRESS") and remote):
+        return None
+    return RayShardMaker(verbose, shared=remote)
 
 
 def _decode(root: str, rels: list[str], job: Preparation) -> tuple[list[int], bytes, list[str], dict[str, Any]]:
@@ -63,9 +70,9 @@ def _where() -> dict[str, Any]:
 class RayShardMaker(ShardMaker):
     """Shards made as Ray tasks (see the module); progress as a bar over the images decoded."""
 
-    def __init__(self, verbose: bool = False):
-        super().__init__(1)
+    def __init__(self, verbose: bool = False, shared: bool = True):
         self.verbose = verbose
+        self.shared = shared  # both paths in an object store: False warns that local ones must be one shared folder
         self.nodes: set[str] = set()
         self.peak_rss = 0  # the largest a task's process grew to (bytes)
 
@@ -78,11 +85,18 @@ class RayShardMaker(ShardMaker):
         from pipeline.distributed.ray_runtime import init_ray
 
         init_ray(self.verbose)
-        decode = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(_decode)
-        write = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError])(_write)
+        if not self.shared and len(ray.nodes()) > 1:
+            print(
+                f"[data] {job.path} -> {job.location}: tasks on every node read and write these local paths; they "
+                "must be one shared folder (NFS) on each node, or the preparation stops before its manifest",
+                flush=True,
+            )
+        # Decoding spread over the nodes (their disks and links read the files); each shard's writer anywhere.
+        decode = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD")(_decode)
+        write = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(_write)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         chunks = max(1, max((len(plan.chunks) for plan in plans), default=1))
-        window = max(2, -(-cpus // chunks) + 1)  # shards in flight: every CPU busy, one more queued
+        window = min(MAX_IN_FLIGHT, max(2, -(-cpus // chunks) + 1))  # every CPU busy, one more queued
         decoding: dict[Any, int] = {}
         bar = tqdm(total=sum(len(plan.rels) for plan in plans), desc="[data] decoding", unit="img")
 
@@ -108,11 +122,21 @@ class RayShardMaker(ShardMaker):
                 yield entry, skipped
         finally:
             bar.close()
-            for ref in [*pending, *decoding]:  # a failed or abandoned preparation leaves no task running
-                ray.cancel(ref, force=True)
+            _cancel([*pending, *decoding])
 
     def finished(self) -> str:
-        return f"Ray tasks on {len(self.nodes)} node(s), at most {self.peak_rss / 2**20:.0f} MiB a task's process"
+        return f"Ray tasks on {len(self.nodes)} node(s), a task's process at most {self.peak_rss / 2**20:.0f} MiB"
+
+
+def _cancel(refs: list[Any]) -> None:
+    """A failed or abandoned preparation leaves no task running: each is cancelled and waited for (up to a
+    minute), so the place's claim is given back only once no writer of this preparation is left."""
+    import ray
+
+    with contextlib.suppress(Exception):  # Ray gone too: the error that brought us here is the one to say
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        ray.wait(refs, num_returns=len(refs), timeout=60, fetch_local=False)
 
 
 def _answer(ref: Any) -> Any:

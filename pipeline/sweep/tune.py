@@ -68,7 +68,7 @@ def run_sweep(
     # driver resolved, or their runs would land in a local store on their node, not under the parent.
     cfg = with_overrides(resolve_scaling(cfg, sweep=True), {"tracking.uri": uri})
     check_resources(cfg)
-    evaluators = sweep_evaluators(cfg, uri, progress)
+    evaluators = sweep_evaluators(cfg, uri, progress, verbose)
     parent = _parent_run(cfg, name, uri, parent_run_id, resume)
 
     init_ray(verbose)
@@ -211,7 +211,9 @@ def _new_tuner(
     )
 
 
-def sweep_evaluators(cfg: PipelineConfig, uri: str, progress: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+def sweep_evaluators(
+    cfg: PipelineConfig, uri: str, progress: Callable[[str], None], verbose: bool = False
+) -> dict[str, dict[str, Any]]:
     """The data and evaluator of each dataset the sweep's trials may train on (``data.dataset`` may be
     searched), prepared once, here: each trial gets its dataset's evaluator through Ray's object store, so a
     trial on a node without a cached evaluator starts training at once, scored like every other trial."""
@@ -220,7 +222,7 @@ def sweep_evaluators(cfg: PipelineConfig, uri: str, progress: Callable[[str], No
     evaluators = {}
     for dataset in datasets:
         trial = with_overrides(cfg, {"data.dataset": dataset})
-        payload = prepare_inputs(trial, progress, uri=uri, ranked=ranking(cfg)[0])
+        payload = prepare_inputs(trial, progress, uri=uri, ranked=ranking(cfg)[0], verbose=verbose)
         if payload is not None:
             evaluators[dataset] = payload
         elif unavailable := source_of(trial.data).scores_unavailable():
