@@ -127,3 +127,11 @@ def test_a_bucket_is_listed_past_its_1000_key_pages(tmp_path):
     finally:
         server.stop()
     assert [rel for rel, _ in listing.files] == [name.split("/", 1)[1] for name in names]
+
+
+def test_on_ray_is_refused_for_data_prepared_as_it_is():
+    from tests.conftest import run_cli
+
+    result = run_cli("data", "prepare", "--dataset", "mnist", "--on", "ray", env={"RAY_ADDRESS": ""})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--on ray: not for --dataset mnist, which is prepared as it is; drop it" in result.stderr
