@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from pipeline import PROJECT_ROOT
 from pipeline.config.load import load_config, with_overrides
 from pipeline.config.schema import PipelineConfig
 from pipeline.data.kinds import source_of
@@ -79,7 +80,8 @@ class StepTiming(Hook):
 
     def figures(self) -> dict[str, float]:
         summary = self.clock.summary(self.batch_size, self.warmup, self.window)
-        return {**{f"bench_{k}": v for k, v in summary.items()}, "bench_first_step_time": self.clock.times[0]}
+        timed = {"bench_first_step_time": self.clock.times[0], "bench_timed_from": self.clock.times[self.warmup]}
+        return {**{f"bench_{k}": v for k, v in summary.items()}, **timed, "bench_timed_to": self.clock.times[-1]}
 
 
 def _best_rate(fn: Callable[[], Any], flops: float, repeats: int) -> float:
@@ -163,7 +165,7 @@ def plan(options: BenchOptions) -> Plan:
     rounds = (1 if options.quick else 3) if options.rounds is None else options.rounds
     if rounds < 1:
         raise ValueError(f"--rounds must be at least 1, not {rounds}")
-    default = Path(__file__).resolve().parent.parent / "configs" / "mnist.yaml"
+    default = Path(PROJECT_ROOT) / "configs" / "mnist.yaml"
     base = load_config(options.config or default, options.overrides)
     warmup, window, windows = (5, 10, 3) if options.quick else (10, 20, 5)
     steps = warmup + window * windows + 1
