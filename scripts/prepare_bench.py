@@ -162,7 +162,7 @@ def main() -> None:
 
     from pipeline.distributed.ray_runtime import init_ray
 
-    os.environ.setdefault("RAY_ADDRESS", "")
+    os.environ["RAY_ADDRESS"] = ""  # a local Ray of --cpus CPUs, as the local pool has
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         print(f"[bench] making {args.pngs} small PNGs and {args.jpegs} large JPEGs in {base}", flush=True)
@@ -170,19 +170,20 @@ def main() -> None:
             "small PNGs": make_pngs(base / "pngs", args.pngs),
             "large JPEGs": make_jpegs(base / "jpegs", args.jpegs),
         }
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # its progress lines, between the table's rows
-        init_ray()
         print(f"| folder | how | images | s | images/s | images/s per CPU ({args.cpus} CPUs) | peak MiB a task |")
         print("|---|---|---|---|---|---|---|")
         for name, folder in folders.items():
+            # A fresh Ray for each folder: a task's peak memory is its worker process's, and workers are reused.
+            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # its progress lines, between the table's rows
+            init_ray()
             for row in prepare_both(folder, base / "out" / name.replace(" ", "-"), args.cpus) + decode_only(folder):
                 print(
                     f"| {name} | {row['how']} | {row['count']} | {row['s']:.1f} | {row['rate']:.0f} | "
                     f"{row['rate'] / args.cpus:.0f} | {row.get('peak', '-')} |",
                     flush=True,
                 )
-        ray.shutdown()
+            ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -25,12 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def ray_processes() -> dict[str, Any]:
-    """Ray's processes of this session other than the training worker, and this driver: name -> psutil.Process."""
+def ray_processes() -> dict[int, tuple[str, Any]]:
+    """Ray's processes of this session other than the training worker, and this driver: pid -> (a name: the
+    process title's first word or its script, the same however Ray retitles it, psutil.Process)."""
     import psutil
 
-    found = {"this driver": psutil.Process()}
-    for child in psutil.Process().children(recursive=True):
+    me = psutil.Process()
+    found = {me.pid: ("this driver", me)}
+    for child in me.children(recursive=True):
         try:
             line = " ".join(child.cmdline())
         except psutil.Error:
@@ -39,18 +41,20 @@ def ray_processes() -> dict[str, Any]:
             continue
         parts = line.split()
         script = [part.rsplit("/", 1)[-1] for part in parts if part.endswith(".py")]
-        name = parts[0] if parts and parts[0].startswith("ray::") else (script[0] if script else child.name())
-        found[f"{name} ({child.pid})"] = child
+        title = parts[0].split(".")[0] if parts and parts[0].startswith("ray::") else None
+        found[child.pid] = (title or (script[0] if script else child.name()), child)
     return found
 
 
 class Sampler:
-    """Every ``every`` seconds, the CPU-seconds so far of each of Ray's other processes (a thread)."""
+    """Every ``every`` seconds, the CPU-seconds so far of each of Ray's other processes, by pid (a thread). Its
+    own CPU time is kept apart, and taken off the driver's: sampling is this script's cost, not Ray's."""
 
-    def __init__(self, every: float = 0.5):
+    def __init__(self, every: float = 1.0):
         import threading
 
-        self.samples: list[tuple[float, dict[str, float]]] = []
+        self.samples: list[tuple[float, dict[int, float], float]] = []
+        self.names: dict[int, str] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, args=(every,), daemon=True)
         self.thread.start()
@@ -60,23 +64,31 @@ class Sampler:
 
         while not self.stop.is_set():
             now, seconds = time.time(), {}
-            for name, process in ray_processes().items():
+            for pid, (name, process) in ray_processes().items():
                 try:
                     times = process.cpu_times()
-                    seconds[name] = times.user + times.system
                 except psutil.Error:
                     continue
-            self.samples.append((now, seconds))
+                seconds[pid] = times.user + times.system
+                self.names.setdefault(pid, name)
+            self.samples.append((now, seconds, time.thread_time()))
             self.stop.wait(every)
 
     def busy(self, start: float, end: float) -> dict[str, float]:
-        """Each process's CPUs kept busy between the samples nearest ``start`` and ``end``."""
+        """The CPUs each of Ray's processes kept busy between the samples nearest ``start`` and ``end`` (a process
+        that started in between counts from 0; one that ended in between is missed), summed by name."""
         self.stop.set()
         self.thread.join()
         first = min(self.samples, key=lambda s: abs(s[0] - start))
         last = min(self.samples, key=lambda s: abs(s[0] - end))
         span = max(last[0] - first[0], 1e-9)
-        return {name: (last[1][name] - first[1].get(name, 0.0)) / span for name in last[1] if name in first[1]}
+        by_name: dict[str, float] = {}
+        for pid, seconds in last[1].items():
+            used = seconds - first[1].get(pid, 0.0)
+            if pid == os.getpid():
+                used -= last[2] - first[2]  # the sampler's own thread
+            by_name[self.names[pid]] = by_name.get(self.names[pid], 0.0) + used / span
+        return by_name
 
 
 def ray_stage(run: Any) -> dict[str, Any]:
@@ -132,7 +144,9 @@ def main() -> None:
 
     from pipeline.tools.bench import BenchOptions, plan
 
-    os.environ.setdefault("RAY_ADDRESS", "")
+    if args.rounds < 2 or args.rounds % 2:
+        raise SystemExit(f"--rounds {args.rounds}: give an even number, so that each order runs as often")
+    os.environ["RAY_ADDRESS"] = ""  # a local Ray of this machine's CPUs, as the plain loop has
     run = plan(BenchOptions(overrides=tuple(args.overrides), rounds=args.rounds))
     cpus = os.cpu_count() or 1
     rows = []
@@ -158,7 +172,7 @@ def main() -> None:
     names: dict[str, list[float]] = {}
     for _, m in rows:
         for name, cpus_busy in m["busy"].items():
-            names.setdefault(name.rsplit(" (", 1)[0], []).append(cpus_busy)
+            names.setdefault(name, []).append(cpus_busy)
     print("\n| Ray's process (while the worker's windows ran) | CPUs busy, median over rounds |\n|---|---|")
     for name, values in sorted(names.items(), key=lambda kv: -statistics.median(kv[1])):
         print(f"| {name} | {statistics.median(values):.3f} |")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import batches, images
+from pipeline.data import batches, images, shard_making
 from pipeline.data.batches import Plan, Streamed
 from pipeline.data.images import prepare_folder
 from pipeline.data.shards import ImageFolderError, Preparation
@@ -27,7 +27,7 @@ def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("stream")
     source = make_folder(base / "shapes", 50, broken=False)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(images, "GROUP_BYTES", 8 * ONE)
+        patch.setattr(shard_making, "GROUP_BYTES", 8 * ONE)
         patch.setattr(images, "SHARD_BYTES", 40 * ONE)  # several shards too
         return prepare_folder(Preparation(str(source), str(base / "out"), 32, 3, 0.1), lambda _: None, workers=2)
 

@@ -62,3 +62,10 @@ def test_bench_refuses_a_bad_count_before_measuring(flag, value):
     assert result.returncode != 0
     assert f"{flag}: {value} must be >= 1" in result.stderr
     assert "[bench]" not in result.stdout  # nothing was measured
+
+
+def test_bench_without_a_config_plans_the_mnist_one():
+    from pipeline.tools.bench import BenchOptions, plan
+
+    run = plan(BenchOptions())  # a tool or script that names no config: configs/mnist.yaml, from the project root
+    assert run.cfg.data.dataset == "mnist" and run.rounds == 3 and run.steps == 10 + 20 * 5 + 1
