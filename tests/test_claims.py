@@ -104,7 +104,7 @@ def test_a_run_claimed_by_another_command_is_refused_and_a_failed_start_gives_it
         prepare._start_claimed(cfg, request, location, "sqlite://")
     (tmp_path / "runs" / "c" / prepare.RUN_CLAIM).unlink()
 
-    def failing(*args):
+    def failing(*args, **kwargs):
         raise ConfigError("the data could not be prepared")
 
     monkeypatch.setattr(prepare, "prepare_inputs", failing)

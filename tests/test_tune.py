@@ -538,7 +538,7 @@ def test_a_sweep_prepares_the_evaluator_of_each_dataset_its_trials_may_train_on(
 
     prepared = []
 
-    def prepare(cfg, progress, uri, ranked=None):
+    def prepare(cfg, progress, uri, ranked=None, verbose=False):
         assert ranked is not None and ranked.name == "fid"  # the sweep's metric: checked against the evaluator
         assert uri == "sqlite:///store.db"  # the sweep's store: its trials share its evaluators
         prepared.append(cfg.data.dataset)

@@ -74,7 +74,8 @@ def prepare_inputs(
     ``ranked`` metric, and the champion's, must be ones the data's evaluator computes (refused before it is
     trained)."""
     source = source_of(cfg.data)
-    check_counts(cfg, source.prepare(progress, shard_maker(source, verbose=verbose)))
+    maker = shard_maker(source, verbose=verbose)  # None but for a folder of images: a kind's own prepare() as it was
+    check_counts(cfg, source.prepare(progress) if maker is None else source.prepare(progress, maker))
     source.scored_by()  # a classifier asked of data without classes: refused here, scored or not, not after training
     if cfg.model.conditional and source.spec().num_classes < 2:
         raise ConfigError(
