@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline import PROJECT_ROOT
 from pipeline.core import checkpoint
 from pipeline.core.claims import claim, is_stale, read_claim, release
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, first_line
 from pipeline.core.uris import resolve_tracking_uri, run_name_problem
 from pipeline.data.kinds import source_of
 from pipeline.data.source import check_counts
@@ -196,10 +196,15 @@ def _trains_alone(request: RunRequest) -> bool:
     return request.mlflow_run_id is None and not request.parent_run_id
 
 
+_held: set[str] = set()  # the runs this process claimed (hold) and has not given back (let_go)
+
+
 def hold(location: str, name: str) -> None:
     """Claim the run at ``location`` for this command while it trains: a second `train` of it at once (a resume
     while it runs, two resumes) is refused, naming the holder."""
-    if not claim(location, TRAINING_CLAIM):
+    if claim(location, TRAINING_CLAIM):
+        _held.add(location)
+    else:
         found = read_claim(location, TRAINING_CLAIM)
         raise ConfigError(
             f"run {name!r} is being trained by another command ({found.get('host', '?')}, process "
@@ -209,10 +214,22 @@ def hold(location: str, name: str) -> None:
 
 
 def let_go(location: str) -> None:
-    """Give back this process's claim on training the run at ``location`` (nothing when another holds it)."""
-    found = read_claim(location, TRAINING_CLAIM) if exists(location) else {}
-    if found and found.get("pid") == os.getpid() and found.get("host") == socket.gethostname():
-        release(location, TRAINING_CLAIM)
+    """Give back this process's claim on training the run at ``location``: nothing where this process took none
+    (a run stopped by its checks before, or held by another). A storage that fails to answer now leaves the claim,
+    said in one line, without hiding the error that ended the run."""
+    if location not in _held:
+        return
+    _held.discard(location)
+    try:
+        found = read_claim(location, TRAINING_CLAIM) if exists(location) else {}
+        if found and found.get("pid") == os.getpid() and found.get("host") == socket.gethostname():
+            release(location, TRAINING_CLAIM)
+    except OSError as exc:
+        print(
+            f"[train] could not give back the claim {location.rstrip('/')}/{TRAINING_CLAIM} ({first_line(exc)}); "
+            "delete it before training this run again",
+            flush=True,
+        )
 
 
 def check_recorded_location(tags: dict[str, str], location: str, name: str) -> None:
