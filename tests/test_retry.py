@@ -16,6 +16,25 @@ from pipeline.data import shards
 from pipeline.distributed import storage
 
 
+def train_record(newest_first: list[tuple[str, int]], report_indices: list[int]) -> str:
+    """Ray Train's record (its own pydantic model) of checkpoints (directory name, step), the newest first and
+    latest, reported at ``report_indices``."""
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
+
+    results = [{"checkpoint_dir_name": name, "metrics": {"step": step}} for name, step in newest_first]
+    return _CheckpointManagerState(
+        checkpoint_results=results,
+        checkpoint_report_indices=report_indices,
+        latest_checkpoint_result=results[0],
+        pending_training_results=[],
+        pending_validation_specs=[],
+        current_report_index=max(report_indices) + 1,
+        validated_checkpoint_dir_names=[],
+        timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[],
+    ).model_dump_json()
+
+
 def test_retried_waits_doubling_then_says_unavailable():
     calls, started = [], time.perf_counter()
 
@@ -129,27 +148,12 @@ def test_ray_trains_record_falls_back_to_the_checkpoint_kept_before_its_latest()
 def test_each_fallback_keeps_the_record_it_replaced(tmp_path):
     """Two fallbacks in a row (two damaged checkpoints): each former record is kept beside the new one, none
     overwritten."""
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
 
     from pipeline.distributed.ray_runtime import TRAIN_RECORD, latest_recorded_checkpoint
     from pipeline.distributed.storage import fall_back_to_previous_checkpoint
 
-    def result(name: str, step: int) -> dict:
-        return {"checkpoint_dir_name": name, "metrics": {"step": step}}
-
-    names = ["checkpoint_c", "checkpoint_b", "checkpoint_a"]
-    state = _CheckpointManagerState(
-        checkpoint_results=[result(name, 30 - 10 * i) for i, name in enumerate(names)],
-        checkpoint_report_indices=[5, 3, 1],
-        latest_checkpoint_result=result("checkpoint_c", 30),
-        pending_training_results=[],
-        pending_validation_specs=[],
-        current_report_index=6,
-        validated_checkpoint_dir_names=[],
-        timed_out_validation_checkpoint_dir_names=[],
-        failed_validation_checkpoint_dir_names=[],
-    )
-    (tmp_path / TRAIN_RECORD).write_text(state.json())
+    record = train_record([("checkpoint_c", 30), ("checkpoint_b", 20), ("checkpoint_a", 10)], [5, 3, 1])
+    (tmp_path / TRAIN_RECORD).write_text(record)
     assert fall_back_to_previous_checkpoint(str(tmp_path)) == "checkpoint_b"
     assert fall_back_to_previous_checkpoint(str(tmp_path)) == "checkpoint_a"
     assert fall_back_to_previous_checkpoint(str(tmp_path)) is None  # nothing before it: the caller refuses
@@ -186,7 +190,6 @@ def test_a_restart_inside_ray_train_walks_back_past_damaged_checkpoints_to_one_t
     from types import SimpleNamespace
 
     from ray.train import Checkpoint
-    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState
 
     from pipeline.distributed.ray_runtime import TRAIN_RECORD
     from pipeline.distributed.train_run import _kept_before
@@ -199,20 +202,8 @@ def test_a_restart_inside_ray_train_walks_back_past_damaged_checkpoints_to_one_t
         fs.create_dir(f"{run}/{name}")
         with fs.open_output_stream(f"{run}/{name}/{checkpoint.FILENAME}") as out:
             out.write(blob if name == "checkpoint_a" else blob[:100])  # b and c torn
-    results = [{"checkpoint_dir_name": n, "metrics": {"step": s}} for n, s in steps.items()]
-    state = _CheckpointManagerState(
-        checkpoint_results=results[::-1],
-        checkpoint_report_indices=[3, 2, 1],
-        latest_checkpoint_result=results[-1],
-        pending_training_results=[],
-        pending_validation_specs=[],
-        current_report_index=4,
-        validated_checkpoint_dir_names=[],
-        timed_out_validation_checkpoint_dir_names=[],
-        failed_validation_checkpoint_dir_names=[],
-    )
     with fs.open_output_stream(f"{run}/{TRAIN_RECORD}") as out:
-        out.write(state.model_dump_json().encode())
+        out.write(train_record(list(steps.items())[::-1], [3, 2, 1]).encode())
 
     job = SimpleNamespace(trial=SimpleNamespace(start_from=None))
     latest = Checkpoint(f"{run}/checkpoint_c", filesystem=fs)
